@@ -1,0 +1,77 @@
+"""Loader benchmark: the cached loader against the original-style per-sample PNG loader.
+
+    .venv/bin/python bench/loader.py [--images 16] [--source-size 2048] [--size 512] [--json out.json]
+
+Both read the same synthetic images (generated once under --work, default runs/bench-loader),
+through the same DataLoader settings (batch 8, no worker processes, so the figure is per core).
+The PNG loader decodes four full-size PNGs and resizes them per sample; the cached loader reads
+one memory-mapped uint8 .npy per sample (made by ``python -m hpa_scc cache``). Prints images/s
+for both and their ratio (target: cache >= 50x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import cv2
+import torch
+from torch.utils.data import DataLoader
+
+from hpa_scc.cache import build_cache
+from hpa_scc.images import find_images
+from hpa_scc.loader import CachedImages, PngImages, collate
+from hpa_scc.synth import write_synth_set
+
+
+def images_per_second(dataset, min_seconds: float, batch_size: int = 8) -> tuple[float, int]:
+    """Iterate whole epochs until ``min_seconds`` have passed; (images/s, images read)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0, collate_fn=collate)
+    seen, start = 0, time.perf_counter()
+    while True:
+        for images, _ in loader:
+            seen += images.shape[0]
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return seen / elapsed, seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--source-size", type=int, default=2048, help="synthetic image size (Kaggle: 2048)")
+    parser.add_argument("--size", type=int, default=512, help="training size the loaders deliver")
+    parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing per loader")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-loader"))
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+    data = args.work / f"synth{args.source_size}"
+    write_synth_set(data, args.images, size=args.source_size, seed=0, workers=2, progress=True)
+    cache = args.work / f"cache{args.size}"
+    build_cache(data, cache, size=args.size, workers=2, progress=True)
+
+    png_rate, png_n = images_per_second(PngImages(find_images(data), args.size), args.seconds)
+    cache_rate, cache_n = images_per_second(CachedImages(cache), args.seconds)
+    figures = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "date": time.strftime("%Y-%m-%d"),
+        "images": args.images, "source_size": args.source_size, "size": args.size,
+        "png_images_per_s": round(png_rate, 2), "png_images_read": png_n,
+        "cache_images_per_s": round(cache_rate, 1), "cache_images_read": cache_n,
+        "ratio": round(cache_rate / png_rate, 1),
+    }
+    print(f"original-style PNG loader ({args.source_size}px -> {args.size}px): {png_rate:8.2f} images/s")
+    print(f"cached .npy loader        ({args.size}px):             {cache_rate:8.1f} images/s")
+    print(f"ratio: {cache_rate / png_rate:.1f}x (target >= 50x)")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from hpa_scc.cli import main
+
+raise SystemExit(main())

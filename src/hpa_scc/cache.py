@@ -1,0 +1,194 @@
+"""A resized uint8 copy of a data set that the training loader reads with almost no work.
+
+    python -m hpa_scc cache DATA_DIR OUT_DIR --size 512 --workers 8
+
+Layout of OUT_DIR:
+    cache.json          what the cache holds: size, channels, format version
+    images/<ID>.npy     uint8 [C, size, size], C = 4 (RGBY) or 3 (RGB); np.load(mmap_mode="r")
+    index.csv           ID,Label,height,width: every cached image, labels and original size
+    failures.csv        ID,error: inputs that could not be read (the error names the file)
+
+Decoding four full-size PNGs and resizing them costs ~0.1 s per 2048 px image; a cached
+sample is a single memory-mapped read. Each image is written atomically, so an interrupted
+run is resumed by running the same command again: finished images are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import multiprocessing as mp
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from hpa_scc.constants import format_labels, parse_labels
+from hpa_scc.fileio import atomic_path, write_npy_atomic, write_text_atomic
+from hpa_scc.images import ImageReadError, ImageRecord, channel_names, find_images, read_image, resize
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = 1
+
+
+@dataclass
+class CacheReport:
+    out_dir: Path
+    written: int = 0
+    skipped_existing: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (image id, error)
+
+    def summary(self) -> str:
+        lines = [
+            f"cache {self.out_dir}: {self.written} images written, {self.skipped_existing} already cached, "
+            f"{len(self.failures)} failed"
+        ]
+        if self.failures:
+            lines.append(f"failed inputs are listed in {self.out_dir / 'failures.csv'}; first ones:")
+            lines += [f"  {image_id}: {error}" for image_id, error in self.failures[:5]]
+        return "\n".join(lines)
+
+
+def cache_path(out_dir: str | os.PathLike, image_id: str) -> Path:
+    return Path(out_dir) / "images" / f"{image_id}.npy"
+
+
+def _is_cached(path: Path, shape: tuple[int, ...]) -> bool:
+    """True if ``path`` is a finished cache file of this shape (reads the header only)."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return array.shape == shape and array.dtype == np.uint8
+
+
+def _check_settings(out_dir: Path, settings: dict) -> None:
+    meta = out_dir / "cache.json"
+    if meta.is_file():
+        old = json.loads(meta.read_text())
+        if {k: old.get(k) for k in settings} != settings:
+            raise ValueError(
+                f"{out_dir} already holds a cache made with {old}, not {settings}; "
+                "use another OUT_DIR (or delete this one) to cache at other settings"
+            )
+    else:
+        write_text_atomic(meta, json.dumps(settings, indent=2) + "\n")
+
+
+def _cache_one(job: tuple[ImageRecord, str, int, str]) -> tuple[str, tuple[int, int] | None, str | None]:
+    """Worker: read, resize and write one image. Returns (id, original (H, W), error)."""
+    record, out_dir, size, channels = job
+    try:
+        full = read_image(record.folder, record.image_id, channels=channels)
+        small = np.stack([resize(plane, size) for plane in full])
+        write_npy_atomic(cache_path(out_dir, record.image_id), small)
+        return record.image_id, full.shape[1:], None
+    except (ImageReadError, OSError, ValueError) as exc:
+        return record.image_id, None, str(exc)
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would oversubscribe
+
+
+def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size: int = 512,
+                channels: str = "rgby", workers: int = 1, labels_csv: str | os.PathLike | None = None,
+                progress: bool = True) -> CacheReport:
+    """Cache every image of ``data_dir`` (any layout ``find_images`` reads) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    if size < 16:
+        raise ValueError(f"--size {size} is too small; use at least 16 px (512 is the usual training size)")
+    n_channels = len(channel_names(channels))
+    _check_settings(out_dir, {"format": CACHE_FORMAT, "size": size, "channels": channels})
+    records = find_images(data_dir, labels_csv)
+    old_index = _read_index(out_dir / "index.csv")
+    report = CacheReport(out_dir)
+
+    sizes: dict[str, tuple[int, int]] = {}
+    todo = []
+    for rec in records:
+        if rec.image_id in old_index and _is_cached(cache_path(out_dir, rec.image_id), (n_channels, size, size)):
+            sizes[rec.image_id] = old_index[rec.image_id]
+            report.skipped_existing += 1
+        else:
+            todo.append((rec, str(out_dir), size, channels))
+
+    bar = tqdm(total=len(todo), desc=f"cache {size}px", unit="img", disable=not progress)
+    errors: dict[str, str] = {}
+    try:
+        if workers > 1 and len(todo) > 1:
+            with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+                results = pool.imap_unordered(_cache_one, todo, chunksize=4)
+                _collect(results, sizes, errors, bar)
+        else:
+            _collect(map(_cache_one, todo), sizes, errors, bar)
+    finally:
+        bar.close()
+        # Written even when interrupted, so the next run knows what is finished.
+        _write_index(out_dir / "index.csv", records, sizes)
+        _write_failures(out_dir / "failures.csv", errors)
+    report.written = len(todo) - len(errors)
+    report.failures = sorted(errors.items())
+    for image_id, error in report.failures:
+        log.warning("skipped %s: %s", image_id, error)
+    return report
+
+
+def _collect(results, sizes, errors, bar) -> None:
+    for image_id, shape, error in results:
+        if error is None:
+            sizes[image_id] = tuple(shape)
+        else:
+            errors[image_id] = error
+        bar.update(1)
+
+
+def _read_index(path: Path) -> dict[str, tuple[int, int]]:
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        return {r["ID"]: (int(r["height"]), int(r["width"])) for r in csv.DictReader(fh)}
+
+
+def _write_index(path: Path, records: list[ImageRecord], sizes: dict[str, tuple[int, int]]) -> None:
+    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["ID", "Label", "height", "width"])
+        for rec in records:
+            if rec.image_id in sizes:
+                label = format_labels(rec.labels) if rec.labels else ""
+                writer.writerow([rec.image_id, label, *sizes[rec.image_id]])
+
+
+def _write_failures(path: Path, errors: dict[str, str]) -> None:
+    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["ID", "error"])
+        writer.writerows(sorted(errors.items()))
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    image_id: str
+    labels: tuple[int, ...] | None
+    height: int
+    width: int
+
+
+def read_cache_index(cache_dir: str | os.PathLike) -> list[CacheEntry]:
+    """The images a cache holds, with their labels and original sizes."""
+    path = Path(cache_dir) / "index.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {cache_dir} is not a cache; build one with "
+                                f"'python -m hpa_scc cache DATA_DIR {cache_dir} --size 512'")
+    with open(path, newline="") as fh:
+        return [
+            CacheEntry(r["ID"], tuple(parse_labels(r["Label"], where=f"{path} (ID {r['ID']})")) if r["Label"] else None,
+                       int(r["height"]), int(r["width"]))
+            for r in csv.DictReader(fh)
+        ]

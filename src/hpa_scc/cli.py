@@ -1,0 +1,168 @@
+"""The command line: ``python -m hpa_scc <command>`` (also installed as ``hpa-scc``).
+
+Every command is a thin wrapper over a package function, so the CLI, the sbatch files, the
+tests and the notebooks run the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from hpa_scc import __version__
+
+EXAMPLES = """\
+examples:
+  python -m hpa_scc demo                                   # synthetic data end to end, CPU, minutes
+  python -m hpa_scc synth data/synth --images 50 --size 512 --seed 0
+  python -m hpa_scc cache data/kaggle data/cache512 --size 512 --workers 8
+  python -m hpa_scc split data/kaggle/train.csv --folds 5 --seed 0 --out data/folds.csv
+
+Kaggle data: DATA_DIR holds train.csv (ID,Label) and train/<ID>_{red,green,blue,yellow}.png.
+Run 'python -m hpa_scc COMMAND --help' for a command's options.
+"""
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser(
+        "synth", help="generate synthetic HPA images with per-cell truth",
+        description="Write a synthetic HPA set in the Kaggle layout (train.csv, train/<ID>_<channel>.png) "
+                    "plus the truth: masks/<ID>.png (cells), nuclei/<ID>.png, cells.csv (ID,cell,Label) "
+                    "and solution.csv (Kaggle submission format). Deterministic per seed; resumable.")
+    p.add_argument("out_dir", type=Path, help="output folder (created)")
+    p.add_argument("--images", type=int, default=50, help="number of images (default: 50)")
+    p.add_argument("--size", type=int, default=512, help="image width and height in px (default: 512)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; image i of a seed never changes (default: 0)")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (default: 1)")
+    p.set_defaults(func=_run_synth)
+
+
+def _run_synth(args) -> int:
+    from hpa_scc.synth import format_summary, write_synth_set
+
+    summary = write_synth_set(args.out_dir, args.images, size=args.size, seed=args.seed,
+                              workers=args.workers, progress=not args.quiet)
+    print(format_summary(summary))
+    return 0
+
+
+def _add_cache(sub) -> None:
+    p = sub.add_parser(
+        "cache", help="resize a data set once into fast memory-mappable .npy files",
+        description="Read every image of DATA_DIR (Kaggle layout or a folder of <ID>_<channel>.<ext> files; "
+                    "png, tif, tif.gz, jpg; 8- or 16-bit), resize it and store it as uint8 "
+                    "OUT_DIR/images/<ID>.npy [C,size,size]. Resumable: finished images are skipped. "
+                    "Unreadable inputs are skipped and listed in OUT_DIR/failures.csv.")
+    p.add_argument("data_dir", type=Path, help="folder with the images (and train.csv, if labelled)")
+    p.add_argument("out_dir", type=Path, help="cache folder (created)")
+    p.add_argument("--size", type=int, default=512, help="cached width and height in px (default: 512)")
+    p.add_argument("--channels", choices=["rgby", "rgb"], default="rgby", help="channels to keep (default: rgby)")
+    p.add_argument("--labels", type=Path, default=None, help="ID,Label table (default: DATA_DIR/train.csv if present)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="parallel processes (default: min(8, cores))")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 if any input failed")
+    p.set_defaults(func=_run_cache)
+
+
+def _run_cache(args) -> int:
+    from hpa_scc.cache import build_cache
+
+    report = build_cache(args.data_dir, args.out_dir, size=args.size, channels=args.channels,
+                         workers=args.workers, labels_csv=args.labels, progress=not args.quiet)
+    print(report.summary())
+    return 1 if (args.strict and report.failures) else 0
+
+
+def _add_split(sub) -> None:
+    p = sub.add_parser(
+        "split", help="multi-label stratified cross-validation folds",
+        description="Assign every image of an ID,Label table to a fold with iterative stratification, "
+                    "so each class is spread evenly over the folds. Writes ID,Label,fold and prints the "
+                    "class x fold balance. Deterministic for a given table, --folds and --seed.")
+    p.add_argument("labels_csv", type=Path, help="ID,Label table, e.g. the Kaggle train.csv")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default: 5)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default: 0)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output CSV (default: ./<LABELS stem>_folds<K>_seed<S>.csv)")
+    p.set_defaults(func=_run_split)
+
+
+def _run_split(args) -> int:
+    from hpa_scc.folds import default_out, fold_class_counts, format_balance, split_table
+
+    out = args.out or default_out(args.labels_csv, args.folds, args.seed)
+    ids, labels, folds = split_table(args.labels_csv, out, args.folds, args.seed)
+    print(format_balance(fold_class_counts(labels, folds)))
+    print(f"{len(ids)} images in {args.folds} folds -> {out}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="the main job on built-in synthetic data (no downloads, no GPU)",
+        description="Generate a synthetic HPA set, cache it and split it into folds, printing each step's "
+                    "summary. Everything goes under OUT (default: runs/demo); re-running resumes.")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
+    p.add_argument("--images", type=int, default=24, help="synthetic images (default: 24)")
+    p.add_argument("--size", type=int, default=512, help="synthetic image size in px (default: 512)")
+    p.add_argument("--cache-size", type=int, default=256, help="cached size in px (default: 256)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from hpa_scc.cache import build_cache
+    from hpa_scc.folds import fold_class_counts, format_balance, split_table
+    from hpa_scc.synth import format_summary, write_synth_set
+
+    data, cache, folds_csv = args.out / "synthetic", args.out / "cache", args.out / "folds.csv"
+    print(f"[1/3] synthetic HPA set -> {data}")
+    summary = write_synth_set(data, args.images, size=args.size, seed=args.seed, workers=args.workers,
+                              progress=not args.quiet)
+    print(format_summary(summary))
+    print(f"\n[2/3] cache at {args.cache_size}px -> {cache}")
+    report = build_cache(data, cache, size=args.cache_size, workers=args.workers, progress=not args.quiet)
+    print(report.summary())
+    print(f"\n[3/3] 3 stratified folds -> {folds_csv}")
+    _, labels, folds = split_table(data / "train.csv", folds_csv, n_folds=3, seed=args.seed)
+    print(format_balance(fold_class_counts(labels, folds)))
+    print(f"\ndone: {args.out}")
+    return 0 if not report.failures else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hpa_scc",
+        description="Per-cell protein localisation in Human Protein Atlas images (Kaggle HPA Single Cell "
+                    "Classification): synthetic data, image cache, folds; segmentation, Mask R-CNN training, "
+                    "prediction and the competition metric come in later releases.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"hpa_scc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for add in (_add_demo, _add_synth, _add_cache, _add_split):
+        add(sub)
+    for command in sub.choices.values():
+        command.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        # Expected user errors (bad path, bad label, corrupt file): one clear line, no traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept, run the same command again to resume", file=sys.stderr)
+        return 130

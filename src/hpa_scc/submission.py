@@ -1,0 +1,123 @@
+"""The Kaggle submission format: masks as COCO RLE, zlib level 9, base64 text.
+
+A row is ``ID,ImageWidth,ImageHeight,PredictionString`` where the string holds
+space-separated ``label confidence mask`` triples; a mask with several labels is repeated
+once per label, at the original image size.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import os
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as coco_mask
+
+from hpa_scc.constants import check_label
+from hpa_scc.fileio import atomic_path
+
+HEADER = ("ID", "ImageWidth", "ImageHeight", "PredictionString")
+
+
+class SubmissionError(ValueError):
+    """A malformed submission row; the message names the file and row."""
+
+
+def encode_mask(mask: np.ndarray) -> str:
+    """2-D bool mask [H,W] -> the competition's text (COCO RLE counts, zlib 9, base64)."""
+    mask = np.squeeze(np.asarray(mask))
+    if mask.ndim != 2:
+        raise ValueError(f"encode_mask needs a 2-D mask, got shape {mask.shape}")
+    fortran = np.asfortranarray(mask.astype(np.uint8)[:, :, None])
+    counts = coco_mask.encode(fortran)[0]["counts"]
+    return base64.b64encode(zlib.compress(counts, zlib.Z_BEST_COMPRESSION)).decode("ascii")
+
+
+def decode_mask(text: str, height: int, width: int) -> np.ndarray:
+    """The competition's mask text -> bool [height, width]."""
+    try:
+        counts = zlib.decompress(base64.b64decode(text, validate=True))
+    except (binascii.Error, zlib.error, ValueError) as exc:
+        raise ValueError(f"mask {text[:24]!r}... is not base64 zlib-compressed RLE: {exc}") from None
+    rle = {"size": [int(height), int(width)], "counts": counts}
+    try:
+        area = int(coco_mask.area(rle))
+    except Exception as exc:  # pycocotools raises bare Exceptions on bad RLE
+        raise ValueError(f"mask {text[:24]!r}... is not valid COCO RLE: {exc}") from None
+    if area > height * width:
+        raise ValueError(f"mask {text[:24]!r}... covers {area} pixels, more than {height}x{width}")
+    return coco_mask.decode(rle).astype(bool)
+
+
+@dataclass
+class SubmissionRow:
+    """One image: (label, confidence, encoded mask) triples at the image's original size."""
+
+    image_id: str
+    width: int
+    height: int
+    predictions: list[tuple[int, float, str]] = field(default_factory=list)
+
+    def prediction_string(self) -> str:
+        return " ".join(f"{label} {conf:.6g} {mask}" for label, conf, mask in self.predictions)
+
+
+def cells_to_row(image_id: str, cell_labels: np.ndarray, labels_per_cell: dict[int, Iterable[int]],
+                 confidence: dict[int, Iterable[float]] | None = None) -> SubmissionRow:
+    """Label image [H,W] (0 background) + {cell id: labels} -> a row; each cell encoded once."""
+    height, width = cell_labels.shape
+    row = SubmissionRow(image_id, int(width), int(height))
+    for cell_id, labels in labels_per_cell.items():
+        text = encode_mask(cell_labels == cell_id)
+        labels = list(labels)
+        confs = list(confidence[cell_id]) if confidence is not None else [1.0] * len(labels)
+        for label, conf in zip(labels, confs, strict=True):
+            row.predictions.append((check_label(label), float(conf), text))
+    return row
+
+
+def write_submission(path: str | os.PathLike, rows: Iterable[SubmissionRow]) -> None:
+    """Write rows as a submission CSV, atomically."""
+    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(HEADER)
+        for row in rows:
+            writer.writerow([row.image_id, row.width, row.height, row.prediction_string()])
+
+
+def read_submission(path: str | os.PathLike) -> list[SubmissionRow]:
+    """Parse a submission CSV; malformed rows raise SubmissionError naming the file and row."""
+    path = Path(path)
+    rows = []
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None or tuple(h.strip() for h in header) != HEADER:
+            raise SubmissionError(f"{path}: header is {header}, expected {','.join(HEADER)}")
+        for line_no, rec in enumerate(reader, start=2):
+            where = f"{path} line {line_no}"
+            if len(rec) != 4:
+                raise SubmissionError(f"{where}: expected 4 columns, got {len(rec)}")
+            image_id, width, height, text = rec
+            try:
+                row = SubmissionRow(image_id, int(width), int(height))
+            except ValueError:
+                raise SubmissionError(f"{where} (ID {image_id}): width/height {width!r}/{height!r} are not integers") from None
+            tokens = text.split()
+            if len(tokens) % 3:
+                raise SubmissionError(f"{where} (ID {image_id}): {len(tokens)} tokens, not label/confidence/mask triples")
+            for i in range(0, len(tokens), 3):
+                try:
+                    label = check_label(int(tokens[i]))
+                    conf = float(tokens[i + 1])
+                except ValueError as exc:
+                    raise SubmissionError(f"{where} (ID {image_id}), triple {i // 3}: {exc}") from None
+                row.predictions.append((label, conf, tokens[i + 2]))
+            rows.append(row)
+    return rows

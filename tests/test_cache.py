@@ -1,0 +1,81 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hpa_scc.cache import build_cache, cache_path, read_cache_index
+from hpa_scc.images import read_image
+from hpa_scc.loader import CachedImages, PngImages, collate
+from hpa_scc.images import find_images
+
+
+def test_cache_holds_each_image_resized_once(kaggle_dir, tmp_path):
+    out = tmp_path / "cache"
+    report = build_cache(kaggle_dir, out, size=64, progress=False)
+    assert (report.written, report.skipped_existing, report.failures) == (3, 0, [])
+    for image_id in ("img0", "img1", "img2"):
+        cached = np.load(cache_path(out, image_id), mmap_mode="r")
+        assert isinstance(cached, np.memmap) and cached.shape == (4, 64, 64) and cached.dtype == np.uint8
+        np.testing.assert_array_equal(cached, read_image(kaggle_dir / "train", image_id, size=64))
+    entries = read_cache_index(out)
+    assert [(e.image_id, e.labels, e.height, e.width) for e in entries] == [
+        ("img0", (0, 5), 96, 96), ("img1", (18,), 128, 128), ("img2", (11, 16), 80, 80)]
+    assert json.loads((out / "cache.json").read_text())["size"] == 64
+
+
+def test_cache_resumes_and_skips_finished_images(kaggle_dir, tmp_path):
+    out = tmp_path / "cache"
+    build_cache(kaggle_dir, out, size=32, progress=False)
+    done = cache_path(out, "img0")
+    stamp = done.stat().st_mtime_ns
+    cache_path(out, "img1").unlink()  # as if the run had been killed before img1
+    cache_path(out, "img2").write_bytes(b"\x93NUMPY half-written")  # a torn file is redone
+    report = build_cache(kaggle_dir, out, size=32, progress=False)
+    assert (report.written, report.skipped_existing) == (2, 1)
+    assert done.stat().st_mtime_ns == stamp
+    assert np.load(cache_path(out, "img2")).shape == (4, 32, 32)
+    assert not list(out.glob("images/.*tmp*"))  # no temporary files left behind
+
+
+def test_corrupt_input_is_skipped_and_reported(kaggle_dir, tmp_path):
+    (kaggle_dir / "train" / "img1_blue.png").write_bytes(b"not a png")
+    (kaggle_dir / "train" / "img2_red.png").unlink()
+    out = tmp_path / "cache"
+    report = build_cache(kaggle_dir, out, size=32, workers=2, progress=False)
+    assert report.written == 1 and [i for i, _ in report.failures] == ["img1", "img2"]
+    with open(out / "failures.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["ID"] == "img1" and "img1_blue.png" in rows[0]["error"]
+    assert rows[1]["ID"] == "img2" and "img2_red.png" in rows[1]["error"]
+    assert [e.image_id for e in read_cache_index(out)] == ["img0"]
+    assert "failures.csv" in report.summary()
+
+
+def test_other_settings_into_the_same_folder_fail(kaggle_dir, tmp_path):
+    build_cache(kaggle_dir, tmp_path / "c", size=32, progress=False)
+    with pytest.raises(ValueError, match="'size': 32"):
+        build_cache(kaggle_dir, tmp_path / "c", size=48, progress=False)
+
+
+def test_cached_and_png_loaders_agree(kaggle_dir, tmp_path):
+    build_cache(kaggle_dir, tmp_path / "c", size=48, progress=False)
+    cached = CachedImages(tmp_path / "c")
+    png = PngImages(find_images(kaggle_dir), size=48)
+    assert len(cached) == len(png) == 3
+    for i in range(3):
+        (a, ta), (b, tb) = cached[i], png[i]
+        assert a.dtype == torch.uint8 and a.shape == (4, 48, 48)
+        assert torch.equal(a, b) and ta["image_id"] == tb["image_id"]
+        assert torch.equal(ta["labels"], tb["labels"])
+    assert cached[1][1]["labels"].nonzero().flatten().tolist() == [18]
+    images, targets = collate([cached[0], cached[2]])
+    assert images.shape == (2, 4, 48, 48) and [t["image_id"] for t in targets] == ["img0", "img2"]
+    with pytest.raises(KeyError, match="not in cache"):
+        CachedImages(tmp_path / "c", image_ids=["img0", "nope"])
+
+
+def test_rgb_cache(kaggle_dir, tmp_path):
+    build_cache(kaggle_dir, tmp_path / "c", size=16, channels="rgb", progress=False)
+    assert np.load(cache_path(tmp_path / "c", "img0")).shape == (3, 16, 16)

@@ -1,0 +1,70 @@
+"""The CLI through its real entry points (``python -m hpa_scc`` and ``hpa-scc``)."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpa_scc.cli import main
+
+
+def run(*args, check_rc=0):
+    proc = subprocess.run([sys.executable, "-m", "hpa_scc", *map(str, args)], capture_output=True, text=True)
+    assert proc.returncode == check_rc, proc.stdout + proc.stderr
+    return proc
+
+
+def test_help_lists_the_commands():
+    out = run("--help").stdout
+    for command in ("demo", "synth", "cache", "split"):
+        assert f"    {command} " in out
+    assert "train.csv" in out  # says how to point it at Kaggle data
+    script = Path(sys.executable).parent / "hpa-scc"
+    assert script.is_file(), "console script hpa-scc not installed (pip install -e .)"
+    assert "--size" in subprocess.run([script, "cache", "--help"], capture_output=True, text=True).stdout
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "commands" in capsys.readouterr().out
+
+
+def test_missing_data_folder_is_one_clear_line(tmp_path):
+    proc = run("cache", tmp_path / "nope", tmp_path / "out", check_rc=1)
+    assert proc.stderr.strip() == f"error: data folder {tmp_path / 'nope'} does not exist"
+
+
+def test_split_command(tmp_path, capsys):
+    table = tmp_path / "labels.csv"
+    table.write_text("ID,Label\n" + "".join(f"i{i},{i % 19}|{(i * 7) % 19}\n" for i in range(60)))
+    assert main(["split", str(table), "--folds", "3", "--seed", "0", "--out", str(tmp_path / "f.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "60 images in 3 folds" in out and "Mitotic spindle" in out
+    with open(tmp_path / "f.csv") as fh:
+        folds = [int(r["fold"]) for r in csv.DictReader(fh)]
+    assert sorted(set(folds)) == [0, 1, 2] and np.bincount(folds).min() >= 17
+
+
+def test_cache_strict_exit_code(kaggle_dir, tmp_path):
+    (kaggle_dir / "train" / "img0_red.png").write_bytes(b"broken")
+    proc = run("cache", kaggle_dir, tmp_path / "c", "--size", "32", "--workers", "1", "-q", "--strict", check_rc=1)
+    assert "2 images written" in proc.stdout and "img0_red.png" in proc.stdout
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = run("demo", "--out", out, "--images", "6", "--size", "128", "--cache-size", "64", "-q")
+    assert "[3/3]" in proc.stdout and f"done: {out}" in proc.stdout
+    with open(out / "synthetic" / "train.csv") as fh:
+        ids = [r["ID"] for r in csv.DictReader(fh)]
+    assert len(ids) == 6
+    assert sorted(p.stem for p in (out / "cache" / "images").glob("*.npy")) == sorted(ids)
+    assert np.load(out / "cache" / "images" / f"{ids[0]}.npy").shape == (4, 64, 64)
+    with open(out / "folds.csv") as fh:
+        assert {r["fold"] for r in csv.DictReader(fh)} == {"0", "1", "2"}
+    again = run("demo", "--out", out, "--images", "6", "--size", "128", "--cache-size", "64", "-q")
+    assert "0 images written, 6 already cached" in again.stdout  # resumed, nothing redone
