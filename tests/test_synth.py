@@ -167,8 +167,27 @@ def test_assign_cell_labels_rules():
         assign_cell_labels(rng, [0, NEGATIVE], [False])
 
 
-def test_every_class_has_a_green_pattern(images):
+def test_green_patterns_sit_in_their_compartments():
+    """Nuclear classes light the nucleus, cytoplasmic ones the cytoplasm, Negative neither."""
     assert sorted(GREEN_PATTERNS) == list(range(NUM_CLASSES))
+    ratios: dict[int, list[float]] = {}
+    negative_means = []
+    for index in range(100):
+        im = generate_image(index, size=256, seed=3)
+        green = im.image[1].astype(np.float64)
+        for cell_id, labels in im.cell_labels.items():
+            nucleus = im.nuclei == cell_id
+            cytoplasm = (im.cells == cell_id) & ~nucleus
+            if len(labels) != 1 or nucleus.sum() < 20 or cytoplasm.sum() < 20:
+                continue
+            ratios.setdefault(labels[0], []).append(green[nucleus].mean() / (green[cytoplasm].mean() + 1e-3))
+            if labels == [NEGATIVE]:
+                negative_means.append(green[im.cells == cell_id].mean())
+    for c in (0, 2, 4, 5):  # nucleoplasm, nucleoli, speckles, nuclear bodies
+        assert len(ratios[c]) >= 3 and np.median(ratios[c]) > 2, (c, np.median(ratios[c]))
+    for c in (6, 8, 13, 14, 16, 17):  # ER, filaments, membrane, mitochondria, cytosol, vesicles
+        assert len(ratios[c]) >= 3 and np.median(ratios[c]) < 0.5, (c, np.median(ratios[c]))
+    assert np.median(negative_means) < 12, "Negative cells show no specific green signal"
 
 
 # --- the written set ----------------------------------------------------------------------------
