@@ -65,14 +65,15 @@ def _is_cached(path: Path, shape: tuple[int, ...]) -> bool:
     return array.shape == shape and array.dtype == np.uint8
 
 
-def _check_settings(out_dir: Path, settings: dict) -> None:
-    meta = out_dir / "cache.json"
+def check_settings(out_dir: Path, settings: dict, name: str = "cache.json") -> None:
+    """Record ``settings`` in ``out_dir/name``, or fail if the folder was made with others."""
+    meta = out_dir / name
     if meta.is_file():
         old = json.loads(meta.read_text())
         if {k: old.get(k) for k in settings} != settings:
             raise ValueError(
-                f"{out_dir} already holds a cache made with {old}, not {settings}; "
-                "use another OUT_DIR (or delete this one) to cache at other settings"
+                f"{out_dir} was made with {old}, not {settings}; "
+                "use another OUT_DIR (or delete this one) to run with other settings"
             )
     else:
         write_text_atomic(meta, json.dumps(settings, indent=2) + "\n")
@@ -104,7 +105,7 @@ def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size
     if size < 16:
         raise ValueError(f"--size {size} is too small; use at least 16 px (512 is the usual training size)")
     n_channels = len(channel_names(channels))
-    _check_settings(out_dir, {"format": CACHE_FORMAT, "size": size, "channels": channels})
+    check_settings(out_dir, {"format": CACHE_FORMAT, "size": size, "channels": channels})
     records = find_images(data_dir, labels_csv)
     old_index = _read_index(out_dir / "index.csv")
     report = CacheReport(out_dir)
@@ -130,7 +131,7 @@ def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size
     finally:
         bar.close()
         # Written even when interrupted, so the next run knows what is finished.
-        _write_index(out_dir / "index.csv", records, sizes)
+        write_index(out_dir / "index.csv", records, sizes)
         _write_failures(out_dir / "failures.csv", errors)
     report.written = len(todo) - len(errors)
     report.failures = sorted(errors.items())
@@ -155,7 +156,7 @@ def _read_index(path: Path) -> dict[str, tuple[int, int]]:
         return {r["ID"]: (int(r["height"]), int(r["width"])) for r in csv.DictReader(fh)}
 
 
-def _write_index(path: Path, records: list[ImageRecord], sizes: dict[str, tuple[int, int]]) -> None:
+def write_index(path: Path, records: list[ImageRecord], sizes: dict[str, tuple[int, int]]) -> None:
     with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["ID", "Label", "height", "width"])

@@ -20,6 +20,8 @@ examples:
   python -m hpa_scc synth data/synth --images 50 --size 512 --seed 0
   python -m hpa_scc cache data/kaggle data/cache512 --size 512 --workers 8
   python -m hpa_scc split data/kaggle/train.csv --folds 5 --seed 0 --out data/folds.csv
+  python -m hpa_scc segment data/kaggle data/seg --segmenter builtin --workers 8
+  python -m hpa_scc prepare data/kaggle data/prepared512 --size 512 --segmenter builtin --folds 5
 
 Kaggle data: DATA_DIR holds train.csv (ID,Label) and train/<ID>_{red,green,blue,yellow}.png.
 Run 'python -m hpa_scc COMMAND --help' for a command's options.
@@ -100,6 +102,85 @@ def _run_split(args) -> int:
     return 0
 
 
+def _add_segmenter_args(p) -> None:
+    g = p.add_argument_group("segmenter")
+    g.add_argument("--segmenter", choices=["builtin", "hpacellseg", "precomputed"], default="builtin",
+                   help="builtin: no weights, runs anywhere; hpacellseg: HPA-Cell-Segmentation with local "
+                        "weights; precomputed: label images from --masks (default: builtin)")
+    g.add_argument("--masks", type=Path, default=None, help="precomputed: folder with <ID>_cells.png/.npz (and nuclei)")
+    g.add_argument("--nuclei-model", type=Path, default=None, help="hpacellseg: dpn_unet_nuclei_v1.pth")
+    g.add_argument("--cell-model", type=Path, default=None, help="hpacellseg: dpn_unet_cell_3ch_v1.pth")
+
+
+def _segmenter_options(args) -> dict:
+    if args.segmenter == "precomputed":
+        return {"folder": args.masks}
+    if args.segmenter == "hpacellseg":
+        return {"nuclei_model": args.nuclei_model, "cell_model": args.cell_model}
+    return {}
+
+
+def _add_segment(sub) -> None:
+    p = sub.add_parser(
+        "segment", help="segment every cell and nucleus of a data set",
+        description="Segment every image of DATA_DIR (Kaggle layout or <ID>_<channel>.<ext> files) and write "
+                    "OUT_DIR/<ID>_cells.png and OUT_DIR/<ID>_nuclei.png: uint16 label images at full size, "
+                    "0 background, cell k contains nucleus k. Resumable; failures in OUT_DIR/failures.csv.")
+    p.add_argument("data_dir", type=Path, help="folder with the images")
+    p.add_argument("out_dir", type=Path, help="folder for the label images (created)")
+    _add_segmenter_args(p)
+    p.add_argument("--labels", type=Path, default=None, help="ID,Label table (default: DATA_DIR/train.csv if present)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
+    p.set_defaults(func=_run_segment)
+
+
+def _run_segment(args) -> int:
+    from hpa_scc.prepare import segment_folder
+
+    report = segment_folder(args.data_dir, args.out_dir, segmenter=args.segmenter,
+                            segmenter_options=_segmenter_options(args), workers=args.workers,
+                            labels_csv=args.labels, progress=not args.quiet)
+    print(report.summary())
+    return 0
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser(
+        "prepare", help="segment + cache + pseudo-labelled COCO instances per fold (dataset.py)",
+        description="Build the training set: segment every image (full-size label images cached under "
+                    "OUT_DIR/segmentation), cache the images resized (OUT_DIR/cache), give every cell its image's "
+                    "labels and write COCO instance JSON per fold (OUT_DIR/coco/<layout>/fold<K>.json, RLE masks at "
+                    "--size). For a synthetic set, OUT_DIR/coco_truth/ holds the same cells with their true labels. "
+                    "Resumable; skipped images in OUT_DIR/failures.csv.")
+    p.add_argument("data_dir", type=Path, help="labelled data: DATA_DIR/train.csv + train/<ID>_<channel>.png")
+    p.add_argument("out_dir", type=Path, help="output folder (created)")
+    p.add_argument("--size", type=int, default=512, help="training size in px (default: 512)")
+    _add_segmenter_args(p)
+    p.add_argument("--folds", type=int, default=5, help="stratified folds; 1 = one file all.json (default: 5)")
+    p.add_argument("--seed", type=int, default=0, help="fold seed (default: 0)")
+    p.add_argument("--layout", choices=["per_label", "multilabel"], default="per_label",
+                   help="per_label: one instance per cell and label (stock Mask R-CNN); multilabel: one instance "
+                        "per cell with a 19-long label_vector (default: per_label)")
+    p.add_argument("--min-cell-area", type=int, default=0, dest="min_cell_area_px",
+                   help="drop cells smaller than this, in px at full size (default: 0)")
+    p.add_argument("--drop-border-cells", action="store_true", help="drop cells cut by the image border")
+    p.add_argument("--labels", type=Path, default=None, help="ID,Label table (default: DATA_DIR/train.csv)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
+    p.set_defaults(func=_run_prepare)
+
+
+def _run_prepare(args) -> int:
+    from hpa_scc.prepare import prepare_dataset
+
+    report = prepare_dataset(args.data_dir, args.out_dir, size=args.size, segmenter=args.segmenter,
+                             segmenter_options=_segmenter_options(args), n_folds=args.folds, seed=args.seed,
+                             layout=args.layout, min_cell_area_px=args.min_cell_area_px,
+                             drop_border_cells=args.drop_border_cells, workers=args.workers,
+                             labels_csv=args.labels, progress=not args.quiet)
+    print(report.summary())
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="the main job on built-in synthetic data (no downloads, no GPU)",
@@ -143,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hpa_scc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    for add in (_add_demo, _add_synth, _add_cache, _add_split):
+    for add in (_add_demo, _add_synth, _add_cache, _add_split, _add_segment, _add_prepare):
         add(sub)
     for command in sub.choices.values():
         command.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -159,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, OSError) as exc:
+    except (FileNotFoundError, ValueError, OSError, ImportError) as exc:
         # Expected user errors (bad path, bad label, corrupt file): one clear line, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,347 @@
+"""Segment a data set and turn it into pseudo-labelled COCO instances (the "dataset" step).
+
+    python -m hpa_scc segment DATA_DIR OUT_DIR --segmenter builtin --workers 4
+    python -m hpa_scc prepare DATA_DIR OUT_DIR --size 512 --segmenter builtin --folds 5
+    python dataset.py DATA_DIR OUT_DIR --size 512 --segmenter builtin --folds 5     # the same
+
+``segment`` writes OUT_DIR/<ID>_cells.png and OUT_DIR/<ID>_nuclei.png (uint16, full size).
+``prepare`` writes, under OUT_DIR:
+    prepare.json                     the settings; a rerun with other settings fails
+    segmentation/<ID>_{cells,nuclei}.png   full-size label images (the segment step's output)
+    cache/                           the resized uint8 image cache (see hpa_scc.cache)
+    records/<ID>.json                per image: its cells at the training size (RLE), written last
+    folds.csv                        ID,Label,fold (multi-label stratified)
+    coco/<layout>/fold<K>.json       COCO instances of fold K: every cell with its image's labels
+    coco_truth/<layout>/fold<K>.json synthetic sets only: the same cells with their true labels
+    failures.csv                     ID,error: one line per skipped image
+An image is finished when its record exists; a rerun skips finished images, so an interrupted
+run is resumed by running the same command again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import multiprocessing as mp
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pycocotools import mask as coco_mask
+from tqdm import tqdm
+
+from hpa_scc.cache import cache_path, check_settings, write_index
+from hpa_scc.constants import CLASS_NAMES, format_labels
+from hpa_scc.fileio import atomic_path, write_npy_atomic, write_png_atomic, write_text_atomic
+from hpa_scc.folds import assign_folds
+from hpa_scc.images import ImageReadError, ImageRecord, find_images, read_image, resize
+from hpa_scc.segment import build_segmenter
+from hpa_scc.segment.precomputed import read_labels
+from hpa_scc.targets import LAYOUTS, cell_instances, describe_cells, inherit_labels, keep_cells, transfer_labels
+
+log = logging.getLogger(__name__)
+PREPARE_FORMAT = 1
+
+
+class NoCellsError(ValueError):
+    """The segmenter found no cell (after the filters) in an image."""
+
+
+@dataclass
+class StepReport:
+    """What a folder-wide step did: written now, skipped as already done, failed (id, error)."""
+
+    name: str
+    out_dir: Path
+    written: int = 0
+    skipped_existing: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        head = (f"{self.name} {self.out_dir}: {self.written} images done now, "
+                f"{self.skipped_existing} already done, {len(self.failures)} skipped")
+        if self.failures:
+            head += f" (listed in {self.out_dir / 'failures.csv'})"
+        lines = [head] + [f"  skipped {image_id}: {error}" for image_id, error in self.failures[:5]]
+        return "\n".join(lines + self.extra)
+
+
+# --- segmentation of one image, resumable -------------------------------------------------------
+def seg_paths(seg_dir: Path, image_id: str) -> tuple[Path, Path]:
+    return seg_dir / f"{image_id}_nuclei.png", seg_dir / f"{image_id}_cells.png"
+
+
+def check_segmentation(nuclei: np.ndarray, cells: np.ndarray, shape: tuple[int, int], source: str) -> None:
+    """The back-end contract: uint16 label images at the image's size."""
+    for name, labels in (("nuclei", nuclei), ("cells", cells)):
+        if labels.shape != shape or labels.dtype != np.uint16:
+            raise ValueError(f"segmenter {source} returned {name} {labels.dtype} {labels.shape}; "
+                             f"expected uint16 {shape}")
+
+
+def segment_one(record: ImageRecord, segmenter, seg_dir: Path, image: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(nuclei, cells, computed_now) for one image: read from seg_dir if done, else segment and write."""
+    nuclei_path, cells_path = seg_paths(seg_dir, record.image_id)
+    if nuclei_path.is_file() and cells_path.is_file():
+        try:
+            return read_labels(nuclei_path), read_labels(cells_path), False
+        except ImageReadError:
+            pass  # a damaged earlier output: segment again
+    if image is None:
+        image = read_image(record.folder, record.image_id)
+    nuclei, cells = segmenter(image, record.image_id)
+    check_segmentation(nuclei, cells, image.shape[1:], type(segmenter).__name__)
+    # cells last: an image is segmented when its cells file exists (both are checked above)
+    write_png_atomic(nuclei_path, nuclei, compression=1)
+    write_png_atomic(cells_path, cells, compression=1)
+    return nuclei, cells, True
+
+
+# --- per-process state for the worker pools -------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(segmenter_name: str, segmenter_options: dict, settings: dict) -> None:
+    cv2.setNumThreads(1)  # one image per process
+    _WORKER["segmenter"] = build_segmenter(segmenter_name, **segmenter_options)
+    _WORKER["settings"] = settings
+
+
+def _segment_job(record: ImageRecord) -> tuple[str, bool, str | None]:
+    try:
+        _, _, now = segment_one(record, _WORKER["segmenter"], Path(_WORKER["settings"]["out_dir"]))
+        return record.image_id, now, None
+    except (ImageReadError, OSError, ValueError) as exc:
+        return record.image_id, False, str(exc)
+
+
+def _run_pool(job, items, segmenter_name, segmenter_options, settings, workers, desc, progress):
+    """Yield job(item) for every item, in a pool of ``workers`` processes or in this one."""
+    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress)
+    try:
+        if workers > 1 and len(items) > 1:
+            ctx = mp.get_context("spawn")  # fork after OpenCV/torch threads started can deadlock
+            with ctx.Pool(workers, initializer=_init_worker,
+                          initargs=(segmenter_name, segmenter_options, settings)) as pool:
+                for result in pool.imap_unordered(job, items, chunksize=1):
+                    bar.update(1)
+                    yield result
+        else:
+            _init_worker(segmenter_name, segmenter_options, settings)
+            for item in items:
+                result = job(item)
+                bar.update(1)
+                yield result
+    finally:
+        bar.close()
+
+
+def write_failures(path: Path, failures: list[tuple[str, str]]) -> None:
+    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["ID", "error"])
+        writer.writerows(sorted(failures))
+
+
+def segment_folder(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, segmenter: str = "builtin",
+                   segmenter_options: dict | None = None, workers: int = 1,
+                   labels_csv: str | os.PathLike | None = None, progress: bool = True) -> StepReport:
+    """Segment every image of ``data_dir`` into OUT_DIR/<ID>_{cells,nuclei}.png (resumable)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    build_segmenter(segmenter, **(segmenter_options or {}))  # fail now, not in every worker
+    records = find_images(data_dir, labels_csv)
+    report = StepReport("segment", out_dir)
+    settings = {"out_dir": str(out_dir)}
+    for image_id, now, error in _run_pool(_segment_job, records, segmenter, segmenter_options or {}, settings,
+                                          workers, "segment", progress):
+        if error:
+            report.failures.append((image_id, error))
+            log.warning("skipped %s: %s", image_id, error)
+        elif now:
+            report.written += 1
+        else:
+            report.skipped_existing += 1
+    report.failures.sort()
+    write_failures(out_dir / "failures.csv", report.failures)
+    return report
+
+
+# --- prepare: segment + cache + per-image record -------------------------------------------------
+def encode_cells(cells_small: np.ndarray, cell_ids: list[int]) -> list[dict]:
+    """RLE, area and bbox (x, y, w, h) of each cell id in a label image; vanished cells dropped."""
+    if not cell_ids:
+        return []
+    stack = np.asfortranarray(np.stack([cells_small == k for k in cell_ids], axis=2).astype(np.uint8))
+    rles = coco_mask.encode(stack)
+    areas = coco_mask.area(rles)
+    boxes = coco_mask.toBbox(rles)
+    out = []
+    for cell_id, rle, area, box in zip(cell_ids, rles, areas, boxes, strict=True):
+        if area == 0:
+            continue  # a sliver that vanished when resized
+        out.append({"cell_id": int(cell_id), "area": int(area), "bbox": [float(v) for v in box],
+                    "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}})
+    return out
+
+
+def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
+    """Worker: one image -> its record (cells at the training size), written last."""
+    s = _WORKER["settings"]
+    out = Path(s["out_dir"])
+    record_path = out / "records" / f"{record.image_id}.json"
+    if record_path.is_file():
+        try:
+            return record.image_id, json.loads(record_path.read_text()), None
+        except json.JSONDecodeError:
+            pass  # damaged: redo this image
+    try:
+        npy = cache_path(out / "cache", record.image_id)
+        image = read_image(record.folder, record.image_id)
+        nuclei, cells, _ = segment_one(record, _WORKER["segmenter"], out / "segmentation", image)
+        size = s["size"]
+        write_npy_atomic(npy, np.stack([resize(plane, size) for plane in image]))
+        infos = keep_cells(describe_cells(cells), min_cell_area_px=s["min_cell_area_px"],
+                           drop_border_cells=s["drop_border_cells"])
+        cells_small = cv2.resize(cells, (size, size), interpolation=cv2.INTER_NEAREST)
+        encoded = encode_cells(cells_small, [c.cell_id for c in infos])
+        if not encoded:
+            raise NoCellsError(f"no cell found in {record.image_id} (after min area {s['min_cell_area_px']} px"
+                               f"{', border cells dropped' if s['drop_border_cells'] else ''}); image skipped")
+        border = {c.cell_id: c.touches_border for c in infos}
+        for cell in encoded:
+            cell["touches_border"] = border[cell["cell_id"]]
+        result = {"image_id": record.image_id, "height": size, "width": size,
+                  "orig_height": int(image.shape[1]), "orig_width": int(image.shape[2]),
+                  "labels": list(record.labels) if record.labels else None, "cells": encoded}
+        truth = s.get("truth_dir")
+        if truth:
+            true_cells = read_labels(Path(truth) / "masks" / f"{record.image_id}.png")
+            if record.image_id not in s["true_labels"]:
+                raise ValueError(f"{record.image_id} is not in {truth}/cells.csv; the synthetic set is incomplete")
+            transferred = transfer_labels(cells, true_cells, s["true_labels"][record.image_id])
+            result["true_labels"] = {str(k): v[0] for k, v in transferred.items()}
+            result["true_cell"] = {str(k): v[1] for k, v in transferred.items()}
+        write_text_atomic(record_path, json.dumps(result, separators=(",", ":")))
+        return record.image_id, result, None
+    except (ImageReadError, OSError, ValueError) as exc:
+        return record.image_id, None, str(exc)
+
+
+def read_true_cell_labels(truth_dir: Path) -> dict[str, dict[int, list[int]]]:
+    """A synthetic set's cells.csv -> {image id: {cell id: labels}}."""
+    from hpa_scc.constants import parse_labels
+
+    table: dict[str, dict[int, list[int]]] = {}
+    path = truth_dir / "cells.csv"
+    with open(path, newline="") as fh:
+        for line_no, row in enumerate(csv.DictReader(fh), start=2):
+            table.setdefault(row["ID"], {})[int(row["cell"])] = parse_labels(row["Label"], where=f"{path} line {line_no}")
+    return table
+
+
+def coco_file(records: list[dict], layout: str, *, truth: bool = False, description: str = "") -> dict:
+    """Records -> a COCO instances dict (images in the given order, ids from their table index).
+
+    Weak: every cell carries its image's labels. ``truth``: each cell carries the true labels
+    transferred from the synthetic truth. Image records keep the image-level labels.
+    """
+    images, annotations = [], []
+    for rec in records:
+        cells = {c["cell_id"]: c for c in rec["cells"]}
+        if truth:
+            labels = {k: rec["true_labels"][str(k)] for k in cells}
+        else:
+            labels = inherit_labels(cells, rec["labels"])
+        images.append({"id": rec["index"], "file_name": f"{rec['image_id']}.npy", "image_name": rec["image_id"],
+                       "height": rec["height"], "width": rec["width"], "orig_height": rec["orig_height"],
+                       "orig_width": rec["orig_width"], "labels": rec["labels"]})
+        for inst in cell_instances(labels, layout):
+            cell = cells[inst.cell_id]
+            ann = {"id": len(annotations) + 1, "image_id": rec["index"], "category_id": inst.category_id,
+                   "segmentation": cell["segmentation"], "area": cell["area"], "bbox": cell["bbox"], "iscrowd": 0,
+                   "cell_id": inst.cell_id, "touches_border": cell["touches_border"]}
+            if inst.label_vector is not None:
+                ann["label_vector"] = list(inst.label_vector)
+            annotations.append(ann)
+    categories = [{"id": c + 1, "name": name, "supercategory": "location"} for c, name in enumerate(CLASS_NAMES)]
+    info = {"description": description, "layout": layout, "labels": "true cell labels" if truth else
+            "image labels inherited by every cell", "category_ids": "class index + 1; 0 is background"}
+    return {"info": info, "images": images, "annotations": annotations, "categories": categories}
+
+
+def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size: int = 512,
+                    segmenter: str = "builtin", segmenter_options: dict | None = None, n_folds: int = 5,
+                    seed: int = 0, layout: str = "per_label", min_cell_area_px: int = 0,
+                    drop_border_cells: bool = False, workers: int = 1,
+                    labels_csv: str | os.PathLike | None = None, progress: bool = True) -> StepReport:
+    """Segment, cache and turn ``data_dir`` into pseudo-labelled COCO files under ``out_dir``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
+    if size < 16:
+        raise ValueError(f"--size {size} is too small; use at least 16 px (512 is the usual training size)")
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    records = find_images(data_dir, labels_csv)
+    unlabelled = [r.image_id for r in records if not r.labels]
+    if unlabelled:
+        raise ValueError(f"prepare needs image labels, and {len(unlabelled)} image(s) have none (e.g. "
+                         f"{unlabelled[0]}); give DATA_DIR/train.csv or --labels, or use 'segment' for unlabelled images")
+    build_segmenter(segmenter, **(segmenter_options or {}))  # fail now, not in every worker
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_settings(out_dir, {"format": PREPARE_FORMAT, "size": size, "segmenter": segmenter, "layout": layout,
+                             "min_cell_area_px": min_cell_area_px, "drop_border_cells": drop_border_cells,
+                             "folds": n_folds, "seed": seed}, name="prepare.json")
+    check_settings(out_dir / "cache", {"format": 1, "size": size, "channels": "rgby"})
+    is_synthetic = (data_dir / "cells.csv").is_file() and (data_dir / "masks").is_dir()
+    settings = {"out_dir": str(out_dir), "size": size, "min_cell_area_px": min_cell_area_px,
+                "drop_border_cells": drop_border_cells}
+    if is_synthetic:
+        settings.update(truth_dir=str(data_dir), true_labels=read_true_cell_labels(data_dir))
+
+    report = StepReport("prepare", out_dir)
+    done = {r.image_id for r in records if (out_dir / "records" / f"{r.image_id}.json").is_file()}
+    results: dict[str, dict] = {}
+    try:
+        for image_id, result, error in _run_pool(_prepare_job, records, segmenter, segmenter_options or {},
+                                                 settings, workers, f"prepare {size}px", progress):
+            if error:
+                report.failures.append((image_id, error))
+                log.warning("skipped %s: %s", image_id, error)
+            else:
+                results[image_id] = result
+    finally:
+        report.failures.sort()
+        write_failures(out_dir / "failures.csv", report.failures)
+        write_index(out_dir / "cache" / "index.csv", [r for r in records if r.image_id in results],
+                    {i: (rec["orig_height"], rec["orig_width"]) for i, rec in results.items()})
+    report.skipped_existing = len(done & results.keys())
+    report.written = len(results) - report.skipped_existing
+
+    # Folds come from the whole label table, so a skipped image never moves the others.
+    folds = assign_folds([r.labels for r in records], n_folds, seed) if n_folds > 1 else np.zeros(len(records), int)
+    with atomic_path(out_dir / "folds.csv", ".csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["ID", "Label", "fold"])
+        for rec, fold in zip(records, folds, strict=True):
+            writer.writerow([rec.image_id, format_labels(rec.labels), int(fold)])
+    ordered = []
+    for index, (rec, fold) in enumerate(zip(records, folds, strict=True)):
+        if rec.image_id in results:
+            ordered.append({**results[rec.image_id], "index": index + 1, "fold": int(fold)})
+    kinds = [("coco", False)] + ([("coco_truth", True)] if is_synthetic else [])
+    for folder, truth in kinds:
+        for fold in range(max(n_folds, 1)):
+            subset = [r for r in ordered if r["fold"] == fold]
+            name = f"fold{fold}.json" if n_folds > 1 else "all.json"
+            coco = coco_file(subset, layout, truth=truth,
+                             description=f"{data_dir.name}: fold {fold} of {n_folds}, {segmenter} cells, {size} px")
+            path = out_dir / folder / layout / name
+            write_text_atomic(path, json.dumps(coco, separators=(",", ":")))
+        report.extra.append(f"  {folder}/{layout}/: {max(n_folds, 1)} COCO file(s), "
+                            f"{sum(len(r['cells']) for r in ordered)} cells in {len(ordered)} images")
+    return report

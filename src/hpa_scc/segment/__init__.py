@@ -1,0 +1,55 @@
+"""Cell segmentation: RGBY image in, ``(nuclei_labels, cell_labels)`` out.
+
+Every back-end is a callable ``segmenter(image, image_id) -> (nuclei, cells)`` with ``image``
+uint8 [4, H, W] (R, G, B, Y) and both outputs uint16 [H, W] label images at the input's full
+size, 0 background, and matching ids: cell k contains nucleus k.
+
+    from hpa_scc.segment import build_segmenter
+    segmenter = build_segmenter("builtin")
+    nuclei, cells = segmenter(image, "5c27f04c-...")
+
+Back-ends (``--segmenter``):
+    builtin      no weights: classical nuclei + seeded-watershed cells (scikit-image/OpenCV/SciPy)
+    hpacellseg   HPA-Cell-Segmentation with local weight files (--nuclei-model, --cell-model)
+    precomputed  label images from a folder (.npz with arr_0, as the original stored them, or .png)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+Segmenter = Callable[[np.ndarray, str], tuple[np.ndarray, np.ndarray]]
+
+
+def _builtin(**options) -> Segmenter:
+    from hpa_scc.segment.builtin import BuiltinSegmenter
+
+    return BuiltinSegmenter(**options)
+
+
+def _hpacellseg(**options) -> Segmenter:
+    from hpa_scc.segment.hpacellseg import HpaCellSegmenter
+
+    return HpaCellSegmenter(**options)
+
+
+def _precomputed(**options) -> Segmenter:
+    from hpa_scc.segment.precomputed import PrecomputedSegmenter
+
+    return PrecomputedSegmenter(**options)
+
+
+SEGMENTERS: dict[str, Callable[..., Segmenter]] = {
+    "builtin": _builtin,
+    "hpacellseg": _hpacellseg,
+    "precomputed": _precomputed,
+}
+
+
+def build_segmenter(name: str, **options) -> Segmenter:
+    """The back-end called ``name``, built with its options (None values are dropped)."""
+    if name not in SEGMENTERS:
+        raise ValueError(f"unknown segmenter {name!r}; choose one of {sorted(SEGMENTERS)}")
+    return SEGMENTERS[name](**{k: v for k, v in options.items() if v is not None})

@@ -1,0 +1,135 @@
+"""Weak labels to cell targets: pure functions, no I/O.
+
+HPA gives labels per image; Mask R-CNN needs one target per cell. Every cell inherits its
+image's labels (the weak-supervision assumption), and the cells become instances in one of two
+layouts:
+
+- ``multilabel``: one instance per cell, with a 19-long 0/1 label vector (for a sigmoid head);
+- ``per_label``: one instance per cell and label, the original implementation's layout, which a
+  stock softmax Mask R-CNN can train on.
+
+Category ids are ``label + 1`` (1..19): 0 stays background. The original DenseNet path used the
+class index itself as the category id, so Nucleoplasm (0) collided with background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from hpa_scc.constants import NEGATIVE, NUM_CLASSES, check_label
+
+LAYOUTS = ("multilabel", "per_label")
+BACKGROUND = 0
+
+
+def category_id(label: int) -> int:
+    """Class index 0..18 -> category id 1..19 (0 is background)."""
+    return check_label(label) + 1
+
+
+def label_of(category: int) -> int:
+    """Category id 1..19 -> class index 0..18."""
+    if not 1 <= int(category) <= NUM_CLASSES:
+        raise ValueError(f"category id {category} is not 1..{NUM_CLASSES} (0 is background)")
+    return int(category) - 1
+
+
+@dataclass(frozen=True)
+class CellInfo:
+    """One cell of a label image: id, area in px, bbox (x0, y0, x1, y1; x1/y1 exclusive), border."""
+
+    cell_id: int
+    area_px: int
+    bbox: tuple[int, int, int, int]
+    touches_border: bool
+
+
+def describe_cells(cells: np.ndarray) -> list[CellInfo]:
+    """Label image uint [H, W] (0 background) -> one CellInfo per cell id present, in id order."""
+    cells = np.asarray(cells)
+    areas = np.bincount(cells.ravel().astype(np.int64))
+    height, width = cells.shape
+    out = []
+    for index, slices in enumerate(ndimage.find_objects(cells.astype(np.int32)), start=1):
+        if slices is None:
+            continue
+        ys, xs = slices
+        border = ys.start == 0 or xs.start == 0 or ys.stop == height or xs.stop == width
+        out.append(CellInfo(index, int(areas[index]), (xs.start, ys.start, xs.stop, ys.stop), border))
+    return out
+
+
+def keep_cells(cells: Iterable[CellInfo], *, min_cell_area_px: int = 0, drop_border_cells: bool = False) -> list[CellInfo]:
+    """The cells that pass the filters: area >= min_cell_area_px, and not cut by the border if asked."""
+    return [c for c in cells if c.area_px >= min_cell_area_px and not (drop_border_cells and c.touches_border)]
+
+
+def inherit_labels(cell_ids: Iterable[int], image_labels: Iterable[int]) -> dict[int, list[int]]:
+    """Every cell gets its image's labels (sorted, checked)."""
+    labels = sorted({check_label(i) for i in image_labels})
+    if not labels:
+        raise ValueError("an image needs at least one label to label its cells (Negative is 18)")
+    return {int(k): list(labels) for k in cell_ids}
+
+
+def label_vector(labels: Iterable[int]) -> list[int]:
+    """[0, 5] -> 19-long 0/1 list."""
+    vec = [0] * NUM_CLASSES
+    for label in labels:
+        vec[check_label(label)] = 1
+    return vec
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One training instance: a cell, its category id and (multilabel) its label vector."""
+
+    cell_id: int
+    category_id: int  # 1..19; in the multilabel layout, the cell's first label
+    label_vector: tuple[int, ...] | None = None  # multilabel layout only
+
+
+def cell_instances(cell_labels: Mapping[int, Iterable[int]], layout: str) -> list[Instance]:
+    """{cell id: labels} -> instances in ``layout`` (cells in id order, labels ascending)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
+    out = []
+    for cell_id in sorted(cell_labels):
+        labels = sorted({check_label(i) for i in cell_labels[cell_id]})
+        if not labels:
+            raise ValueError(f"cell {cell_id} has no label; a cell with no label is Negative ({NEGATIVE})")
+        if layout == "multilabel":
+            out.append(Instance(cell_id, category_id(labels[0]), tuple(label_vector(labels))))
+        else:
+            out.extend(Instance(cell_id, category_id(label)) for label in labels)
+    return out
+
+
+def transfer_labels(pred_cells: np.ndarray, true_cells: np.ndarray,
+                    true_labels: Mapping[int, Iterable[int]]) -> dict[int, tuple[list[int], int]]:
+    """Give each predicted cell the labels of the true cell it overlaps most (for the oracle).
+
+    Returns {pred id: (labels, true id)}; a predicted cell on true background gets
+    ([Negative], 0). Used on synthetic sets, where the true cells are known.
+    """
+    pred = pred_cells.ravel().astype(np.int64)
+    true = true_cells.ravel().astype(np.int64)
+    n_true = int(true.max()) + 1
+    pairs = np.bincount(pred * n_true + true, minlength=(int(pred.max()) + 1) * n_true)
+    pairs = pairs.reshape(-1, n_true)
+    out = {}
+    for pred_id in np.unique(pred):
+        if pred_id == 0:
+            continue
+        overlap = pairs[pred_id].copy()
+        overlap[0] = 0  # background does not count as a cell
+        best = int(overlap.argmax())
+        if overlap[best] == 0:
+            out[int(pred_id)] = ([NEGATIVE], 0)
+        else:
+            out[int(pred_id)] = (sorted(true_labels[best]), best)
+    return out
