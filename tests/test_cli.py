@@ -57,14 +57,18 @@ def test_cache_strict_exit_code(kaggle_dir, tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    proc = run("demo", "--out", out, "--images", "6", "--size", "128", "--cache-size", "64", "-q")
+    proc = run("demo", "--out", out, "--images", "6", "--size", "256", "--train-size", "64", "-q")
     assert "[3/3]" in proc.stdout and f"done: {out}" in proc.stdout
+    ap = float(proc.stdout.split("mask AP at IoU 0.6: ")[1].split()[0])
+    assert 0.5 < ap <= 1.0
     with open(out / "synthetic" / "train.csv") as fh:
         ids = [r["ID"] for r in csv.DictReader(fh)]
     assert len(ids) == 6
-    assert sorted(p.stem for p in (out / "cache" / "images").glob("*.npy")) == sorted(ids)
-    assert np.load(out / "cache" / "images" / f"{ids[0]}.npy").shape == (4, 64, 64)
-    with open(out / "folds.csv") as fh:
+    prepared = out / "prepared"
+    assert sorted(p.stem for p in (prepared / "cache" / "images").glob("*.npy")) == sorted(ids)
+    assert np.load(prepared / "cache" / "images" / f"{ids[0]}.npy").shape == (4, 64, 64)
+    assert sorted(p.name for p in (prepared / "coco" / "per_label").iterdir()) == ["fold0.json", "fold1.json", "fold2.json"]
+    with open(prepared / "folds.csv") as fh:
         assert {r["fold"] for r in csv.DictReader(fh)} == {"0", "1", "2"}
-    again = run("demo", "--out", out, "--images", "6", "--size", "128", "--cache-size", "64", "-q")
-    assert "0 images written, 6 already cached" in again.stdout  # resumed, nothing redone
+    again = run("demo", "--out", out, "--images", "6", "--size", "256", "--train-size", "64", "-q")
+    assert "0 images done now, 6 already done" in again.stdout  # resumed, nothing redone

@@ -184,33 +184,40 @@ def _run_prepare(args) -> int:
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="the main job on built-in synthetic data (no downloads, no GPU)",
-        description="Generate a synthetic HPA set, cache it and split it into folds, printing each step's "
-                    "summary. Everything goes under OUT (default: runs/demo); re-running resumes.")
+        description="Generate a synthetic HPA set, build the pseudo-labelled training set from it (builtin "
+                    "segmentation, cache, COCO per fold) and score the segmentation against the synthetic truth, "
+                    "printing each step's summary. Everything goes under OUT (default: runs/demo); re-running resumes.")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
     p.add_argument("--images", type=int, default=24, help="synthetic images (default: 24)")
     p.add_argument("--size", type=int, default=512, help="synthetic image size in px (default: 512)")
-    p.add_argument("--cache-size", type=int, default=256, help="cached size in px (default: 256)")
+    p.add_argument("--train-size", type=int, default=256, help="training size in px (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args) -> int:
-    from hpa_scc.cache import build_cache
-    from hpa_scc.folds import fold_class_counts, format_balance, split_table
+    from hpa_scc.prepare import prepare_dataset
+    from hpa_scc.segment.precomputed import read_labels
+    from hpa_scc.segment.quality import mask_ap
     from hpa_scc.synth import format_summary, write_synth_set
 
-    data, cache, folds_csv = args.out / "synthetic", args.out / "cache", args.out / "folds.csv"
+    data, prepared = args.out / "synthetic", args.out / "prepared"
     print(f"[1/3] synthetic HPA set -> {data}")
     summary = write_synth_set(data, args.images, size=args.size, seed=args.seed, workers=args.workers,
                               progress=not args.quiet)
     print(format_summary(summary))
-    print(f"\n[2/3] cache at {args.cache_size}px -> {cache}")
-    report = build_cache(data, cache, size=args.cache_size, workers=args.workers, progress=not args.quiet)
+    print(f"\n[2/3] training set: builtin segmentation, {args.train_size}px cache, COCO in 3 folds -> {prepared}")
+    report = prepare_dataset(data, prepared, size=args.train_size, segmenter="builtin", n_folds=3, seed=args.seed,
+                             workers=args.workers, progress=not args.quiet)
     print(report.summary())
-    print(f"\n[3/3] 3 stratified folds -> {folds_csv}")
-    _, labels, folds = split_table(data / "train.csv", folds_csv, n_folds=3, seed=args.seed)
-    print(format_balance(fold_class_counts(labels, folds)))
+    print("\n[3/3] builtin segmentation against the synthetic truth")
+    ids = [p.stem for p in sorted((data / "masks").glob("*.png"))]
+    done = [i for i in ids if (prepared / "segmentation" / f"{i}_cells.png").is_file()]
+    preds = [read_labels(prepared / "segmentation" / f"{i}_cells.png") for i in done]
+    trues = [read_labels(data / "masks" / f"{i}.png") for i in done]
+    n_pred, n_true = sum(int(len(set(p.ravel()) - {0})) for p in preds), sum(int(t.max()) for t in trues)
+    print(f"cells found {n_pred}, true cells {n_true}, mask AP at IoU 0.6: {mask_ap(preds, trues, iou=0.6):.3f}")
     print(f"\ndone: {args.out}")
     return 0 if not report.failures else 1
 
