@@ -1,0 +1,226 @@
+"""Every training default, declared once, typed; YAML files hold only their differences.
+
+    cfg = load_config("configs/densenet121.yaml", ["optim.lr=0.005", "train.max_epochs=3"])
+
+A config is a tree of dataclasses. ``load_config`` starts from the defaults below, merges the
+YAML file (which may name a ``base:`` YAML it extends), then ``key=value`` overrides (values
+parsed as YAML: ``3``, ``0.1``, ``true``, ``[1, 2]``, ``null``). An unknown key or a value of
+the wrong type is an error naming the key and the file. ``save_config`` writes the resolved
+config into the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "densenet121"  # densenet121 | resnet101_fpn | resnext101_32x8d_fpn
+    in_channels: int = 4  # 4 = RGBY; 3 = RGB, as the original implementation
+    head: str = "softmax"  # softmax: 19 classes + background (per_label layout); multilabel: sigmoid per cell
+    # Initial weights, from local files only: null (random init), "imagenet" (torch hub cache),
+    # or a path: a torchvision state dict, a project checkpoint, or a detectron2 model-zoo .pkl.
+    weights: str | None = None
+    keep_predictors: bool = False  # keep the class/box/mask predictors of detection weights
+    trainable_backbone_layers: int = 3  # with pretrained weights; all layers train from random init
+    # Anchor side per feature level in px at the training size; null = derived from data.image_size
+    # (cells are ~0.12-0.2 of the image width: 60-100 px at 512).
+    anchor_sizes: list[int] | None = None
+    # Per-channel normalisation of inputs in [0, 1]; null = ImageNet-like defaults for 3 or 4 channels.
+    pixel_mean: list[float] | None = None
+    pixel_std: list[float] | None = None
+    box_detections_per_img: int = 100
+    box_score_thresh: float = 0.05
+
+
+@dataclass
+class DataConfig:
+    prepared_dir: str = "runs/demo/prepared"  # the output of 'prepare' (dataset.py)
+    layout: str = "per_label"  # which coco/<layout>/ to read; must match model.head (per_label <-> softmax)
+    val_fold: int = 0  # this fold validates, the others train
+    image_size: int = 512  # must equal the prepared cache's size
+    hflip_prob: float = 0.5
+    vflip_prob: float = 0.5
+    rot90: bool = True  # random multiples of 90 degrees: fluorescence fields have no up
+    workers: int = 2
+    max_train_images: int | None = None  # cap, for smoke tests
+    max_val_images: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.01  # per batch of images_per_gpu * world size * accumulate_steps
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine | step
+    step_milestones: list[int] = field(default_factory=lambda: [8, 11])  # epochs, for schedule: step
+    step_gamma: float = 0.1
+    warmup_iters: int = 100
+    warmup_factor: float = 0.001
+    clip_grad_norm: float | None = 10.0
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/train"  # everything a run writes goes here
+    max_epochs: int = 12
+    images_per_gpu: int = 4
+    accumulate_steps: int = 1
+    amp: bool = True  # bf16 autocast where supported (CUDA with bf16); no-op on CPU
+    seed: int = 0
+    val_every_epochs: int = 1
+    save_every_epochs: int = 1
+    resume: bool = True  # resume from run_dir/last.pt when present
+    max_iters_per_epoch: int | None = None  # cap, for smoke tests
+    device: str = "auto"  # auto | cpu | cuda
+    log_every_iters: int = 20
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """An unknown key or a value of the wrong type; the message names the key and its source."""
+
+
+def _check_type(value, annotation, key: str, source: str):
+    """Return ``value`` converted to ``annotation`` (int -> float allowed) or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} in {source}: expected a list, got {value!r}")
+        return [_check_type(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool):
+        if type(value) is not annotation:
+            raise ConfigError(f"{key} in {source}: expected {annotation.__name__}, got {value!r} "
+                              f"({type(value).__name__})")
+        return value
+    raise ConfigError(f"{key} in {source}: unsupported type {annotation}")
+
+
+def _merge(node, updates: dict, prefix: str, source: str) -> None:
+    hints = typing.get_type_hints(type(node))
+    names = {f.name for f in dataclasses.fields(node)}
+    for key, value in updates.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown key {dotted!r} in {source}; known keys here: {sorted(names)}")
+        current = getattr(node, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted} in {source}: expected a mapping of {sorted(f.name for f in dataclasses.fields(current))}")
+            _merge(current, value, f"{dotted}.", source)
+        else:
+            setattr(node, key, _check_type(value, hints[key], dotted, source))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
+    """The YAML file and the chain of ``base:`` files it extends, base first."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' files form a cycle")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    chain = []
+    base = data.pop("base", None)
+    if base is not None:
+        chain = _read_yaml((path.parent / base), seen + (path,))
+    return chain + [(data, str(path))]
+
+
+def parse_override(text: str) -> dict:
+    """``"optim.lr=0.1"`` -> ``{"optim": {"lr": 0.1}}``."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value (e.g. optim.lr=0.01)")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML chain <- key=value overrides, checked; see the module docstring."""
+    cfg = Config()
+    if path is not None:
+        for data, source in _read_yaml(Path(path)):
+            _merge(cfg, data, "", source)
+    for text in overrides or []:
+        _merge(cfg, parse_override(text), "", f"override {text!r}")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks across keys, with the fix in the message."""
+    choices = {"model.backbone": (cfg.model.backbone, ("densenet121", "resnet101_fpn", "resnext101_32x8d_fpn")),
+               "model.head": (cfg.model.head, ("softmax", "multilabel")),
+               "model.in_channels": (cfg.model.in_channels, (3, 4)),
+               "data.layout": (cfg.data.layout, ("per_label", "multilabel")),
+               "optim.name": (cfg.optim.name, ("sgd", "adamw")),
+               "optim.schedule": (cfg.optim.schedule, ("cosine", "step")),
+               "train.device": (cfg.train.device, ("auto", "cpu", "cuda"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r}; choose one of {list(allowed)}")
+    expected_layout = {"softmax": "per_label", "multilabel": "multilabel"}[cfg.model.head]
+    if cfg.data.layout != expected_layout:
+        raise ConfigError(f"model.head {cfg.model.head!r} trains on the {expected_layout!r} layout, but "
+                          f"data.layout is {cfg.data.layout!r}; set data.layout={expected_layout}")
+    for key in ("pixel_mean", "pixel_std"):
+        value = getattr(cfg.model, key)
+        if value is not None and len(value) != cfg.model.in_channels:
+            raise ConfigError(f"model.{key} has {len(value)} values for model.in_channels={cfg.model.in_channels}")
+    for key, value in (("train.images_per_gpu", cfg.train.images_per_gpu), ("train.max_epochs", cfg.train.max_epochs),
+                       ("train.accumulate_steps", cfg.train.accumulate_steps), ("data.image_size", cfg.data.image_size)):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically): what this run actually used."""
+    from hpa_scc.fileio import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
