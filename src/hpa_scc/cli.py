@@ -181,6 +181,33 @@ def _run_prepare(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train Mask R-CNN (DenseNet121, ResNet101-FPN, ResNeXt101-FPN) on a prepared set",
+        description="Train on the output of 'prepare'. CONFIG is a YAML file holding only differences from the "
+                    "defaults (hpa_scc/config.py); key=value overrides come after it, e.g. optim.lr=0.005 "
+                    "train.run_dir=runs/x. Resumes from RUN_DIR/last.pt when present. Under torchrun or srun, "
+                    "one process per GPU. SIGUSR1/SIGTERM save last.pt and exit 75 (requeue).",
+        epilog="examples:\n  python -m hpa_scc train configs/smoke.yaml\n"
+               "  python -m hpa_scc train configs/densenet121.yaml data.prepared_dir=data/prepared512\n"
+               "  torchrun --nproc-per-node 4 -m hpa_scc train configs/resnet101_fpn.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", type=Path, help="YAML config (differences from the defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. optim.lr=0.005")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from hpa_scc.config import load_config
+    from hpa_scc.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.quiet:
+        cfg.train.log_every_iters = max(cfg.train.log_every_iters, 1)
+    train(cfg)
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="the main job on built-in synthetic data (no downloads, no GPU)",
@@ -231,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hpa_scc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    for add in (_add_demo, _add_synth, _add_cache, _add_split, _add_segment, _add_prepare):
+    for add in (_add_demo, _add_synth, _add_cache, _add_split, _add_segment, _add_prepare, _add_train):
         add(sub)
     for command in sub.choices.values():
         command.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -247,10 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, OSError, ImportError) as exc:
+    except (FileNotFoundError, ValueError, OSError, ImportError, RuntimeError) as exc:
         # Expected user errors (bad path, bad label, corrupt file): one clear line, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except FloatingPointError as exc:  # a non-finite training loss: the message holds the loss dict
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted; finished work is kept, run the same command again to resume", file=sys.stderr)
         return 130

@@ -1,0 +1,48 @@
+"""Checkpoints: ``last.pt`` (resume), ``best.pt`` (best validation), ``epoch_NNNN.pt``.
+
+Rank 0 writes each through a temporary file and a rename, so a job killed mid-write leaves the
+previous checkpoint intact. Resume looks for exactly ``RUN_DIR/last.pt``: the name the trainer
+writes is the name it reads (a test kills a run and resumes it through this path).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpa_scc.fileio import atomic_path
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel (its state dict has no 'module.' prefix)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    with atomic_path(path, ".pt") as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many kinds for a damaged file
+        raise OSError(f"cannot load checkpoint {path}: {exc}; delete it to start over, or point to another") from None

@@ -1,0 +1,69 @@
+"""One process or many: decided only by the launcher's environment.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; ``srun`` sets SLURM_PROCID / SLURM_NTASKS /
+SLURM_LOCALID (then MASTER_ADDR / MASTER_PORT must be exported by the batch script). With
+none of them, training runs as a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "").strip():
+            return int(os.environ[name])
+    return default
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group if the environment asks for one; NCCL on CUDA, else gloo."""
+    info = DistInfo(rank=_env_int("RANK", "SLURM_PROCID", default=0),
+                    world_size=_env_int("WORLD_SIZE", "SLURM_NTASKS", default=1),
+                    local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID", default=0))
+    if info.distributed and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
+    return info
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Average a dict of floats over all ranks (identity for one process)."""
+    if not info.distributed or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return {k: float(v) / info.world_size for k, v in zip(keys, tensor, strict=True)}
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()

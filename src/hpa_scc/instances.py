@@ -1,0 +1,131 @@
+"""Training data: the COCO files that ``prepare`` writes, as torchvision detection samples.
+
+    ds = CellInstances("runs/demo/prepared", folds=[1, 2], layout="per_label", augment=True)
+    image, target = ds[0]      # float [4, S, S] in [0, 1]; torchvision target dict
+
+Targets follow torchvision's contract: ``boxes`` float xyxy [N, 4], ``labels`` int64 [N]
+(0 = background), ``masks`` uint8 [N, S, S]. ``per_label``: one instance per cell and label,
+``labels`` = category id (class + 1). ``multilabel``: one instance per cell, ``labels`` all 1
+(cell) and ``label_vectors`` float [N, 19]. Boxes are recomputed from the masks after every
+geometric change, never transformed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools import mask as coco_mask
+from torch.utils.data import Dataset
+
+from hpa_scc.cache import cache_path
+from hpa_scc.constants import NUM_CLASSES
+
+
+def coco_path(prepared_dir: str | os.PathLike, layout: str, fold: int, truth: bool = False) -> Path:
+    """OUT_DIR/coco[_truth]/<layout>/fold<K>.json (or all.json when the set has one fold)."""
+    base = Path(prepared_dir) / ("coco_truth" if truth else "coco") / layout
+    path = base / f"fold{fold}.json"
+    if not path.is_file() and (base / "all.json").is_file() and fold == 0:
+        return base / "all.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; build it with 'python dataset.py DATA_DIR {prepared_dir} "
+                                f"--layout {layout}' (and check data.val_fold against the number of folds)")
+    return path
+
+
+def read_folds(prepared_dir: str | os.PathLike, layout: str, folds: list[int], truth: bool = False) -> dict:
+    """Merge the COCO files of several folds into one COCO dict (ids are unique across folds)."""
+    merged: dict = {"images": [], "annotations": []}
+    for fold in folds:
+        data = json.loads(coco_path(prepared_dir, layout, fold, truth).read_text())
+        merged["images"] += data["images"]
+        merged["annotations"] += data["annotations"]
+        merged["categories"] = data["categories"]
+        merged["info"] = data["info"]
+    return merged
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """uint8/bool [N, H, W] -> float xyxy [N, 4] (x1/y1 exclusive, as torchvision expects)."""
+    if masks.shape[0] == 0:
+        return torch.zeros((0, 4), dtype=torch.float32)
+    rows = masks.any(dim=2)
+    cols = masks.any(dim=1)
+    height, width = masks.shape[1:]
+    y0 = rows.float().argmax(dim=1)
+    y1 = height - rows.flip(1).float().argmax(dim=1)
+    x0 = cols.float().argmax(dim=1)
+    x1 = width - cols.flip(1).float().argmax(dim=1)
+    return torch.stack([x0, y0, x1, y1], dim=1).float()
+
+
+def random_flips(image: torch.Tensor, target: dict, rng: np.random.Generator, *, hflip_prob: float,
+                 vflip_prob: float, rot90: bool) -> tuple[torch.Tensor, dict]:
+    """Paired flips / 90-degree rotations of image [C,H,W] and masks [N,H,W]; boxes recomputed."""
+    masks = target["masks"]
+    if rng.random() < hflip_prob:
+        image, masks = image.flip(-1), masks.flip(-1)
+    if rng.random() < vflip_prob:
+        image, masks = image.flip(-2), masks.flip(-2)
+    if rot90:
+        k = int(rng.integers(4))
+        if k:
+            image, masks = torch.rot90(image, k, (-2, -1)), torch.rot90(masks, k, (-2, -1))
+    target = {**target, "masks": masks.contiguous(), "boxes": masks_to_boxes(masks)}
+    return image.contiguous(), target
+
+
+class CellInstances(Dataset):
+    """Images of the given folds with their cells; sample i -> (float [C,S,S], target dict)."""
+
+    def __init__(self, prepared_dir: str | os.PathLike, folds: list[int], layout: str = "per_label", *,
+                 truth: bool = False, in_channels: int = 4, augment: bool = False, hflip_prob: float = 0.5,
+                 vflip_prob: float = 0.5, rot90: bool = True, max_images: int | None = None, seed: int = 0):
+        self.prepared_dir = Path(prepared_dir)
+        self.layout, self.in_channels, self.augment = layout, in_channels, augment
+        self.flips = {"hflip_prob": hflip_prob, "vflip_prob": vflip_prob, "rot90": rot90}
+        self.coco = read_folds(prepared_dir, layout, folds, truth)
+        by_image: dict[int, list[dict]] = {}
+        for ann in self.coco["annotations"]:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        # Images without any cell give the detector nothing to learn from.
+        self.images = [img for img in self.coco["images"] if by_image.get(img["id"])][:max_images]
+        self.annotations = by_image
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseeds the augmentation, so every epoch (and every resumed epoch) is reproducible."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        info = self.images[index]
+        path = cache_path(self.prepared_dir / "cache", info["image_name"])
+        try:
+            pixels = np.load(path, mmap_mode="r")[: self.in_channels]
+        except (OSError, ValueError) as exc:
+            raise OSError(f"cannot read {path} (image {info['image_name']}): {exc}; re-run prepare to rebuild it") from None
+        image = torch.from_numpy(np.array(pixels, dtype=np.float32) / 255.0)
+        anns = self.annotations[info["id"]]
+        masks = torch.from_numpy(coco_mask.decode([a["segmentation"] for a in anns])).permute(2, 0, 1).contiguous()
+        target = {"image_id": info["id"], "masks": masks, "boxes": masks_to_boxes(masks)}
+        if self.layout == "multilabel":
+            target["labels"] = torch.ones(len(anns), dtype=torch.int64)
+            target["label_vectors"] = torch.tensor([a["label_vector"] for a in anns], dtype=torch.float32).reshape(-1, NUM_CLASSES)
+        else:
+            target["labels"] = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            image, target = random_flips(image, target, rng, **self.flips)
+        return image, target
+
+
+def collate(batch):
+    """Detection batches are lists: images of one size still travel as a tuple, as torchvision wants."""
+    return tuple(zip(*batch))

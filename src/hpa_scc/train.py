@@ -1,0 +1,292 @@
+"""Train Mask R-CNN on the pseudo-labelled cells.
+
+    python -m hpa_scc train configs/densenet121.yaml [key=value ...]
+    torchrun --nproc-per-node 4 -m hpa_scc train configs/resnet101_fpn.yaml train.run_dir=runs/r101
+    python train_densenet.py [key=value ...]            # = train configs/densenet121.yaml
+
+Resume or load: if ``RUN_DIR/last.pt`` exists (and train.resume is true) training continues from
+it, optimizer, scheduler, step and RNG included; otherwise it starts from ``model.weights``. So
+one command serves a first start and a requeue. SIGUSR1 or SIGTERM (a scheduler's warning
+before the time limit) saves ``last.pt`` at the current step and exits with status 75, which
+the batch script reads as "requeue me".
+
+The run folder gets: config.yaml (the resolved config), last.pt, best.pt, epoch_NNNN.pt,
+metrics.jsonl (one JSON line per log and per validation), train.log, tensorboard/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from hpa_scc.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+from hpa_scc.config import Config, save_config, to_dict
+from hpa_scc.distributed import DistInfo, barrier, cleanup, init_distributed, mean_across_ranks
+from hpa_scc.engine import evaluate, train_one_epoch
+from hpa_scc.instances import CellInstances, collate
+
+log = logging.getLogger("hpa_scc.train")
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal after saving last.pt; requeue to continue
+
+
+class EpochSampler(Sampler[int]):
+    """This rank's share of a per-epoch shuffle, optionally skipping the first ``skip`` items.
+
+    The permutation depends only on (seed, epoch), so a resumed epoch replays the same order
+    and skips exactly the samples already trained on. Padded by wrapping so every rank gets
+    the same number of samples (as DistributedSampler does).
+    """
+
+    def __init__(self, n: int, *, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        self.n, self.seed, self.rank, self.world_size, self.shuffle = n, seed, rank, world_size, shuffle
+        self.epoch, self.skip = 0, 0
+        self.per_rank = math.ceil(n / world_size)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        order += order[: self.per_rank * self.world_size - self.n]
+        return order[self.rank:: self.world_size][self.skip:]
+
+    def __iter__(self):
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return max(self.per_rank - self.skip, 0)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def lr_lambda(cfg: Config, iters_per_epoch: int):
+    """Multiplier of the base lr at optimizer step ``it``: linear warm-up, then cosine or steps."""
+    total = max(cfg.train.max_epochs * iters_per_epoch, 1)
+    warmup, factor = cfg.optim.warmup_iters, cfg.optim.warmup_factor
+    milestones = [m * iters_per_epoch for m in cfg.optim.step_milestones]
+
+    def multiplier(it: int) -> float:
+        scale = 1.0
+        if it < warmup:
+            scale = factor + (1 - factor) * it / warmup
+        if cfg.optim.schedule == "cosine":
+            return scale * 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
+        return scale * cfg.optim.step_gamma ** sum(it >= m for m in milestones)
+
+    return multiplier
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optim.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def _setup_logging(run_dir: Path, info: DistInfo) -> None:
+    root = logging.getLogger("hpa_scc")
+    root.setLevel(logging.INFO if info.is_main else logging.WARNING)
+    if info.is_main and not any(isinstance(h, logging.FileHandler) for h in root.handlers):
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root.addHandler(handler)
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard when installed), written by rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.path, self.enabled, self.writer = run_dir / "metrics.jsonl", enabled, None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                log.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def write(self, kind: str, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"kind": kind, "step": step, "time": round(time.time(), 3), **values}) + "\n")
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"{kind}/{k}", v, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(cfg: Config) -> torch.nn.Module:
+    """Run (or resume) the training described by ``cfg``; returns the trained (unwrapped) model."""
+    from hpa_scc.models import build_model
+
+    device = pick_device(cfg.train.device)
+    info = init_distributed(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+        device = torch.device("cuda", info.local_rank)
+        torch.backends.cudnn.benchmark = True
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _setup_logging(run_dir, info)
+    if info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    random.seed(cfg.train.seed + info.rank)
+    np.random.seed(cfg.train.seed + info.rank)
+    torch.manual_seed(cfg.train.seed + info.rank)
+
+    # data: the validation fold validates, the others train
+    prepared = Path(cfg.data.prepared_dir)
+    meta_path = prepared / "prepare.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: data.prepared_dir must be the output of "
+                                f"'python dataset.py DATA_DIR {prepared} --size {cfg.data.image_size}'")
+    meta = json.loads(meta_path.read_text())
+    if meta["size"] != cfg.data.image_size:
+        raise ValueError(f"{prepared} was prepared at {meta['size']} px but data.image_size is {cfg.data.image_size}; "
+                         f"set data.image_size={meta['size']}")
+    n_folds = max(int(meta.get("folds", 1)), 1)
+    train_folds = [f for f in range(n_folds) if f != cfg.data.val_fold] or [0]
+    val_folds = [cfg.data.val_fold] if n_folds > 1 else []
+    common = {"layout": cfg.data.layout, "in_channels": cfg.model.in_channels, "seed": cfg.train.seed}
+    train_set = CellInstances(prepared, train_folds, augment=True, hflip_prob=cfg.data.hflip_prob,
+                              vflip_prob=cfg.data.vflip_prob, rot90=cfg.data.rot90,
+                              max_images=cfg.data.max_train_images, **common)
+    val_set = CellInstances(prepared, val_folds, max_images=cfg.data.max_val_images, **common) if val_folds else None
+    if len(train_set) == 0:
+        raise ValueError(f"no training images with cells in {prepared} folds {train_folds}")
+    sampler = EpochSampler(len(train_set), seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
+    loader_kw = {"collate_fn": collate, "num_workers": cfg.data.workers, "pin_memory": device.type == "cuda",
+                 "persistent_workers": cfg.data.workers > 0}
+    if cfg.data.workers > 0:
+        loader_kw["prefetch_factor"] = 4
+    train_loader = DataLoader(train_set, batch_size=cfg.train.images_per_gpu, sampler=sampler, **loader_kw)
+    steps_per_epoch = math.ceil(sampler.per_rank / cfg.train.images_per_gpu / cfg.train.accumulate_steps)
+    if cfg.train.max_iters_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_iters_per_epoch)
+
+    model = build_model(cfg.model, image_size=cfg.data.image_size).to(device)
+    optimizer = build_optimizer(cfg, model, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+    start_epoch, start_step, global_step, best = 0, 0, 0, -1.0
+    last = run_dir / LAST
+    if cfg.train.resume and last.is_file():
+        state = load_checkpoint(last)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        best = state.get("best_metric", -1.0)
+        set_rng_state(state["rng"])
+        torch.manual_seed(cfg.train.seed + info.rank + global_step)  # ranks differ after a resume too
+        log.info("resumed from %s at epoch %d, step %d (global step %d)", last, start_epoch, start_step, global_step)
+    if info.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    effective_batch = cfg.train.images_per_gpu * info.world_size * cfg.train.accumulate_steps
+    log.info("%s, %d train / %d val images, %d ranks x %d images x %d accumulation = %d per step, lr %g, "
+             "%d steps per epoch, device %s", cfg.model.backbone, len(train_set), len(val_set or []), info.world_size,
+             cfg.train.images_per_gpu, cfg.train.accumulate_steps, effective_batch, cfg.optim.lr, steps_per_epoch, device)
+    metrics = MetricsLog(run_dir, info.is_main, cfg.train.tensorboard)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum  # acted on after the current step: never save a half-updated model
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+    def state_dict(epoch: int, step_in_epoch: int) -> dict:
+        return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "global_step": global_step, "best_metric": best, "rng": rng_state(), "config": to_dict(cfg)}
+
+    try:
+        for epoch in range(start_epoch, cfg.train.max_epochs):
+            skip_steps = start_step if epoch == start_epoch else 0
+            sampler.set_epoch(epoch, skip=skip_steps * cfg.train.images_per_gpu * cfg.train.accumulate_steps)
+            train_set.set_epoch(epoch)
+            bar = tqdm(total=steps_per_epoch, initial=skip_steps, desc=f"epoch {epoch + 1}/{cfg.train.max_epochs}",
+                       disable=not info.is_main, unit="step", leave=False)
+            steps_done = skip_steps
+
+            def on_step(step: int, losses: dict) -> bool:
+                nonlocal global_step, steps_done
+                global_step += 1
+                steps_done = skip_steps + step
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses['loss']:.3f}")
+                if global_step % cfg.train.log_every_iters == 0:
+                    metrics.write("train", global_step, {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **losses})
+                if info.distributed:  # every rank stops at the same step, or DDP would hang
+                    flag = torch.tensor([0 if stop["signal"] is None else stop["signal"]], device=device)
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                    stop["signal"] = int(flag) or None
+                return stop["signal"] is not None or steps_done >= steps_per_epoch
+
+            means = train_one_epoch(model, optimizer, scheduler, train_loader, device,
+                                    accumulate_steps=cfg.train.accumulate_steps,
+                                    clip_grad_norm=cfg.optim.clip_grad_norm, amp=cfg.train.amp, on_step=on_step)
+            bar.close()
+            means = mean_across_ranks(means, info)
+            if stop["signal"] is not None:
+                if info.is_main:
+                    save_checkpoint(last, state_dict(epoch, steps_done))
+                    log.warning("signal %d: saved %s at epoch %d step %d; exit %d to requeue", stop["signal"], last,
+                                epoch, steps_done, EXIT_REQUEUE)
+                barrier(info)
+                metrics.close()
+                cleanup(info)
+                sys.exit(EXIT_REQUEUE)
+            metrics.write("epoch", global_step, {"epoch": epoch + 1, **{f"mean_{k}": v for k, v in means.items()}})
+            log.info("epoch %d/%d: %s", epoch + 1, cfg.train.max_epochs,
+                     ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+            if info.is_main and val_set is not None and ((epoch + 1) % cfg.train.val_every_epochs == 0
+                                                         or epoch + 1 == cfg.train.max_epochs):
+                val_loader = DataLoader(val_set, batch_size=cfg.train.images_per_gpu, collate_fn=collate,
+                                        num_workers=cfg.data.workers)
+                scores = evaluate(unwrap(model), val_loader, val_set.coco, device, amp=cfg.train.amp)
+                metrics.write("val", global_step, {"epoch": epoch + 1, **scores})
+                log.info("validation after epoch %d: segm AP %.4f, AP50 %.4f", epoch + 1, scores["segm_AP"],
+                         scores["segm_AP50"])
+                if scores["segm_AP"] > best:
+                    best = scores["segm_AP"]
+                    save_checkpoint(run_dir / BEST, state_dict(epoch + 1, 0))
+            if info.is_main:
+                save_checkpoint(last, state_dict(epoch + 1, 0))
+                if (epoch + 1) % cfg.train.save_every_epochs == 0:
+                    save_checkpoint(run_dir / f"epoch_{epoch + 1:04d}.pt", state_dict(epoch + 1, 0))
+            barrier(info)
+    finally:
+        metrics.close()
+    log.info("done: %s", run_dir)
+    cleanup(info)
+    return unwrap(model)

@@ -1,0 +1,57 @@
+import pytest
+import yaml
+
+from hpa_scc.config import ConfigError, load_config, save_config
+
+REPO_CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_yaml_differences_and_overrides(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("model: {backbone: resnet101_fpn}\noptim: {lr: 0.02}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\noptim: {lr: 0.005}\ntrain: {max_epochs: 3}\n")
+    cfg = load_config(child, ["train.images_per_gpu=8", "model.anchor_sizes=[16, 32]", "model.weights=null"])
+    assert cfg.model.backbone == "resnet101_fpn"  # from base
+    assert cfg.optim.lr == 0.005 and cfg.train.max_epochs == 3  # child wins over base
+    assert cfg.train.images_per_gpu == 8 and cfg.model.anchor_sizes == [16, 32]
+    assert cfg.optim.momentum == 0.9  # untouched default
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0  # int accepted for a float
+
+
+def test_every_shipped_config_loads():
+    names = sorted(p.name for p in REPO_CONFIGS.glob("*.yaml"))
+    assert {"densenet121.yaml", "resnet101_fpn.yaml", "resnext101_32x8d_fpn.yaml", "smoke.yaml"} <= set(names)
+    backbones = {load_config(REPO_CONFIGS / n).model.backbone for n in names}
+    assert backbones == {"densenet121", "resnet101_fpn", "resnext101_32x8d_fpn"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=0.1", "unknown key 'optim.lrr'"),
+    ("train.max_epochs=two", "train.max_epochs in override 'train.max_epochs=two': expected int"),
+    ("model.backbone=vgg16", "model.backbone = 'vgg16'; choose one of"),
+    ("model.head=multilabel", "set data.layout=multilabel"),
+    ("model.pixel_mean=[0.5, 0.5, 0.5]", "3 values for model.in_channels=4"),
+    ("train.amp=maybe", "expected bool"),
+    ("optim", "is not key=value"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {epochs: 3}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'train.epochs' in .*bad.yaml"):
+        load_config(path)
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_is_saved_and_reloads(tmp_path):
+    cfg = load_config(None, ["optim.name=adamw", "train.run_dir=x"])
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["optim"]["name"] == "adamw" and saved["model"]["backbone"] == "densenet121"
+    assert load_config(tmp_path / "config.yaml") == cfg

@@ -1,0 +1,81 @@
+"""Training samples from prepare's COCO files, and the pieces of the loop that need no model."""
+
+import numpy as np
+import pytest
+import torch
+
+from hpa_scc.config import load_config
+from hpa_scc.instances import CellInstances, masks_to_boxes, random_flips
+from hpa_scc.prepare import prepare_dataset
+from hpa_scc.synth import write_synth_set
+from hpa_scc.train import EpochSampler, lr_lambda
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inst")
+    write_synth_set(root / "set", 6, size=256, seed=11, progress=False)
+    for layout in ("per_label", "multilabel"):
+        prepare_dataset(root / "set", root / layout, size=64, n_folds=2, layout=layout, progress=False)
+    return root
+
+
+def test_per_label_samples(prepared):
+    ds = CellInstances(prepared / "per_label", [0, 1], "per_label")
+    image, target = ds[0]
+    assert image.dtype == torch.float32 and image.shape == (4, 64, 64) and 0 <= image.min() and image.max() <= 1
+    n = len(target["labels"])
+    assert target["masks"].shape == (n, 64, 64) and target["masks"].dtype == torch.uint8
+    assert target["boxes"].shape == (n, 4) and target["labels"].dtype == torch.int64
+    assert target["labels"].min() >= 1 and target["labels"].max() <= 19  # 0 stays background
+    info = ds.images[0]
+    assert sorted(set((target["labels"] - 1).tolist())) == info["labels"]
+    rgb, _ = CellInstances(prepared / "per_label", [0, 1], "per_label", in_channels=3)[0]
+    assert rgb.shape == (3, 64, 64) and torch.equal(rgb, image[:3])
+
+
+def test_multilabel_samples(prepared):
+    image, target = CellInstances(prepared / "multilabel", [0], "multilabel")[0]
+    n = len(target["labels"])
+    assert torch.equal(target["labels"], torch.ones(n, dtype=torch.int64))
+    assert target["label_vectors"].shape == (n, 19) and target["label_vectors"].sum(1).min() >= 1
+
+
+def test_boxes_follow_the_masks_through_flips():
+    masks = torch.zeros((2, 10, 12), dtype=torch.uint8)
+    masks[0, 1:4, 2:7] = 1
+    masks[1, 6:10, 0:3] = 1
+    assert masks_to_boxes(masks).tolist() == [[2, 1, 7, 4], [0, 6, 3, 10]]
+    image = torch.arange(3 * 10 * 12, dtype=torch.float32).reshape(3, 10, 12)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        im2, t2 = random_flips(image, {"masks": masks}, rng, hflip_prob=0.5, vflip_prob=0.5, rot90=True)
+        assert torch.equal(t2["boxes"], masks_to_boxes(t2["masks"]))
+        assert t2["masks"].sum() == masks.sum() and im2.sum() == image.sum()
+        assert im2.shape[1:] == t2["masks"].shape[1:]
+
+
+def test_epoch_sampler_resumes_and_splits_ranks():
+    s = EpochSampler(10, seed=3)
+    s.set_epoch(2)
+    full = list(s)
+    s.set_epoch(2, skip=4)
+    assert list(s) == full[4:] and len(s) == 6
+    s.set_epoch(3)
+    assert list(s) != full and sorted(s) == list(range(10))
+    ranks = [EpochSampler(10, seed=3, rank=r, world_size=3) for r in range(3)]
+    shares = []
+    for r in ranks:
+        r.set_epoch(2)
+        shares.append(list(r))
+    assert all(len(x) == 4 for x in shares) and set(sum(shares, [])) == set(range(10))
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = load_config(None, ["optim.warmup_iters=10", "optim.warmup_factor=0.1", "train.max_epochs=4"])
+    f = lr_lambda(cfg, iters_per_epoch=25)
+    assert f(0) == pytest.approx(0.1) and f(5) < f(10)
+    assert f(50) == pytest.approx(0.5) and f(100) == pytest.approx(0.0, abs=1e-9)
+    cfg = load_config(None, ["optim.schedule=step", "optim.step_milestones=[2, 3]", "optim.warmup_iters=0"])
+    g = lr_lambda(cfg, iters_per_epoch=10)
+    assert [g(0), g(19), g(20), g(30)] == pytest.approx([1, 1, 0.1, 0.01])
