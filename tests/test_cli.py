@@ -57,8 +57,11 @@ def test_cache_strict_exit_code(kaggle_dir, tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    proc = run("demo", "--out", out, "--images", "6", "--size", "256", "--train-size", "64", "-q")
-    assert "[3/3]" in proc.stdout and f"done: {out}" in proc.stdout
+    tiny = ["train.max_epochs=1", "train.max_iters_per_epoch=1", "data.max_val_images=1", "data.workers=0"]
+    proc = run("demo", "--out", out, "--images", "6", "--size", "256", "--train-size", "64", "-q", *tiny)
+    assert "[4/4] densenet121 Mask R-CNN" in proc.stdout and f"done: {out}" in proc.stdout
+    assert "COCO mask AP per epoch" in proc.stdout
+    assert {"last.pt", "best.pt", "metrics.jsonl", "config.yaml"} <= {p.name for p in (out / "train").iterdir()}
     ap = float(proc.stdout.split("mask AP at IoU 0.6: ")[1].split()[0])
     assert 0.5 < ap <= 1.0
     with open(out / "synthetic" / "train.csv") as fh:
@@ -70,5 +73,5 @@ def test_demo_end_to_end(tmp_path):
     assert sorted(p.name for p in (prepared / "coco" / "per_label").iterdir()) == ["fold0.json", "fold1.json", "fold2.json"]
     with open(prepared / "folds.csv") as fh:
         assert {r["fold"] for r in csv.DictReader(fh)} == {"0", "1", "2"}
-    again = run("demo", "--out", out, "--images", "6", "--size", "256", "--train-size", "64", "-q")
+    again = run("demo", "--out", out, "--images", "6", "--size", "256", "--train-size", "64", "-q", "--no-train")
     assert "0 images done now, 6 already done" in again.stdout  # resumed, nothing redone

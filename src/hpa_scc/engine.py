@@ -64,8 +64,9 @@ def train_one_epoch(model, optimizer, scheduler, batches: Iterable, device: torc
                 loss_dict = model(images, targets)
             loss = sum(loss_dict.values())
             values = {k: float(v.detach()) for k, v in loss_dict.items()}
-            if not math.isfinite(float(loss.detach())):
-                raise NonFiniteLossError(f"non-finite loss {float(loss):.4g}; losses: {values}. Lower optim.lr, "
+            total = float(loss.detach())
+            if not math.isfinite(total):
+                raise NonFiniteLossError(f"non-finite loss {total:.4g}; losses: {values}. Lower optim.lr, "
                                          "raise optim.warmup_iters, or check the data for empty/degenerate masks")
             (loss / accumulate_steps).backward()
         micro += 1

@@ -204,8 +204,7 @@ def train(cfg: Config) -> torch.nn.Module:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         best = state.get("best_metric", -1.0)
-        set_rng_state(state["rng"])
-        torch.manual_seed(cfg.train.seed + info.rank + global_step)  # ranks differ after a resume too
+        set_rng_state(state["rng"])  # rank 0's state: proposal sampling continues exactly as it would have
         log.info("resumed from %s at epoch %d, step %d (global step %d)", last, start_epoch, start_step, global_step)
     if info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -1,0 +1,498 @@
+"""Mask R-CNN models: torchvision's MaskRCNN with a DenseNet121 or a ResNet/ResNeXt-101 FPN backbone.
+
+    model = build_model(cfg.model, image_size=cfg.data.image_size)
+
+Inputs are lists of float [C, H, W] images in [0, 1] (C = ``in_channels``: 3 = RGB, 4 = RGBY);
+the model's transform normalises them per channel and does not resize (min = max = image size).
+
+Heads (``cfg.head``):
+
+* ``softmax``: torchvision's predictors for 19 classes + background. Targets: ``boxes`` float
+  [N, 4] xyxy, ``labels`` int64 [N] in 1..19, ``masks`` uint8 [N, H, W]. Outputs: ``boxes``,
+  ``labels``, ``scores``, ``masks`` float [N, 1, H, W].
+* ``multilabel``: one instance per cell. Detection is class-agnostic (background / cell) and a
+  linear layer on the box-head features gives 19 sigmoid scores per cell
+  (``MultiLabelRoIHeads``). Targets as above with ``labels`` all 1 plus ``label_vectors``
+  float [N, 19]; outputs as above plus ``label_scores`` float [N, 19] in [0, 1].
+
+Weights (``cfg.weights``), from local files only; nothing is ever downloaded:
+
+* ``None``: random init, everything trains;
+* ``"imagenet"``: torchvision's ImageNet backbone file from the torch hub cache
+  (``torch.hub.get_dir()/checkpoints/``), e.g. ``resnet101-63fe2227.pth``;
+* ``*.pkl``: a detectron2 model-zoo checkpoint (``hpa_scc.d2import``); R101 brings its stride
+  placement (``stride_in_1x1``) and its input statistics with it;
+* another path: a project checkpoint (``{"model": state_dict, ...}``, as the trainer writes), a
+  plain state dict of this model, or a torchvision ImageNet classifier file (as ``"imagenet"``).
+
+Pretrained RGB weights in a 4-channel model: the yellow filter of the first conv is the red
+filter, and all four filters are scaled by 3/4 (as timm's ``adapt_input_conv``), so an input
+whose channels are alike gives the pretrained activations (HPA Kaggle recipe: Y from R).
+
+The stride placement and the input statistics are buffers (``backbone.body.stride_in_1x1``,
+``transform.pixel_mean``/``pixel_std``): they travel in the state dict, so a checkpoint of a
+model made from detectron2's R101 predicts right even where the .pkl is absent.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from functools import partial
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference, maskrcnn_loss
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from hpa_scc.config import ModelConfig
+from hpa_scc.constants import NUM_CLASSES
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+# FPN: one anchor size per level (strides 4..64), detectron2's sizes at 1024 px scaled to the image.
+FPN_ANCHOR_SIZES_AT_1024 = (32, 64, 128, 256, 512)
+# Single stride-32 map: several sizes as fractions of the image width; cells are ~0.12-0.2 of it.
+SINGLE_MAP_ANCHOR_FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8)
+# The class-specific layers: not loaded where their shapes differ from the model's (another class
+# count or head), nor from foreign detection weights (.pkl, plain state dicts) unless keep_predictors.
+PREDICTOR_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.",
+                      "roi_heads.label_predictor.")
+# Buffers that say how the weights want their input; saved with the model, absent from foreign weights.
+STRIDE_KEY = "backbone.body.stride_in_1x1"
+FACT_KEYS = ("transform.pixel_mean", "transform.pixel_std", STRIDE_KEY)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbones. Each builder: (in_channels, frozen_bn, stride_in_1x1) -> backbone with .out_channels.
+# Pretrained backbones get FrozenBatchNorm2d (torchvision's and detectron2's choice for detection:
+# a few images per GPU give poor batch statistics). From random init the BatchNorms train, as in
+# torchvision: a 101-layer body with identity norms blows up (losses ~1e4 at init).
+
+def _frozen_bn(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d by a FrozenBatchNorm2d (statistics and affine kept as buffers)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            _frozen_bn(child)
+    return module
+
+
+def _new_stem_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    if conv.in_channels == in_channels:
+        return conv
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+    return new
+
+
+class DenseNetBackbone(nn.Module):
+    """DenseNet121 features (1024 channels, stride 32) -> ReLU -> 1x1 conv to 256 -> ReLU: one map.
+
+    ``stride_in_1x1`` is accepted for a common builder signature and means nothing here.
+    """
+
+    def __init__(self, in_channels: int, frozen_bn: bool = True, stride_in_1x1: bool = False):
+        super().__init__()
+        self.body = torchvision.models.densenet121(weights=None).features
+        if frozen_bn:
+            _frozen_bn(self.body)
+        self.body.conv0 = _new_stem_conv(self.body.conv0, in_channels)
+        self.reduce = nn.Sequential(nn.ReLU(inplace=False), nn.Conv2d(1024, 256, 1), nn.ReLU(inplace=True))
+        self.out_channels = 256
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduce(self.body(x))
+
+
+def place_stride(body: nn.Module, stride_in_1x1: bool) -> None:
+    """Put the stride of the first block of layers 2-4 in its 1x1 conv (MSRA/detectron2 R101) or its
+    3x3 conv (torchvision). The weights are the same shapes either way; the features are not."""
+    for layer in (body.layer2, body.layer3, body.layer4):
+        block = layer[0]
+        block.conv1.stride, block.conv2.stride = ((2, 2), (1, 1)) if stride_in_1x1 else ((1, 1), (2, 2))
+    body.stride_in_1x1.fill_(stride_in_1x1)
+
+
+def _stride_after_load(body: nn.Module, _incompatible) -> None:
+    place_stride(body, bool(body.stride_in_1x1))  # the loaded buffer says where the stride belongs
+
+
+def _resnet_fpn(arch: str, in_channels: int, frozen_bn: bool = True, stride_in_1x1: bool = False) -> BackboneWithFPN:
+    """ResNet/ResNeXt body + FPN (levels 2-5 + max-pool P6, 256 channels): detectron2's layout."""
+    resnet = getattr(torchvision.models, arch)(weights=None, norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d)
+    resnet.conv1 = _new_stem_conv(resnet.conv1, in_channels)
+    backbone = BackboneWithFPN(resnet, return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+                               in_channels_list=[256, 512, 1024, 2048], out_channels=256, extra_blocks=LastLevelMaxPool())
+    body = backbone.body
+    body.register_buffer("stride_in_1x1", torch.tensor(False))
+    place_stride(body, stride_in_1x1)
+    body.register_load_state_dict_post_hook(_stride_after_load)
+    return backbone
+
+
+def _imagenet_files(enum_name: str, versions: tuple[str, ...]) -> list[str]:
+    """torchvision's ImageNet file names, read from its weight enums (which never download by themselves)."""
+    weights = getattr(torchvision.models, enum_name)
+    return [getattr(weights, v).url.rsplit("/", 1)[-1] for v in versions]
+
+
+BACKBONES = {
+    "densenet121": DenseNetBackbone,
+    "resnet101_fpn": partial(_resnet_fpn, "resnet101"),
+    "resnext101_32x8d_fpn": partial(_resnet_fpn, "resnext101_32x8d"),
+}
+IMAGENET_FILES = {
+    "densenet121": _imagenet_files("DenseNet121_Weights", ("IMAGENET1K_V1",)),
+    "resnet101_fpn": _imagenet_files("ResNet101_Weights", ("IMAGENET1K_V1", "IMAGENET1K_V2")),
+    "resnext101_32x8d_fpn": _imagenet_files("ResNeXt101_32X8D_Weights", ("IMAGENET1K_V1", "IMAGENET1K_V2")),
+}
+STEM_KEYS = {"densenet121": "backbone.body.conv0.weight", "resnet101_fpn": "backbone.body.conv1.weight",
+             "resnext101_32x8d_fpn": "backbone.body.conv1.weight"}
+# Backbone stages from the input on; trainable_backbone_layers = k trains the last k (like torchvision).
+STAGES = {
+    "densenet121": [("conv0.", "norm0."), ("denseblock1.", "transition1."), ("denseblock2.", "transition2."),
+                    ("denseblock3.", "transition3."), ("denseblock4.", "norm5.")],
+    "resnet101_fpn": [("conv1.", "bn1."), ("layer1.",), ("layer2.",), ("layer3.",), ("layer4.",)],
+}
+STAGES["resnext101_32x8d_fpn"] = STAGES["resnet101_fpn"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Transform and heads
+
+class InputTransform(GeneralizedRCNNTransform):
+    """torchvision's transform with the per-channel mean/std as buffers, so they are saved with the model."""
+
+    def __init__(self, image_size: int, mean: list[float], std: list[float]):
+        super().__init__(min_size=image_size, max_size=image_size, image_mean=list(mean), image_std=list(std))
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32))
+        self.register_load_state_dict_post_hook(InputTransform._sync_lists)
+
+    @staticmethod
+    def _sync_lists(module: InputTransform, _incompatible) -> None:
+        module.image_mean, module.image_std = module.pixel_mean.tolist(), module.pixel_std.tolist()
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        if not image.is_floating_point():
+            raise TypeError(f"images must be float in [0, 1], got {image.dtype}")
+        if image.shape[0] != self.pixel_mean.numel():
+            raise ValueError(f"image has {image.shape[0]} channels; this model takes {self.pixel_mean.numel()}")
+        mean = self.pixel_mean.to(image.dtype)[:, None, None]
+        std = self.pixel_std.to(image.dtype)[:, None, None]
+        return (image - mean) / std
+
+
+class MultiLabelRoIHeads(RoIHeads):
+    """Class-agnostic box/mask heads plus a multi-label classifier on the box-head features.
+
+    Training: BCE (``loss_multilabel``) between the classifier's logits for the sampled positive
+    proposals and the ``label_vectors`` of their matched cells. Inference: the classifier runs on
+    the box-head features of the final boxes (as the mask head runs on them) and each detection
+    gets ``label_scores`` = sigmoid(logits), float [N, num_labels].
+    """
+
+    def __init__(self, num_labels: int, representation_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.label_predictor = nn.Linear(representation_size, num_labels)
+
+    def _box_features(self, features, boxes, image_shapes):
+        return self.box_head(self.box_roi_pool(features, boxes, image_shapes))
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if self.training:
+            if targets is None or any("label_vectors" not in t for t in targets):
+                raise ValueError("the multilabel head trains on targets with 'label_vectors' (float [N, 19])")
+            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+            box_features = self._box_features(features, proposals, image_shapes)
+            class_logits, box_regression = self.box_predictor(box_features)
+            loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+
+            positives = [torch.where(lab > 0)[0] for lab in labels]
+            label_logits = self.label_predictor(box_features).split([len(p) for p in proposals])
+            pos_logits = torch.cat([logit[pos] for logit, pos in zip(label_logits, positives)])
+            pos_targets = torch.cat([t["label_vectors"][m[pos]] for t, m, pos in zip(targets, matched_idxs, positives)])
+            if pos_logits.numel():
+                loss_multilabel = F.binary_cross_entropy_with_logits(pos_logits, pos_targets.to(pos_logits.dtype))
+            else:
+                loss_multilabel = pos_logits.sum() * 0.0
+
+            mask_proposals = [p[pos] for p, pos in zip(proposals, positives)]
+            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
+            loss_mask = maskrcnn_loss(mask_logits, mask_proposals, [t["masks"] for t in targets],
+                                      [t["labels"] for t in targets], [m[pos] for m, pos in zip(matched_idxs, positives)])
+            return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
+                        "loss_multilabel": loss_multilabel, "loss_mask": loss_mask}
+
+        box_features = self._box_features(features, proposals, image_shapes)
+        class_logits, box_regression = self.box_predictor(box_features)
+        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        label_scores = self.label_predictor(self._box_features(features, boxes, image_shapes)).sigmoid()
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
+        masks = maskrcnn_inference(mask_logits, labels)
+        result = [{"boxes": b, "labels": lab, "scores": s, "masks": m, "label_scores": ls}
+                  for b, lab, s, m, ls in zip(boxes, labels, scores, masks, label_scores.split([len(b) for b in boxes]))]
+        return result, {}
+
+
+def _multilabel_roi_heads(old: RoIHeads, num_labels: int) -> MultiLabelRoIHeads:
+    """The same pieces and settings as torchvision built, plus the multi-label classifier."""
+    return MultiLabelRoIHeads(
+        num_labels, old.box_predictor.cls_score.in_features,
+        box_roi_pool=old.box_roi_pool, box_head=old.box_head, box_predictor=old.box_predictor,
+        fg_iou_thresh=old.proposal_matcher.high_threshold, bg_iou_thresh=old.proposal_matcher.low_threshold,
+        batch_size_per_image=old.fg_bg_sampler.batch_size_per_image, positive_fraction=old.fg_bg_sampler.positive_fraction,
+        bbox_reg_weights=old.box_coder.weights, score_thresh=old.score_thresh, nms_thresh=old.nms_thresh,
+        detections_per_img=old.detections_per_img,
+        mask_roi_pool=old.mask_roi_pool, mask_head=old.mask_head, mask_predictor=old.mask_predictor)
+
+
+# ----------------------------------------------------------------------------------------------
+# build_model
+
+def default_anchor_sizes(backbone: str, image_size: int) -> list[int]:
+    """Anchor sides in px at the training size: FPN one per level, the single map several."""
+    if backbone == "densenet121":
+        return [max(4, round(image_size * f)) for f in SINGLE_MAP_ANCHOR_FRACTIONS]
+    return [max(4, round(s * image_size / 1024)) for s in FPN_ANCHOR_SIZES_AT_1024]
+
+
+def default_pixel_stats(in_channels: int) -> tuple[list[float], list[float]]:
+    """ImageNet mean/std for RGB; yellow takes red's (it gets red's filter too)."""
+    mean, std = list(IMAGENET_MEAN_RGB), list(IMAGENET_STD_RGB)
+    if in_channels == 4:
+        mean, std = mean + mean[:1], std + std[:1]
+    return mean, std
+
+
+def build_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES, image_size: int = 512) -> nn.Module:
+    """Mask R-CNN for ``cfg`` (backbone, head, in_channels, weights...): see the module docstring.
+
+    ``num_classes``: foreground classes (19); ``image_size``: the training size in px (no resizing).
+    """
+    if cfg.backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {cfg.backbone!r}; choose one of {sorted(BACKBONES)}")
+    if cfg.head not in ("softmax", "multilabel"):
+        raise ValueError(f"unknown head {cfg.head!r}; choose one of ['multilabel', 'softmax']")
+    if cfg.in_channels not in (3, 4):
+        raise ValueError(f"in_channels must be 3 (RGB) or 4 (RGBY), got {cfg.in_channels}")
+    fpn = cfg.backbone != "densenet121"
+    weights = _read_weights(cfg)  # (kind, state dict) or None; read first: it may decide the architecture
+
+    stride_in_1x1 = False
+    if weights is not None and weights[0] == "detectron2":
+        from hpa_scc.d2import import D2_STRIDE_IN_1X1
+        stride_in_1x1 = D2_STRIDE_IN_1X1[cfg.backbone]
+    elif weights is not None and STRIDE_KEY in weights[1]:
+        stride_in_1x1 = bool(weights[1][STRIDE_KEY])
+    backbone = BACKBONES[cfg.backbone](cfg.in_channels, frozen_bn=weights is not None, stride_in_1x1=stride_in_1x1)
+
+    sizes = list(cfg.anchor_sizes) if cfg.anchor_sizes else default_anchor_sizes(cfg.backbone, image_size)
+    if fpn:
+        if len(sizes) != 5:
+            raise ValueError(f"model.anchor_sizes: the FPN backbones take 5 sizes (one per level), got {sizes}")
+        anchors = AnchorGenerator(tuple((s,) for s in sizes), (ASPECT_RATIOS,) * 5)
+        box_pool = mask_pool = None  # torchvision's defaults: levels "0".."3"
+    else:
+        anchors = AnchorGenerator((tuple(sizes),), (ASPECT_RATIOS,))
+        box_pool = MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2)
+        mask_pool = MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=2)
+    multilabel = cfg.head == "multilabel"
+    model = MaskRCNN(backbone, num_classes=2 if multilabel else num_classes + 1,
+                     rpn_anchor_generator=anchors, rpn_head=RPNHead(256, anchors.num_anchors_per_location()[0]),
+                     box_roi_pool=box_pool, mask_roi_pool=mask_pool,
+                     box_detections_per_img=cfg.box_detections_per_img, box_score_thresh=cfg.box_score_thresh)
+    if multilabel:
+        model.roi_heads = _multilabel_roi_heads(model.roi_heads, num_classes)
+
+    mean, std = default_pixel_stats(cfg.in_channels)
+    if weights is not None and weights[0] == "detectron2":
+        from hpa_scc.d2import import D2_PIXEL_STATS
+        stats = D2_PIXEL_STATS[cfg.backbone]
+        mean = [m / 255 for m in stats["mean_bgr"][::-1]]
+        std = [s / 255 for s in stats["std_bgr"][::-1]]
+        if cfg.in_channels == 4:
+            mean, std = mean + mean[:1], std + std[:1]
+    if cfg.pixel_mean is not None:
+        mean = list(cfg.pixel_mean)
+    if cfg.pixel_std is not None:
+        std = list(cfg.pixel_std)
+    if len(mean) != cfg.in_channels or len(std) != cfg.in_channels:
+        raise ValueError(f"pixel_mean/pixel_std need {cfg.in_channels} values, got {mean} / {std}")
+    model.transform = InputTransform(image_size, mean, std)
+
+    if weights is not None:
+        _load_weights(model, cfg, *weights)
+    _set_trainable(model, cfg, pretrained=weights is not None)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+
+def imagenet_path(backbone: str) -> Path:
+    """Where the ImageNet backbone file is: the first of torchvision's file names present in the hub cache.
+
+    Raises FileNotFoundError (naming the path and how to fill it) when none is; nothing is downloaded.
+    """
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    names = IMAGENET_FILES[backbone]
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(
+        f"model.weights=imagenet needs {folder / names[0]}" + (f" (or {', '.join(names[1:])})" if names[1:] else "")
+        + f"; this code never downloads. On a machine with internet run "
+        f"\"python -c 'import torchvision; torchvision.models.{backbone.replace('_fpn', '')}(weights=\\\"IMAGENET1K_V1\\\")'\" "
+        f"and copy the file from its torch hub cache into {folder} (set TORCH_HOME to move that folder), "
+        f"or set model.weights to the file's path")
+
+
+def _read_weights(cfg: ModelConfig) -> tuple[str, dict] | None:
+    """("imagenet" | "detectron2" | "project" | "state_dict", state dict in torchvision names) or None."""
+    if cfg.weights is None:
+        return None
+    if cfg.weights == "imagenet":
+        path = imagenet_path(cfg.backbone)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        log.info("ImageNet backbone weights: %s", path)
+        return "imagenet", state
+    path = Path(cfg.weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.weights: {path} not found (expected null, 'imagenet', a detectron2 .pkl, "
+                                f"a project checkpoint or a state dict)")
+    if path.suffix == ".pkl":
+        from hpa_scc.d2import import d2_to_torchvision, load_detectron2_checkpoint
+
+        if cfg.backbone == "densenet121":
+            raise ValueError("detectron2 .pkl weights are for the resnet101_fpn / resnext101_32x8d_fpn backbones")
+        state = d2_to_torchvision(load_detectron2_checkpoint(path), None, keep_predictors=True)
+        return "detectron2", state  # predictors kept here; _load_weights decides with the model's shapes
+    from hpa_scc.checkpoint import load_checkpoint
+
+    data = load_checkpoint(path)
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        return "project", data["model"]
+    if isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()):
+        if "fc.weight" in data or "classifier.weight" in data:  # a torchvision classifier: the ImageNet file itself
+            return "imagenet", data
+        return ("project" if "transform.pixel_mean" in data else "state_dict"), data
+    raise ValueError(f"{path}: neither a project checkpoint (a dict with 'model') nor a state dict")
+
+
+def adapt_stem(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A first-conv weight [O, 3, k, k] (RGB) for ``in_channels`` inputs: 4 -> yellow = red, all x 3/4."""
+    if weight.shape[1] == in_channels:
+        return weight
+    if weight.shape[1] == 3 and in_channels == 4:
+        return torch.cat([weight, weight[:, :1]], dim=1) * (3 / 4)
+    raise ValueError(f"cannot adapt a first conv with {weight.shape[1]} input channels to {in_channels}")
+
+
+def _densenet_imagenet_keys(state: dict) -> dict:
+    """torchvision's DenseNet file -> our body's keys: old 'norm.1' names fixed (as torchvision does), classifier dropped."""
+    pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    out = {}
+    for key, value in state.items():
+        key = pattern.sub(r"\1\2", key)
+        if key.startswith("features."):
+            out["backbone.body." + key[len("features."):]] = value
+    return out
+
+
+def _load_weights(model: nn.Module, cfg: ModelConfig, kind: str, state: dict) -> None:
+    """Load ``state`` into ``model``; shapes must match, keys must exist; log what was loaded and what was not."""
+    if kind == "imagenet":
+        if cfg.backbone == "densenet121":
+            state = _densenet_imagenet_keys(state)
+        else:
+            state = {"backbone.body." + k: v for k, v in state.items() if not k.startswith("fc.")}
+    # BatchNorm (random init) and FrozenBatchNorm2d (pretrained) differ only by this counter.
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    stem = STEM_KEYS[cfg.backbone]
+    if stem in state and kind != "project":
+        state[stem] = adapt_stem(state[stem], cfg.in_channels)
+        if cfg.in_channels == 4:
+            log.info("4-channel stem from RGB weights: yellow filter = red filter, all filters x 3/4")
+
+    # Predictors: dropped when their shapes do not fit the model (another class count or head), and
+    # from foreign detection weights unless keep_predictors; a project checkpoint is this model: kept.
+    own = model.state_dict()
+    dropped = {}
+    for key in [k for k in state if k.startswith(PREDICTOR_PREFIXES)]:
+        if key not in own or own[key].shape != state[key].shape:
+            dropped[key] = "shapes differ from the model's"
+        elif kind != "project" and not cfg.keep_predictors:
+            dropped[key] = "model.keep_predictors is false"
+        if key in dropped:
+            del state[key]
+    unexpected = [k for k in state if k not in own]
+    if unexpected:
+        raise ValueError(f"{cfg.weights}: {len(unexpected)} keys are not in the {cfg.backbone}/{cfg.head} model, "
+                         f"e.g. {unexpected[:5]}")
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"{cfg.weights}: {len(wrong)} shapes differ from the model, e.g. {wrong[:5]}")
+    missing = [k for k in own if k not in state and k not in FACT_KEYS and not k.endswith("num_batches_tracked")]
+    # A state dict must fill the model (predictors aside), an ImageNet file the body; a detectron2
+    # checkpoint may hold part of a model (a backbone alone): the rest is left at init and logged.
+    if kind in ("project", "state_dict"):
+        required = [k for k in missing if not k.startswith(PREDICTOR_PREFIXES)]
+    else:
+        required = [k for k in missing if k.startswith("backbone.body.")] if kind == "imagenet" else []
+    if required:
+        raise ValueError(f"{cfg.weights}: {len(required)} model keys are missing, e.g. {required[:5]}")
+    model.load_state_dict(state, strict=False)
+    log.info("loaded %d tensors from %s (%s)", len(state), cfg.weights, kind)
+    for reason in sorted(set(dropped.values())):
+        keys = [k for k, r in dropped.items() if r == reason]
+        log.info("dropped %d predictor tensors (%s): %s", len(keys), reason, _summary(keys))
+    if missing:
+        log.info("left at init: %d tensors: %s", len(missing), _summary(missing))
+
+
+def _summary(keys: list[str], depth: int = 3) -> str:
+    """Keys grouped by their first ``depth`` name parts: 'roi_heads.box_head.fc6 (2), ...'."""
+    groups: OrderedDict[str, int] = OrderedDict()
+    for key in keys:
+        head = ".".join(key.split(".")[:depth])
+        groups[head] = groups.get(head, 0) + 1
+    return ", ".join(f"{k} ({n})" for k, n in groups.items())
+
+
+def _set_trainable(model: nn.Module, cfg: ModelConfig, pretrained: bool) -> None:
+    """From pretrained weights only the last ``trainable_backbone_layers`` stages of the body train."""
+    stages = STAGES[cfg.backbone]
+    k = len(stages) if not pretrained else cfg.trainable_backbone_layers
+    if not 0 <= k <= len(stages):
+        raise ValueError(f"model.trainable_backbone_layers must be 0-{len(stages)}, got {k}")
+    trainable = tuple(p for stage in stages[len(stages) - k:] for p in stage)
+    frozen = 0
+    for name, param in model.backbone.body.named_parameters():
+        param.requires_grad_(name.startswith(trainable))
+        frozen += 0 if param.requires_grad else param.numel()
+    if pretrained:
+        log.info("backbone: last %d of %d stages train; %.1fM parameters frozen", k, len(stages), frozen / 1e6)
+
+
+__all__ = ["BACKBONES", "MultiLabelRoIHeads", "InputTransform", "build_model", "adapt_stem", "imagenet_path",
+           "default_anchor_sizes", "default_pixel_stats", "place_stride"]

@@ -1,0 +1,214 @@
+"""build_model: every backbone and head trains and predicts on CPU; weights are found, adapted and loaded.
+
+Random init only: nothing is downloaded. The two 101-layer FPN models run once each (slow).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import pytest
+import torch
+import torchvision
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from hpa_scc.config import ModelConfig
+from hpa_scc.models import BACKBONES, IMAGENET_FILES, build_model, place_stride
+
+SIZE = 128
+LOSSES = {"softmax": {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}}
+LOSSES["multilabel"] = LOSSES["softmax"] | {"loss_multilabel"}
+
+
+def make_batch(head: str, in_channels: int, n_images: int = 2, seed: int = 0):
+    """Random images in [0, 1] and three rectangular cells per image, in the head's target format."""
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for _ in range(n_images):
+        images.append(torch.rand(in_channels, SIZE, SIZE, generator=g))
+        masks = torch.zeros(3, SIZE, SIZE, dtype=torch.uint8)
+        boxes = []
+        for i, (x, y) in enumerate([(10, 10), (60, 20), (30, 70)]):
+            masks[i, y:y + 30, x:x + 25] = 1
+            boxes.append([x, y, x + 25, y + 30])
+        target = {"boxes": torch.tensor(boxes, dtype=torch.float32), "masks": masks}
+        if head == "multilabel":
+            target["labels"] = torch.ones(3, dtype=torch.int64)
+            target["label_vectors"] = torch.tensor([[1.0] + [0.0] * 18, [0.0] * 18 + [1.0], [0.5] * 19])
+        else:
+            target["labels"] = torch.tensor([1, 5, 19])
+        targets.append(target)
+    return images, targets
+
+
+def check_train_and_eval(model: torch.nn.Module, head: str, in_channels: int) -> None:
+    torch.manual_seed(0)
+    images, targets = make_batch(head, in_channels)
+    model.train()
+    losses = model(images, targets)
+    assert set(losses) == LOSSES[head]
+    assert all(math.isfinite(v.item()) for v in losses.values()), losses
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    watched = {name: p.detach().clone() for name, p in model.named_parameters()
+               if name in ("backbone.body.layer4.0.conv1.weight", "backbone.body.denseblock4.denselayer1.conv1.weight",
+                           "roi_heads.box_head.fc6.weight", "roi_heads.label_predictor.weight")}
+    sum(losses.values()).backward()
+    optimizer.step()
+    params = dict(model.named_parameters())
+    for name, before in watched.items():
+        assert not torch.equal(params[name].detach(), before), f"{name} did not change"
+
+    model.eval()
+    with torch.no_grad():
+        outputs = model(images[:1])
+    (out,) = outputs
+    keys = {"boxes", "labels", "scores", "masks"} | ({"label_scores"} if head == "multilabel" else set())
+    assert set(out) == keys
+    n = len(out["boxes"])
+    assert out["boxes"].shape == (n, 4) and out["scores"].shape == (n,) and out["labels"].dtype == torch.int64
+    assert out["masks"].shape == (n, 1, SIZE, SIZE)
+    if head == "multilabel":
+        assert out["label_scores"].shape == (n, 19)
+        assert ((out["label_scores"] >= 0) & (out["label_scores"] <= 1)).all()
+        assert (out["labels"] == 1).all()
+    else:
+        assert ((out["labels"] >= 1) & (out["labels"] <= 19)).all()
+
+
+@pytest.mark.parametrize("in_channels", [3, 4])
+@pytest.mark.parametrize("head", ["softmax", "multilabel"])
+def test_densenet_train_and_eval(head, in_channels):
+    model = build_model(ModelConfig(backbone="densenet121", head=head, in_channels=in_channels), image_size=SIZE)
+    assert model.backbone.body.conv0.in_channels == in_channels
+    assert len(model.transform.image_mean) == in_channels
+    check_train_and_eval(model, head, in_channels)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone,head,in_channels", [("resnet101_fpn", "softmax", 4),
+                                                       ("resnext101_32x8d_fpn", "multilabel", 3)])
+def test_fpn_train_and_eval(backbone, head, in_channels):
+    model = build_model(ModelConfig(backbone=backbone, head=head, in_channels=in_channels), image_size=SIZE)
+    assert model.backbone.body.conv1.in_channels == in_channels
+    assert len(model.rpn.anchor_generator.sizes) == 5
+    if backbone == "resnext101_32x8d_fpn":
+        assert model.backbone.body.layer1[0].conv2.groups == 32
+    check_train_and_eval(model, head, in_channels)
+    del model
+    gc.collect()
+
+
+def test_unknown_backbone_lists_choices():
+    with pytest.raises(ValueError, match="unknown backbone 'vgg'.*densenet121.*resnet101_fpn.*resnext101_32x8d_fpn"):
+        build_model(ModelConfig(backbone="vgg"))
+    assert sorted(BACKBONES) == ["densenet121", "resnet101_fpn", "resnext101_32x8d_fpn"]
+
+
+def test_imagenet_weights_missing_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"hub/checkpoints/resnet101-63fe2227\.pth.*never downloads"):
+        build_model(ModelConfig(backbone="resnet101_fpn", weights="imagenet"))
+
+
+def test_imagenet_rgb_weights_make_a_4_channel_stem(tmp_path, monkeypatch):
+    """Yellow filter = red filter; all four scaled by 3/4; BN frozen; early stages frozen."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    folder = tmp_path / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    rgb = torchvision.models.densenet121(weights=None).state_dict()
+    torch.save(rgb, folder / IMAGENET_FILES["densenet121"][0])
+    model = build_model(ModelConfig(backbone="densenet121", in_channels=4, weights="imagenet",
+                                    trainable_backbone_layers=2), image_size=SIZE)
+    stem = model.backbone.body.conv0.weight.detach()
+    red = rgb["features.conv0.weight"][:, 0]
+    torch.testing.assert_close(stem[:, 3], red * 0.75, rtol=0, atol=0)
+    torch.testing.assert_close(stem[:, :3], rgb["features.conv0.weight"] * 0.75, rtol=0, atol=0)
+    torch.testing.assert_close(model.backbone.body.denseblock2.denselayer1.conv1.weight.detach(),
+                               rgb["features.denseblock2.denselayer1.conv1.weight"], rtol=0, atol=0)
+    assert isinstance(model.backbone.body.norm5, FrozenBatchNorm2d)
+    mean = model.transform.image_mean
+    assert mean == pytest.approx([0.485, 0.456, 0.406, 0.485])
+    trainable = {n.split(".")[0] for n, p in model.backbone.body.named_parameters() if p.requires_grad}
+    assert trainable == {"denseblock3", "transition3", "denseblock4"}
+    del model
+    by_path = build_model(ModelConfig(backbone="densenet121", in_channels=4,
+                                      weights=str(folder / IMAGENET_FILES["densenet121"][0])), image_size=SIZE)
+    torch.testing.assert_close(by_path.backbone.body.conv0.weight.detach(), stem, rtol=0, atol=0)
+
+
+def test_project_checkpoint_round_trip(tmp_path):
+    cfg = ModelConfig(backbone="densenet121", head="multilabel", in_channels=3, pixel_mean=[0.1, 0.2, 0.3])
+    torch.manual_seed(1)
+    model = build_model(cfg, image_size=SIZE).eval()
+    path = tmp_path / "last.pt"
+    torch.save({"model": model.state_dict(), "epoch": 3}, path)
+    images, _ = make_batch("multilabel", 3, n_images=1)
+    with torch.no_grad():
+        expected = model(images)[0]
+    del model
+    torch.manual_seed(2)  # another random init: only the checkpoint can make the outputs equal
+    fresh = build_model(ModelConfig(backbone="densenet121", head="multilabel", in_channels=3, weights=str(path)),
+                        image_size=SIZE).eval()
+    assert fresh.transform.image_mean == pytest.approx([0.1, 0.2, 0.3])  # input statistics travel with the weights
+    with torch.no_grad():
+        got = fresh(images)[0]
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_with_wrong_shapes_is_refused(tmp_path):
+    model = build_model(ModelConfig(backbone="densenet121", in_channels=3), image_size=SIZE)
+    path = tmp_path / "rgb.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(ValueError, match="shapes differ"):
+        build_model(ModelConfig(backbone="densenet121", in_channels=4, weights=str(path)), image_size=SIZE)
+
+
+def test_other_head_checkpoint_drops_predictors(tmp_path, caplog):
+    """A softmax checkpoint into a multilabel model: everything but the predictors loads, and the log says so."""
+    model = build_model(ModelConfig(backbone="densenet121", in_channels=3), image_size=SIZE)
+    path = tmp_path / "softmax.pt"
+    torch.save({"model": model.state_dict()}, path)
+    with caplog.at_level("INFO", logger="hpa_scc.models"):
+        other = build_model(ModelConfig(backbone="densenet121", in_channels=3, head="multilabel", weights=str(path)),
+                            image_size=SIZE)
+    torch.testing.assert_close(other.roi_heads.box_head.fc6.weight, model.roi_heads.box_head.fc6.weight)
+    assert "dropped 6 predictor tensors (shapes differ" in caplog.text
+    assert "left at init" in caplog.text and "roi_heads.label_predictor" in caplog.text
+
+
+@pytest.mark.slow
+def test_stride_placement_travels_with_the_checkpoint(tmp_path):
+    """A model made from detectron2's R101 strides in the 1x1 conv; its checkpoint must rebuild it so."""
+    cfg = ModelConfig(backbone="resnet101_fpn", in_channels=3)
+    model = build_model(cfg, image_size=SIZE)
+    assert model.backbone.body.layer2[0].conv2.stride == (2, 2)  # torchvision's placement by default
+    place_stride(model.backbone.body, True)
+    state = model.state_dict()
+    del model
+    path = tmp_path / "r101.pt"
+    torch.save({"model": state}, path)
+    fresh = build_model(ModelConfig(backbone="resnet101_fpn", in_channels=3, weights=str(path)), image_size=SIZE)
+    for layer in ("layer2", "layer3", "layer4"):
+        block = getattr(fresh.backbone.body, layer)[0]
+        assert block.conv1.stride == (2, 2) and block.conv2.stride == (1, 1)
+    del fresh
+    resumed = build_model(cfg, image_size=SIZE)  # the trainer's resume: load_state_dict on a fresh model
+    resumed.load_state_dict(state)
+    assert resumed.backbone.body.layer3[0].conv1.stride == (2, 2)
+    del resumed, state
+    gc.collect()
+
+
+def test_anchor_sizes_and_pixel_stats():
+    model = build_model(ModelConfig(backbone="densenet121", in_channels=4), image_size=512)
+    assert model.rpn.anchor_generator.sizes == ((32, 64, 96, 128, 192),)  # cells are 60-100 px at 512
+    assert model.transform.min_size == (512,) and model.transform.max_size == 512
+    assert model.transform.image_std == pytest.approx([0.229, 0.224, 0.225, 0.229])
+    model = build_model(ModelConfig(backbone="densenet121", in_channels=3, anchor_sizes=[16, 48],
+                                    pixel_mean=[0.0, 0.0, 0.0], pixel_std=[1.0, 1.0, 1.0]), image_size=SIZE)
+    assert model.rpn.anchor_generator.sizes == ((16, 48),)
+    assert model.transform.image_mean == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="takes 3"):
+        model.eval()(make_batch("softmax", 4, n_images=1)[0])

@@ -1,0 +1,155 @@
+"""The training system end to end at 128 px on CPU: run folder, resume, signals, DDP, NaN stop."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpa_scc.config import load_config
+from hpa_scc.engine import NonFiniteLossError
+from hpa_scc.prepare import prepare_dataset
+from hpa_scc.synth import write_synth_set
+from hpa_scc.train import EXIT_REQUEUE, train
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    write_synth_set(root / "set", 8, size=256, seed=21, progress=False)
+    prepare_dataset(root / "set", root / "prepared", size=128, n_folds=2, progress=False)
+    return root / "prepared"
+
+
+def overrides(prepared: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.prepared_dir={prepared}", "data.image_size=128", "data.workers=0", "data.max_val_images=2",
+            f"train.run_dir={run_dir}", "train.max_epochs=2", "train.images_per_gpu=2", "train.max_iters_per_epoch=2",
+            "train.log_every_iters=1", "train.tensorboard=false", "optim.warmup_iters=1", "optim.lr=0.002", *extra]
+
+
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "hpa_scc", "train", *args], capture_output=True, text=True, env=env, **kw)
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].numel())
+    assert worst <= atol, f"weights differ by {worst}"
+
+
+@pytest.mark.slow
+def test_run_folder_and_resume_after_kill_match_an_uninterrupted_run(prepared, tmp_path):
+    # uninterrupted: 2 epochs x 2 steps
+    straight = tmp_path / "straight"
+    train(load_config(None, overrides(prepared, straight)))
+    names = sorted(p.name for p in straight.iterdir())
+    for name in ("best.pt", "config.yaml", "epoch_0001.pt", "epoch_0002.pt", "last.pt", "metrics.jsonl", "train.log"):
+        assert name in names
+    lines = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4]
+    val = [r for r in lines if r["kind"] == "val"]
+    assert len(val) == 2 and all(0 <= r["segm_AP"] <= 1 for r in val)
+    final = torch.load(straight / "last.pt", weights_only=False)
+    assert (final["epoch"], final["step_in_epoch"], final["global_step"]) == (2, 0, 4)
+
+    # the same run, killed outright once epoch 1's checkpoint is on disk, then resumed
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "hpa_scc", "train", str(HERE.parent / "configs" / "densenet121.yaml"),
+                             *overrides(prepared, killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "epoch_0001.pt").is_file():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(killed / "last.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["global_step"] == 2
+    train(load_config(None, overrides(prepared, killed)))
+    resumed = torch.load(killed / "last.pt", weights_only=False)
+    assert resumed["global_step"] == 4
+    assert resumed["scheduler"]["last_epoch"] == final["scheduler"]["last_epoch"] == 4
+    assert resumed["optimizer"]["state"].keys() == final["optimizer"]["state"].keys()
+    assert_same_weights(resumed["model"], final["model"])
+
+
+@pytest.mark.slow
+def test_sigusr1_saves_mid_epoch_and_exits_for_requeue(prepared, tmp_path):
+    run = tmp_path / "sig"
+    args = [str(HERE.parent / "configs" / "densenet121.yaml"), *overrides(prepared, run, "train.max_iters_per_epoch=3", "train.images_per_gpu=1")]
+    proc = subprocess.Popen([sys.executable, "-m", "hpa_scc", "train", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count('"train"') >= 1):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_REQUEUE, err
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert state["epoch"] == 0 and 1 <= state["step_in_epoch"] < 3
+    assert state["global_step"] == state["step_in_epoch"]
+    done = cli(*args, "-q")
+    assert done.returncode == 0, done.stderr
+    final = torch.load(run / "last.pt", weights_only=False)
+    # the requeued job did exactly the remaining steps: 2 epochs x 3 in all
+    assert final["global_step"] == 6 and final["epoch"] == 2
+    steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if '"train"' in l]
+    assert sorted(set(steps)) == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_end_with_the_same_weights(prepared, tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+                           str(HERE / "ddp_worker.py"), *overrides(prepared, run, "train.max_epochs=1")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(run / "rank0.pt", weights_only=False)
+    b = torch.load(run / "rank1.pt", weights_only=False)
+    # Every weight is identical. BatchNorm running statistics (random init trains BatchNorm) are
+    # each rank's own after its last forward; DDP broadcasts rank 0's, the ones checkpoints keep.
+    running = {k for k in a if "running_" in k}
+    assert_same_weights({k: v for k, v in a.items() if k not in running},
+                        {k: v for k, v in b.items() if k not in running}, atol=0)
+    start = torch.load(run / "last.pt", weights_only=False)
+    assert start["global_step"] == 1  # ~4 training images over 2 ranks x 2 images: one step
+    log = (run / "train.log").read_text()
+    assert "2 ranks x 2 images x 1 accumulation = 4 per step" in log
+
+
+def test_non_finite_loss_stops_with_the_loss_dict(prepared, tmp_path, monkeypatch):
+    import hpa_scc.models
+
+    class Exploding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, images, targets=None):
+            return {"loss_classifier": self.w * float("nan"), "loss_mask": self.w * 0.5}
+
+    monkeypatch.setattr(hpa_scc.models, "build_model", lambda *a, **k: Exploding())
+    with pytest.raises(NonFiniteLossError, match=r"loss_classifier.*nan.*loss_mask.*0.5"):
+        train(load_config(None, overrides(prepared, tmp_path / "nan")))
+    assert not (tmp_path / "nan" / "last.pt").exists()  # a NaN model is never saved
+
+
+def test_train_cli_errors_are_clear(prepared, tmp_path):
+    proc = cli(str(HERE.parent / "configs" / "smoke.yaml"), "optim.lr=fast")
+    assert proc.returncode == 1 and "optim.lr in override 'optim.lr=fast': expected float" in proc.stderr
+    proc = cli(str(HERE.parent / "configs" / "smoke.yaml"), f"data.prepared_dir={tmp_path}")
+    assert proc.returncode == 1 and "prepare.json not found" in proc.stderr
+    proc = cli(str(HERE.parent / "configs" / "smoke.yaml"), f"data.prepared_dir={prepared}", "data.image_size=256")
+    assert proc.returncode == 1 and "set data.image_size=128" in proc.stderr
