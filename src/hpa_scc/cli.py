@@ -203,9 +203,7 @@ def _run_train(args) -> int:
     from hpa_scc.train import train
 
     cfg = load_config(args.config, args.overrides)
-    if args.quiet:
-        cfg.train.log_every_iters = max(cfg.train.log_every_iters, 1)
-    train(cfg)
+    train(cfg, progress=not args.quiet)
     return 0
 
 
@@ -258,7 +256,7 @@ def _run_demo(args) -> int:
         cfg = load_config(args.train_config, [f"data.prepared_dir={prepared}", f"data.image_size={args.train_size}",
                                               f"train.run_dir={args.out / 'train'}", *args.train_overrides])
         print(f"\n[4/4] {cfg.model.backbone} Mask R-CNN, {cfg.train.max_epochs} epochs on CPU -> {cfg.train.run_dir}")
-        train(cfg)
+        train(cfg, progress=not args.quiet)
         lines = (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()
         aps = [json.loads(line)["segm_AP"] for line in lines if '"kind": "val"' in line]
         if aps:

@@ -143,7 +143,7 @@ class MetricsLog:
             self.writer.close()
 
 
-def train(cfg: Config) -> torch.nn.Module:
+def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
     """Run (or resume) the training described by ``cfg``; returns the trained (unwrapped) model."""
     from hpa_scc.models import build_model
 
@@ -234,7 +234,7 @@ def train(cfg: Config) -> torch.nn.Module:
             sampler.set_epoch(epoch, skip=skip_steps * cfg.train.images_per_gpu * cfg.train.accumulate_steps)
             train_set.set_epoch(epoch)
             bar = tqdm(total=steps_per_epoch, initial=skip_steps, desc=f"epoch {epoch + 1}/{cfg.train.max_epochs}",
-                       disable=not info.is_main, unit="step", leave=False)
+                       disable=not (info.is_main and progress), unit="step", leave=False)
             steps_done = skip_steps
 
             def on_step(step: int, losses: dict) -> bool:
