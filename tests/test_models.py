@@ -86,8 +86,9 @@ def test_densenet_train_and_eval(head, in_channels):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone,head,in_channels", [("resnet101_fpn", "softmax", 4),
-                                                       ("resnext101_32x8d_fpn", "multilabel", 3)])
+@pytest.mark.parametrize("in_channels", [3, 4])
+@pytest.mark.parametrize("head", ["softmax", "multilabel"])
+@pytest.mark.parametrize("backbone", ["resnet101_fpn", "resnext101_32x8d_fpn"])
 def test_fpn_train_and_eval(backbone, head, in_channels):
     model = build_model(ModelConfig(backbone=backbone, head=head, in_channels=in_channels), image_size=SIZE)
     assert model.backbone.body.conv1.in_channels == in_channels
