@@ -207,6 +207,42 @@ def _run_train(args) -> int:
     return 0
 
 
+def _add_predict(sub) -> None:
+    p = sub.add_parser(
+        "predict", help="per-cell labels for a folder of images -> Kaggle submission.csv",
+        description="Label every cell of every image in DATA_DIR with a trained run (RUN_DIR: its config.yaml "
+                    "and best.pt/last.pt) and write OUT/submission.csv (Kaggle format, masks at the original size), "
+                    "OUT/cells.csv (one confidence column per class) and OUT/predict.log. Resumable. "
+                    "RUN_DIR may be '-' with --baseline.")
+    p.add_argument("run_dir", help="training run folder, or '-' for a baseline")
+    p.add_argument("data_dir", type=Path, help="images: Kaggle layout or <ID>_<channel>.<ext> files, any size")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--cells", choices=["segmenter", "model"], default="segmenter",
+                   help="segmenter: segmenter cells scored by the model (default); model: Mask R-CNN's own masks")
+    _add_segmenter_args(p)
+    p.add_argument("--checkpoint", default="best.pt", help="checkpoint file in RUN_DIR (default: best.pt, else last.pt)")
+    p.add_argument("--tta", action="store_true", help="add horizontally flipped test-time augmentation")
+    p.add_argument("--baseline", choices=["image-labels", "truth"], default=None,
+                   help="image-labels: every cell gets its image's labels at confidence 1; truth: a synthetic set's "
+                        "true cells and labels (must score 1.0)")
+    p.add_argument("--labels", type=Path, default=None, help="ID,Label table (default: DATA_DIR/train.csv if present)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args) -> int:
+    from hpa_scc.predict import predict_folder
+
+    run_dir = None if args.run_dir == "-" else Path(args.run_dir)
+    if run_dir is None and args.baseline is None:
+        raise ValueError("RUN_DIR '-' needs --baseline image-labels or --baseline truth")
+    path = predict_folder(run_dir, args.data_dir, args.out, cells=args.cells, segmenter=args.segmenter,
+                          segmenter_options=_segmenter_options(args), checkpoint=args.checkpoint, tta=args.tta,
+                          baseline=args.baseline, labels_csv=args.labels, device=args.device, progress=not args.quiet)
+    print(f"wrote {path}")
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="the main job on built-in synthetic data (no downloads, no GPU)",
@@ -274,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hpa_scc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    for add in (_add_demo, _add_synth, _add_cache, _add_split, _add_segment, _add_prepare, _add_train):
+    for add in (_add_demo, _add_synth, _add_cache, _add_split, _add_segment, _add_prepare, _add_train, _add_predict):
         add(sub)
     for command in sub.choices.values():
         command.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -95,6 +95,8 @@ def read_submission(path: str | os.PathLike) -> list[SubmissionRow]:
     """Parse a submission CSV; malformed rows raise SubmissionError naming the file and row."""
     path = Path(path)
     rows = []
+    # A row holds every cell x label of an image: far past csv's default 128 KiB field limit.
+    csv.field_size_limit(2**31 - 1)
     with open(path, newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)

@@ -1,0 +1,100 @@
+"""predict: both cell modes at the original size, the baselines, resume, and the scoring pieces."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from hpa_scc.config import load_config
+from hpa_scc.predict import cells_from_detections, predict_folder, score_cells
+from hpa_scc.prepare import prepare_dataset
+from hpa_scc.submission import decode_mask, read_submission
+from hpa_scc.synth import write_synth_set
+from hpa_scc.train import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A synthetic set at 256 px and a DenseNet121 run trained for two steps at 128 px."""
+    root = tmp_path_factory.mktemp("predict")
+    write_synth_set(root / "set", 4, size=256, seed=31, progress=False)
+    prepare_dataset(root / "set", root / "prepared", size=128, n_folds=2, progress=False)
+    train(load_config(None, [f"data.prepared_dir={root / 'prepared'}", "data.image_size=128", "data.workers=0",
+                             f"train.run_dir={root / 'run'}", "train.max_epochs=1", "train.images_per_gpu=2",
+                             "train.max_iters_per_epoch=1", "train.tensorboard=false", "data.max_val_images=1"]),
+          progress=False)
+    return root
+
+
+def read_cells(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_segmenter_cells_scored_by_the_model_at_original_size(run, tmp_path):
+    out = predict_folder(run / "run", run / "set", tmp_path / "p", progress=False)
+    rows = read_submission(out)
+    assert len(rows) == 4 and all((r.width, r.height) == (256, 256) for r in rows)
+    cells = read_cells(tmp_path / "p" / "cells.csv")
+    assert list(cells[0])[-19:] == [f"conf_{c}" for c in range(19)]
+    for row in rows:  # every cell has all 19 classes, its mask encoded once and repeated
+        masks = {}
+        for label, conf, mask in row.predictions:
+            masks.setdefault(mask, []).append(label)
+            assert 0.0 <= conf <= 1.0
+        assert all(sorted(v) == list(range(19)) for v in masks.values())
+        seg = __import__("cv2").imread(str(tmp_path / "p" / "segmentation" / f"{row.image_id}_cells.png"), -1)
+        assert len(masks) == len(set(np.unique(seg)) - {0})
+        first = decode_mask(next(iter(masks)), 256, 256)
+        assert first.shape == (256, 256) and first.any()
+    # resumable: a second run reads the per-image records and writes the same files
+    before = (tmp_path / "p" / "submission.csv").read_text()
+    predict_folder(run / "run", run / "set", tmp_path / "p", progress=False)
+    assert (tmp_path / "p" / "submission.csv").read_text() == before
+
+
+def test_model_cells_and_tta(run, tmp_path):
+    out = predict_folder(run / "run", run / "set", tmp_path / "m", cells="model", tta=True, progress=False)
+    rows = read_submission(out)
+    assert len(rows) == 4 and all((r.width, r.height) == (256, 256) for r in rows)
+    for row in rows:
+        for _, _, mask in row.predictions[:5]:
+            assert decode_mask(mask, 256, 256).shape == (256, 256)
+
+
+def test_baselines(run, tmp_path):
+    truth = read_submission(predict_folder(None, run / "set", tmp_path / "t", baseline="truth", progress=False))
+    solution = {r.image_id: r for r in read_submission(run / "set" / "solution.csv")}
+    for row in truth:  # the truth baseline re-encodes exactly the solution's masks and labels
+        assert sorted((l, m) for l, _, m in row.predictions) == sorted((l, m) for l, _, m in solution[row.image_id].predictions)
+    images = read_submission(predict_folder(None, run / "set", tmp_path / "i", baseline="image-labels", progress=False))
+    with open(run / "set" / "train.csv") as fh:
+        labels = {r["ID"]: sorted(map(int, r["Label"].split("|"))) for r in csv.DictReader(fh)}
+    for row in images:
+        assert {l for l, _, _ in row.predictions} == set(labels[row.image_id])
+        assert all(conf == 1.0 for _, conf, _ in row.predictions)
+
+
+def test_score_cells_uses_score_times_iou():
+    cells = np.zeros((10, 10), np.uint16)
+    cells[:, :5], cells[:, 5:] = 1, 2
+    det_mask = np.zeros((1, 10, 10), np.float32)
+    det_mask[0, :, :4] = 0.9  # inside cell 1: IoU 40/50 = 0.8
+    class_scores = np.zeros((1, 19), np.float32)
+    class_scores[0, 3] = 0.5
+    conf = score_cells(cells, [1, 2], {"masks": det_mask, "class_scores": class_scores})
+    assert conf.shape == (2, 19)
+    assert conf[0, 3] == pytest.approx(0.4) and conf[1].max() == 0 and conf[0].sum() == pytest.approx(0.4)
+
+
+def test_model_cells_merge_overlapping_detections_of_different_classes():
+    masks = np.zeros((3, 8, 8), np.float32)
+    masks[0, :4, :4] = masks[1, :4, :4] = 0.9  # one cell, detected as class 0 and class 5
+    masks[2, 5:, 5:] = 0.8  # another cell
+    class_scores = np.zeros((3, 19), np.float32)
+    class_scores[0, 0], class_scores[1, 5], class_scores[2, 2] = 0.9, 0.6, 0.7
+    labels, conf = cells_from_detections({"masks": masks, "class_scores": class_scores,
+                                          "scores": class_scores.max(1)}, (16, 16))
+    assert labels.shape == (16, 16) and labels.max() == 2
+    assert conf.shape == (2, 19) and conf[0, 0] == pytest.approx(0.9) and conf[0, 5] == pytest.approx(0.6)
+    assert conf[1, 2] == pytest.approx(0.7) and (labels == 1).sum() == 64  # pasted back at twice the size
