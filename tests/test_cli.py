@@ -59,7 +59,11 @@ def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     tiny = ["train.max_epochs=1", "train.max_iters_per_epoch=1", "data.max_val_images=1", "data.workers=0"]
     proc = run("demo", "--out", out, "--images", "6", "--size", "256", "--train-size", "64", "-q", *tiny)
-    assert "[4/4] densenet121 Mask R-CNN" in proc.stdout and f"done: {out}" in proc.stdout
+    assert "[4/5] densenet121 Mask R-CNN" in proc.stdout and f"done: {out}" in proc.stdout
+    truth_line = next(line for line in proc.stdout.splitlines() if line.startswith("baseline: the truth"))
+    assert float(truth_line.split()[-1]) == 1.0  # the truth scores exactly 1
+    assert (out / "predict" / "model" / "submission.csv").is_file()
+    assert (out / "predict" / "image-labels" / "metrics.json").is_file()
     assert "COCO mask AP per epoch" in proc.stdout
     assert {"last.pt", "best.pt", "metrics.jsonl", "config.yaml"} <= {p.name for p in (out / "train").iterdir()}
     ap = float(proc.stdout.split("mask AP at IoU 0.6: ")[1].split()[0])

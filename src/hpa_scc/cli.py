@@ -243,6 +243,50 @@ def _run_predict(args) -> int:
     return 0
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="the competition metric: mAP at mask IoU 0.6 over the 19 classes",
+        description="Score a submission against the truth, both in the Kaggle submission format (the truth's "
+                    "confidences are ignored), with the Open Images rules the 2021 competition used: per class, only "
+                    "images whose truth holds the class; detections by descending confidence, each matched to the "
+                    "untaken truth mask of highest IoU (>= 0.6); all-point AP; mean over classes with truth. Prints "
+                    "per-class AP and a final line 'mAP <value>'.")
+    p.add_argument("--solution", type=Path, required=True, help="truth CSV (e.g. a synthetic set's solution.csv)")
+    p.add_argument("--submission", type=Path, required=True, help="submission CSV (e.g. predict's submission.csv)")
+    p.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
+    p.add_argument("--plot", type=Path, default=None, help="write a PR-curve plot (PNG) here")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from hpa_scc.metric import evaluate_files, format_result
+
+    print(format_result(evaluate_files(args.solution, args.submission, args.out, args.plot)))
+    return 0
+
+
+def _demo_predict(args, run_dir: Path) -> None:
+    """Demo step 5: a held-out synthetic test set, predicted and scored next to both baselines."""
+    from hpa_scc.metric import evaluate_files
+    from hpa_scc.predict import predict_folder
+    from hpa_scc.synth import write_synth_set
+
+    test = args.out / "test-synthetic"
+    n_test = max(args.images // 3, 2)
+    print(f"\n[5/5] predict a held-out synthetic set ({n_test} images, seed {args.seed + 1}) and score it")
+    write_synth_set(test, n_test, size=args.size, seed=args.seed + 1, workers=args.workers, progress=False)
+    runs = {"model (segmenter cells)": {"run_dir": run_dir},
+            "baseline: image labels on every cell": {"run_dir": None, "baseline": "image-labels"},
+            "baseline: the truth (sanity check)": {"run_dir": None, "baseline": "truth"}}
+    print(f"{'':<40}{'mAP@0.6':>10}")
+    for name, options in runs.items():
+        out = args.out / "predict" / (options.get("baseline") or "model")
+        submission = predict_folder(data_dir=test, out_dir=out, progress=not args.quiet, **options)
+        result = evaluate_files(test / "solution.csv", submission, out / "metrics.json", out / "pr_curves.png")
+        print(f"{name:<40}{result.mAP:>10.4f}")
+    print(f"submissions, cells.csv, metrics.json and PR curves under {args.out / 'predict'}")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="the main job on built-in synthetic data (no downloads, no GPU)",
@@ -269,7 +313,7 @@ def _run_demo(args) -> int:
     from hpa_scc.synth import format_summary, write_synth_set
 
     data, prepared = args.out / "synthetic", args.out / "prepared"
-    steps = 3 if args.no_train else 4
+    steps = 3 if args.no_train else 5
     print(f"[1/{steps}] synthetic HPA set -> {data}")
     summary = write_synth_set(data, args.images, size=args.size, seed=args.seed, workers=args.workers,
                               progress=not args.quiet)
@@ -291,12 +335,13 @@ def _run_demo(args) -> int:
 
         cfg = load_config(args.train_config, [f"data.prepared_dir={prepared}", f"data.image_size={args.train_size}",
                                               f"train.run_dir={args.out / 'train'}", *args.train_overrides])
-        print(f"\n[4/4] {cfg.model.backbone} Mask R-CNN, {cfg.train.max_epochs} epochs on CPU -> {cfg.train.run_dir}")
+        print(f"\n[4/5] {cfg.model.backbone} Mask R-CNN, {cfg.train.max_epochs} epochs on CPU -> {cfg.train.run_dir}")
         train(cfg, progress=not args.quiet)
         lines = (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()
         aps = [json.loads(line)["segm_AP"] for line in lines if '"kind": "val"' in line]
         if aps:
             print("validation (fold 0) COCO mask AP per epoch: " + ", ".join(f"{ap:.4f}" for ap in aps))
+        _demo_predict(args, Path(cfg.train.run_dir))
     print(f"\ndone: {args.out}")
     return 0 if not report.failures else 1
 
@@ -310,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hpa_scc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    for add in (_add_demo, _add_synth, _add_cache, _add_split, _add_segment, _add_prepare, _add_train, _add_predict):
+    for add in (_add_demo, _add_synth, _add_cache, _add_split, _add_segment, _add_prepare, _add_train, _add_predict, _add_evaluate):
         add(sub)
     for command in sub.choices.values():
         command.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
