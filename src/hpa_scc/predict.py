@@ -150,13 +150,27 @@ def cells_from_detections(detections: dict, shape: tuple[int, int], min_score: f
     height, width = shape
     if not groups:
         return np.zeros(shape, np.uint16), np.zeros((0, NUM_CLASSES), np.float32)
-    # paste each cell's (best detection's) probability map at full size; overlaps go to the larger value
-    probs = np.stack([cv2.resize(detections["masks"][g[0]], (width, height), interpolation=cv2.INTER_LINEAR)
-                      for g in groups])
-    best = probs.argmax(axis=0)
-    labels = np.where(probs.max(axis=0) > 0.5, best + 1, 0).astype(np.uint16)
+    # Paste each cell's best probability map back at full size, only over its box (never a
+    # full-size map per detection); where cells overlap the more probable one wins.
+    size_y, size_x = detections["masks"].shape[1:]
+    scale_y, scale_x = height / size_y, width / size_x
+    best = np.zeros(shape, np.float32)
+    labels = np.zeros(shape, np.uint16)
+    for k, group in enumerate(groups, start=1):
+        prob = detections["masks"][group[0]]
+        ys, xs = np.nonzero(binary[group[0]])
+        y0, y1 = max(ys.min() - 1, 0), min(ys.max() + 2, size_y)
+        x0, x1 = max(xs.min() - 1, 0), min(xs.max() + 2, size_x)
+        Y0, Y1 = int(y0 * scale_y), min(int(np.ceil(y1 * scale_y)), height)
+        X0, X1 = int(x0 * scale_x), min(int(np.ceil(x1 * scale_x)), width)
+        crop = cv2.resize(prob[y0:y1, x0:x1], (X1 - X0, Y1 - Y0), interpolation=cv2.INTER_LINEAR)
+        region = best[Y0:Y1, X0:X1]
+        take = (crop > 0.5) & (crop > region)
+        region[take] = crop[take]
+        labels[Y0:Y1, X0:X1][take] = k
     conf = np.stack([detections["class_scores"][g].max(axis=0) for g in groups]).astype(np.float32)
-    present = [k for k in range(1, len(groups) + 1) if (labels == k).any()]
+    counts = np.bincount(labels.ravel(), minlength=len(groups) + 1)
+    present = [k for k in range(1, len(groups) + 1) if counts[k]]
     remap = np.zeros(len(groups) + 1, np.uint16)
     remap[present] = np.arange(1, len(present) + 1)
     return remap[labels], conf[[k - 1 for k in present]]
@@ -164,15 +178,17 @@ def cells_from_detections(detections: dict, shape: tuple[int, int], min_score: f
 
 def image_result(image_id: str, cells: np.ndarray, conf: np.ndarray, *, only_positive: bool = False) -> dict:
     """Per-image record: each cell's mask encoded once, its bbox, area and 19 confidences."""
+    from scipy import ndimage
+
     out = []
-    ids = [k for k in range(1, int(cells.max()) + 1)]
-    for k, row in zip(ids, conf, strict=True):
-        mask = cells == k
-        if not mask.any():
-            continue
-        ys, xs = np.nonzero(mask)
-        out.append({"cell": k, "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
-                    "area": int(mask.sum()), "mask": encode_mask(mask), "conf": [round(float(c), 6) for c in row]})
+    boxes = ndimage.find_objects(cells.astype(np.int32), max_label=int(cells.max()))
+    for k, (box, row) in enumerate(zip(boxes, conf, strict=True), start=1):
+        if box is None:
+            continue  # an id with no pixel
+        mask = np.zeros(cells.shape, dtype=bool)
+        mask[box] = cells[box] == k
+        out.append({"cell": k, "bbox": [box[1].start, box[0].start, box[1].stop, box[0].stop],
+                    "area": int(mask[box].sum()), "mask": encode_mask(mask), "conf": [round(float(c), 6) for c in row]})
     return {"image_id": image_id, "height": int(cells.shape[0]), "width": int(cells.shape[1]),
             "only_positive": only_positive, "cells": out}
 
