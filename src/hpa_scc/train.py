@@ -105,13 +105,16 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -
                              fused=device.type == "cuda")
 
 
-def _setup_logging(run_dir: Path, info: DistInfo) -> None:
+def _setup_logging(run_dir: Path, info: DistInfo) -> logging.Handler | None:
+    """Rank 0 logs INFO to RUN_DIR/train.log (appending across resumes); other ranks warnings only."""
     root = logging.getLogger("hpa_scc")
     root.setLevel(logging.INFO if info.is_main else logging.WARNING)
-    if info.is_main and not any(isinstance(h, logging.FileHandler) for h in root.handlers):
-        handler = logging.FileHandler(run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        root.addHandler(handler)
+    if not info.is_main:
+        return None
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    return handler
 
 
 class MetricsLog:
@@ -155,7 +158,7 @@ def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
         torch.backends.cudnn.benchmark = True
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _setup_logging(run_dir, info)
+    log_handler = _setup_logging(run_dir, info)
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
     random.seed(cfg.train.seed + info.rank)
@@ -220,8 +223,7 @@ def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
     def on_signal(signum, _frame):
         stop["signal"] = signum  # acted on after the current step: never save a half-updated model
 
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM)}
 
     def state_dict(epoch: int, step_in_epoch: int) -> dict:
         return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -286,6 +288,11 @@ def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
             barrier(info)
     finally:
         metrics.close()
-    log.info("done: %s", run_dir)
+        for sig, handler in previous.items():  # a notebook or test process keeps its own handlers
+            signal.signal(sig, handler)
+        log.info("done: %s", run_dir)
+        if log_handler is not None:
+            logging.getLogger("hpa_scc").removeHandler(log_handler)
+            log_handler.close()
     cleanup(info)
     return unwrap(model)
