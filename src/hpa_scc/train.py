@@ -286,11 +286,11 @@ def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
                 if (epoch + 1) % cfg.train.save_every_epochs == 0:
                     save_checkpoint(run_dir / f"epoch_{epoch + 1:04d}.pt", state_dict(epoch + 1, 0))
             barrier(info)
+        log.info("done: %s", run_dir)
     finally:
         metrics.close()
         for sig, handler in previous.items():  # a notebook or test process keeps its own handlers
             signal.signal(sig, handler)
-        log.info("done: %s", run_dir)
         if log_handler is not None:
             logging.getLogger("hpa_scc").removeHandler(log_handler)
             log_handler.close()
