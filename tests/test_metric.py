@@ -277,7 +277,8 @@ def test_matches_a_pixel_reference_on_random_images():
 
 def test_pr_plot_with_a_class_never_detected(tmp_path):
     """A class with truth but no detection has AP 0 and no curve; the plot is still written."""
-    from hpa_scc.metric import evaluate, plot_pr_curves
+    from hpa_scc.metric import evaluate
+    from hpa_scc.visualize import plot_pr_curves
     from hpa_scc.submission import SubmissionRow, encode_mask
 
     mask = np.zeros((10, 10), bool)

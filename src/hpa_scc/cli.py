@@ -265,6 +265,37 @@ def _run_evaluate(args) -> int:
     return 0
 
 
+def _add_visualize(sub) -> None:
+    p = sub.add_parser(
+        "visualize", help="overlays, per-class AP, PR curves and training curves as PNG",
+        description="Draw a prediction folder (the output of 'predict'): per image, the RGB composite with cell "
+                    "outlines and each cell's top labels, beside the truth on a synthetic set; with --solution, "
+                    "per-class AP bars and PR curves; with --run, the training curves from metrics.jsonl.")
+    p.add_argument("pred_dir", type=Path, help="output folder of 'predict'")
+    p.add_argument("data_dir", type=Path, help="the images that were predicted")
+    p.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
+    p.add_argument("--run", type=Path, default=None, help="training run folder: adds training_curves.png")
+    p.add_argument("--solution", type=Path, default=None,
+                   help="truth CSV to score against (default: DATA_DIR/solution.csv when it exists)")
+    p.add_argument("--images", type=int, default=4, help="number of overlays (default: 4)")
+    p.add_argument("--top-k", type=int, default=2, help="labels captioned per cell (default: 2)")
+    p.set_defaults(func=_run_visualize)
+
+
+def _run_visualize(args) -> int:
+    from hpa_scc.visualize import visualize_main
+
+    solution = args.solution
+    if solution is None and (args.data_dir / "solution.csv").is_file():
+        solution = args.data_dir / "solution.csv"
+    written = visualize_main(args.pred_dir, args.data_dir, args.out, run_dir=args.run, solution=solution,
+                             n=args.images, top_k=args.top_k)
+    for key, value in written.items():
+        for path in value if isinstance(value, list) else [value]:
+            print(f"{key:<16} {path}")
+    return 0
+
+
 def _demo_predict(args, run_dir: Path) -> None:
     """Demo step 5: a held-out synthetic test set, predicted and scored next to both baselines."""
     from hpa_scc.metric import evaluate_files
@@ -284,7 +315,12 @@ def _demo_predict(args, run_dir: Path) -> None:
         submission = predict_folder(data_dir=test, out_dir=out, progress=not args.quiet, **options)
         result = evaluate_files(test / "solution.csv", submission, out / "metrics.json", out / "pr_curves.png")
         print(f"{name:<40}{result.mAP:>10.4f}")
-    print(f"submissions, cells.csv, metrics.json and PR curves under {args.out / 'predict'}")
+    from hpa_scc.visualize import visualize_main
+
+    figures = visualize_main(args.out / "predict" / "model", test, args.out / "figures", run_dir=run_dir,
+                             solution=test / "solution.csv", n=4)
+    print(f"submissions, cells.csv, metrics.json and PR curves under {args.out / 'predict'}; "
+          f"{len(figures['overlays'])} overlays, per-class AP and training curves under {args.out / 'figures'}")
 
 
 def _add_demo(sub) -> None:
@@ -355,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hpa_scc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    for add in (_add_demo, _add_synth, _add_cache, _add_split, _add_segment, _add_prepare, _add_train, _add_predict, _add_evaluate):
+    for add in (_add_demo, _add_synth, _add_cache, _add_split, _add_segment, _add_prepare, _add_train, _add_predict, _add_evaluate, _add_visualize):
         add(sub)
     for command in sub.choices.values():
         command.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -43,7 +43,7 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from hpa_scc.constants import CLASS_NAMES, NUM_CLASSES
-from hpa_scc.fileio import atomic_path, write_text_atomic
+from hpa_scc.fileio import write_text_atomic
 from hpa_scc.submission import SubmissionRow, read_submission
 
 IOU_THRESHOLD = 0.6  # the competition's mask IoU for a match
@@ -275,32 +275,6 @@ def format_result(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
-def plot_pr_curves(result: EvalResult, path: str | os.PathLike) -> None:
-    """PR curves (precision envelope, the one AP integrates), one per class with truth, as PNG."""
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 7))
-    FigureCanvasAgg(fig)  # Agg without touching pyplot's global backend
-    ax = fig.subplots()
-    cmap = matplotlib.colormaps["tab20"]
-    for c in result.classes_scored():
-        recall, precision = result.pr_curves[c]
-        if not precision.size:
-            continue  # a class with truth but no detection: AP 0, no curve to draw
-        envelope = np.maximum.accumulate(precision[::-1])[::-1]
-        ax.step(np.concatenate([[0.0], recall]), np.concatenate([envelope[:1], envelope]), where="pre",
-                color=cmap(c % 20), label=f"{c} {CLASS_NAMES[c]} (AP {result.per_class_ap[c]:.3f})")
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
-           title=f"mask IoU >= {result.iou_threshold:g}: mAP {result.mAP:.4f}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-
-
 def evaluate_files(solution_csv: str | os.PathLike, submission_csv: str | os.PathLike,
                    out_json: str | os.PathLike | None = None, plot_png: str | os.PathLike | None = None,
                    iou_threshold: float = IOU_THRESHOLD) -> EvalResult:
@@ -310,5 +284,7 @@ def evaluate_files(solution_csv: str | os.PathLike, submission_csv: str | os.Pat
         payload = {"solution": str(solution_csv), "submission": str(submission_csv), **result.to_dict()}
         write_text_atomic(out_json, json.dumps(payload, indent=2) + "\n")
     if plot_png is not None:
+        from hpa_scc.visualize import plot_pr_curves  # plotting lives with the other figures
+
         plot_pr_curves(result, plot_png)
     return result

@@ -503,7 +503,8 @@ def visualize_main(pred_dir: str | os.PathLike, data_dir: str | os.PathLike, out
 
     pred_dir, out_dir = Path(pred_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path | list[Path]] = {"overlays": prediction_overlays(pred_dir, data_dir, out_dir, n, top_k=top_k)}
+    written: dict[str, Path | list[Path]] = {}
+    written["overlays"] = prediction_overlays(pred_dir, data_dir, out_dir, n, top_k=top_k)
     if run_dir is not None:
         written["training_curves"] = save_figure(plot_training_curves(run_dir), out_dir / "training_curves.png")
     if solution is not None:

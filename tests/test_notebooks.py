@@ -1,0 +1,105 @@
+"""The evaluation notebooks run end to end on a tiny run and draw their figures.
+
+They are executed with nbclient in a kernel of this interpreter, parameters passed through the
+environment variables their first cell reads. Both notebooks use one tiny DenseNet121 run (a
+ResNeXt101 run costs about a minute more on CPU and exercises no other notebook code: the model
+is the run folder's business). The DenseNet notebook predicts (its PRED_DIR is empty); the
+ResNeXt notebook gets a PRED_DIR that already holds predictions and must use them as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from nbclient import NotebookClient
+
+from hpa_scc.config import load_config
+from hpa_scc.prepare import prepare_dataset
+from hpa_scc.synth import write_synth_set
+from hpa_scc.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ("Densenet-Eval.ipynb", "Resnext101-Eval.ipynb")
+# jupyter_client starts these argv[0] names as sys.executable (KernelManager.format_kernel_cmd)
+PYTHON_NAMES = {"python", f"python{sys.version_info[0]}", "python%d.%d" % sys.version_info[:2]}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A synthetic set at 256 px and a DenseNet121 run trained for one step at 128 px."""
+    root = tmp_path_factory.mktemp("notebooks")
+    write_synth_set(root / "set", 4, size=256, seed=31, progress=False)
+    prepare_dataset(root / "set", root / "prepared", size=128, n_folds=2, progress=False)
+    train(load_config(None, [f"data.prepared_dir={root / 'prepared'}", "data.image_size=128", "data.workers=0",
+                             f"train.run_dir={root / 'run'}", "train.max_epochs=1", "train.images_per_gpu=2",
+                             "train.max_iters_per_epoch=1", "train.tensorboard=false", "data.max_val_images=1"]),
+          progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def kernel_env(tmp_path_factory):
+    """Make kernel "python3" this interpreter: as installed if it already is, else a temporary spec."""
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    argv0 = spec.argv[0]
+    if argv0 in PYTHON_NAMES or os.path.realpath(argv0) == os.path.realpath(sys.executable):
+        yield
+        return
+    folder = tmp_path_factory.mktemp("jupyter") / "kernels" / "python3"
+    folder.mkdir(parents=True)
+    (folder / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (tests)", "language": "python"}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(folder.parents[1]))  # searched before the user and system folders
+        yield
+
+
+def execute(name: str, cwd: Path) -> nbformat.NotebookNode:
+    nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(cwd)}}).execute()
+    return nb
+
+
+def figures(nb) -> int:
+    return sum("image/png" in out.get("data", {}) for cell in nb.cells if cell.cell_type == "code"
+               for out in cell.outputs)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_without_outputs_and_parameters_first(name):
+    nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code)
+    assert "parameters" in code[0].metadata.get("tags", [])
+    for var in ("HPA_RUN_DIR", "HPA_DATA_DIR", "HPA_PRED_DIR", "HPA_N_IMAGES"):
+        assert var in code[0].source
+    assert nb.metadata.kernelspec.name == "python3"
+
+
+@pytest.mark.slow
+def test_notebooks_execute_and_draw(run, kernel_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("HPA_RUN_DIR", str(run / "run"))
+    monkeypatch.setenv("HPA_DATA_DIR", str(run / "set"))
+    monkeypatch.setenv("HPA_N_IMAGES", "2")
+    pred = tmp_path / "pred"
+    for name in NOTEBOOKS:  # the first predicts into the empty PRED_DIR, the second finds its predictions
+        monkeypatch.setenv("HPA_PRED_DIR", str(pred))
+        before = (pred / "submission.csv").stat().st_mtime_ns if (pred / "submission.csv").exists() else None
+        nb = execute(name, tmp_path)
+        errors = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+                  if out.output_type == "error"]
+        assert not errors, errors
+        # per-class AP, PR curves, training curves and the two images shown
+        assert figures(nb) == 5, name
+        assert (pred / "submission.csv").is_file() and (pred / "eval.json").is_file()
+        assert json.loads((pred / "eval.json").read_text())["mAP"] is not None
+        if before is not None:
+            assert (pred / "submission.csv").stat().st_mtime_ns == before  # existing predictions are used
