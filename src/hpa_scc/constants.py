@@ -31,6 +31,12 @@ CLASS_NAMES: tuple[str, ...] = (
     "Negative",  # 18
 )
 NUM_CLASSES = len(CLASS_NAMES)  # 19
+# Display abbreviations (figure captions), in class order.
+SHORT_CLASS_NAMES: tuple[str, ...] = (
+    "Nucleopl.", "Nuc. membr.", "Nucleoli", "Nucleoli FC", "Nuc. speckles", "Nuc. bodies", "ER", "Golgi",
+    "Int. filam.", "Actin filam.", "Microtub.", "Mit. spindle", "Centrosome", "Plasma membr.", "Mitochond.",
+    "Aggresome", "Cytosol", "Vesicles", "Negative",
+)
 NEGATIVE = 18
 MITOTIC_SPINDLE = 11
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from hpa_scc.constants import CLASS_NAMES, SHORT_CLASS_NAMES
+
 log = logging.getLogger("hpa_scc.visualize")
 
 
@@ -83,38 +85,15 @@ def overlay_outlines(rgb: np.ndarray, labels: np.ndarray, color: Sequence[int] =
 # In a notebook a returned Figure displays itself after ``%matplotlib inline``.
 # ---------------------------------------------------------------------------------------------
 
-# Display abbreviations, keyed by the full names of constants.CLASS_NAMES (a test checks that
-# every class has one), so labels drawn over cells stay short.
-SHORT_NAMES: dict[str, str] = {
-    "Nucleoplasm": "Nucleopl.",
-    "Nuclear membrane": "Nuc. membr.",
-    "Nucleoli": "Nucleoli",
-    "Nucleoli fibrillar center": "Nucleoli FC",
-    "Nuclear speckles": "Nuc. speckles",
-    "Nuclear bodies": "Nuc. bodies",
-    "Endoplasmic reticulum": "ER",
-    "Golgi apparatus": "Golgi",
-    "Intermediate filaments": "Int. filam.",
-    "Actin filaments": "Actin filam.",
-    "Microtubules": "Microtub.",
-    "Mitotic spindle": "Mit. spindle",
-    "Centrosome": "Centrosome",
-    "Plasma membrane": "Plasma membr.",
-    "Mitochondria": "Mitochond.",
-    "Aggresome": "Aggresome",
-    "Cytosol": "Cytosol",
-    "Vesicles and punctate cytosolic patterns": "Vesicles",
-    "Negative": "Negative",
-}
+# Full class name -> its display abbreviation (constants.SHORT_CLASS_NAMES), so labels drawn
+# over cells stay short.
+SHORT_NAMES: dict[str, str] = dict(zip(CLASS_NAMES, SHORT_CLASS_NAMES, strict=True))
 OVERLAY_SUFFIX = "_overlay.png"  # prediction_overlays writes <ID>_overlay.png
 
 
 def short_name(c: int) -> str:
-    """Class index -> a short display name (the full name if no abbreviation is known)."""
-    from hpa_scc.constants import CLASS_NAMES
-
-    name = CLASS_NAMES[c]
-    return SHORT_NAMES.get(name, name)
+    """Class index -> its short display name."""
+    return SHORT_CLASS_NAMES[c]
 
 
 def _new_figure(width_in: float, height_in: float, dpi: int = 100):
