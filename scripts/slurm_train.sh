@@ -9,6 +9,10 @@
 #   HPA_SCC_BIND  extra bind paths for the container (e.g. /data), comma separated
 #   RUN_DIR       run folder; default runs/<job name>-<job id>, so a requeued job finds its last.pt
 #   GPUS          GPUs per node to use; default: what SLURM gave this node (0 = CPU)
+#   NPROC         processes per node for torchrun; default: GPUS (at least 1)
+# Launch: a job of several tasks (sbatch --ntasks=N / --ntasks-per-node=G) runs one rank per task
+# through srun (ranks from SLURM_PROCID); a one-task job with several GPUs or nodes runs
+# torchrun on each node with a rendezvous on the first; otherwise one plain process.
 set -uo pipefail
 REPO=${HPA_SCC_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 cd "$REPO" || exit 1
@@ -20,7 +24,8 @@ JOB_ID=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-local}}
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-train}-${JOB_ID}}
 GPUS=${GPUS:-${SLURM_GPUS_ON_NODE:-0}}
 NNODES=${SLURM_NNODES:-1}
-NPROC=$(( GPUS > 0 ? GPUS : 1 ))
+NPROC=${NPROC:-$(( GPUS > 0 ? GPUS : 1 ))}
+NTASKS=${SLURM_NTASKS:-1}
 
 if [ -n "${HPA_SCC_SIF:-}" ]; then
     PYTHON=(singularity exec --nv --bind "$REPO${HPA_SCC_BIND:+,$HPA_SCC_BIND}" "$HPA_SCC_SIF" python)
@@ -31,17 +36,22 @@ DEVICE=cpu
 [ "$GPUS" -gt 0 ] && DEVICE=cuda
 ARGS=(-m hpa_scc train "$CONFIG" "train.run_dir=$RUN_DIR" "train.device=$DEVICE" "$@")
 
-if [ "$NNODES" -gt 1 ] || [ "$NPROC" -gt 1 ]; then
+HEAD=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1)
+if [ "$NTASKS" -gt 1 ]; then
+    # One rank per SLURM task: hpa_scc.distributed reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID.
+    export MASTER_ADDR=${HEAD:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))}
+    LAUNCH=(srun --kill-on-bad-exit=1 "${PYTHON[@]}" "${ARGS[@]}")
+    NPROC=$NTASKS
+elif [ "$NNODES" -gt 1 ] || [ "$NPROC" -gt 1 ]; then
     # One torchrun per node (srun), NPROC processes each, rendezvous on the first node.
-    HEAD=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
     LAUNCH=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${PYTHON[@]}" -m torch.distributed.run
-            --nnodes "$NNODES" --nproc-per-node "$NPROC" --rdzv-backend c10d --rdzv-endpoint "$HEAD:29500"
+            --nnodes "$NNODES" --nproc-per-node "$NPROC" --rdzv-backend c10d --rdzv-endpoint "${HEAD:-localhost}:29500"
             --rdzv-id "$JOB_ID" "${ARGS[@]:1}")
 else
     LAUNCH=("${PYTHON[@]}" "${ARGS[@]}")
 fi
 
-echo "job $JOB_ID restart ${SLURM_RESTART_COUNT:-0}: ${NNODES} node(s) x ${NPROC} process(es) -> $RUN_DIR"
+echo "job $JOB_ID restart ${SLURM_RESTART_COUNT:-0}: ${NNODES} node(s), ${NPROC} process(es) in all -> $RUN_DIR"
 echo "+ ${LAUNCH[*]}"
 # The trainer saves last.pt and exits 75 on SIGUSR1/SIGTERM; forward the batch shell's signal
 # (sbatch --signal=B:USR1@300) to it, then requeue: the next start resumes from last.pt.

@@ -1,6 +1,8 @@
 """A resized uint8 copy of a data set that the training loader reads with almost no work.
 
     python -m hpa_scc cache DATA_DIR OUT_DIR --size 512 --workers 8
+    python -m hpa_scc cache DATA_DIR OUT_DIR --size 512 --shard 0/4    # one of 4 job array tasks ...
+    python -m hpa_scc cache DATA_DIR OUT_DIR --size 512 --merge        # ... then gather their logs
 
 Layout of OUT_DIR:
     cache.json          what the cache holds: size, channels, format version
@@ -11,15 +13,21 @@ Layout of OUT_DIR:
 Decoding four full-size PNGs and resizing them costs ~0.1 s per 2048 px image; a cached
 sample is a single memory-mapped read. Each image is written atomically, so an interrupted
 run is resumed by running the same command again: finished images are skipped.
+
+Sharded (``shard=(I, N)``, see hpa_scc.shard): task I caches only its images and writes
+index-shard<I>of<N>.csv and failures-shard<I>of<N>.csv instead of index.csv and failures.csv;
+``merge_cache`` then writes those two exactly as an unsharded run does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import multiprocessing as mp
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +37,7 @@ from tqdm import tqdm
 from hpa_scc.constants import format_labels, parse_labels
 from hpa_scc.fileio import atomic_path, write_npy_atomic, write_text_atomic
 from hpa_scc.images import ImageReadError, ImageRecord, channel_names, find_images, read_image, resize
+from hpa_scc.shard import Shard, check_shard, missing_message, read_shard_failures, select_shard, shard_suffix
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
@@ -40,6 +49,8 @@ class CacheReport:
     written: int = 0
     skipped_existing: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (image id, error)
+    failures_file: str = "failures.csv"
+    extra: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [
@@ -47,9 +58,9 @@ class CacheReport:
             f"{len(self.failures)} failed"
         ]
         if self.failures:
-            lines.append(f"failed inputs are listed in {self.out_dir / 'failures.csv'}; first ones:")
+            lines.append(f"failed inputs are listed in {self.out_dir / self.failures_file}; first ones:")
             lines += [f"  {image_id}: {error}" for image_id, error in self.failures[:5]]
-        return "\n".join(lines)
+        return "\n".join(lines + self.extra)
 
 
 def cache_path(out_dir: str | os.PathLike, image_id: str) -> Path:
@@ -66,17 +77,34 @@ def _is_cached(path: Path, shape: tuple[int, ...]) -> bool:
 
 
 def check_settings(out_dir: Path, settings: dict, name: str = "cache.json") -> None:
-    """Record ``settings`` in ``out_dir/name``, or fail if the folder was made with others."""
-    meta = out_dir / name
-    if meta.is_file():
-        old = json.loads(meta.read_text())
-        if {k: old.get(k) for k in settings} != settings:
-            raise ValueError(
-                f"{out_dir} was made with {old}, not {settings}; "
-                "use another OUT_DIR (or delete this one) to run with other settings"
-            )
-    else:
-        write_text_atomic(meta, json.dumps(settings, indent=2) + "\n")
+    """Record ``settings`` in ``out_dir/name``, or fail if the folder was made with others.
+
+    Safe when several processes (the tasks of a job array) start on one folder at once: the file
+    is created by a hard link from a finished temporary file, which fails if the name exists, so
+    the first writer wins and every other one compares its settings with the winner's.
+    """
+    meta = Path(out_dir) / name
+    if not meta.is_file():
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=meta.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(settings, indent=2) + "\n")
+            try:
+                os.link(tmp, meta)  # atomic create-if-absent
+            except FileExistsError:
+                pass  # another process was first: compare with its settings below
+            except OSError:  # a file system without hard links: last writer wins
+                write_text_atomic(meta, json.dumps(settings, indent=2) + "\n")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    old = json.loads(meta.read_text())
+    if {k: old.get(k) for k in settings} != settings:
+        raise ValueError(
+            f"{out_dir} was made with {old}, not {settings}; "
+            "use another OUT_DIR (or delete this one) to run with other settings"
+        )
 
 
 def _cache_one(job: tuple[ImageRecord, str, int, str]) -> tuple[str, tuple[int, int] | None, str | None]:
@@ -99,16 +127,24 @@ def _init_worker() -> None:
 
 def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size: int = 512,
                 channels: str = "rgby", workers: int = 1, labels_csv: str | os.PathLike | None = None,
-                progress: bool = True) -> CacheReport:
-    """Cache every image of ``data_dir`` (any layout ``find_images`` reads) into ``out_dir``."""
+                progress: bool = True, shard: Shard | None = None) -> CacheReport:
+    """Cache every image of ``data_dir`` (any layout ``find_images`` reads) into ``out_dir``.
+
+    ``shard=(I, N)``: only the images of shard I, with this shard's own index and failure log
+    (index-shard<I>of<N>.csv, failures-shard<I>of<N>.csv); ``merge_cache`` gathers them.
+    """
     out_dir = Path(out_dir)
     if size < 16:
         raise ValueError(f"--size {size} is too small; use at least 16 px (512 is the usual training size)")
+    check_shard(shard)
     n_channels = len(channel_names(channels))
     check_settings(out_dir, {"format": CACHE_FORMAT, "size": size, "channels": channels})
-    records = find_images(data_dir, labels_csv)
+    records = select_shard(find_images(data_dir, labels_csv), shard)
+    suffix = shard_suffix(shard)
     old_index = _read_index(out_dir / "index.csv")
-    report = CacheReport(out_dir)
+    if shard is not None:
+        old_index.update(_read_index(out_dir / f"index{suffix}.csv"))
+    report = CacheReport(out_dir, failures_file=f"failures{suffix}.csv")
 
     sizes: dict[str, tuple[int, int]] = {}
     todo = []
@@ -131,12 +167,50 @@ def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size
     finally:
         bar.close()
         # Written even when interrupted, so the next run knows what is finished.
-        write_index(out_dir / "index.csv", records, sizes)
-        _write_failures(out_dir / "failures.csv", errors)
+        write_index(out_dir / f"index{suffix}.csv", records, sizes)
+        _write_failures(out_dir / f"failures{suffix}.csv", errors)
     report.written = len(todo) - len(errors)
     report.failures = sorted(errors.items())
     for image_id, error in report.failures:
         log.warning("skipped %s: %s", image_id, error)
+    if shard is not None:
+        report.extra.append(f"shard {shard[0]}/{shard[1]} done; once every shard has finished, merge them with "
+                            f"'python -m hpa_scc cache DATA_DIR {out_dir} --merge' (writes index.csv)")
+    return report
+
+
+def merge_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                labels_csv: str | os.PathLike | None = None) -> CacheReport:
+    """Gather the shards' index-shard*.csv and failures-shard*.csv into index.csv and failures.csv.
+
+    The result is the same as an unsharded ``build_cache`` of ``data_dir``. Fails, naming them,
+    if some images have neither a cache file nor a failure line (a shard did not finish).
+    """
+    out_dir = Path(out_dir)
+    meta = out_dir / "cache.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"nothing to merge: {meta} not found; run the shards first (--shard I/N)")
+    settings = json.loads(meta.read_text())
+    shape = (len(channel_names(settings["channels"])), settings["size"], settings["size"])
+    records = find_images(data_dir, labels_csv)
+    known = _read_index(out_dir / "index.csv")
+    for part in sorted(out_dir.glob("index-shard*of*.csv")):
+        known.update(_read_index(part))
+    logged, seen = read_shard_failures(out_dir)
+    sizes, errors, missing = {}, {}, []
+    for rec in records:
+        if rec.image_id in known and _is_cached(cache_path(out_dir, rec.image_id), shape):
+            sizes[rec.image_id] = known[rec.image_id]
+        elif rec.image_id in logged:
+            errors[rec.image_id] = logged[rec.image_id]
+        else:
+            missing.append(rec.image_id)
+    if missing:
+        raise ValueError(missing_message(str(out_dir), missing, seen))
+    write_index(out_dir / "index.csv", records, sizes)
+    _write_failures(out_dir / "failures.csv", errors)
+    report = CacheReport(out_dir, skipped_existing=len(sizes), failures=sorted(errors.items()))
+    report.extra.append(f"merged {len(seen)} shard log(s) into {out_dir / 'index.csv'}")
     return report
 
 

@@ -67,14 +67,28 @@ def _add_cache(sub) -> None:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="parallel processes (default: min(8, cores))")
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any input failed")
+    _add_shard_args(p)
     p.set_defaults(func=_run_cache)
 
 
-def _run_cache(args) -> int:
-    from hpa_scc.cache import build_cache
+def _add_shard_args(p) -> None:
+    g = p.add_argument_group("cluster scale (SLURM job arrays)").add_mutually_exclusive_group()
+    g.add_argument("--shard", default=None, metavar="I/N",
+                   help="process only shard I of N (images split by a hash of their id); 'slurm' takes "
+                        "SLURM_ARRAY_TASK_ID/COUNT, e.g. sbatch --array=0-99 prepare.sbatch")
+    g.add_argument("--merge", action="store_true", help="gather the shards' outputs into one result (run once, after all shards)")
 
-    report = build_cache(args.data_dir, args.out_dir, size=args.size, channels=args.channels,
-                         workers=args.workers, labels_csv=args.labels, progress=not args.quiet)
+
+def _run_cache(args) -> int:
+    from hpa_scc.cache import build_cache, merge_cache
+    from hpa_scc.shard import parse_shard
+
+    if args.merge:
+        report = merge_cache(args.data_dir, args.out_dir, labels_csv=args.labels)
+    else:
+        report = build_cache(args.data_dir, args.out_dir, size=args.size, channels=args.channels,
+                             workers=args.workers, labels_csv=args.labels, progress=not args.quiet,
+                             shard=parse_shard(args.shard))
     print(report.summary())
     return 1 if (args.strict and report.failures) else 0
 
@@ -132,15 +146,20 @@ def _add_segment(sub) -> None:
     _add_segmenter_args(p)
     p.add_argument("--labels", type=Path, default=None, help="ID,Label table (default: DATA_DIR/train.csv if present)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
+    _add_shard_args(p)
     p.set_defaults(func=_run_segment)
 
 
 def _run_segment(args) -> int:
-    from hpa_scc.prepare import segment_folder
+    from hpa_scc.prepare import merge_failures, segment_folder
+    from hpa_scc.shard import parse_shard
 
-    report = segment_folder(args.data_dir, args.out_dir, segmenter=args.segmenter,
-                            segmenter_options=_segmenter_options(args), workers=args.workers,
-                            labels_csv=args.labels, progress=not args.quiet)
+    if args.merge:
+        report = merge_failures(args.out_dir, args.data_dir, labels_csv=args.labels)
+    else:
+        report = segment_folder(args.data_dir, args.out_dir, segmenter=args.segmenter,
+                                segmenter_options=_segmenter_options(args), workers=args.workers,
+                                labels_csv=args.labels, progress=not args.quiet, shard=parse_shard(args.shard))
     print(report.summary())
     return 0
 
@@ -167,17 +186,20 @@ def _add_prepare(sub) -> None:
     p.add_argument("--drop-border-cells", action="store_true", help="drop cells cut by the image border")
     p.add_argument("--labels", type=Path, default=None, help="ID,Label table (default: DATA_DIR/train.csv)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
+    _add_shard_args(p)
     p.set_defaults(func=_run_prepare)
 
 
 def _run_prepare(args) -> int:
     from hpa_scc.prepare import prepare_dataset
+    from hpa_scc.shard import parse_shard
 
     report = prepare_dataset(args.data_dir, args.out_dir, size=args.size, segmenter=args.segmenter,
                              segmenter_options=_segmenter_options(args), n_folds=args.folds, seed=args.seed,
                              layout=args.layout, min_cell_area_px=args.min_cell_area_px,
                              drop_border_cells=args.drop_border_cells, workers=args.workers,
-                             labels_csv=args.labels, progress=not args.quiet)
+                             labels_csv=args.labels, progress=not args.quiet, shard=parse_shard(args.shard),
+                             merge_only=args.merge)
     print(report.summary())
     return 0
 

@@ -4,6 +4,10 @@
     python -m hpa_scc prepare DATA_DIR OUT_DIR --size 512 --segmenter builtin --folds 5
     python dataset.py DATA_DIR OUT_DIR --size 512 --segmenter builtin --folds 5     # the same
 
+On a cluster, a SLURM job array splits the images over its tasks (see hpa_scc.shard):
+    sbatch --array=0-15 --wrap "python -m hpa_scc prepare DATA_DIR OUT_DIR --size 512 --shard slurm"
+    python -m hpa_scc prepare DATA_DIR OUT_DIR --size 512 --merge    # after the last task
+
 ``segment`` writes OUT_DIR/<ID>_cells.png and OUT_DIR/<ID>_nuclei.png (uint16, full size).
 ``prepare`` writes, under OUT_DIR:
     prepare.json                     the settings; a rerun with other settings fails
@@ -16,6 +20,11 @@
     failures.csv                     ID,error: one line per skipped image
 An image is finished when its record exists; a rerun skips finished images, so an interrupted
 run is resumed by running the same command again.
+
+A shard (``shard=(I, N)``) does the per-image work of its images only (segmentation, cache,
+records) and writes its failures to failures-shard<I>of<N>.csv (and cache/index-shard<I>of<N>.csv);
+the merge (``merge_prepared``) then writes folds.csv, coco/, coco_truth/, failures.csv and
+cache/index.csv from the records, byte for byte what one unsharded run writes.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from hpa_scc.folds import assign_folds
 from hpa_scc.images import ImageReadError, ImageRecord, find_images, read_image, resize
 from hpa_scc.segment import build_segmenter
 from hpa_scc.segment.precomputed import read_labels
+from hpa_scc.shard import Shard, check_shard, missing_message, read_shard_failures, select_shard, shard_suffix
 from hpa_scc.targets import LAYOUTS, cell_instances, describe_cells, inherit_labels, keep_cells, transfer_labels
 
 log = logging.getLogger(__name__)
@@ -60,12 +70,13 @@ class StepReport:
     skipped_existing: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
+    failures_file: str = "failures.csv"
 
     def summary(self) -> str:
         head = (f"{self.name} {self.out_dir}: {self.written} images done now, "
                 f"{self.skipped_existing} already done, {len(self.failures)} skipped")
         if self.failures:
-            head += f" (listed in {self.out_dir / 'failures.csv'})"
+            head += f" (listed in {self.out_dir / self.failures_file})"
         lines = [head] + [f"  skipped {image_id}: {error}" for image_id, error in self.failures[:5]]
         return "\n".join(lines + self.extra)
 
@@ -150,13 +161,19 @@ def write_failures(path: Path, failures: list[tuple[str, str]]) -> None:
 
 def segment_folder(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, segmenter: str = "builtin",
                    segmenter_options: dict | None = None, workers: int = 1,
-                   labels_csv: str | os.PathLike | None = None, progress: bool = True) -> StepReport:
-    """Segment every image of ``data_dir`` into OUT_DIR/<ID>_{cells,nuclei}.png (resumable)."""
+                   labels_csv: str | os.PathLike | None = None, progress: bool = True,
+                   shard: Shard | None = None) -> StepReport:
+    """Segment every image of ``data_dir`` into OUT_DIR/<ID>_{cells,nuclei}.png (resumable).
+
+    ``shard=(I, N)``: only the images of shard I; failures go to failures-shard<I>of<N>.csv,
+    which ``merge_failures`` gathers into failures.csv.
+    """
     out_dir = Path(out_dir)
+    check_shard(shard)
     out_dir.mkdir(parents=True, exist_ok=True)
     build_segmenter(segmenter, **(segmenter_options or {}))  # fail now, not in every worker
-    records = find_images(data_dir, labels_csv)
-    report = StepReport("segment", out_dir)
+    records = select_shard(find_images(data_dir, labels_csv), shard)
+    report = StepReport("segment", out_dir, failures_file=f"failures{shard_suffix(shard)}.csv")
     settings = {"out_dir": str(out_dir)}
     for image_id, now, error in _run_pool(_segment_job, records, segmenter, segmenter_options or {}, settings,
                                           workers, "segment", progress):
@@ -168,8 +185,46 @@ def segment_folder(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
         else:
             report.skipped_existing += 1
     report.failures.sort()
-    write_failures(out_dir / "failures.csv", report.failures)
+    write_failures(out_dir / report.failures_file, report.failures)
+    if shard is not None:
+        report.extra.append(_merge_hint("segment", out_dir, shard))
     return report
+
+
+def merge_failures(out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None, *,
+                   labels_csv: str | os.PathLike | None = None) -> StepReport:
+    """Gather a sharded ``segment`` run's failures-shard*.csv into OUT_DIR/failures.csv.
+
+    A failure line of an image that has its label images now (a later rerun segmented it) is
+    dropped. With ``data_dir``: fails, naming them, if some of its images have neither label
+    images nor a failure line (a shard did not finish).
+    """
+    out_dir = Path(out_dir)
+    logged, seen = read_shard_failures(out_dir)
+    if data_dir is not None:
+        ids = [r.image_id for r in find_images(data_dir, labels_csv)]
+    else:
+        ids = sorted(logged)
+    report = StepReport("merge segment", out_dir)
+    missing = []
+    for image_id in ids:
+        if all(p.is_file() for p in seg_paths(out_dir, image_id)):
+            report.skipped_existing += 1
+        elif image_id in logged:
+            report.failures.append((image_id, logged[image_id]))
+        else:
+            missing.append(image_id)
+    if missing:
+        raise ValueError(missing_message(str(out_dir), missing, seen))
+    report.failures.sort()
+    write_failures(out_dir / "failures.csv", report.failures)
+    report.extra.append(f"  merged {len(seen)} shard failure log(s) into {out_dir / 'failures.csv'}")
+    return report
+
+
+def _merge_hint(step: str, out_dir: Path, shard: Shard) -> str:
+    return (f"  shard {shard[0]}/{shard[1]} done. Once every shard has finished, merge them: "
+            f"python -m hpa_scc {step} DATA_DIR {out_dir} <the same options> --merge")
 
 
 # --- prepare: segment + cache + per-image record -------------------------------------------------
@@ -279,35 +334,52 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
                     segmenter: str = "builtin", segmenter_options: dict | None = None, n_folds: int = 5,
                     seed: int = 0, layout: str = "per_label", min_cell_area_px: int = 0,
                     drop_border_cells: bool = False, workers: int = 1,
-                    labels_csv: str | os.PathLike | None = None, progress: bool = True) -> StepReport:
-    """Segment, cache and turn ``data_dir`` into pseudo-labelled COCO files under ``out_dir``."""
+                    labels_csv: str | os.PathLike | None = None, progress: bool = True,
+                    shard: Shard | None = None, merge_only: bool = False) -> StepReport:
+    """Segment, cache and turn ``data_dir`` into pseudo-labelled COCO files under ``out_dir``.
+
+    ``shard=(I, N)``: the per-image work of shard I only, no COCO files (see the module text).
+    ``merge_only``: no per-image work; check the settings against prepare.json, then
+    ``merge_prepared`` the finished shards.
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
     if size < 16:
         raise ValueError(f"--size {size} is too small; use at least 16 px (512 is the usual training size)")
+    check_shard(shard)
+    if merge_only and shard is not None:
+        raise ValueError("--merge gathers every shard; give it without --shard")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     records = find_images(data_dir, labels_csv)
     unlabelled = [r.image_id for r in records if not r.labels]
     if unlabelled:
         raise ValueError(f"prepare needs image labels, and {len(unlabelled)} image(s) have none (e.g. "
                          f"{unlabelled[0]}); give DATA_DIR/train.csv or --labels, or use 'segment' for unlabelled images")
-    build_segmenter(segmenter, **(segmenter_options or {}))  # fail now, not in every worker
+    if merge_only and not (out_dir / "prepare.json").is_file():
+        raise FileNotFoundError(f"nothing to merge: {out_dir / 'prepare.json'} not found; run the shards first "
+                                "(the same command with --shard I/N instead of --merge)")
+    if not merge_only:
+        build_segmenter(segmenter, **(segmenter_options or {}))  # fail now, not in every worker
     out_dir.mkdir(parents=True, exist_ok=True)
     check_settings(out_dir, {"format": PREPARE_FORMAT, "size": size, "segmenter": segmenter, "layout": layout,
                              "min_cell_area_px": min_cell_area_px, "drop_border_cells": drop_border_cells,
                              "folds": n_folds, "seed": seed}, name="prepare.json")
     check_settings(out_dir / "cache", {"format": 1, "size": size, "channels": "rgby"})
-    is_synthetic = (data_dir / "cells.csv").is_file() and (data_dir / "masks").is_dir()
+    if merge_only:
+        return merge_prepared(data_dir, out_dir, labels_csv=labels_csv)
+    is_synthetic = _is_synthetic(data_dir)
     settings = {"out_dir": str(out_dir), "size": size, "min_cell_area_px": min_cell_area_px,
                 "drop_border_cells": drop_border_cells}
     if is_synthetic:
         settings.update(truth_dir=str(data_dir), true_labels=read_true_cell_labels(data_dir))
 
-    report = StepReport("prepare", out_dir)
-    done = {r.image_id for r in records if (out_dir / "records" / f"{r.image_id}.json").is_file()}
+    todo = select_shard(records, shard)
+    suffix = shard_suffix(shard)
+    report = StepReport("prepare", out_dir, failures_file=f"failures{suffix}.csv")
+    done = {r.image_id for r in todo if (out_dir / "records" / f"{r.image_id}.json").is_file()}
     results: dict[str, dict] = {}
     try:
-        for image_id, result, error in _run_pool(_prepare_job, records, segmenter, segmenter_options or {},
+        for image_id, result, error in _run_pool(_prepare_job, todo, segmenter, segmenter_options or {},
                                                  settings, workers, f"prepare {size}px", progress):
             if error:
                 report.failures.append((image_id, error))
@@ -316,12 +388,71 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
                 results[image_id] = result
     finally:
         report.failures.sort()
-        write_failures(out_dir / "failures.csv", report.failures)
-        write_index(out_dir / "cache" / "index.csv", [r for r in records if r.image_id in results],
-                    {i: (rec["orig_height"], rec["orig_width"]) for i, rec in results.items()})
+        _write_logs(out_dir, todo, results, report.failures, suffix)
     report.skipped_existing = len(done & results.keys())
     report.written = len(results) - report.skipped_existing
+    if shard is not None:
+        report.extra.append(_merge_hint("prepare", out_dir, shard))
+        return report
+    _write_coco(data_dir, out_dir, records, results, report, size=size, segmenter=segmenter, n_folds=n_folds,
+                seed=seed, layout=layout)
+    return report
 
+
+def merge_prepared(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                   labels_csv: str | os.PathLike | None = None) -> StepReport:
+    """Gather the records and failure logs of a sharded ``prepare`` into its dataset files.
+
+    Writes folds.csv, coco/, coco_truth/, failures.csv and cache/index.csv with the settings of
+    OUT_DIR/prepare.json, byte for byte what one unsharded run writes. Fails, naming them, if
+    some images have neither a record nor a line in a shard's failure log (a shard did not finish).
+    """
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    meta = out_dir / "prepare.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"nothing to merge: {meta} not found; run the shards first (--shard I/N)")
+    s = json.loads(meta.read_text())
+    records = find_images(data_dir, labels_csv)
+    logged, seen = read_shard_failures(out_dir)
+    report = StepReport("merge prepare", out_dir)
+    results: dict[str, dict] = {}
+    missing = []
+    for rec in records:
+        try:
+            results[rec.image_id] = json.loads((out_dir / "records" / f"{rec.image_id}.json").read_text())
+            continue
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass  # damaged records are redone by a rerun, as missing ones
+        if rec.image_id in logged:
+            report.failures.append((rec.image_id, logged[rec.image_id]))
+        else:
+            missing.append(rec.image_id)
+    if missing:
+        raise ValueError(missing_message(str(out_dir), missing, seen))
+    report.failures.sort()
+    report.skipped_existing = len(results)
+    _write_logs(out_dir, records, results, report.failures, "")
+    _write_coco(data_dir, out_dir, records, results, report, size=s["size"], segmenter=s["segmenter"],
+                n_folds=s["folds"], seed=s["seed"], layout=s["layout"])
+    report.extra.append(f"  merged the records of {len(results)} images and {len(seen)} shard failure log(s)")
+    return report
+
+
+def _is_synthetic(data_dir: Path) -> bool:
+    return (data_dir / "cells.csv").is_file() and (data_dir / "masks").is_dir()
+
+
+def _write_logs(out_dir: Path, records: list[ImageRecord], results: dict[str, dict],
+                failures: list[tuple[str, str]], suffix: str) -> None:
+    """failures<suffix>.csv and cache/index<suffix>.csv of the images of ``records``."""
+    write_failures(out_dir / f"failures{suffix}.csv", failures)
+    write_index(out_dir / "cache" / f"index{suffix}.csv", [r for r in records if r.image_id in results],
+                {i: (rec["orig_height"], rec["orig_width"]) for i, rec in results.items()})
+
+
+def _write_coco(data_dir: Path, out_dir: Path, records: list[ImageRecord], results: dict[str, dict],
+                report: StepReport, *, size: int, segmenter: str, n_folds: int, seed: int, layout: str) -> None:
+    """folds.csv and the COCO files of every fold, from the records of all images of ``data_dir``."""
     # Folds come from the whole label table, so a skipped image never moves the others.
     folds = assign_folds([r.labels for r in records], n_folds, seed) if n_folds > 1 else np.zeros(len(records), int)
     with atomic_path(out_dir / "folds.csv", ".csv") as tmp, open(tmp, "w", newline="") as fh:
@@ -333,7 +464,7 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     for index, (rec, fold) in enumerate(zip(records, folds, strict=True)):
         if rec.image_id in results:
             ordered.append({**results[rec.image_id], "index": index + 1, "fold": int(fold)})
-    kinds = [("coco", False)] + ([("coco_truth", True)] if is_synthetic else [])
+    kinds = [("coco", False)] + ([("coco_truth", True)] if _is_synthetic(data_dir) else [])
     for folder, truth in kinds:
         for fold in range(max(n_folds, 1)):
             subset = [r for r in ordered if r["fold"] == fold]
@@ -344,4 +475,3 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
             write_text_atomic(path, json.dumps(coco, separators=(",", ":")))
         report.extra.append(f"  {folder}/{layout}/: {max(n_folds, 1)} COCO file(s), "
                             f"{sum(len(r['cells']) for r in ordered)} cells in {len(ordered)} images")
-    return report

@@ -1,0 +1,154 @@
+"""The batch scripts on a real SLURM scheduler: a one-node cluster on localhost that .ci/run
+starts with scripts/slurm_local.sh (tests find it through SLURM_CONF). Skipped, with the reason,
+where no cluster answers. GPU counts are set to zero: this node has none."""
+
+import filecmp
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpa_scc.prepare import prepare_dataset
+from hpa_scc.synth import write_synth_set
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def cluster_up() -> str | None:
+    if not shutil.which("sbatch"):
+        return "SLURM client tools are not installed (bash scripts/slurm_local.sh install)"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out"
+    if out.returncode != 0 or not re.search(r"idle|mixed|allocated", out.stdout):
+        return f"no SLURM cluster answers (start one: bash scripts/slurm_local.sh start DIR; export SLURM_CONF): {out.stderr.strip()}"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def require_cluster():
+    reason = cluster_up()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("slurm")
+    write_synth_set(root / "set", 6, size=256, seed=51, progress=False)
+    prepare_dataset(root / "set", root / "prepared", size=128, n_folds=2, progress=False)
+    return root
+
+
+def submit(*args: str, env: dict | None = None) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", *args], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def job(jid: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", jid], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait(jid: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout=300) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job(jid)
+        if info.get("JobState") in states:
+            return info
+        time.sleep(0.5)
+    raise AssertionError(f"job {jid} still {job(jid).get('JobState')} after {timeout} s")
+
+
+def tiny(prepared: Path, *extra: str) -> list[str]:
+    return [f"data.prepared_dir={prepared / 'prepared'}", "data.image_size=128", "data.workers=0",
+            "data.max_val_images=1", "train.images_per_gpu=1", "train.tensorboard=false", *extra, "-q"]
+
+
+def test_run_model_sbatch_completes(prepared, tmp_path):
+    run = tmp_path / "d121"
+    jid = submit(f"--output={tmp_path}/%j.out", "run-model.sbatch", "configs/smoke.yaml",
+                 *tiny(prepared, "train.max_epochs=1", "train.max_iters_per_epoch=2"), env={"RUN_DIR": str(run)})
+    info = wait(jid)
+    log = (tmp_path / f"{jid}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert state["global_step"] == 2 and (run / "metrics.jsonl").is_file()
+
+
+def test_detectron_sbatch_completes(prepared, tmp_path):
+    run = tmp_path / "r101"
+    jid = submit(f"--output={tmp_path}/%j.out", "detectron_code/run-model.sbatch", "resnet101",
+                 *tiny(prepared, "train.max_epochs=1", "train.max_iters_per_epoch=1", "optim.warmup_iters=1"),
+                 env={"RUN_DIR": str(run)})
+    info = wait(jid)
+    assert info["JobState"] == "COMPLETED", (tmp_path / f"{jid}.out").read_text()
+    saved = torch.load(run / "last.pt", weights_only=False)
+    assert saved["config"]["model"]["backbone"] == "resnet101_fpn" and saved["global_step"] == 1
+
+
+def test_preempted_job_requeues_and_resumes(prepared, tmp_path):
+    run = tmp_path / "pre"
+    jid = submit(f"--output={tmp_path}/%j.out", "run-model.sbatch", "configs/smoke.yaml",
+                 *tiny(prepared, "train.max_epochs=2", "train.max_iters_per_epoch=4", "train.log_every_iters=1"),
+                 env={"RUN_DIR": str(run)})
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and '"train"' in metrics.read_text()):
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", jid], check=True)
+    # the job checkpoints and requeues itself; let it start again at once
+    deadline = time.time() + 120
+    while time.time() < deadline and job(jid).get("Restarts", "0") == "0":
+        time.sleep(0.5)
+    assert job(jid).get("Restarts") == "1", job(jid)
+    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+    info = wait(jid)
+    log = (tmp_path / f"{jid}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log
+    assert "restart 0" in log and "restart 1" in log and "requeueing job" in log
+    train_log = (run / "train.log").read_text()
+    resumed = re.search(r"resumed from .* at epoch (\d+), step (\d+) \(global step (\d+)\)", train_log)
+    assert resumed and int(resumed[3]) >= 1, train_log  # not from step 0
+    per_epoch = int(re.search(r"(\d+) steps per epoch", train_log)[1])
+    final = torch.load(run / "last.pt", weights_only=False)
+    assert final["epoch"] == 2 and final["global_step"] == 2 * per_epoch
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"train"' in line]
+    assert sorted(set(steps)) == list(range(1, 2 * per_epoch + 1))  # every step once: none lost, none redone
+
+
+def test_ddp_through_srun_uses_both_tasks(prepared, tmp_path):
+    run = tmp_path / "ddp"
+    jid = submit("--ntasks=2", "--ntasks-per-node=2", f"--output={tmp_path}/%j.out", "run-model.sbatch",
+                 "configs/smoke.yaml", *tiny(prepared, "train.max_epochs=1", "train.max_iters_per_epoch=1"),
+                 env={"RUN_DIR": str(run)})
+    info = wait(jid)
+    assert info["JobState"] == "COMPLETED", (tmp_path / f"{jid}.out").read_text()
+    assert "2 ranks x 1 images x 1 accumulation = 2 per step" in (run / "train.log").read_text()
+
+
+def test_prepare_job_array_merges_to_the_unsharded_dataset(prepared, tmp_path):
+    data = prepared / "set"
+    options = ["--size", "64", "--segmenter", "builtin", "--folds", "2"]
+    whole = tmp_path / "whole"
+    prepare_dataset(data, whole, size=64, n_folds=2, progress=False)
+    sharded = tmp_path / "sharded"
+    array = submit("--array=0-1", f"--output={tmp_path}/%A_%a.out", "prepare.sbatch", str(data), str(sharded), *options)
+    merge = submit(f"--dependency=afterok:{array}", f"--output={tmp_path}/merge.out", "prepare.sbatch", str(data),
+                   str(sharded), *options, "--merge")
+    info = wait(merge)
+    assert info["JobState"] == "COMPLETED", (tmp_path / "merge.out").read_text()
+    assert len(list(sharded.glob("failures-shard*of2.csv"))) == 2  # both array tasks ran
+    for rel in ("folds.csv", "failures.csv", "cache/index.csv", "coco/per_label/fold0.json",
+                "coco/per_label/fold1.json", "coco_truth/per_label/fold0.json"):
+        assert filecmp.cmp(whole / rel, sharded / rel, shallow=False), rel
