@@ -34,7 +34,11 @@ else
 fi
 DEVICE=cpu
 [ "$GPUS" -gt 0 ] && DEVICE=cuda
-ARGS=(-m hpa_scc train "$CONFIG" "train.run_dir=$RUN_DIR" "train.device=$DEVICE" "$@")
+# '%a' in an override is the array task id, so one script runs a fold per task:
+#   sbatch --array=0-4 run-model.sbatch configs/densenet121.yaml data.val_fold=%a
+OVERRIDES=()
+for arg in "$@"; do OVERRIDES+=("${arg//%a/${SLURM_ARRAY_TASK_ID:-0}}"); done
+ARGS=(-m hpa_scc train "$CONFIG" "train.run_dir=$RUN_DIR" "train.device=$DEVICE" "${OVERRIDES[@]}")
 
 HEAD=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1)
 if [ "$NTASKS" -gt 1 ]; then
