@@ -260,3 +260,21 @@ def test_cache_shards_then_merged_index_equals_one_run(damaged, tmp_path):
     assert_same_files(tmp_path / "whole", out, ["index.csv", "failures.csv", "cache.json"])
     with pytest.raises(ValueError, match="new-image"):
         merge_cache(_with_extra_image(data, tmp_path), out)
+
+
+def test_cli_takes_the_shard_from_the_job_array_unless_told(synth, tmp_path, monkeypatch):
+    """Inside a job array the CLI processes the task's shard; --shard all overrides; --merge gathers."""
+    from hpa_scc.cli import main
+
+    for key in ("SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    for task in ("0", "1"):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", task)
+        assert main(["cache", str(synth), str(tmp_path / "c"), "--size", "32", "--workers", "1", "-q"]) == 0
+    assert sorted(p.name for p in (tmp_path / "c").glob("index-shard*")) == ["index-shard0of2.csv", "index-shard1of2.csv"]
+    assert not (tmp_path / "c" / "index.csv").exists()
+    assert main(["cache", str(synth), str(tmp_path / "c"), "--size", "32", "--merge", "-q"]) == 0
+    assert main(["cache", str(synth), str(tmp_path / "whole"), "--size", "32", "--shard", "all", "--workers", "1",
+                 "-q"]) == 0
+    assert filecmp.cmp(tmp_path / "c" / "index.csv", tmp_path / "whole" / "index.csv", shallow=False)

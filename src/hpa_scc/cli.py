@@ -74,21 +74,33 @@ def _add_cache(sub) -> None:
 def _add_shard_args(p) -> None:
     g = p.add_argument_group("cluster scale (SLURM job arrays)").add_mutually_exclusive_group()
     g.add_argument("--shard", default=None, metavar="I/N",
-                   help="process only shard I of N (images split by a hash of their id); 'slurm' takes "
-                        "SLURM_ARRAY_TASK_ID/COUNT, e.g. sbatch --array=0-99 prepare.sbatch")
+                   help="process only shard I of N (images split by a hash of their id); default: from "
+                        "SLURM_ARRAY_TASK_ID/COUNT inside a job array (sbatch --array=0-99 prepare.sbatch), "
+                        "else all images; 'all' processes every image even inside an array")
     g.add_argument("--merge", action="store_true", help="gather the shards' outputs into one result (run once, after all shards)")
+
+
+def _shard(args) -> tuple[int, int] | None:
+    """--shard I/N, or 'all', or (absent) the job array's task from SLURM's variables."""
+    from hpa_scc.shard import default_shard, parse_shard
+
+    if args.shard == "all":
+        return None
+    shard = parse_shard(args.shard) if args.shard else default_shard()
+    if shard is not None:
+        logging.getLogger("hpa_scc").info("processing shard %d/%d", *shard)
+    return shard
 
 
 def _run_cache(args) -> int:
     from hpa_scc.cache import build_cache, merge_cache
-    from hpa_scc.shard import parse_shard
 
     if args.merge:
         report = merge_cache(args.data_dir, args.out_dir, labels_csv=args.labels)
     else:
         report = build_cache(args.data_dir, args.out_dir, size=args.size, channels=args.channels,
                              workers=args.workers, labels_csv=args.labels, progress=not args.quiet,
-                             shard=parse_shard(args.shard))
+                             shard=_shard(args))
     print(report.summary())
     return 1 if (args.strict and report.failures) else 0
 
@@ -152,14 +164,13 @@ def _add_segment(sub) -> None:
 
 def _run_segment(args) -> int:
     from hpa_scc.prepare import merge_failures, segment_folder
-    from hpa_scc.shard import parse_shard
 
     if args.merge:
         report = merge_failures(args.out_dir, args.data_dir, labels_csv=args.labels)
     else:
         report = segment_folder(args.data_dir, args.out_dir, segmenter=args.segmenter,
                                 segmenter_options=_segmenter_options(args), workers=args.workers,
-                                labels_csv=args.labels, progress=not args.quiet, shard=parse_shard(args.shard))
+                                labels_csv=args.labels, progress=not args.quiet, shard=_shard(args))
     print(report.summary())
     return 0
 
@@ -192,14 +203,13 @@ def _add_prepare(sub) -> None:
 
 def _run_prepare(args) -> int:
     from hpa_scc.prepare import prepare_dataset
-    from hpa_scc.shard import parse_shard
 
     report = prepare_dataset(args.data_dir, args.out_dir, size=args.size, segmenter=args.segmenter,
                              segmenter_options=_segmenter_options(args), n_folds=args.folds, seed=args.seed,
                              layout=args.layout, min_cell_area_px=args.min_cell_area_px,
                              drop_border_cells=args.drop_border_cells, workers=args.workers,
-                             labels_csv=args.labels, progress=not args.quiet, shard=parse_shard(args.shard),
-                             merge_only=args.merge)
+                             labels_csv=args.labels, progress=not args.quiet,
+                             shard=None if args.merge else _shard(args), merge_only=args.merge)
     print(report.summary())
     return 0
 
