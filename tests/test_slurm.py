@@ -67,7 +67,14 @@ def wait(jid: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_
         if info.get("JobState") in states:
             return info
         time.sleep(0.5)
-    raise AssertionError(f"job {jid} still {job(jid).get('JobState')} after {timeout} s")
+    raise AssertionError(f"job {jid} still {job(jid).get('JobState')} after {timeout} s: {job(jid)}\n{controller_log()}")
+
+
+def controller_log(lines: int = 30) -> str:
+    """The end of slurmctld's log, for failure messages."""
+    conf = Path(os.environ.get("SLURM_CONF", "/nonexistent"))
+    path = conf.parent / "log" / "slurmctld.log"
+    return "\n".join(path.read_text().splitlines()[-lines:]) if path.is_file() else "(no slurmctld log)"
 
 
 def tiny(prepared: Path, *extra: str) -> list[str]:
@@ -111,11 +118,17 @@ def test_preempted_job_requeues_and_resumes(prepared, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and job(jid).get("Restarts", "0") == "0":
         time.sleep(0.5)
-    assert job(jid).get("Restarts") == "1", job(jid)
-    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+    assert job(jid).get("Restarts") == "1", f"{job(jid)}\n{controller_log()}"
+    # The first run's end (exit 75) shows briefly as FAILED while the job is requeued: wait until
+    # the second run has started, pushing its start time to now (a requeue waits ~120 s otherwise).
+    out = tmp_path / f"{jid}.out"
+    deadline = time.time() + 240
+    while time.time() < deadline and "restart 1" not in out.read_text():
+        subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+        time.sleep(1)
     info = wait(jid)
-    log = (tmp_path / f"{jid}.out").read_text()
-    assert info["JobState"] == "COMPLETED", log
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED", f"{log}\n{info}\n{controller_log()}"
     assert "restart 0" in log and "restart 1" in log and "requeueing job" in log
     train_log = (run / "train.log").read_text()
     resumed = re.search(r"resumed from .* at epoch (\d+), step (\d+) \(global step (\d+)\)", train_log)
