@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -46,3 +47,28 @@ def kaggle_dir(tmp_path: Path) -> Path:
         rows.append(f"{image_id},{label}")
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     return tmp_path
+
+
+def true_masks_folder(synth: Path, out: Path) -> Path:
+    """A synthetic set's truth laid out as a precomputed segmentation (<ID>_cells.png, <ID>_nuclei.png)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in (synth / "masks").glob("*.png"):
+        shutil.copy(path, out / f"{path.stem}_cells.png")
+        shutil.copy(synth / "nuclei" / path.name, out / f"{path.stem}_nuclei.png")
+    return out
+
+
+def make_tiny_run(root: Path) -> Path:
+    """root/set: 4 synthetic images at 256 px; root/prepared at 128 px; root/run: DenseNet121 after one step."""
+    from hpa_scc.config import load_config
+    from hpa_scc.prepare import prepare_dataset
+    from hpa_scc.synth import write_synth_set
+    from hpa_scc.train import train
+
+    write_synth_set(root / "set", 4, size=256, seed=31, progress=False)
+    prepare_dataset(root / "set", root / "prepared", size=128, n_folds=2, progress=False)
+    train(load_config(None, [f"data.prepared_dir={root / 'prepared'}", "data.image_size=128", "data.workers=0",
+                             f"train.run_dir={root / 'run'}", "train.max_epochs=1", "train.images_per_gpu=2",
+                             "train.max_iters_per_epoch=1", "train.tensorboard=false", "data.max_val_images=1"]),
+          progress=False)
+    return root

@@ -19,10 +19,7 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
-from hpa_scc.config import load_config
-from hpa_scc.prepare import prepare_dataset
-from hpa_scc.synth import write_synth_set
-from hpa_scc.train import train
+from conftest import make_tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("Densenet-Eval.ipynb", "Resnext101-Eval.ipynb")
@@ -33,14 +30,7 @@ PYTHON_NAMES = {"python", f"python{sys.version_info[0]}", "python%d.%d" % sys.ve
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A synthetic set at 256 px and a DenseNet121 run trained for one step at 128 px."""
-    root = tmp_path_factory.mktemp("notebooks")
-    write_synth_set(root / "set", 4, size=256, seed=31, progress=False)
-    prepare_dataset(root / "set", root / "prepared", size=128, n_folds=2, progress=False)
-    train(load_config(None, [f"data.prepared_dir={root / 'prepared'}", "data.image_size=128", "data.workers=0",
-                             f"train.run_dir={root / 'run'}", "train.max_epochs=1", "train.images_per_gpu=2",
-                             "train.max_iters_per_epoch=1", "train.tensorboard=false", "data.max_val_images=1"]),
-          progress=False)
-    return root
+    return make_tiny_run(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
+from conftest import true_masks_folder
 from hpa_scc.images import read_image
 from hpa_scc.prepare import prepare_dataset, segment_folder
 from hpa_scc.segment import build_segmenter
@@ -24,15 +24,6 @@ from hpa_scc.segment.precomputed import read_labels
 from hpa_scc.synth import write_synth_set
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def true_masks_folder(synth: Path, out: Path) -> Path:
-    """The synthetic truth laid out as a precomputed segmentation (<ID>_cells.png, <ID>_nuclei.png)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for path in (synth / "masks").glob("*.png"):
-        shutil.copy(path, out / f"{path.stem}_cells.png")
-        shutil.copy(synth / "nuclei" / path.name, out / f"{path.stem}_nuclei.png")
-    return out
 
 
 @pytest.fixture(scope="module")

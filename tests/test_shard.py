@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import true_masks_folder
 from hpa_scc.cache import build_cache, check_settings, merge_cache
 from hpa_scc.prepare import merge_failures, merge_prepared, prepare_dataset, segment_folder
 from hpa_scc.shard import default_shard, parse_shard, select_shard, shard_of
@@ -23,14 +24,6 @@ from hpa_scc.synth import write_synth_set
 OPTS = {"size": 64, "segmenter": "precomputed", "n_folds": 2, "layout": "per_label", "progress": False}
 MERGED_FILES = ["folds.csv", "failures.csv", "cache/index.csv", "coco/per_label/fold0.json",
                 "coco/per_label/fold1.json", "coco_truth/per_label/fold0.json", "coco_truth/per_label/fold1.json"]
-
-
-def true_masks_folder(synth: Path, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    for path in (synth / "masks").glob("*.png"):
-        shutil.copy(path, out / f"{path.stem}_cells.png")
-        shutil.copy(synth / "nuclei" / path.name, out / f"{path.stem}_nuclei.png")
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hpa_scc.constants import CLASS_NAMES, NUM_CLASSES, parse_labels
+from hpa_scc.constants import NUM_CLASSES
 from hpa_scc.fileio import atomic_path, write_text_atomic
 from hpa_scc.images import ImageReadError, ImageRecord, find_images, read_image, resize
 from hpa_scc.segment import build_segmenter
