@@ -72,3 +72,13 @@ def make_tiny_run(root: Path) -> Path:
                              "train.max_iters_per_epoch=1", "train.tensorboard=false", "data.max_val_images=1"]),
           progress=False)
     return root
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    """A small synthetic set (6 images, 128 px, seed 5) with its truth, shared by a test module."""
+    from hpa_scc.synth import write_synth_set
+
+    out = tmp_path_factory.mktemp("synth") / "set"
+    write_synth_set(out, 6, size=128, seed=5, progress=False)
+    return out

@@ -26,13 +26,6 @@ from hpa_scc.synth import write_synth_set
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "set"
-    write_synth_set(out, 6, size=128, seed=5, progress=False)
-    return out
-
-
 @pytest.fixture
 def synth_copy(synth, tmp_path) -> Path:
     shutil.copytree(synth, tmp_path / "set")

@@ -19,18 +19,10 @@ from conftest import true_masks_folder
 from hpa_scc.cache import build_cache, check_settings, merge_cache
 from hpa_scc.prepare import merge_failures, merge_prepared, prepare_dataset, segment_folder
 from hpa_scc.shard import default_shard, parse_shard, select_shard, shard_of
-from hpa_scc.synth import write_synth_set
 
 OPTS = {"size": 64, "segmenter": "precomputed", "n_folds": 2, "layout": "per_label", "progress": False}
 MERGED_FILES = ["folds.csv", "failures.csv", "cache/index.csv", "coco/per_label/fold0.json",
                 "coco/per_label/fold1.json", "coco_truth/per_label/fold0.json", "coco_truth/per_label/fold1.json"]
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "set"
-    write_synth_set(out, 6, size=128, seed=5, progress=False)
-    return out
 
 
 @pytest.fixture

@@ -76,6 +76,11 @@ def _is_cached(path: Path, shape: tuple[int, ...]) -> bool:
     return array.shape == shape and array.dtype == np.uint8
 
 
+def cache_settings(size: int, channels: str = "rgby") -> dict:
+    """What cache.json records; every writer of a cache (cache, prepare) checks against it."""
+    return {"format": CACHE_FORMAT, "size": size, "channels": channels}
+
+
 def check_settings(out_dir: Path, settings: dict, name: str = "cache.json") -> None:
     """Record ``settings`` in ``out_dir/name``, or fail if the folder was made with others.
 
@@ -138,7 +143,7 @@ def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size
         raise ValueError(f"--size {size} is too small; use at least 16 px (512 is the usual training size)")
     check_shard(shard)
     n_channels = len(channel_names(channels))
-    check_settings(out_dir, {"format": CACHE_FORMAT, "size": size, "channels": channels})
+    check_settings(out_dir, cache_settings(size, channels))
     records = select_shard(find_images(data_dir, labels_csv), shard)
     suffix = shard_suffix(shard)
     old_index = _read_index(out_dir / "index.csv")

@@ -42,7 +42,7 @@ import numpy as np
 from pycocotools import mask as coco_mask
 from tqdm import tqdm
 
-from hpa_scc.cache import cache_path, check_settings, write_index
+from hpa_scc.cache import cache_path, cache_settings, check_settings, write_index
 from hpa_scc.constants import CLASS_NAMES, format_labels
 from hpa_scc.fileio import atomic_path, write_npy_atomic, write_png_atomic, write_text_atomic
 from hpa_scc.folds import assign_folds
@@ -364,7 +364,7 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     check_settings(out_dir, {"format": PREPARE_FORMAT, "size": size, "segmenter": segmenter, "layout": layout,
                              "min_cell_area_px": min_cell_area_px, "drop_border_cells": drop_border_cells,
                              "folds": n_folds, "seed": seed}, name="prepare.json")
-    check_settings(out_dir / "cache", {"format": 1, "size": size, "channels": "rgby"})
+    check_settings(out_dir / "cache", cache_settings(size))
     if merge_only:
         return merge_prepared(data_dir, out_dir, labels_csv=labels_csv)
     is_synthetic = _is_synthetic(data_dir)
