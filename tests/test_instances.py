@@ -34,6 +34,14 @@ def test_per_label_samples(prepared):
     assert rgb.shape == (3, 64, 64) and torch.equal(rgb, image[:3])
 
 
+def test_uint8_samples_hold_the_same_pixels_and_augmentation(prepared):
+    kw = {"augment": True, "seed": 3}
+    f32, t32 = CellInstances(prepared / "per_label", [0, 1], "per_label", **kw)[1]
+    u8, t8 = CellInstances(prepared / "per_label", [0, 1], "per_label", uint8=True, **kw)[1]
+    assert u8.dtype == torch.uint8 and u8.shape == f32.shape
+    assert torch.allclose(u8.float() / 255.0, f32) and torch.equal(t8["masks"], t32["masks"])
+
+
 def test_multilabel_samples(prepared):
     image, target = CellInstances(prepared / "multilabel", [0], "multilabel")[0]
     n = len(target["labels"])

@@ -75,14 +75,19 @@ class TrainConfig:
     max_epochs: int = 12
     images_per_gpu: int = 4
     accumulate_steps: int = 1
-    amp: bool = True  # bf16 autocast where supported (CUDA with bf16); no-op on CPU
+    # The GPU fast path (docs/PERFORMANCE.md); each is a no-op on CPU. Turning all four off gives
+    # plain fp32, the baseline bench/gpu.sh compares against.
+    amp: bool = True  # bf16 autocast where supported (CUDA with bf16)
+    channels_last: bool = True  # NHWC weights and activations: what tensor-core convolutions want
+    tf32: bool = True  # TF32 tensor cores for the fp32 matmuls/convolutions left outside autocast
+    compile: bool = False  # torch.compile the backbone (+FPN): ~1 min of compiling per process first
     seed: int = 0
     val_every_epochs: int = 1
     save_every_epochs: int = 1
     resume: bool = True  # resume from run_dir/last.pt when present
     max_iters_per_epoch: int | None = None  # cap, for smoke tests
     device: str = "auto"  # auto | cpu | cuda
-    log_every_iters: int = 20
+    log_every_iters: int = 20  # on CUDA also how often losses are read back (a host sync) and checked
     tensorboard: bool = True
 
 

@@ -1,7 +1,7 @@
 """Training data: the COCO files that ``prepare`` writes, as torchvision detection samples.
 
     ds = CellInstances("runs/demo/prepared", folds=[1, 2], layout="per_label", augment=True)
-    image, target = ds[0]      # float [4, S, S] in [0, 1]; torchvision target dict
+    image, target = ds[0]      # float [4, S, S] in [0, 1] (uint8=True: uint8 [4, S, S]); torchvision target dict
 
 Targets follow torchvision's contract: ``boxes`` float xyxy [N, 4], ``labels`` int64 [N]
 (0 = background), ``masks`` uint8 [N, S, S]. ``per_label``: one instance per cell and label,
@@ -84,7 +84,8 @@ class CellInstances(Dataset):
 
     def __init__(self, prepared_dir: str | os.PathLike, folds: list[int], layout: str = "per_label", *,
                  truth: bool = False, in_channels: int = 4, augment: bool = False, hflip_prob: float = 0.5,
-                 vflip_prob: float = 0.5, rot90: bool = True, max_images: int | None = None, seed: int = 0):
+                 vflip_prob: float = 0.5, rot90: bool = True, max_images: int | None = None, seed: int = 0,
+                 uint8: bool = False):
         self.prepared_dir = Path(prepared_dir)
         self.layout, self.in_channels, self.augment = layout, in_channels, augment
         self.flips = {"hflip_prob": hflip_prob, "vflip_prob": vflip_prob, "rot90": rot90}
@@ -96,6 +97,7 @@ class CellInstances(Dataset):
         self.images = [img for img in self.coco["images"] if by_image.get(img["id"])][:max_images]
         self.annotations = by_image
         self.seed, self.epoch = seed, 0
+        self.uint8 = uint8  # uint8 images: engine.to_device scales them on the device
 
     def set_epoch(self, epoch: int) -> None:
         """Reseeds the augmentation, so every epoch (and every resumed epoch) is reproducible."""
@@ -111,7 +113,8 @@ class CellInstances(Dataset):
             pixels = np.load(path, mmap_mode="r")[: self.in_channels]
         except (OSError, ValueError) as exc:
             raise OSError(f"cannot read {path} (image {info['image_name']}): {exc}; re-run prepare to rebuild it") from None
-        image = torch.from_numpy(np.array(pixels, dtype=np.float32) / 255.0)
+        pixels = np.array(pixels)  # copies out of the memmap
+        image = torch.from_numpy(pixels) if self.uint8 else torch.from_numpy(pixels.astype(np.float32) / 255.0)
         anns = self.annotations[info["id"]]
         masks = torch.from_numpy(coco_mask.decode([a["segmentation"] for a in anns])).permute(2, 0, 1).contiguous()
         target = {"image_id": info["id"], "masks": masks, "boxes": masks_to_boxes(masks)}
