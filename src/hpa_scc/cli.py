@@ -23,6 +23,8 @@ examples:
   python -m hpa_scc split data/kaggle/train.csv --folds 5 --seed 0 --out data/folds.csv
   python -m hpa_scc segment data/kaggle data/seg --segmenter builtin --workers 8
   python -m hpa_scc prepare data/kaggle data/prepared512 --size 512 --segmenter builtin --folds 5
+  python -m hpa_scc download-public kaggle_2021.tsv data/public --exclude-train --cell-lines kaggle --workers 8
+  python -m hpa_scc merge-tables data/kaggle/train.csv data/public/train.csv --out data/merged.csv
 
 Kaggle data: DATA_DIR holds train.csv (ID,Label) and train/<ID>_{red,green,blue,yellow}.png.
 Run 'python -m hpa_scc COMMAND --help' for a command's options.
@@ -328,6 +330,94 @@ def _run_visualize(args) -> int:
     return 0
 
 
+def _add_download_public(sub) -> None:
+    import textwrap
+
+    text = ("Download the fields of view listed in TABLE (the competition's kaggle_2021.tsv, comma- or "
+            "tab-separated) into OUT_DIR/train/<ID>_{red,green,blue,yellow}.png and write OUT_DIR/train.csv, "
+            "so OUT_DIR is a DATA_DIR for cache and prepare.\n\n"
+            "TABLE columns: Image = URL prefix (files are <prefix>_<color>.tif.gz), Label = HPA location "
+            "names joined by ',', Cellline, in_trainset (True: already in Kaggle's train set), Label_idx "
+            "(optional class indices joined by '|', used only for rows whose names give no class). "
+            "ID = the last two parts of the URL path joined by '_', e.g. 10580_1758_B1_1.\n\n"
+            "Mapping to the 19 classes: the class names themselves (Vesicles -> 17), plus Focal adhesion "
+            "sites -> Actin filaments, Centriolar satellite -> Centrosome, Cell Junctions -> Plasma "
+            "membrane, Peroxisomes/Endosomes/Lysosomes/Lipid droplets/Cytoplasmic bodies -> Vesicles, No "
+            "staining -> Negative; other names are counted, reported and ignored; rows left without a "
+            "class are skipped.\n\n"
+            "Each request has a timeout, is retried with exponential backoff (not after HTTP 400/401/403/"
+            "404/410) and must match its Content-Length, end a valid gzip stream (CRC-32) and decode as "
+            "TIFF. PNGs are written atomically: run the same command again to resume; finished images "
+            "make no request. OUT_DIR/train.csv (ID,Label,source,Cellline,Image) lists the complete "
+            "images of the selection; OUT_DIR/failures.csv (ID,url,reason) the ones that failed this run.")
+    p = sub.add_parser(
+        "download-public", help="download public HPA images (kaggle_2021.tsv) as PNG in the Kaggle layout",
+        description="\n\n".join(textwrap.fill(part, 100) for part in text.split("\n\n")),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("table", type=Path, help="kaggle_2021.tsv (columns Image, Label, Cellline, in_trainset, Label_idx)")
+    p.add_argument("out_dir", type=Path, help="output folder (created): train/, train.csv, failures.csv")
+    g = p.add_argument_group("selection")
+    g.add_argument("--labels", nargs="+", default=None, metavar="CLASS",
+                   help="keep images with at least one of these classes: indices or names, e.g. 11 15 or "
+                        "'Mitotic spindle'")
+    g.add_argument("--cell-lines", nargs="+", default=None, metavar="NAME",
+                   help="keep these cell lines, e.g. 'U-2 OS' A549; 'kaggle' = the 17 lines of the competition")
+    g.add_argument("--exclude-train", action="store_true",
+                   help="drop rows with in_trainset True (already in the Kaggle training set under another ID)")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N selected images (a trial run)")
+    g.add_argument("--dry-run", action="store_true", help="read, map and filter the table and print the counts; "
+                                                          "download nothing")
+    g = p.add_argument_group("output")
+    g.add_argument("--size", type=int, default=None, metavar="PX", help="resize each channel to PX x PX (default: keep the size)")
+    g.add_argument("--bits", choices=["native", "8"], default="native",
+                   help="native: the file's bit depth, 16-bit kept (default); 8: scaled to 8-bit by the 16-bit range")
+    g = p.add_argument_group("network")
+    g.add_argument("--workers", type=int, default=8, metavar="N", help="parallel downloads (threads; default: 8)")
+    g.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds without data before a request is "
+                                                               "abandoned (default: 60)")
+    g.add_argument("--retries", type=int, default=3, metavar="N", help="further attempts after a failed request (default: 3)")
+    g.add_argument("--backoff", type=float, default=1.0, metavar="S", help="seconds before the first retry, doubled for each "
+                                                              "next one (default: 1)")
+    g.add_argument("--base-url", default=None, metavar="URL",
+                   help="replace the scheme and host of every Image prefix (a mirror), e.g. http://mirror/hpa")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 if any image failed")
+    p.set_defaults(func=_run_download_public)
+
+
+def _run_download_public(args) -> int:
+    from hpa_scc.public import DownloadOptions, download_public
+
+    options = DownloadOptions(bits=args.bits, size=args.size, timeout_s=args.timeout, retries=args.retries,
+                              backoff_s=args.backoff, base_url=args.base_url)
+    report = download_public(args.table, args.out_dir, labels=args.labels, cell_lines=args.cell_lines,
+                             exclude_train=args.exclude_train, limit=args.limit, options=options,
+                             workers=args.workers, progress=not args.quiet, dry_run=args.dry_run)
+    print(report.table.summary() if args.dry_run else report.summary())
+    return 1 if (args.strict and report.failures) else 0
+
+
+def _add_merge_tables(sub) -> None:
+    p = sub.add_parser(
+        "merge-tables", help="merge the Kaggle and public label tables into one, with a source column",
+        description="Write OUT = ID,Label,source,Cellline: the rows of KAGGLE_CSV (source 'kaggle') then those of "
+                    "PUBLIC_CSV (source 'hpa_public', or the table's own source column), e.g. download-public's "
+                    "train.csv. Labels are checked and normalised ('13|13' -> '13'). An ID in both tables is an "
+                    "error listing them, unless --keep-first. 'python -m hpa_scc split OUT' makes its folds.")
+    p.add_argument("kaggle_csv", type=Path, help="ID,Label table, e.g. data/kaggle/train.csv")
+    p.add_argument("public_csv", type=Path, help="ID,Label table, e.g. data/public/train.csv")
+    p.add_argument("--out", type=Path, required=True, help="merged CSV")
+    p.add_argument("--keep-first", action="store_true", help="an ID in both tables keeps the first table's row "
+                                                             "(reported) instead of failing")
+    p.set_defaults(func=_run_merge_tables)
+
+
+def _run_merge_tables(args) -> int:
+    from hpa_scc.public import merge_tables
+
+    print(merge_tables(args.kaggle_csv, args.public_csv, args.out, keep_first=args.keep_first).summary())
+    return 0
+
+
 def _demo_predict(args, run_dir: Path) -> None:
     """Demo step 5: a held-out synthetic test set, predicted and scored next to both baselines."""
     from hpa_scc.metric import evaluate_files
@@ -423,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hpa_scc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    for add in (_add_demo, _add_synth, _add_cache, _add_split, _add_segment, _add_prepare, _add_train, _add_predict, _add_evaluate, _add_visualize):
+    for add in (_add_demo, _add_synth, _add_cache, _add_split, _add_segment, _add_prepare, _add_train, _add_predict, _add_evaluate, _add_visualize,
+                _add_download_public, _add_merge_tables):
         add(sub)
     for command in sub.choices.values():
         command.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
