@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from hpa_scc.submission import (SubmissionError, cells_to_row, decode_mask, encode_mask, read_submission,
-                                write_submission)
+from hpa_scc.submission import (SubmissionError, cells_to_row, decode_mask, encode_label_image, encode_mask,
+                                read_submission, write_submission)
 
 SAMPLE = "eNqLi8xJM7BOTjS08DT2NfI38DfyM/Q3NMAJgJJ+RkBs7JecF5tnAADw+Q9I"
 
@@ -47,3 +47,31 @@ def test_malformed_rows_name_the_line(tmp_path, string, fragment):
 def test_bad_base64_is_an_error():
     with pytest.raises(ValueError, match="not base64"):
         decode_mask("@@@notbase64", 10, 10)
+
+
+def test_encode_label_image_matches_encode_mask_cell_by_cell():
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(150):
+        h, w = rng.integers(2, 30, 2)
+        cells = (rng.integers(0, 5, (h, w)) * (rng.random((h, w)) < 0.7)).astype(np.uint16)
+        cells[0, 0], cells[-1, -1] = 1, 2  # cells in the first and last column
+        encoded = encode_label_image(cells)
+        assert [e.cell for e in encoded] == sorted(set(np.unique(cells).tolist()) - {0})
+        for e in encoded:
+            mask = cells == e.cell
+            ys, xs = np.nonzero(mask)
+            assert e.mask == encode_mask(mask) and e.area == mask.sum()
+            assert e.bbox == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            assert np.array_equal(decode_mask(e.mask, h, w), mask)
+            checked += 1
+    assert checked > 400
+
+
+def test_encode_label_image_skips_missing_ids_and_rejects_stacks():
+    cells = np.zeros((6, 5), np.uint16)
+    cells[1:3, 1:4] = 3
+    assert [(e.cell, e.area) for e in encode_label_image(cells)] == [(3, 6)]
+    assert encode_label_image(np.zeros((4, 4), np.uint16)) == []
+    with pytest.raises(ValueError, match="2-D label image"):
+        encode_label_image(np.zeros((2, 4, 4), np.uint16))

@@ -41,7 +41,7 @@ from hpa_scc.fileio import atomic_path, write_text_atomic
 from hpa_scc.images import ImageReadError, ImageRecord, find_images, read_image, resize
 from hpa_scc.segment import build_segmenter
 from hpa_scc.segment.precomputed import read_labels
-from hpa_scc.submission import SubmissionRow, encode_mask, write_submission
+from hpa_scc.submission import SubmissionRow, encode_label_image, write_submission
 
 log = logging.getLogger("hpa_scc.predict")
 BASELINES = ("image-labels", "truth")
@@ -176,19 +176,12 @@ def cells_from_detections(detections: dict, shape: tuple[int, int], min_score: f
     return remap[labels], conf[[k - 1 for k in present]]
 
 
-def image_result(image_id: str, cells: np.ndarray, conf: np.ndarray, *, only_positive: bool = False) -> dict:
-    """Per-image record: each cell's mask encoded once, its bbox, area and 19 confidences."""
-    from scipy import ndimage
-
-    out = []
-    boxes = ndimage.find_objects(cells.astype(np.int32), max_label=int(cells.max()))
-    for k, (box, row) in enumerate(zip(boxes, conf, strict=True), start=1):
-        if box is None:
-            continue  # an id with no pixel
-        mask = np.zeros(cells.shape, dtype=bool)
-        mask[box] = cells[box] == k
-        out.append({"cell": k, "bbox": [box[1].start, box[0].start, box[1].stop, box[0].stop],
-                    "area": int(mask[box].sum()), "mask": encode_mask(mask), "conf": [round(float(c), 6) for c in row]})
+def image_result(image_id: str, cells: np.ndarray, conf: np.ndarray, *, only_positive: bool = False,
+                 encoded: list | None = None) -> dict:
+    """Per-image record: each cell's mask encoded once (or ``encoded`` reused), bbox, area, 19 confidences."""
+    encoded = encode_label_image(cells) if encoded is None else encoded
+    out = [{"cell": e.cell, "bbox": e.bbox, "area": e.area, "mask": e.mask,
+            "conf": [round(float(c), 6) for c in conf[e.cell - 1]]} for e in encoded]
     return {"image_id": image_id, "height": int(cells.shape[0]), "width": int(cells.shape[1]),
             "only_positive": only_positive, "cells": out}
 
