@@ -43,6 +43,26 @@ def test_segmenter_cells_scored_by_the_model_at_original_size(run, tmp_path):
     assert (tmp_path / "p" / "submission.csv").read_text() == before
 
 
+def test_worker_pool_and_batches_give_the_same_records_and_log_a_corrupt_image(run, tmp_path):
+    import shutil
+
+    data = tmp_path / "set"
+    shutil.copytree(run / "set", data)
+    broken = sorted((data / "train").glob("*_green.png"))[1]
+    broken.write_bytes(b"not a png")
+    one = predict_folder(run / "run", data, tmp_path / "serial", workers=1, batch_size=1, progress=False)
+    pool = predict_folder(run / "run", data, tmp_path / "pool", workers=2, batch_size=3, progress=False)
+    rows_one, rows_pool = read_submission(one), read_submission(pool)
+    assert [r.image_id for r in rows_one] == [r.image_id for r in rows_pool] and len(rows_one) == 3
+    for a, b in zip(rows_one, rows_pool, strict=True):
+        assert [(l, m) for l, _, m in a.predictions] == [(l, m) for l, _, m in b.predictions]
+        assert np.allclose([c for _, c, _ in a.predictions], [c for _, c, _ in b.predictions], atol=1e-4)
+    for out in ("serial", "pool"):
+        failures = read_cells(tmp_path / out / "failures.csv")
+        assert [f["ID"] for f in failures] == [broken.name.removesuffix("_green.png")]
+        assert "green" in failures[0]["error"]
+
+
 def test_model_cells_and_tta(run, tmp_path):
     out = predict_folder(run / "run", run / "set", tmp_path / "m", cells="model", tta=True, progress=False)
     rows = read_submission(out)

@@ -261,6 +261,10 @@ def _add_predict(sub) -> None:
                         "true cells and labels (must score 1.0)")
     p.add_argument("--labels", type=Path, default=None, help="ID,Label table (default: DATA_DIR/train.csv if present)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    g = p.add_argument_group("speed")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="processes that read, segment and encode images while the model runs (default: min(8, cores))")
+    g.add_argument("--batch-size", type=int, default=8, help="images per model forward pass (default: 8)")
     p.set_defaults(func=_run_predict)
 
 
@@ -272,7 +276,8 @@ def _run_predict(args) -> int:
         raise ValueError("RUN_DIR '-' needs --baseline image-labels or --baseline truth")
     path = predict_folder(run_dir, args.data_dir, args.out, cells=args.cells, segmenter=args.segmenter,
                           segmenter_options=_segmenter_options(args), checkpoint=args.checkpoint, tta=args.tta,
-                          baseline=args.baseline, labels_csv=args.labels, device=args.device, progress=not args.quiet)
+                          baseline=args.baseline, labels_csv=args.labels, device=args.device, workers=args.workers,
+                          batch_size=args.batch_size, progress=not args.quiet)
     print(f"wrote {path}")
     return 0
 

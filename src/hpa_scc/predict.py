@@ -41,7 +41,7 @@ from hpa_scc.fileio import atomic_path, write_text_atomic
 from hpa_scc.images import ImageReadError, ImageRecord, find_images, read_image, resize
 from hpa_scc.segment import build_segmenter
 from hpa_scc.segment.precomputed import read_labels
-from hpa_scc.submission import SubmissionRow, encode_label_image, write_submission
+from hpa_scc.submission import EncodedCell, SubmissionRow, encode_label_image, write_submission
 
 log = logging.getLogger("hpa_scc.predict")
 BASELINES = ("image-labels", "truth")
@@ -80,34 +80,50 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: st
 
 
 @torch.no_grad()
-def detect(loaded: LoadedModel, image: np.ndarray, tta: bool = False) -> dict[str, np.ndarray]:
-    """Model detections on one image at the training size.
+def detect_batch(loaded: LoadedModel, images: list[np.ndarray], tta: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Model detections on a batch of images (uint8 [C, H, W], any size; resized to the training size).
 
-    Returns masks float [N, S, S] (probabilities), scores [N] and class_scores [N, 19]: for the
-    softmax head one-hot times the score, for the multilabel head score x label probability.
-    With ``tta`` the horizontally flipped image is added and its detections flipped back.
+    One dict per image, tensors on the model's device: masks float [N, S, S] (probabilities),
+    class_scores [N, 19] (softmax head: one-hot x score; multilabel head: score x label
+    probability) and scores [N]. With ``tta`` each image's horizontal flip is added and its
+    detections flipped back and appended.
     """
-    size = loaded.image_size
-    small = np.stack([resize(plane, size) for plane in image[: loaded.in_channels]])
-    tensor = torch.from_numpy(small.astype(np.float32) / 255.0).to(loaded.device)
-    inputs = [tensor, tensor.flip(-1)] if tta else [tensor]
-    outputs = loaded.model(inputs)
-    masks, class_scores = [], []
-    for i, out in enumerate(outputs):
-        m = out["masks"][:, 0].float()
-        if i == 1:
-            m = m.flip(-1)
-        scores = out["scores"].float()
-        if "label_scores" in out:
-            cs = out["label_scores"].float() * scores[:, None]
-        else:
-            cs = torch.zeros((len(scores), NUM_CLASSES), device=scores.device)
-            cs[torch.arange(len(scores)), out["labels"] - 1] = scores
-        masks.append(m)
-        class_scores.append(cs)
-    masks_t = torch.cat(masks).cpu().numpy()
-    cs_t = torch.cat(class_scores).cpu().numpy()
-    return {"masks": masks_t, "class_scores": cs_t, "scores": cs_t.max(axis=1) if len(cs_t) else np.zeros(0)}
+    from hpa_scc.engine import autocast
+
+    size, device = loaded.image_size, loaded.device
+    tensors = []
+    for image in images:
+        small = image[: loaded.in_channels]
+        if small.shape[1:] != (size, size):
+            small = np.stack([resize(plane, size) for plane in small])
+        # uint8 over the bus, scaled on the device (as training does)
+        tensors.append(torch.from_numpy(np.ascontiguousarray(small)).to(device, non_blocking=True).float().div_(255.0))
+    inputs = tensors + [t.flip(-1) for t in tensors] if tta else tensors
+    with autocast(device, device.type == "cuda"):
+        outputs = loaded.model(inputs)
+    results = []
+    for i in range(len(images)):
+        parts = [(outputs[i], False)] + ([(outputs[len(images) + i], True)] if tta else [])
+        masks, class_scores = [], []
+        for out, flipped in parts:
+            m = out["masks"][:, 0].float()
+            scores = out["scores"].float()
+            if "label_scores" in out:
+                cs = out["label_scores"].float() * scores[:, None]
+            else:
+                cs = torch.zeros((len(scores), NUM_CLASSES), device=scores.device)
+                cs[torch.arange(len(scores)), out["labels"] - 1] = scores
+            masks.append(m.flip(-1) if flipped else m)
+            class_scores.append(cs)
+        cs = torch.cat(class_scores)
+        results.append({"masks": torch.cat(masks), "class_scores": cs,
+                        "scores": cs.amax(dim=1) if len(cs) else cs.new_zeros(0)})
+    return results
+
+
+def detect(loaded: LoadedModel, image: np.ndarray, tta: bool = False) -> dict[str, np.ndarray]:
+    """``detect_batch`` for one image, as numpy arrays."""
+    return {k: v.cpu().numpy() for k, v in detect_batch(loaded, [image], tta)[0].items()}
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -120,15 +136,25 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def score_cells(cells_small: np.ndarray, cell_ids: list[int], detections: dict) -> np.ndarray:
-    """float [K, 19]: per cell and class, the best ``score x IoU`` of the detections."""
-    conf = np.zeros((len(cell_ids), NUM_CLASSES), dtype=np.float32)
-    if not cell_ids or len(detections["masks"]) == 0:
-        return conf
-    cell_masks = np.stack([cells_small == k for k in cell_ids])
-    iou = mask_iou(detections["masks"] > 0.5, cell_masks)  # [D, K]
-    # [D, K, 19] evidence, max over detections
-    conf = (iou[:, :, None] * detections["class_scores"][:, None, :]).max(axis=0)
-    return conf.astype(np.float32)
+    """float [K, 19]: per cell and class, the best ``score x mask IoU`` of the detections.
+
+    ``detections`` may hold numpy arrays or tensors; the work runs where the masks are (on the
+    GPU only [K, 19] comes back to the host).
+    """
+    masks = torch.as_tensor(detections["masks"])
+    if not cell_ids or len(masks) == 0:
+        return np.zeros((len(cell_ids), NUM_CLASSES), dtype=np.float32)
+    device = masks.device
+    cells = torch.from_numpy(np.ascontiguousarray(cells_small).astype(np.int32)).to(device)
+    ids = torch.as_tensor(cell_ids, dtype=torch.int32, device=device)
+    cell_masks = (cells.flatten()[None, :] == ids[:, None]).float()  # [K, S*S]
+    det = (masks > 0.5).flatten(1).float()  # [D, S*S]
+    inter = det @ cell_masks.T
+    union = det.sum(1)[:, None] + cell_masks.sum(1)[None, :] - inter
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))  # [D, K]
+    class_scores = torch.as_tensor(detections["class_scores"], device=device).float()
+    conf = (iou[:, :, None] * class_scores[:, None, :]).amax(dim=0)  # [K, 19]
+    return conf.cpu().numpy().astype(np.float32)
 
 
 def cells_from_detections(detections: dict, shape: tuple[int, int], min_score: float = 0.05,
@@ -176,14 +202,18 @@ def cells_from_detections(detections: dict, shape: tuple[int, int], min_score: f
     return remap[labels], conf[[k - 1 for k in present]]
 
 
-def image_result(image_id: str, cells: np.ndarray, conf: np.ndarray, *, only_positive: bool = False,
-                 encoded: list | None = None) -> dict:
-    """Per-image record: each cell's mask encoded once (or ``encoded`` reused), bbox, area, 19 confidences."""
-    encoded = encode_label_image(cells) if encoded is None else encoded
-    out = [{"cell": e.cell, "bbox": e.bbox, "area": e.area, "mask": e.mask,
-            "conf": [round(float(c), 6) for c in conf[e.cell - 1]]} for e in encoded]
-    return {"image_id": image_id, "height": int(cells.shape[0]), "width": int(cells.shape[1]),
-            "only_positive": only_positive, "cells": out}
+def image_result(image_id: str, cells: np.ndarray, conf: np.ndarray, *, only_positive: bool = False) -> dict:
+    """Per-image record: each cell's mask encoded once, its bbox, area and 19 confidences."""
+    return encoded_result(image_id, cells.shape, encode_label_image(cells), conf, only_positive=only_positive)
+
+
+def encoded_result(image_id: str, shape: tuple[int, int], encoded: list[EncodedCell], conf: np.ndarray, *,
+                   only_positive: bool = False) -> dict:
+    """``image_result`` from cells already encoded (``conf`` row k-1 belongs to cell id k)."""
+    cells = [{"cell": e.cell, "bbox": e.bbox, "area": e.area, "mask": e.mask,
+              "conf": [round(float(c), 6) for c in conf[e.cell - 1]]} for e in encoded]
+    return {"image_id": image_id, "height": int(shape[0]), "width": int(shape[1]), "only_positive": only_positive,
+            "cells": cells}
 
 
 def to_row(result: dict) -> SubmissionRow:
@@ -207,9 +237,15 @@ def _truth_tables(data_dir: Path) -> dict[str, dict[int, list[int]]]:
 def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                    cells: str = "segmenter", segmenter: str = "builtin", segmenter_options: dict | None = None,
                    checkpoint: str = "best.pt", tta: bool = False, baseline: str | None = None,
-                   labels_csv: str | os.PathLike | None = None, device: str = "auto", progress: bool = True) -> Path:
-    """Predict every image of ``data_dir``; returns the path of submission.csv (see module docstring)."""
-    from hpa_scc.prepare import segment_one, write_failures
+                   labels_csv: str | os.PathLike | None = None, device: str = "auto", workers: int = 1,
+                   batch_size: int = 8, progress: bool = True) -> Path:
+    """Predict every image of ``data_dir``; returns the path of submission.csv (see module docstring).
+
+    The CPU work (read four channels, segment, encode every cell once, resize for the model) runs
+    in ``workers`` processes while this process runs the model on batches of ``batch_size``
+    images and scores the cells, so a GPU is kept busy by a pool of CPU cores.
+    """
+    from hpa_scc.prepare import run_pool, write_failures
 
     if cells not in CELL_MODES:
         raise ValueError(f"unknown --cells {cells!r}; choose one of {list(CELL_MODES)}")
@@ -222,62 +258,106 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
     log.addHandler(handler)
     try:
         records = find_images(data_dir, labels_csv)
+        by_id = {rec.image_id: rec for rec in records}
         loaded = load_run(run_dir, checkpoint, device) if baseline is None else None
-        seg = build_segmenter(segmenter, **(segmenter_options or {})) if (baseline != "truth" and
-                                                                          (baseline or cells == "segmenter")) else None
+        mode = baseline or cells
         truth = _truth_tables(data_dir) if baseline == "truth" else None
-        results, failures = [], []
-        for rec in tqdm(records, desc="predict", unit="img", disable=not progress):
+        results, failures, todo = {}, [], []
+        for rec in records:
             path = out_dir / "records" / f"{rec.image_id}.json"
-            if path.is_file():
-                results.append(json.loads(path.read_text()))
-                continue
-            try:
-                result = _predict_one(rec, data_dir, out_dir, loaded, seg, cells, tta, baseline, truth, segment_one)
-            except (ImageReadError, OSError, ValueError) as exc:
-                failures.append((rec.image_id, str(exc)))
-                log.warning("skipped %s: %s", rec.image_id, exc)
-                continue
-            write_text_atomic(path, json.dumps(result, separators=(",", ":")))
-            results.append(result)
+            if path.is_file():  # finished by an earlier run
+                results[rec.image_id] = json.loads(path.read_text())
+            else:
+                todo.append(rec)
+        settings = {"mode": mode, "data_dir": str(data_dir), "seg_dir": str(out_dir / "segmentation"),
+                    "model_size": loaded.image_size if loaded else None,
+                    "in_channels": loaded.in_channels if loaded else None}
+        uses_segmenter = mode in ("segmenter", "image-labels")
+        stream = run_pool(_inputs_job, todo, segmenter if uses_segmenter else None, segmenter_options or {}, settings,
+                          workers, "predict", progress)
+        batch: list[tuple[str, dict]] = []
+        for i, (image_id, inputs, error) in enumerate(stream, start=1):
+            if error is not None:
+                failures.append((image_id, error))
+                log.warning("skipped %s: %s", image_id, error)
+            else:
+                batch.append((image_id, inputs))
+            if batch and (len(batch) == batch_size or i == len(todo)):
+                for image_id, result, error in _finish(batch, by_id, loaded, mode, tta, truth):
+                    if error is not None:
+                        failures.append((image_id, error))
+                        log.warning("skipped %s: %s", image_id, error)
+                        continue
+                    write_text_atomic(out_dir / "records" / f"{image_id}.json", json.dumps(result, separators=(",", ":")))
+                    results[image_id] = result
+                batch = []
+        ordered = [results[rec.image_id] for rec in records if rec.image_id in results]
         write_failures(out_dir / "failures.csv", failures)
         submission = out_dir / "submission.csv"
-        write_submission(submission, [to_row(r) for r in results])
+        write_submission(submission, [to_row(r) for r in ordered])
         with atomic_path(out_dir / "cells.csv", ".csv") as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["ID", "cell", "x0", "y0", "x1", "y1", "area", *[f"conf_{c}" for c in range(NUM_CLASSES)]])
-            for r in results:
+            for r in ordered:
                 for cell in r["cells"]:
                     writer.writerow([r["image_id"], cell["cell"], *cell["bbox"], cell["area"], *cell["conf"]])
-        log.info("%d images predicted, %d skipped -> %s", len(results), len(failures), submission)
+        log.info("%d images predicted, %d skipped -> %s", len(ordered), len(failures), submission)
         return submission
     finally:
         log.removeHandler(handler)
         handler.close()
 
 
-def _predict_one(rec: ImageRecord, data_dir: Path, out_dir: Path, loaded, seg, cells_mode, tta, baseline, truth,
-                 segment_one) -> dict:
-    if baseline == "truth":
-        true_cells = read_labels(data_dir / "masks" / f"{rec.image_id}.png")
-        conf = np.zeros((int(true_cells.max()), NUM_CLASSES), np.float32)
-        for k, labels in truth[rec.image_id].items():
-            conf[k - 1, labels] = 1.0
-        return image_result(rec.image_id, true_cells, conf, only_positive=True)
-    image = read_image(rec.folder, rec.image_id)
-    if baseline == "image-labels":
-        if not rec.labels:
-            raise ValueError(f"{rec.image_id} has no image labels; --baseline image-labels needs train.csv or --labels")
-        _, cell_labels, _ = segment_one(rec, seg, out_dir / "segmentation", image)
-        conf = np.zeros((int(cell_labels.max()), NUM_CLASSES), np.float32)
-        conf[:, list(rec.labels)] = 1.0
-        return image_result(rec.image_id, cell_labels, conf, only_positive=True)
-    detections = detect(loaded, image, tta)
-    if cells_mode == "model":
-        cell_labels, conf = cells_from_detections(detections, image.shape[1:])
-        return image_result(rec.image_id, cell_labels, conf)
-    _, cell_labels, _ = segment_one(rec, seg, out_dir / "segmentation", image)
-    size = loaded.image_size
-    small = cv2.resize(cell_labels, (size, size), interpolation=cv2.INTER_NEAREST)
-    ids = list(range(1, int(cell_labels.max()) + 1))
-    return image_result(rec.image_id, cell_labels, score_cells(small, ids, detections))
+def _inputs_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
+    """Worker: one image's CPU work -> what the model and the record need (never the full image)."""
+    from hpa_scc.prepare import WORKER, segment_one
+
+    s = WORKER["settings"]
+    try:
+        if s["mode"] == "truth":
+            true_cells = read_labels(Path(s["data_dir"]) / "masks" / f"{record.image_id}.png")
+            return record.image_id, {"shape": true_cells.shape, "encoded": encode_label_image(true_cells),
+                                     "n_cells": int(true_cells.max())}, None
+        image = read_image(record.folder, record.image_id)
+        inputs: dict = {"shape": image.shape[1:]}
+        if s["mode"] in ("segmenter", "image-labels"):
+            _, cell_labels, _ = segment_one(record, WORKER["segmenter"], Path(s["seg_dir"]), image)
+            inputs["encoded"] = encode_label_image(cell_labels)
+            inputs["n_cells"] = int(cell_labels.max())
+        if s["model_size"]:
+            size = s["model_size"]
+            inputs["small"] = np.stack([resize(plane, size) for plane in image[: s["in_channels"]]])
+            if s["mode"] == "segmenter":
+                inputs["small_cells"] = cv2.resize(cell_labels, (size, size), interpolation=cv2.INTER_NEAREST)
+        return record.image_id, inputs, None
+    except (ImageReadError, OSError, ValueError) as exc:
+        return record.image_id, None, str(exc)
+
+
+def _finish(batch: list[tuple[str, dict]], by_id: dict[str, ImageRecord], loaded: LoadedModel | None, mode: str,
+            tta: bool, truth: dict | None) -> list[tuple[str, dict | None, str | None]]:
+    """The model's part for a batch of images, then each image's record."""
+    detections = detect_batch(loaded, [inputs["small"] for _, inputs in batch], tta) if loaded else [None] * len(batch)
+    out = []
+    for (image_id, inputs), det in zip(batch, detections, strict=True):
+        conf = np.zeros((inputs.get("n_cells", 0), NUM_CLASSES), np.float32)
+        if mode == "truth":
+            for k, labels in truth[image_id].items():
+                conf[k - 1, labels] = 1.0
+        elif mode == "image-labels":
+            labels = by_id[image_id].labels
+            if not labels:
+                out.append((image_id, None, f"{image_id} has no image labels; --baseline image-labels needs "
+                                            "train.csv or --labels"))
+                continue
+            conf[:, list(labels)] = 1.0
+        elif mode == "model":
+            numpy_det = {k: v.cpu().numpy() for k, v in det.items()}
+            cell_labels, conf = cells_from_detections(numpy_det, inputs["shape"])
+            out.append((image_id, image_result(image_id, cell_labels, conf), None))
+            continue
+        else:
+            conf = score_cells(inputs["small_cells"], list(range(1, inputs["n_cells"] + 1)), det)
+        out.append((image_id, encoded_result(image_id, inputs["shape"], inputs["encoded"], conf,
+                                             only_positive=mode in BASELINES), None))
+    return out

@@ -114,24 +114,24 @@ def segment_one(record: ImageRecord, segmenter, seg_dir: Path, image: np.ndarray
 
 
 # --- per-process state for the worker pools -------------------------------------------------------
-_WORKER: dict = {}
+WORKER: dict = {}
 
 
 def _init_worker(segmenter_name: str, segmenter_options: dict, settings: dict) -> None:
     cv2.setNumThreads(1)  # one image per process
-    _WORKER["segmenter"] = build_segmenter(segmenter_name, **segmenter_options)
-    _WORKER["settings"] = settings
+    WORKER["segmenter"] = build_segmenter(segmenter_name, **segmenter_options) if segmenter_name else None
+    WORKER["settings"] = settings
 
 
 def _segment_job(record: ImageRecord) -> tuple[str, bool, str | None]:
     try:
-        _, _, now = segment_one(record, _WORKER["segmenter"], Path(_WORKER["settings"]["out_dir"]))
+        _, _, now = segment_one(record, WORKER["segmenter"], Path(WORKER["settings"]["out_dir"]))
         return record.image_id, now, None
     except (ImageReadError, OSError, ValueError) as exc:
         return record.image_id, False, str(exc)
 
 
-def _run_pool(job, items, segmenter_name, segmenter_options, settings, workers, desc, progress):
+def run_pool(job, items, segmenter_name, segmenter_options, settings, workers, desc, progress):
     """Yield job(item) for every item, in a pool of ``workers`` processes or in this one."""
     bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress)
     try:
@@ -175,7 +175,7 @@ def segment_folder(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
     records = select_shard(find_images(data_dir, labels_csv), shard)
     report = StepReport("segment", out_dir, failures_file=f"failures{shard_suffix(shard)}.csv")
     settings = {"out_dir": str(out_dir)}
-    for image_id, now, error in _run_pool(_segment_job, records, segmenter, segmenter_options or {}, settings,
+    for image_id, now, error in run_pool(_segment_job, records, segmenter, segmenter_options or {}, settings,
                                           workers, "segment", progress):
         if error:
             report.failures.append((image_id, error))
@@ -247,7 +247,7 @@ def encode_cells(cells_small: np.ndarray, cell_ids: list[int]) -> list[dict]:
 
 def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
     """Worker: one image -> its record (cells at the training size), written last."""
-    s = _WORKER["settings"]
+    s = WORKER["settings"]
     out = Path(s["out_dir"])
     record_path = out / "records" / f"{record.image_id}.json"
     if record_path.is_file():
@@ -258,7 +258,7 @@ def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
     try:
         npy = cache_path(out / "cache", record.image_id)
         image = read_image(record.folder, record.image_id)
-        nuclei, cells, _ = segment_one(record, _WORKER["segmenter"], out / "segmentation", image)
+        nuclei, cells, _ = segment_one(record, WORKER["segmenter"], out / "segmentation", image)
         size = s["size"]
         write_npy_atomic(npy, np.stack([resize(plane, size) for plane in image]))
         infos = keep_cells(describe_cells(cells), min_cell_area_px=s["min_cell_area_px"],
@@ -379,7 +379,7 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     done = {r.image_id for r in todo if (out_dir / "records" / f"{r.image_id}.json").is_file()}
     results: dict[str, dict] = {}
     try:
-        for image_id, result, error in _run_pool(_prepare_job, todo, segmenter, segmenter_options or {},
+        for image_id, result, error in run_pool(_prepare_job, todo, segmenter, segmenter_options or {},
                                                  settings, workers, f"prepare {size}px", progress):
             if error:
                 report.failures.append((image_id, error))
