@@ -1,12 +1,18 @@
-"""Loader benchmark: the cached loader against the original-style per-sample PNG loader.
+"""Loader benchmark: the cached loader against the original-style per-sample PNG loader, and the
+training loader with worker processes.
 
     .venv/bin/python bench/loader.py [--images 16] [--source-size 2048] [--size 512] [--json out.json]
+    python bench/loader.py --workers 8 --batch 8       # + the training loader as train() builds it
 
 Both read the same synthetic images (generated once under --work, default runs/bench-loader),
 through the same DataLoader settings (batch 8, no worker processes, so the figure is per core).
 The PNG loader decodes four full-size PNGs and resizes them per sample; the cached loader reads
 one memory-mapped uint8 .npy per sample (made by ``python -m hpa_scc cache``). Prints images/s
 for both and their ratio (target: cache >= 50x).
+
+With ``--workers N`` it also prepares the images (builtin segmentation, COCO) and times the
+training loader exactly as ``train`` builds it (``CellInstances`` with augmentation and masks,
+``make_loader``: N workers, pinned memory on CUDA, prefetch), which is what a GPU waits on.
 """
 
 from __future__ import annotations
@@ -39,6 +45,26 @@ def images_per_second(dataset, min_seconds: float, batch_size: int = 8) -> tuple
             return seen / elapsed, seen
 
 
+def training_loader_rate(data: Path, work: Path, size: int, workers: int, batch: int, min_seconds: float) -> float:
+    """Images/s of the training loader (``train.make_loader`` over ``CellInstances``) with ``workers``."""
+    from hpa_scc.instances import CellInstances
+    from hpa_scc.prepare import prepare_dataset
+    from hpa_scc.train import make_loader
+
+    prepared = work / f"prepared{size}"
+    prepare_dataset(data, prepared, size=size, n_folds=1, workers=min(workers, 8) or 1, progress=False)
+    dataset = CellInstances(prepared, [0], augment=True, uint8=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loader = make_loader(dataset, batch, workers, device)
+    for _ in loader:  # start the workers and fill the page cache: steady state is what training sees
+        pass
+    seen, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        for images, _ in loader:
+            seen += len(images)
+    return seen / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=16)
@@ -46,6 +72,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="training size the loaders deliver")
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing per loader")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-loader"))
+    parser.add_argument("--workers", type=int, default=None,
+                        help="also time the training loader with this many worker processes")
+    parser.add_argument("--batch", type=int, default=8, help="training loader batch (default: 8)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -69,6 +98,10 @@ def main() -> None:
     print(f"original-style PNG loader ({args.source_size}px -> {args.size}px): {png_rate:8.2f} images/s")
     print(f"cached .npy loader        ({args.size}px):             {cache_rate:8.1f} images/s")
     print(f"ratio: {cache_rate / png_rate:.1f}x (target >= 50x)")
+    if args.workers is not None:
+        rate = training_loader_rate(data, args.work, args.size, args.workers, args.batch, args.seconds)
+        figures.update({"train_loader_workers": args.workers, "train_loader_images_per_s": round(rate, 1)})
+        print(f"training loader ({args.workers} workers, masks + augmentation, batch {args.batch}): {rate:8.1f} images/s")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 

@@ -1,17 +1,26 @@
-"""Training-step and inference speed of each backbone, in images/s.
+"""Training and inference speed of each backbone, in images/s, through the package's own training step.
 
-    .venv/bin/python bench/train_step.py --size 256 --batch 2 --steps 3            # CPU, all backbones
-    python bench/train_step.py --device cuda --size 512 --batch 8 --precision bf16 --steps 20
+    .venv/bin/python bench/train_step.py --size 256 --batch 2 --steps 3                 # CPU, all backbones
+    python bench/train_step.py --device cuda --size 512 --batch 8 --steps 20 --mode both --json out.json
 
-Random-init models (no weights needed) on synthetic HPA images with their true cells as targets
-(per_label layout, softmax head). A step is forward + backward + SGD update; the first
-``--warmup`` steps are not timed. Prints one row per backbone; ``--json`` writes them.
+A step is ``engine.train_one_epoch`` over pre-made batches of synthetic HPA images (uint8, copied
+to the device each step as in training) with their true cells as targets (per_label layout,
+softmax head): forward, backward, clipping, optimizer step, scheduler step. Random-init models,
+so no weights are needed. Modes:
+
+- ``fast``: what training uses on a GPU: bf16 autocast, channels_last, TF32, cudnn.benchmark,
+  fused SGD, losses read back every 20 steps (``--compile`` adds torch.compile of the backbone);
+- ``plain``: the same code in plain fp32: no autocast, NCHW, no TF32, no cudnn.benchmark,
+  per-tensor SGD, losses read back every step;
+- ``both``: each, side by side in this process, and the ratio fast / plain.
+
+On CPU both modes are plain fp32 (the fast path is CUDA-only). The first ``--warmup`` steps
+(cudnn autotuning, compilation) are not timed. Prints one row per backbone and mode.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import time
@@ -20,6 +29,7 @@ import numpy as np
 import torch
 
 from hpa_scc.config import ModelConfig
+from hpa_scc.engine import autocast, train_one_epoch, use_fast_path
 from hpa_scc.instances import masks_to_boxes
 from hpa_scc.models import build_model
 from hpa_scc.synth import generate_image
@@ -27,86 +37,103 @@ from hpa_scc.synth import generate_image
 BACKBONES = ["densenet121", "resnet101_fpn", "resnext101_32x8d_fpn"]
 
 
-def make_batch(n: int, size: int, channels: int, device):
+def make_batch(n: int, size: int, channels: int, pin: bool):
+    """n synthetic images (uint8 [C, S, S]) with torchvision targets, on the host."""
     images, targets = [], []
     for i in range(n):
         synth = generate_image(i, size=size, seed=123)
         ids = sorted(synth.cell_labels)
         masks = torch.from_numpy(np.stack([synth.cells == k for k in ids]).astype(np.uint8))
         labels = torch.tensor([synth.cell_labels[k][0] + 1 for k in ids], dtype=torch.int64)
-        images.append(torch.from_numpy(synth.image[:channels].astype(np.float32) / 255).to(device))
-        targets.append({"boxes": masks_to_boxes(masks).to(device), "labels": labels.to(device), "masks": masks.to(device)})
-    return images, targets
+        image = torch.from_numpy(np.ascontiguousarray(synth.image[:channels]))
+        target = {"boxes": masks_to_boxes(masks), "labels": labels, "masks": masks}
+        if pin:
+            image, target = image.pin_memory(), {k: v.pin_memory() for k, v in target.items()}
+        images.append(image)
+        targets.append(target)
+    return tuple(images), tuple(targets)
 
 
-def sync(device):
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def measure(backbone: str, args, device) -> dict:
+def measure(backbone: str, mode: str, args, device: torch.device, batch) -> dict:
+    fast = mode == "fast" and device.type == "cuda"
+    torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=backbone, in_channels=args.channels), image_size=args.size).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    images, targets = make_batch(args.batch, args.size, args.channels, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext())
+    use_fast_path(model, device, channels_last=fast, tf32=fast, compile=fast and args.compile)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, fused=fast or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+    kw = {"clip_grad_norm": 10.0, "amp": fast, "sync_every": 20 if fast else 1}
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model.train()
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            sync(device)
-            start = time.perf_counter()
-        with amp:
-            loss = sum(model(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    train_one_epoch(model, optimizer, scheduler, [batch] * args.warmup, device, **kw)
+    sync(device)
+    start = time.perf_counter()
+    train_one_epoch(model, optimizer, scheduler, [batch] * args.steps, device, **kw)
     sync(device)
     train_rate = args.batch * args.steps / (time.perf_counter() - start)
+
     model.eval()
     with torch.no_grad():
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
                 sync(device)
                 start = time.perf_counter()
-            with amp:
+            images = [im.to(device, non_blocking=True).float().div_(255.0) for im in batch[0]]
+            with autocast(device, fast):
                 model(images)
         sync(device)
     infer_rate = args.batch * args.steps / (time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"backbone": backbone, "train_images_per_s": round(train_rate, 3), "infer_images_per_s": round(infer_rate, 3),
-            "peak_gpu_gib": round(peak, 2)}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"backbone": backbone, "mode": mode + ("+compile" if fast and args.compile else ""),
+            "train_images_per_s": round(train_rate, 2), "infer_images_per_s": round(infer_rate, 2),
+            "peak_gpu_gib": None if peak is None else round(peak, 2)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=BACKBONES, choices=BACKBONES)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, default=256, help="image side, px (default: 256)")
+    parser.add_argument("--batch", type=int, default=2, help="images per step (default: 2)")
     parser.add_argument("--channels", type=int, default=4, choices=[3, 4])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (default: 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
+    parser.add_argument("--mode", choices=["fast", "plain", "both"], default="fast")
+    parser.add_argument("--compile", action="store_true", help="fast mode also compiles the backbone")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
-    torch.manual_seed(0)
+    where = (torch.cuda.get_device_name() if device.type == "cuda"
+             else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+    print(f"{where}; {args.size} px, batch {args.batch}, {args.channels} channels, torch {torch.__version__}")
+    print(f"{'backbone':<24}{'mode':<14}{'train img/s':>12}{'infer img/s':>12}{'peak GiB':>10}")
+    batch = make_batch(args.batch, args.size, args.channels, pin=device.type == "cuda")
+    modes = ["plain", "fast"] if args.mode == "both" else [args.mode]
     rows = []
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"{where}; {args.size} px, batch {args.batch}, {args.channels} channels, {args.precision}, torch {torch.__version__}")
-    print(f"{'backbone':<24}{'train img/s':>14}{'infer img/s':>14}{'peak GPU GiB':>14}")
     for backbone in args.backbones:
-        row = measure(backbone, args, device)
-        rows.append(row)
-        print(f"{backbone:<24}{row['train_images_per_s']:>14.2f}{row['infer_images_per_s']:>14.2f}{row['peak_gpu_gib']:>14}")
+        for mode in modes:
+            row = measure(backbone, mode, args, device, batch)
+            rows.append(row)
+            peak = "-" if row["peak_gpu_gib"] is None else f"{row['peak_gpu_gib']:.2f}"
+            print(f"{backbone:<24}{row['mode']:<14}{row['train_images_per_s']:>12.2f}"
+                  f"{row['infer_images_per_s']:>12.2f}{peak:>10}", flush=True)
+        if len(modes) == 2:
+            plain, fast = rows[-2], rows[-1]
+            ratio = fast["train_images_per_s"] / plain["train_images_per_s"]
+            fast["train_speedup_vs_plain"] = round(ratio, 2)
+            print(f"{'':<24}{'fast/plain':<14}{ratio:>11.2f}x"
+                  f"{fast['infer_images_per_s'] / plain['infer_images_per_s']:>11.2f}x", flush=True)
+    figures = {"device": where, "torch": torch.__version__, "size": args.size, "batch": args.batch,
+               "steps": args.steps, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": where, "size": args.size, "batch": args.batch, "precision": args.precision,
-                       "rows": rows}, fh, indent=2)
+            json.dump(figures, fh, indent=2)
+    return figures
 
 
 if __name__ == "__main__":

@@ -97,6 +97,16 @@ def lr_lambda(cfg: Config, iters_per_epoch: int):
     return multiplier
 
 
+def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sampler=None) -> DataLoader:
+    """The training DataLoader: pinned memory on CUDA (async copies), workers kept alive across
+    epochs (no re-spawn per epoch) and four batches prefetched per worker."""
+    kw = {"collate_fn": collate, "num_workers": workers, "pin_memory": device.type == "cuda",
+          "persistent_workers": workers > 0}
+    if workers > 0:
+        kw["prefetch_factor"] = 4
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **kw)
+
+
 def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"  # one kernel for the whole update instead of several per tensor
@@ -187,11 +197,7 @@ def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
     if len(train_set) == 0:
         raise ValueError(f"no training images with cells in {prepared} folds {train_folds}")
     sampler = EpochSampler(len(train_set), seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
-    loader_kw = {"collate_fn": collate, "num_workers": cfg.data.workers, "pin_memory": device.type == "cuda",
-                 "persistent_workers": cfg.data.workers > 0}
-    if cfg.data.workers > 0:
-        loader_kw["prefetch_factor"] = 4
-    train_loader = DataLoader(train_set, batch_size=cfg.train.images_per_gpu, sampler=sampler, **loader_kw)
+    train_loader = make_loader(train_set, cfg.train.images_per_gpu, cfg.data.workers, device, sampler=sampler)
     steps_per_epoch = math.ceil(sampler.per_rank / cfg.train.images_per_gpu / cfg.train.accumulate_steps)
     if cfg.train.max_iters_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_iters_per_epoch)
