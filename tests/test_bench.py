@@ -1,0 +1,66 @@
+"""The benchmark suite runs on CPU at tiny sizes and reports what it measured (or why it could not)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_step_measures_both_modes_through_the_training_step(tmp_path):
+    out = tmp_path / "ts.json"
+    figures = load("train_step").main(["--size", "128", "--batch", "1", "--steps", "1", "--warmup", "0",
+                                       "--mode", "both", "--backbones", "densenet121", "--json", str(out)])
+    assert json.loads(out.read_text()) == figures
+    plain, fast = figures["rows"]
+    assert (plain["mode"], fast["mode"]) == ("plain", "fast")
+    assert plain["train_images_per_s"] > 0 and fast["infer_images_per_s"] > 0
+    assert fast["train_speedup_vs_plain"] == pytest.approx(fast["train_images_per_s"] / plain["train_images_per_s"],
+                                                           rel=0.02)
+    assert plain["peak_gpu_gib"] is None  # CPU: no GPU memory to report
+
+
+def test_predict_bench_reports_the_parts_and_the_estimate(tmp_path):
+    figures = load("predict").main(["--images", "2", "--test-set", "3", "--size", "256", "--model-size", "128",
+                                    "--workers", "1", "--batch-size", "2", "--work", str(tmp_path)])
+    assert figures["test_set"] == 3 and figures["cpu_s_per_image"] > 0 and figures["model_images_per_s"] > 0
+    expected = max(559 * figures["cpu_s_per_image"] / 16, 559 / 100)
+    assert figures["estimate_559_s"] == pytest.approx(expected, abs=0.1)
+    rows = (tmp_path / "pred-e2e" / "submission.csv").read_text().splitlines()
+    assert len(rows) == 4  # header + the three (symlinked) images, each predicted
+    assert len(list((tmp_path / "test3" / "train").glob("*_r0002_green.png"))) == 1
+
+
+def test_run_reports_a_failing_benchmark_and_keeps_going(tmp_path):
+    run = load("run")
+    failed = run.run_one("train_step", ["--size", "not-a-number"], 120, tmp_path)
+    assert failed["status"] == "exit 2" and failed["figures"] is None
+    assert "invalid int value" in Path(failed["log"]).read_text()
+    loader = {"status": "ok", "seconds": 1.0, "log": "x", "figures": {
+        "source_size": 2048, "size": 512, "png_images_per_s": 10.0, "cache_images_per_s": 2000.0, "ratio": 200.0,
+        "train_loader_workers": 8, "train_loader_images_per_s": 300.0}}
+    rows = run.summary_rows({"loader": loader, "train_step": failed})
+    assert ("loader, 512 px uint8 cache (1 core)", "2000 img/s", "ratio 200x (>= 50x)") in rows
+    assert rows[-1][0] == "train_step: exit 2" and rows[-1][2].startswith("see ")
+    table = run.format_table(rows)
+    assert "training loader, 8 workers" in table and "300 img/s" in table
+
+
+def test_run_cli_rejects_unknown_benchmarks_and_gpu_script_parses(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--only", "nope", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown benchmark(s) ['nope']" in proc.stderr
+    assert subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")]).returncode == 0
