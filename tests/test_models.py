@@ -213,3 +213,21 @@ def test_anchor_sizes_and_pixel_stats():
     assert model.transform.image_mean == [0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="takes 3"):
         model.eval()(make_batch("softmax", 4, n_images=1)[0])
+
+
+def test_input_transform_skips_the_identity_resize_and_matches_torchvision():
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from hpa_scc.models import InputTransform
+
+    t = InputTransform(64, [0.1] * 4, [0.2] * 4)
+    image = torch.rand(4, 64, 48)
+    masks = (torch.rand(3, 64, 48) > 0.5).to(torch.uint8)
+    target = {"masks": masks, "boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]] * 3)}
+    ours = t.resize(image, dict(target))
+    theirs = GeneralizedRCNNTransform.resize(t, image, dict(target))
+    assert ours[0] is image  # no copy, no interpolation
+    assert torch.allclose(ours[0], theirs[0], atol=1e-6) and torch.equal(ours[1]["masks"], theirs[1]["masks"])
+    assert torch.allclose(ours[1]["boxes"], theirs[1]["boxes"])
+    bigger = t.resize(torch.rand(4, 128, 128))[0]  # other sizes still go through torchvision
+    assert bigger.shape == (4, 64, 64)

@@ -192,6 +192,13 @@ class InputTransform(GeneralizedRCNNTransform):
     def _sync_lists(module: InputTransform, _incompatible) -> None:
         module.image_mean, module.image_std = module.pixel_mean.tolist(), module.pixel_std.tolist()
 
+    def resize(self, image: torch.Tensor, target: dict | None = None):
+        # Images arrive at the model's size (the cache, or predict's resize): torchvision would
+        # still interpolate each image and every mask (as float) at scale 1.0, an exact identity.
+        if max(image.shape[-2:]) == self.max_size:
+            return image, target
+        return super().resize(image, target)
+
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         if not image.is_floating_point():
             raise TypeError(f"images must be float in [0, 1], got {image.dtype}")
