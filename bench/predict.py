@@ -127,7 +127,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     model_part()  # warm-up: cudnn autotuning, allocator
     model_rate = args.batch_size * batches / timed(lambda: [model_part() for _ in range(batches)])
-    del loaded
 
     e2e = timed(lambda: predict_folder(run, data, fresh("pred-e2e"), checkpoint="last.pt", workers=args.workers,
                                        batch_size=args.batch_size, progress=False))

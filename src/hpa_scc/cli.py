@@ -256,9 +256,12 @@ def _add_predict(sub) -> None:
     _add_segmenter_args(p)
     p.add_argument("--checkpoint", default="best.pt", help="checkpoint file in RUN_DIR (default: best.pt, else last.pt)")
     p.add_argument("--tta", action="store_true", help="add horizontally flipped test-time augmentation")
-    p.add_argument("--baseline", choices=["image-labels", "truth"], default=None,
-                   help="image-labels: every cell gets its image's labels at confidence 1; truth: a synthetic set's "
-                        "true cells and labels (must score 1.0)")
+    p.add_argument("--baseline", choices=["image-labels", "random", "truth"], default=None,
+                   help="image-labels: every cell gets its image's labels at confidence 1; random: random confidences "
+                        "(chance level); truth: a synthetic set's true cells and labels (must score 1.0)")
+    p.add_argument("--image-fusion", type=float, default=0.0, metavar="W",
+                   help="blend each cell's confidences with its image's score (the best cell per class): "
+                        "conf^(1-W) x image^W (default: 0, off)")
     p.add_argument("--labels", type=Path, default=None, help="ID,Label table (default: DATA_DIR/train.csv if present)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     g = p.add_argument_group("speed")
@@ -273,11 +276,11 @@ def _run_predict(args) -> int:
 
     run_dir = None if args.run_dir == "-" else Path(args.run_dir)
     if run_dir is None and args.baseline is None:
-        raise ValueError("RUN_DIR '-' needs --baseline image-labels or --baseline truth")
+        raise ValueError("RUN_DIR '-' needs --baseline image-labels, random or truth")
     path = predict_folder(run_dir, args.data_dir, args.out, cells=args.cells, segmenter=args.segmenter,
                           segmenter_options=_segmenter_options(args), checkpoint=args.checkpoint, tta=args.tta,
                           baseline=args.baseline, labels_csv=args.labels, device=args.device, workers=args.workers,
-                          batch_size=args.batch_size, progress=not args.quiet)
+                          batch_size=args.batch_size, image_fusion=args.image_fusion, progress=not args.quiet)
     print(f"wrote {path}")
     return 0
 

@@ -45,6 +45,9 @@ class ModelConfig:
 class DataConfig:
     prepared_dir: str = "runs/demo/prepared"  # the output of 'prepare' (dataset.py)
     layout: str = "per_label"  # which coco/<layout>/ to read; must match model.head (per_label <-> softmax)
+    # Cell labels to train on: image (each cell inherits its image's labels: weak supervision),
+    # truth (a synthetic set's true cell labels: the oracle), or NAME for coco_NAME/ (refine.py).
+    labels: str = "image"
     val_fold: int = 0  # this fold validates, the others train
     image_size: int = 512  # must equal the prepared cache's size
     hflip_prob: float = 0.5

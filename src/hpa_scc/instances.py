@@ -25,23 +25,37 @@ from hpa_scc.cache import cache_path
 from hpa_scc.constants import NUM_CLASSES
 
 
-def coco_path(prepared_dir: str | os.PathLike, layout: str, fold: int, truth: bool = False) -> Path:
-    """OUT_DIR/coco[_truth]/<layout>/fold<K>.json (or all.json when the set has one fold)."""
-    base = Path(prepared_dir) / ("coco_truth" if truth else "coco") / layout
+def labels_folder(labels: str) -> str:
+    """Which cell labels to train on -> the prepared set's COCO folder.
+
+    ``image``: every cell inherits its image's labels (coco/, what real data allows); ``truth``:
+    a synthetic set's true cell labels (coco_truth/, the oracle); any other NAME: coco_NAME/,
+    e.g. the labels a refinement round wrote (``refined_r1``).
+    """
+    if not labels or "/" in labels or labels.startswith("."):
+        raise ValueError(f"data.labels must be 'image', 'truth' or a name like 'refined_r1', got {labels!r}")
+    return {"image": "coco", "truth": "coco_truth"}.get(labels, f"coco_{labels}")
+
+
+def coco_path(prepared_dir: str | os.PathLike, layout: str, fold: int, labels: str = "image") -> Path:
+    """OUT_DIR/coco[_truth|_NAME]/<layout>/fold<K>.json (or all.json when the set has one fold)."""
+    base = Path(prepared_dir) / labels_folder(labels) / layout
     path = base / f"fold{fold}.json"
     if not path.is_file() and (base / "all.json").is_file() and fold == 0:
         return base / "all.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; build it with 'python dataset.py DATA_DIR {prepared_dir} "
-                                f"--layout {layout}' (and check data.val_fold against the number of folds)")
+        hint = {"image": f"build it with 'python dataset.py DATA_DIR {prepared_dir} --layout {layout}'",
+                "truth": "only synthetic sets (with masks/ and cells.csv) have true cell labels"}.get(
+            labels, "write it with a refinement round (bench/weak_supervision.py, hpa_scc.refine)")
+        raise FileNotFoundError(f"{path} not found; {hint} (and check data.val_fold against the number of folds)")
     return path
 
 
-def read_folds(prepared_dir: str | os.PathLike, layout: str, folds: list[int], truth: bool = False) -> dict:
+def read_folds(prepared_dir: str | os.PathLike, layout: str, folds: list[int], labels: str = "image") -> dict:
     """Merge the COCO files of several folds into one COCO dict (ids are unique across folds)."""
     merged: dict = {"images": [], "annotations": []}
     for fold in folds:
-        data = json.loads(coco_path(prepared_dir, layout, fold, truth).read_text())
+        data = json.loads(coco_path(prepared_dir, layout, fold, labels).read_text())
         merged["images"] += data["images"]
         merged["annotations"] += data["annotations"]
         merged["categories"] = data["categories"]
@@ -83,13 +97,13 @@ class CellInstances(Dataset):
     """Images of the given folds with their cells; sample i -> (float [C,S,S], target dict)."""
 
     def __init__(self, prepared_dir: str | os.PathLike, folds: list[int], layout: str = "per_label", *,
-                 truth: bool = False, in_channels: int = 4, augment: bool = False, hflip_prob: float = 0.5,
+                 labels: str = "image", in_channels: int = 4, augment: bool = False, hflip_prob: float = 0.5,
                  vflip_prob: float = 0.5, rot90: bool = True, max_images: int | None = None, seed: int = 0,
                  uint8: bool = False):
         self.prepared_dir = Path(prepared_dir)
         self.layout, self.in_channels, self.augment = layout, in_channels, augment
         self.flips = {"hflip_prob": hflip_prob, "vflip_prob": vflip_prob, "rot90": rot90}
-        self.coco = read_folds(prepared_dir, layout, folds, truth)
+        self.coco = read_folds(prepared_dir, layout, folds, labels)
         by_image: dict[int, list[dict]] = {}
         for ann in self.coco["annotations"]:
             by_image.setdefault(ann["image_id"], []).append(ann)

@@ -15,8 +15,12 @@ Cells (``--cells``):
 Every cell gets a confidence for all 19 classes: the metric rewards ranking.
 
 Baselines (``--baseline``), for a labelled set: ``image-labels`` gives every segmented cell its
-image's labels at confidence 1 (what image-level labels alone give); ``truth`` submits a
-synthetic set's true cells and labels (a sanity check: it must score 1.0).
+image's labels at confidence 1 (what image-level labels alone give); ``random`` gives every
+segmented cell a random confidence for each class (chance level); ``truth`` submits a synthetic
+set's true cells and labels (a sanity check: it must score 1.0).
+
+``--image-fusion W`` blends each cell's confidences with its image's score (per class, the best
+cell): conf^(1-W) x image^W (``targets.fuse_image_scores``); 0 (default) leaves them alone.
 
 OUT_DIR gets ``submission.csv``, ``cells.csv`` (ID, cell, bbox, area, one confidence column per
 class), ``predict.log`` and ``records/<ID>.json`` (per-image results: a rerun skips them).
@@ -25,6 +29,7 @@ class), ``predict.log`` and ``records/<ID>.json`` (per-image results: a rerun sk
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -34,17 +39,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from hpa_scc.constants import NUM_CLASSES
 from hpa_scc.fileio import atomic_path, write_text_atomic
 from hpa_scc.images import ImageReadError, ImageRecord, find_images, read_image, resize
-from hpa_scc.segment import build_segmenter
 from hpa_scc.segment.precomputed import read_labels
 from hpa_scc.submission import EncodedCell, SubmissionRow, encode_label_image, write_submission
+from hpa_scc.targets import fuse_image_scores
 
 log = logging.getLogger("hpa_scc.predict")
-BASELINES = ("image-labels", "truth")
+BASELINES = ("image-labels", "truth", "random")
 CELL_MODES = ("segmenter", "model")
 
 
@@ -238,7 +242,7 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                    cells: str = "segmenter", segmenter: str = "builtin", segmenter_options: dict | None = None,
                    checkpoint: str = "best.pt", tta: bool = False, baseline: str | None = None,
                    labels_csv: str | os.PathLike | None = None, device: str = "auto", workers: int = 1,
-                   batch_size: int = 8, progress: bool = True) -> Path:
+                   batch_size: int = 8, image_fusion: float = 0.0, progress: bool = True) -> Path:
     """Predict every image of ``data_dir``; returns the path of submission.csv (see module docstring).
 
     The CPU work (read four channels, segment, encode every cell once, resize for the model) runs
@@ -272,7 +276,7 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
         settings = {"mode": mode, "data_dir": str(data_dir), "seg_dir": str(out_dir / "segmentation"),
                     "model_size": loaded.image_size if loaded else None,
                     "in_channels": loaded.in_channels if loaded else None}
-        uses_segmenter = mode in ("segmenter", "image-labels")
+        uses_segmenter = mode in ("segmenter", "image-labels", "random")
         stream = run_pool(_inputs_job, todo, segmenter if uses_segmenter else None, segmenter_options or {}, settings,
                           workers, "predict", progress)
         batch: list[tuple[str, dict]] = []
@@ -283,7 +287,7 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
             else:
                 batch.append((image_id, inputs))
             if batch and (len(batch) == batch_size or i == len(todo)):
-                for image_id, result, error in _finish(batch, by_id, loaded, mode, tta, truth):
+                for image_id, result, error in _finish(batch, by_id, loaded, mode, tta, truth, image_fusion):
                     if error is not None:
                         failures.append((image_id, error))
                         log.warning("skipped %s: %s", image_id, error)
@@ -320,7 +324,7 @@ def _inputs_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
                                      "n_cells": int(true_cells.max())}, None
         image = read_image(record.folder, record.image_id)
         inputs: dict = {"shape": image.shape[1:]}
-        if s["mode"] in ("segmenter", "image-labels"):
+        if s["mode"] in ("segmenter", "image-labels", "random"):
             _, cell_labels, _ = segment_one(record, WORKER["segmenter"], Path(s["seg_dir"]), image)
             inputs["encoded"] = encode_label_image(cell_labels)
             inputs["n_cells"] = int(cell_labels.max())
@@ -335,7 +339,7 @@ def _inputs_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
 
 
 def _finish(batch: list[tuple[str, dict]], by_id: dict[str, ImageRecord], loaded: LoadedModel | None, mode: str,
-            tta: bool, truth: dict | None) -> list[tuple[str, dict | None, str | None]]:
+            tta: bool, truth: dict | None, image_fusion: float = 0.0) -> list[tuple[str, dict | None, str | None]]:
     """The model's part for a batch of images, then each image's record."""
     detections = detect_batch(loaded, [inputs["small"] for _, inputs in batch], tta) if loaded else [None] * len(batch)
     out = []
@@ -351,13 +355,18 @@ def _finish(batch: list[tuple[str, dict]], by_id: dict[str, ImageRecord], loaded
                                             "train.csv or --labels"))
                 continue
             conf[:, list(labels)] = 1.0
+        elif mode == "random":  # chance level, reproducible per image
+            seed = int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "little")
+            conf = np.random.default_rng(seed).random(conf.shape, dtype=np.float32)
         elif mode == "model":
             numpy_det = {k: v.cpu().numpy() for k, v in det.items()}
             cell_labels, conf = cells_from_detections(numpy_det, inputs["shape"])
+            conf = fuse_image_scores(conf, image_fusion)
             out.append((image_id, image_result(image_id, cell_labels, conf), None))
             continue
         else:
             conf = score_cells(inputs["small_cells"], list(range(1, inputs["n_cells"] + 1)), det)
+            conf = fuse_image_scores(conf, image_fusion)
         out.append((image_id, encoded_result(image_id, inputs["shape"], inputs["encoded"], conf,
-                                             only_positive=mode in BASELINES), None))
+                                             only_positive=mode in ("truth", "image-labels")), None))
     return out

@@ -133,3 +133,67 @@ def transfer_labels(pred_cells: np.ndarray, true_cells: np.ndarray,
         else:
             out[int(pred_id)] = (sorted(true_labels[best]), best)
     return out
+
+
+# --- label refinement: the model's cell scores narrow the image labels down -------------------------
+def refine_labels(image_labels: Iterable[int], conf: np.ndarray, threshold: float) -> list[list[int]]:
+    """Each cell keeps the image labels it scores at least ``threshold`` for; none left -> Negative.
+
+    ``conf`` float [K, 19] holds the model's per-cell confidences. A label the image does not
+    carry is never added (the image labels are the only supervision we trust), and Negative
+    stays Negative. Returns one sorted label list per cell, in row order.
+    """
+    labels = sorted({check_label(i) for i in image_labels})
+    if not labels:
+        raise ValueError("an image needs at least one label to refine its cells' labels (Negative is 18)")
+    conf = np.asarray(conf, dtype=np.float32).reshape(-1, NUM_CLASSES)
+    if labels == [NEGATIVE]:
+        return [[NEGATIVE] for _ in range(len(conf))]
+    return [[c for c in labels if row[c] >= threshold] or [NEGATIVE] for row in conf]
+
+
+def image_scores(conf: np.ndarray) -> np.ndarray:
+    """An image's score per class: the best cell's confidence, float [19] (zeros without cells)."""
+    conf = np.asarray(conf, dtype=np.float32).reshape(-1, NUM_CLASSES)
+    return conf.max(axis=0) if len(conf) else np.zeros(NUM_CLASSES, np.float32)
+
+
+def choose_threshold(image_labels: list[Iterable[int]], confs: list[np.ndarray],
+                     candidates: Iterable[float] | None = None) -> tuple[float, float]:
+    """The cell threshold that best recovers held-out images' labels from their cells: (t, F1).
+
+    Uses image labels only (what real data has): image i is predicted to carry class c when
+    one of its cells scores >= t for c; t maximises the micro F1 of those predictions against
+    the true image labels over ``candidates`` (default 0.05, 0.10, ..., 0.95). Ties go to the
+    lower t, which keeps more labels.
+    """
+    if len(image_labels) != len(confs) or not confs:
+        raise ValueError(f"need one confidence array per held-out image, got {len(image_labels)} labels "
+                         f"and {len(confs)} arrays")
+    truth = np.zeros((len(confs), NUM_CLASSES), bool)
+    for i, labels in enumerate(image_labels):
+        truth[i, [check_label(c) for c in labels]] = True
+    best = np.stack([image_scores(c) for c in confs])  # [images, 19]
+    grid = np.round(np.arange(0.05, 0.96, 0.05), 2) if candidates is None else np.asarray(list(candidates))
+    best_t, best_f1 = float(grid[0]), -1.0
+    for t in grid:
+        pred = best >= t
+        tp = int((pred & truth).sum())
+        f1 = 2 * tp / max(int(pred.sum()) + int(truth.sum()), 1)
+        if f1 > best_f1 + 1e-12:
+            best_t, best_f1 = float(t), f1
+    return best_t, best_f1
+
+
+def fuse_image_scores(conf: np.ndarray, weight: float) -> np.ndarray:
+    """Cell confidences blended with the image's score: conf^(1-w) x image_score^w, float [K, 19].
+
+    The image score (per class, the best cell) says whether the image shows the class at all;
+    the cell score says which cells. ``weight`` 0 returns the cell scores unchanged.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"image fusion weight must be in [0, 1], got {weight}")
+    conf = np.asarray(conf, dtype=np.float32).reshape(-1, NUM_CLASSES)
+    if weight == 0 or not len(conf):
+        return conf
+    return (np.power(conf, 1.0 - weight) * np.power(image_scores(conf)[None, :], weight)).astype(np.float32)

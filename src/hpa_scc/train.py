@@ -189,7 +189,8 @@ def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
     train_folds = [f for f in range(n_folds) if f != cfg.data.val_fold] or [0]
     val_folds = [cfg.data.val_fold] if n_folds > 1 else []
     # uint8 samples: a quarter of the bytes through workers, pinned memory and the PCIe copy
-    common = {"layout": cfg.data.layout, "in_channels": cfg.model.in_channels, "seed": cfg.train.seed, "uint8": True}
+    common = {"layout": cfg.data.layout, "labels": cfg.data.labels, "in_channels": cfg.model.in_channels,
+              "seed": cfg.train.seed, "uint8": True}
     train_set = CellInstances(prepared, train_folds, augment=True, hflip_prob=cfg.data.hflip_prob,
                               vflip_prob=cfg.data.vflip_prob, rot90=cfg.data.rot90,
                               max_images=cfg.data.max_train_images, **common)

@@ -1,0 +1,168 @@
+"""Label refinement: a trained model narrows each training cell's inherited labels down.
+
+    from hpa_scc.refine import refine_prepared
+    report = refine_prepared("runs/weak/train", "runs/weak/prepared", name="refined_r1", held_out_folds=[0])
+    # then train with data.labels=refined_r1
+
+Weak supervision gives every cell its image's labels, though in an image labelled
+``Nucleoplasm|Mitochondria`` many cells show only one of the two. After a first training the
+model's cell scores tell them apart: each training cell keeps only the image labels it scores
+at least a threshold for (a cell left with none becomes Negative) and the next round trains on
+those labels. The threshold is chosen on held-out images with their image labels only
+(``targets.choose_threshold``), so the step needs nothing real data lacks.
+
+Writes ``PREPARED/coco_<name>/<layout>/fold<K>.json`` (same images, cells and masks as coco/,
+new labels) and ``PREPARED/coco_<name>/refine.json`` (threshold, held-out F1, label counts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as coco_mask
+from tqdm import tqdm
+
+from hpa_scc.cache import cache_path
+from hpa_scc.fileio import write_text_atomic
+from hpa_scc.instances import labels_folder
+from hpa_scc.targets import cell_instances, choose_threshold, refine_labels
+
+log = logging.getLogger("hpa_scc.refine")
+
+
+@dataclass
+class RefineReport:
+    name: str
+    threshold: float
+    held_out_f1: float
+    cells: int
+    labels_before: int
+    labels_after: int
+    negative_cells: int
+
+    def summary(self) -> str:
+        return (f"{self.name}: threshold {self.threshold:.2f} (held-out image-label F1 {self.held_out_f1:.3f}); "
+                f"{self.cells} cells, labels {self.labels_before} -> {self.labels_after}, "
+                f"{self.negative_cells} cells left Negative")
+
+
+def fold_files(prepared: Path, layout: str, labels: str = "image") -> list[tuple[int, Path]]:
+    """(fold, path) of every COCO file of a prepared set, in fold order."""
+    base = prepared / labels_folder(labels) / layout
+    if (base / "all.json").is_file():
+        return [(0, base / "all.json")]
+    files = sorted(base.glob("fold*.json"), key=lambda p: int(p.stem[4:]))
+    if not files:
+        raise FileNotFoundError(f"no COCO files in {base}; build them with 'python dataset.py DATA_DIR {prepared}'")
+    return [(int(p.stem[4:]), p) for p in files]
+
+
+def cells_of(coco: dict) -> dict[int, dict[int, dict]]:
+    """{image id: {cell id: one annotation of that cell}} (per_label files repeat a cell per label)."""
+    out: dict[int, dict[int, dict]] = {}
+    for ann in coco["annotations"]:
+        out.setdefault(ann["image_id"], {}).setdefault(ann["cell_id"], ann)
+    return out
+
+
+def score_image_cells(loaded, prepared: Path, image: dict, cells: dict[int, dict], tta: bool = False) -> np.ndarray:
+    """float [K, 19]: the model's confidence per cell (cells in id order) for one prepared image."""
+    from hpa_scc.predict import detect_batch, score_cells
+
+    pixels = np.load(cache_path(prepared / "cache", image["image_name"]), mmap_mode="r")
+    size = pixels.shape[-1]
+    if size != loaded.image_size:
+        raise ValueError(f"{prepared} is cached at {size} px but the model was trained at {loaded.image_size} px")
+    ids = sorted(cells)
+    label_image = np.zeros((size, size), np.int32)
+    for cell_id in ids:
+        label_image[coco_mask.decode(cells[cell_id]["segmentation"]).astype(bool)] = cell_id
+    detections = detect_batch(loaded, [np.array(pixels)], tta)[0]  # a writable copy of the memmap
+    return score_cells(label_image, ids, detections)
+
+
+def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike, *, name: str,
+                    held_out_folds: list[int], layout: str = "per_label", source: str = "image",
+                    checkpoint: str = "best.pt", device: str = "auto", progress: bool = True) -> RefineReport:
+    """Relabel every cell of a prepared set with the model of ``run_dir`` (see module docstring).
+
+    ``source``: the labels the refinement narrows down; always the image labels' COCO here
+    (refining refined labels could only shrink them further). The threshold is chosen on the
+    images of ``held_out_folds`` (the training run's validation fold: images it never trained on).
+    """
+    from hpa_scc.predict import load_run
+
+    if name in ("image", "truth"):
+        raise ValueError(f"refined labels need their own name, not {name!r} (e.g. refined_r1)")
+    prepared = Path(prepared_dir)
+    loaded = load_run(run_dir, checkpoint, device)
+    files = fold_files(prepared, layout, source)
+    scored: dict[tuple[int, int], tuple[dict, list[int], np.ndarray]] = {}  # (fold, image id) -> scores
+    per_fold = {}
+    total = 0
+    for fold, path in files:
+        coco = json.loads(path.read_text())
+        per_fold[fold] = coco
+        total += len(coco["images"])
+    bar = tqdm(total=total, desc=f"score cells ({name})", unit="img", disable=not progress)
+    for fold, coco in per_fold.items():
+        by_image = cells_of(coco)
+        for image in coco["images"]:
+            cells = by_image.get(image["id"], {})
+            conf = score_image_cells(loaded, prepared, image, cells) if cells else np.zeros((0, 19), np.float32)
+            scored[(fold, image["id"])] = (image, sorted(cells), conf)
+            bar.update(1)
+    bar.close()
+
+    held = [(img["labels"], conf) for (fold, _), (img, ids, conf) in scored.items()
+            if fold in held_out_folds and img.get("labels") and ids]
+    if not held:
+        raise ValueError(f"no held-out images with labels and cells in folds {held_out_folds} of {prepared}; "
+                         "the threshold is chosen on them")
+    threshold, f1 = choose_threshold([h[0] for h in held], [h[1] for h in held])
+    if f1 == 0.0:
+        # The model recovers no held-out image label at any threshold: its cell scores carry no
+        # information yet, and narrowing labels with them would only destroy the weak labels.
+        log.warning("%s: the model of %s finds none of the held-out images' labels; cells keep their image "
+                    "labels (train longer before refining)", name, run_dir)
+        threshold = 0.0
+
+    counts: Counter = Counter()
+    out_base = prepared / labels_folder(name) / layout
+    for fold, path in files:
+        coco = per_fold[fold]
+        by_image = cells_of(coco)
+        annotations = []
+        for image in coco["images"]:
+            _, ids, conf = scored[(fold, image["id"])]
+            if not ids:
+                continue
+            new = refine_labels(image["labels"], conf, threshold)
+            cells = by_image[image["id"]]
+            counts["cells"] += len(ids)
+            counts["before"] += len(ids) * len(set(image["labels"]))
+            counts["after"] += sum(len(labels) for labels in new)
+            counts["negative"] += sum(labels == [18] and 18 not in image["labels"] for labels in new)
+            for inst in cell_instances(dict(zip(ids, new, strict=True)), layout):
+                cell = cells[inst.cell_id]
+                ann = {k: cell[k] for k in ("segmentation", "area", "bbox", "iscrowd", "cell_id", "touches_border")
+                       if k in cell}
+                ann.update({"id": len(annotations) + 1, "image_id": image["id"], "category_id": inst.category_id})
+                if inst.label_vector is not None:
+                    ann["label_vector"] = list(inst.label_vector)
+                annotations.append(ann)
+        info = {**coco["info"], "labels": f"image labels refined by {run_dir} (threshold {threshold:.2f})"}
+        write_text_atomic(out_base / path.name, json.dumps({**coco, "info": info, "annotations": annotations},
+                                                            separators=(",", ":")))
+    report = RefineReport(name, threshold, f1, counts["cells"], counts["before"], counts["after"], counts["negative"])
+    write_text_atomic(prepared / labels_folder(name) / "refine.json",
+                      json.dumps({**report.__dict__, "run_dir": str(run_dir), "held_out_folds": held_out_folds,
+                                  "layout": layout}, indent=2))
+    log.info(report.summary())
+    return report
