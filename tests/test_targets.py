@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 from hpa_scc.constants import NEGATIVE, NUM_CLASSES
-from hpa_scc.targets import (Instance, category_id, cell_instances, describe_cells, inherit_labels, keep_cells,
-                             label_of, label_vector, transfer_labels)
+from hpa_scc.targets import (Instance, category_id, cell_instances, choose_threshold, describe_cells,
+                             fuse_image_scores, image_scores, inherit_labels, keep_cells, label_of, label_vector,
+                             refine_labels, transfer_labels)
 
 
 def test_category_ids_keep_zero_for_background():
@@ -60,3 +61,44 @@ def test_transfer_labels_takes_the_most_overlapping_true_cell():
     assert out == {1: ([0], 1), 2: ([5, 13], 2)}
     empty = np.zeros_like(true)
     assert transfer_labels(pred, empty, {}) == {1: ([NEGATIVE], 0), 2: ([NEGATIVE], 0)}
+
+
+def conf_rows(*rows: dict[int, float]) -> np.ndarray:
+    out = np.zeros((len(rows), NUM_CLASSES), np.float32)
+    for i, row in enumerate(rows):
+        for c, v in row.items():
+            out[i, c] = v
+    return out
+
+
+def test_refinement_keeps_only_image_labels_a_cell_scores_and_negative_otherwise():
+    conf = conf_rows({0: 0.9, 5: 0.1}, {0: 0.2, 5: 0.7, 3: 0.99}, {0: 0.5, 5: 0.5}, {})
+    assert refine_labels([5, 0], conf, 0.5) == [[0], [5], [0, 5], [NEGATIVE]]  # 3 is never added
+    assert refine_labels([0, 5], conf, 0.0) == [[0, 5]] * 4  # threshold 0 keeps the weak labels
+    assert refine_labels([NEGATIVE], conf, 0.5) == [[NEGATIVE]] * 4
+    with pytest.raises(ValueError, match="at least one label"):
+        refine_labels([], conf, 0.5)
+
+
+def test_threshold_is_chosen_from_image_labels_only():
+    # image A has {0}, image B has {5}; the model's best cells: A scores 0 at 0.8 and 5 at 0.3,
+    # B scores 5 at 0.6 and 0 at 0.2. Any t in (0.3, 0.6] recovers exactly the image labels.
+    a = conf_rows({0: 0.8, 5: 0.3}, {0: 0.1})
+    b = conf_rows({5: 0.6, 0: 0.2})
+    t, f1 = choose_threshold([[0], [5]], [a, b])
+    assert t == pytest.approx(0.35) and f1 == pytest.approx(1.0)
+    t, f1 = choose_threshold([[0], [5]], [a, b], candidates=[0.1, 0.9])
+    assert (t, f1) == (0.1, pytest.approx(2 / 3))  # 0.1: 4 predicted, 2 right (F1 = 2*2 / (4+2)); 0.9: none
+    with pytest.raises(ValueError, match="one confidence array per held-out image"):
+        choose_threshold([[0]], [])
+
+
+def test_image_fusion_blends_cells_with_the_best_cell():
+    conf = conf_rows({0: 0.9, 5: 0.04}, {0: 0.1, 5: 0.16})
+    assert np.array_equal(fuse_image_scores(conf, 0.0), conf)
+    fused = fuse_image_scores(conf, 0.5)
+    assert fused[1, 0] == pytest.approx((0.1 * 0.9) ** 0.5) and fused[0, 5] == pytest.approx((0.04 * 0.16) ** 0.5)
+    assert np.allclose(fuse_image_scores(conf, 1.0), image_scores(conf)[None].repeat(2, 0))
+    assert np.array_equal(image_scores(np.zeros((0, NUM_CLASSES))), np.zeros(NUM_CLASSES))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fuse_image_scores(conf, 1.5)

@@ -1,0 +1,115 @@
+"""Label refinement on a prepared synthetic set, training on the refined labels, and predict's
+fusion and random baseline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import hpa_scc.refine
+from conftest import make_tiny_run
+from hpa_scc.config import load_config
+from hpa_scc.constants import NEGATIVE, NUM_CLASSES
+from hpa_scc.instances import CellInstances, read_folds
+from hpa_scc.metric import evaluate_files
+from hpa_scc.predict import predict_folder
+from hpa_scc.refine import cells_of, refine_prepared
+from hpa_scc.submission import read_submission
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("refine"))
+
+
+def labels_by_cell(coco: dict) -> dict[tuple[int, int], list[int]]:
+    out: dict[tuple[int, int], list[int]] = {}
+    for ann in coco["annotations"]:
+        out.setdefault((ann["image_id"], ann["cell_id"]), []).append(ann["category_id"] - 1)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def test_refinement_with_a_perfect_scorer_recovers_the_true_labels(run, monkeypatch, tmp_path):
+    import shutil
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(run / "prepared", prepared)
+    truth = labels_by_cell(read_folds(prepared, "per_label", [0, 1], labels="truth"))
+
+    def oracle_scorer(loaded, prepared_dir, image, cells, tta=False):
+        conf = np.full((len(cells), NUM_CLASSES), 0.1, np.float32)
+        for row, cell_id in enumerate(sorted(cells)):
+            conf[row, truth[(image["id"], cell_id)]] = 0.9
+        return conf
+
+    monkeypatch.setattr(hpa_scc.refine, "score_image_cells", oracle_scorer)
+    report = refine_prepared(run / "run", prepared, name="refined_r1", held_out_folds=[0], progress=False)
+    # F1 < 1: segmented cells on background carry Negative in the transferred truth
+    assert 0.1 < report.threshold <= 0.9 and report.held_out_f1 > 0.5
+    weak = read_folds(prepared, "per_label", [0, 1])
+    refined = read_folds(prepared, "per_label", [0, 1], labels="refined_r1")
+    assert [i["id"] for i in refined["images"]] == [i["id"] for i in weak["images"]]
+    image_labels = {i["id"]: set(i["labels"]) for i in weak["images"]}
+    got = labels_by_cell(refined)
+    assert set(got) == set(labels_by_cell(weak))  # same cells, masks untouched
+    for (image_id, cell_id), labels in got.items():
+        kept = sorted(set(truth[(image_id, cell_id)]) & image_labels[image_id])
+        assert labels == (kept or [NEGATIVE])
+    assert report.labels_after < report.labels_before and report.cells == len(got)
+    def masks(coco):
+        return {(i, k): a["segmentation"] for i, cells in cells_of(coco).items() for k, a in cells.items()}
+
+    assert masks(refined) == masks(weak)
+    saved = json.loads((prepared / "coco_refined_r1" / "refine.json").read_text())
+    assert saved["threshold"] == report.threshold and saved["held_out_folds"] == [0]
+
+    ds = CellInstances(prepared, [1], labels="refined_r1")  # what train(data.labels=refined_r1) reads
+    _, target = ds[0]
+    first = ds.images[0]["id"]
+    assert sorted(set((target["labels"] - 1).tolist())) == sorted({c for (i, _), v in got.items() if i == first
+                                                                    for c in v})
+
+
+def test_an_uninformed_model_leaves_the_weak_labels_alone(run, tmp_path):
+    import shutil
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(run / "prepared", prepared)
+    # the tiny run trained one step: no detection passes the score threshold, so F1 is 0 everywhere
+    report = refine_prepared(run / "run", prepared, name="r", held_out_folds=[0], progress=False)
+    assert report.threshold == 0.0 and report.labels_after == report.labels_before
+    assert labels_by_cell(read_folds(prepared, "per_label", [0, 1], labels="r")) == \
+        labels_by_cell(read_folds(prepared, "per_label", [0, 1]))
+    with pytest.raises(ValueError, match="their own name"):
+        refine_prepared(run / "run", prepared, name="truth", held_out_folds=[0], progress=False)
+    with pytest.raises(ValueError, match="no held-out images"):
+        refine_prepared(run / "run", prepared, name="r2", held_out_folds=[7], progress=False)
+
+
+def test_labels_key_picks_the_coco_folder_and_names_what_is_missing(run):
+    cfg = load_config(None, ["data.labels=refined_r9"])
+    assert cfg.data.labels == "refined_r9"
+    with pytest.raises(FileNotFoundError, match="coco_refined_r9.*refinement round"):
+        CellInstances(run / "prepared", [0], labels="refined_r9")
+    with pytest.raises(ValueError, match="data.labels must be"):
+        CellInstances(run / "prepared", [0], labels="../coco")
+
+
+def test_random_baseline_and_image_fusion(run, tmp_path):
+    solution = run / "set" / "solution.csv"
+    random_sub = predict_folder(None, run / "set", tmp_path / "random", baseline="random", progress=False)
+    rows = read_submission(random_sub)
+    confs = [c for r in rows for _, c, _ in r.predictions]
+    assert len({label for r in rows for label, _, _ in r.predictions}) == NUM_CLASSES  # every class, every cell
+    assert 0.0 <= min(confs) and max(confs) < 1.0 and len(set(confs)) > len(confs) // 2
+    again = predict_folder(None, run / "set", tmp_path / "random2", baseline="random", progress=False)
+    assert again.read_text() == random_sub.read_text()  # reproducible per image
+    assert 0.0 < evaluate_files(solution, random_sub).mAP < 1.0
+
+    plain = predict_folder(run / "run", run / "set", tmp_path / "plain", progress=False)
+    fused = predict_folder(run / "run", run / "set", tmp_path / "fused", image_fusion=0.5, progress=False)
+    for a, b in zip(read_submission(plain), read_submission(fused), strict=True):
+        assert [(lab, m) for lab, _, m in a.predictions] == [(lab, m) for lab, _, m in b.predictions]
+        assert all(cb >= ca - 1e-6 for (_, ca, _), (_, cb, _) in zip(a.predictions, b.predictions, strict=True))
