@@ -516,8 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hpa_scc",
         description="Per-cell protein localisation in Human Protein Atlas images (Kaggle HPA Single Cell "
-                    "Classification): synthetic data, image cache, folds; segmentation, Mask R-CNN training, "
-                    "prediction and the competition metric come in later releases.",
+                    "Classification): synthetic data, public HPA downloads, image cache, folds, cell "
+                    "segmentation, Mask R-CNN training (DenseNet121, ResNet101-FPN, ResNeXt101-FPN), per-cell "
+                    "prediction, the competition metric and Kaggle submissions.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hpa_scc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
