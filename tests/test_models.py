@@ -231,3 +231,16 @@ def test_input_transform_skips_the_identity_resize_and_matches_torchvision():
     assert torch.allclose(ours[1]["boxes"], theirs[1]["boxes"])
     bigger = t.resize(torch.rand(4, 128, 128))[0]  # other sizes still go through torchvision
     assert bigger.shape == (4, 64, 64)
+
+
+def test_head_sizes_come_from_the_config():
+    cfg = ModelConfig(rpn_post_nms_top_n_train=256, rpn_post_nms_top_n_test=200, box_batch_size_per_image=128,
+                      box_score_thresh=0.001, box_detections_per_img=200)
+    model = build_model(cfg, image_size=128)
+    assert model.rpn._post_nms_top_n == {"training": 256, "testing": 200}
+    assert model.rpn._pre_nms_top_n == {"training": 1000, "testing": 1000}
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 128
+    assert (model.roi_heads.score_thresh, model.roi_heads.detections_per_img) == (0.001, 200)
+    default = build_model(ModelConfig(), image_size=128)
+    assert default.rpn._post_nms_top_n == {"training": 2000, "testing": 1000}
+    assert default.roi_heads.fg_bg_sampler.batch_size_per_image == 512

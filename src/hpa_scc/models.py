@@ -327,7 +327,12 @@ def build_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES, image_size: in
     model = MaskRCNN(backbone, num_classes=2 if multilabel else num_classes + 1,
                      rpn_anchor_generator=anchors, rpn_head=RPNHead(256, anchors.num_anchors_per_location()[0]),
                      box_roi_pool=box_pool, mask_roi_pool=mask_pool,
-                     box_detections_per_img=cfg.box_detections_per_img, box_score_thresh=cfg.box_score_thresh)
+                     box_detections_per_img=cfg.box_detections_per_img, box_score_thresh=cfg.box_score_thresh,
+                     rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+                     rpn_pre_nms_top_n_train=max(cfg.rpn_post_nms_top_n_train, 1000),
+                     rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+                     rpn_pre_nms_top_n_test=max(cfg.rpn_post_nms_top_n_test, 1000),
+                     box_batch_size_per_image=cfg.box_batch_size_per_image)
     if multilabel:
         model.roi_heads = _multilabel_roi_heads(model.roi_heads, num_classes)
 
