@@ -40,7 +40,7 @@ class ModelConfig:
     box_detections_per_img: int = 100
     box_score_thresh: float = 0.05
     # Head sizes (torchvision's defaults, made for ~100 objects per COCO image). An HPA image has
-    # ~20 cells, so smaller heads lose little and train much faster on a CPU (configs/weak_cpu.yaml).
+    # ~20 cells, so smaller heads lose little and train much faster on a CPU (bench/weak_supervision.py).
     rpn_post_nms_top_n_train: int = 2000  # proposals per image kept for the RoI heads, training
     rpn_post_nms_top_n_test: int = 1000  # same, inference
     box_batch_size_per_image: int = 512  # RoIs sampled per image for the box/class loss
