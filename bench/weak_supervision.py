@@ -89,7 +89,23 @@ def score(name: str, test: Path, out: Path, **options) -> dict:
     return row
 
 
-def format_markdown(rows: list[dict], oracle: dict[str, float], params: dict) -> str:
+def label_rows(refinements: list[dict]) -> list[tuple[str, dict]]:
+    """(what, label_quality) rows: how close each round's training labels are to the truth."""
+    out = []
+    for ref in refinements:
+        if not ref.get("truth_after"):
+            continue
+        if ref["round"] == 1:
+            out.append((f"{ref['backbone']} weak: image labels on every cell", ref["truth_before"]))
+        rule = f"threshold {ref['threshold']:.2f}" + (f", relative {ref['relative']:.2f}" if ref["relative"] else "")
+        out.append((f"{ref['backbone']} refined_r{ref['round']} ({rule})", ref["truth_after"]))
+        best = max(ref["sweep"], key=lambda r: r["f1"])
+        out.append((f"  best rule of the sweep, chosen with the truth: threshold {best['threshold']:g}, "
+                    f"relative {best['relative']:g}", best))
+    return out
+
+
+def format_markdown(rows: list[dict], oracle: dict[str, float], params: dict, refinements: list[dict]) -> str:
     lines = [f"Protocol parameters: {json.dumps(params)}", "",
              "| method | mAP@0.6 | / oracle | gain over previous round |", "| --- | --- | --- | --- |"]
     for r in rows:
@@ -97,6 +113,13 @@ def format_markdown(rows: list[dict], oracle: dict[str, float], params: dict) ->
         ratio = f"{r['mAP'] / ref:.2f}" if ref and "backbone" in r else ""
         gain = f"{r['gain']:+.4f}" if r.get("gain") is not None else ""
         lines.append(f"| {r['name']} | {r['mAP']:.4f} | {ratio} | {gain} |")
+    quality = label_rows(refinements)
+    if quality:
+        lines += ["", "Training labels against the cells' true labels (train set; micro over cell x class; "
+                      "the oracle's labels are the truth):", "",
+                  "| labels | precision | recall | F1 | cells exactly right |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {what} | {q['precision']:.3f} | {q['recall']:.3f} | {q['f1']:.3f} | {q['exact']:.3f} |"
+                  for what, q in quality]
     present = [c for c in range(NUM_CLASSES) if any(r["per_class"].get(c) is not None for r in rows)]
     lines += ["", "Per-class AP (classes present in the test set):", "",
               "| method | " + " | ".join(SHORT_CLASS_NAMES[c] for c in present) + " |",
@@ -113,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backbones", nargs="+", default=["densenet121"])
     parser.add_argument("--out", type=Path, default=Path("runs/weak"))
     parser.add_argument("--rounds", type=int, default=None, help="refinement rounds (default: the profile's)")
+    parser.add_argument("--relative", type=float, default=0.0, metavar="R",
+                        help="refinement rule: a cell must also reach R x its image's best cell score for a label "
+                             "(default 0: the held-out threshold alone)")
     parser.add_argument("--seed", type=int, default=0, help="train set seed; the test set uses seed + 1000")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a profile value, e.g. --set epochs=4 --set train_images=24")
@@ -157,8 +183,10 @@ def main(argv: list[str] | None = None) -> dict:
                 report_path = prepared / f"coco_{label_name}" / "refine.json"
                 if not report_path.is_file():
                     report = refine_prepared(source_run, prepared, name=label_name, held_out_folds=[VAL_FOLD],
-                                             progress=False)
+                                             relative=args.relative, progress=False)
                     print(f"  {report.summary()}", flush=True)
+                elif json.loads(report_path.read_text()).get("relative", 0.0) != args.relative:
+                    parser.error(f"{report_path} was made with another --relative; use a new --out for this rule")
                 refinements.append({"backbone": backbone, "round": k, **json.loads(report_path.read_text())})
                 train_run(backbone, label_name, prepared, run_dir, p, overrides)
             for fusion in (0.0, FUSION):
@@ -175,12 +203,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows.append(score("baseline: the truth (sanity check)", test_set, preds / "truth", run_dir=None,
                       baseline="truth", workers=p["workers"]))
 
-    params = {"profile": args.profile, **p, "rounds": rounds, "seed": args.seed, "backbones": args.backbones,
-              "overrides": overrides}
+    params = {"profile": args.profile, **p, "rounds": rounds, "relative": args.relative, "seed": args.seed,
+              "backbones": args.backbones, "overrides": overrides}
     results = {"params": params, "rows": rows, "oracle": oracle, "refinements": refinements,
                "date": time.strftime("%Y-%m-%d %H:%M")}
     write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    table = format_markdown(rows, oracle, params)
+    table = format_markdown(rows, oracle, params, refinements)
     write_text_atomic(out / "results.md", table)
     from hpa_scc.visualize import plot_per_class_ap
 

@@ -64,3 +64,25 @@ def test_run_cli_rejects_unknown_benchmarks_and_gpu_script_parses(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown benchmark(s) ['nope']" in proc.stderr
     assert subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")]).returncode == 0
+
+
+def test_weak_supervision_table_reports_rounds_and_training_label_quality():
+    bench = load("weak_supervision")
+    q = {"precision": 0.5, "recall": 0.8, "f1": 0.615, "exact": 0.25}
+    better = {"precision": 0.7, "recall": 0.7, "f1": 0.7, "exact": 0.5}
+    refinement = {"backbone": "densenet121", "round": 1, "threshold": 0.05, "relative": 0.5, "truth_before": q,
+                  "truth_after": better,
+                  "sweep": [{"threshold": 0.0, "relative": 0.0, **q}, {"threshold": 0.1, "relative": 0.75, **better,
+                                                                        "f1": 0.75}]}
+    rows = [{"name": "baseline: random confidences", "mAP": 0.6, "per_class": {0: 0.5}},
+            {"name": "densenet121 weak", "mAP": 0.62, "per_class": {0: 0.6}, "backbone": "densenet121", "gain": None},
+            {"name": "densenet121 refined_r1", "mAP": 0.65, "per_class": {0: 0.7}, "backbone": "densenet121",
+             "gain": 0.03},
+            {"name": "densenet121 oracle", "mAP": 0.7, "per_class": {0: 0.8}, "backbone": "densenet121"}]
+    text = bench.format_markdown(rows, {"densenet121": 0.7}, {"profile": "cpu"}, [refinement])
+    assert "| densenet121 refined_r1 | 0.6500 | 0.93 | +0.0300 |" in text
+    assert "| densenet121 weak: image labels on every cell | 0.500 | 0.800 | 0.615 | 0.250 |" in text
+    assert "| densenet121 refined_r1 (threshold 0.05, relative 0.50) | 0.700 | 0.700 | 0.700 | 0.500 |" in text
+    assert "chosen with the truth: threshold 0.1, relative 0.75 | 0.700 | 0.700 | 0.750 |" in text
+    # without truth (real data) there is no label-quality table
+    assert "true labels" not in bench.format_markdown(rows, {}, {}, [{**refinement, "truth_after": None}])

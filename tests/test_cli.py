@@ -19,8 +19,9 @@ def run(*args, check_rc=0):
 
 def test_help_lists_the_commands():
     out = run("--help").stdout
-    for command in ("demo", "synth", "cache", "split"):
+    for command in ("demo", "synth", "cache", "split", "train", "refine", "predict", "evaluate"):
         assert f"    {command} " in out
+    assert "\n    download-public\n" in out
     assert "train.csv" in out  # says how to point it at Kaggle data
     script = Path(sys.executable).parent / "hpa-scc"
     assert script.is_file(), "console script hpa-scc not installed (pip install -e .)"

@@ -64,6 +64,16 @@ def test_refinement_with_a_perfect_scorer_recovers_the_true_labels(run, monkeypa
     assert masks(refined) == masks(weak)
     saved = json.loads((prepared / "coco_refined_r1" / "refine.json").read_text())
     assert saved["threshold"] == report.threshold and saved["held_out_folds"] == [0]
+    # the synthetic truth says how the labels changed: the weak labels give cells labels they do
+    # not show and never say Negative; a perfect scorer's labels are the truth
+    before, after = saved["truth_before"], saved["truth_after"]
+    assert before["precision"] < 0.8 and before["recall"] < 1.0 and before["exact"] < 0.8
+    assert after == pytest.approx({"precision": 1, "recall": 1, "f1": 1, "exact": 1}) and after == report.truth_after
+    assert "against the true cell labels: precision" in report.summary()
+    by_rule = {(r["threshold"], r["relative"]): r for r in saved["sweep"]}
+    assert by_rule[(0.0, 0.0)]["f1"] == pytest.approx(before["f1"])  # threshold 0 keeps the weak labels
+    assert by_rule[(0.5, 0.0)]["f1"] == pytest.approx(after["f1"])  # 0.5 splits 0.1 from 0.9 as the chosen one
+    assert by_rule[(0.0, 0.9)]["f1"] == pytest.approx(after["f1"])  # so does 0.9 x the image's best cell (0.9)
 
     ds = CellInstances(prepared, [1], labels="refined_r1")  # what train(data.labels=refined_r1) reads
     _, target = ds[0]
@@ -86,6 +96,26 @@ def test_an_uninformed_model_leaves_the_weak_labels_alone(run, tmp_path):
         refine_prepared(run / "run", prepared, name="truth", held_out_folds=[0], progress=False)
     with pytest.raises(ValueError, match="no held-out images"):
         refine_prepared(run / "run", prepared, name="r2", held_out_folds=[7], progress=False)
+
+
+def test_refine_command(run, tmp_path, capsys):
+    import shutil
+
+    from hpa_scc.cli import main
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(run / "prepared", prepared)
+    rc = main(["refine", str(run / "run"), str(prepared), "--name", "refined_r1", "--held-out-folds", "0", "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "refined_r1: threshold 0.00" in out and "against the true cell labels" in out
+    saved = json.loads((prepared / "coco_refined_r1" / "refine.json").read_text())
+    assert saved["layout"] == "per_label" and saved["relative"] == 0.0 and len(saved["sweep"]) == 40
+    assert (prepared / "coco_refined_r1" / "per_label" / "fold1.json").is_file()
+    assert main(["refine", str(run / "run"), str(prepared), "--name", "r", "--held-out-folds", "0",
+                 "--relative", "2", "-q"]) == 1
+    assert "relative must be in [0, 1]" in capsys.readouterr().err
+    assert main(["refine", str(tmp_path / "nope"), str(prepared), "--name", "r", "--held-out-folds", "0"]) == 1
+    assert "nope" in capsys.readouterr().err
 
 
 def test_labels_key_picks_the_coco_folder_and_names_what_is_missing(run):

@@ -3,8 +3,8 @@ import pytest
 
 from hpa_scc.constants import NEGATIVE, NUM_CLASSES
 from hpa_scc.targets import (Instance, category_id, cell_instances, choose_threshold, describe_cells,
-                             fuse_image_scores, image_scores, inherit_labels, keep_cells, label_of, label_vector,
-                             refine_labels, transfer_labels)
+                             fuse_image_scores, image_scores, inherit_labels, keep_cells, label_of, label_quality,
+                             label_vector, refine_labels, transfer_labels)
 
 
 def test_category_ids_keep_zero_for_background():
@@ -78,6 +78,31 @@ def test_refinement_keeps_only_image_labels_a_cell_scores_and_negative_otherwise
     assert refine_labels([NEGATIVE], conf, 0.5) == [[NEGATIVE]] * 4
     with pytest.raises(ValueError, match="at least one label"):
         refine_labels([], conf, 0.5)
+
+
+def test_relative_refinement_compares_the_cells_of_one_image():
+    # a young model: every score is low, so no absolute threshold above 0.05 keeps anything,
+    # but within the image cell 0 clearly leads for 0 and cell 1 for 5.
+    conf = conf_rows({0: 0.040, 5: 0.004}, {0: 0.010, 5: 0.030}, {0: 0.030, 5: 0.020}, {})
+    assert refine_labels([0, 5], conf, 0.05) == [[NEGATIVE]] * 4
+    assert refine_labels([0, 5], conf, 0.0, relative=0.5) == [[0], [5], [0, 5], [NEGATIVE]]
+    assert refine_labels([0, 5], conf, 0.0, relative=0.9) == [[0], [5], [NEGATIVE], [NEGATIVE]]
+    # both rules at once: the stricter wins per label; the image's best cell always passes the relative one
+    assert refine_labels([0, 5], conf, 0.035, relative=0.5) == [[0], [NEGATIVE], [NEGATIVE], [NEGATIVE]]
+    assert refine_labels([0, 5], conf, 0.0, relative=0.0) == [[0, 5]] * 4
+    with pytest.raises(ValueError, match="relative must be in"):
+        refine_labels([0], conf, 0.0, relative=1.5)
+
+
+def test_label_quality_counts_cell_class_pairs():
+    truth = [[0], [5], [0, 5], [NEGATIVE]]
+    weak = [[0, 5]] * 4  # every cell inherits the image labels
+    q = label_quality(weak, truth)
+    # 8 predicted pairs, 5 true pairs, 4 right (0, 5, 0 and 5); no cell exactly right but the third
+    assert q == pytest.approx({"precision": 4 / 8, "recall": 4 / 5, "f1": 8 / 13, "exact": 1 / 4})
+    assert label_quality(truth, truth) == pytest.approx({"precision": 1, "recall": 1, "f1": 1, "exact": 1})
+    with pytest.raises(ValueError, match="one label list per cell"):
+        label_quality(weak, truth[:2])
 
 
 def test_threshold_is_chosen_from_image_labels_only():

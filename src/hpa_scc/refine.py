@@ -9,10 +9,14 @@ Weak supervision gives every cell its image's labels, though in an image labelle
 model's cell scores tell them apart: each training cell keeps only the image labels it scores
 at least a threshold for (a cell left with none becomes Negative) and the next round trains on
 those labels. The threshold is chosen on held-out images with their image labels only
-(``targets.choose_threshold``), so the step needs nothing real data lacks.
+(``targets.choose_threshold``), so the step needs nothing real data lacks. Optionally a cell must
+also reach ``relative`` x the best cell's score for the label in its image (``targets.refine_labels``).
 
 Writes ``PREPARED/coco_<name>/<layout>/fold<K>.json`` (same images, cells and masks as coco/,
-new labels) and ``PREPARED/coco_<name>/refine.json`` (threshold, held-out F1, label counts).
+new labels) and ``PREPARED/coco_<name>/refine.json`` (threshold, held-out F1, label counts). On
+a synthetic set (``coco_truth/`` present) refine.json also says how the labels compare with the
+cells' true labels before and after, and for a grid of rules (``sweep``): the measure of whether
+a round helped that real data cannot give.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from tqdm import tqdm
 from hpa_scc.cache import cache_path
 from hpa_scc.fileio import write_text_atomic
 from hpa_scc.instances import labels_folder
-from hpa_scc.targets import cell_instances, choose_threshold, refine_labels
+from hpa_scc.targets import cell_instances, choose_threshold, label_of, label_quality, refine_labels
 
 log = logging.getLogger("hpa_scc.refine")
 
@@ -45,11 +49,20 @@ class RefineReport:
     labels_before: int
     labels_after: int
     negative_cells: int
+    relative: float = 0.0
+    truth_before: dict | None = None  # label_quality of the source labels (synthetic sets only)
+    truth_after: dict | None = None  # ... of the refined labels
 
     def summary(self) -> str:
-        return (f"{self.name}: threshold {self.threshold:.2f} (held-out image-label F1 {self.held_out_f1:.3f}); "
+        rule = f"threshold {self.threshold:.2f}" + (f", relative {self.relative:.2f}" if self.relative else "")
+        text = (f"{self.name}: {rule} (held-out image-label F1 {self.held_out_f1:.3f}); "
                 f"{self.cells} cells, labels {self.labels_before} -> {self.labels_after}, "
                 f"{self.negative_cells} cells left Negative")
+        if self.truth_before and self.truth_after:
+            b, a = self.truth_before, self.truth_after
+            text += (f"; against the true cell labels: precision {b['precision']:.3f} -> {a['precision']:.3f}, "
+                     f"recall {b['recall']:.3f} -> {a['recall']:.3f}, F1 {b['f1']:.3f} -> {a['f1']:.3f}")
+        return text
 
 
 def fold_files(prepared: Path, layout: str, labels: str = "image") -> list[tuple[int, Path]]:
@@ -71,6 +84,33 @@ def cells_of(coco: dict) -> dict[int, dict[int, dict]]:
     return out
 
 
+def cell_labels(coco: dict) -> dict[int, dict[int, list[int]]]:
+    """{image id: {cell id: sorted labels}} from either layout (per_label repeats a cell per label)."""
+    out: dict[int, dict[int, set]] = {}
+    for ann in coco["annotations"]:
+        labels = out.setdefault(ann["image_id"], {}).setdefault(ann["cell_id"], set())
+        if "label_vector" in ann:
+            labels.update(i for i, v in enumerate(ann["label_vector"]) if v)
+        else:
+            labels.add(label_of(ann["category_id"]))
+    return {i: {c: sorted(v) for c, v in cells.items()} for i, cells in out.items()}
+
+
+def true_cell_labels(prepared: Path, layout: str, file_name: str) -> dict[tuple[str, int], list[int]] | None:
+    """{(image name, cell id): true labels} from coco_truth/ (synthetic sets), else None."""
+    path = prepared / labels_folder("truth") / layout / file_name
+    if not path.is_file():
+        return None
+    coco = json.loads(path.read_text())
+    names = {img["id"]: img["image_name"] for img in coco["images"]}
+    return {(names[i], c): labels for i, cells in cell_labels(coco).items() for c, labels in cells.items()}
+
+
+# The rules refine.json reports on a synthetic set: absolute thresholds x shares of the image's best cell.
+SWEEP_THRESHOLDS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+SWEEP_RELATIVE = (0.0, 0.25, 0.5, 0.75, 0.9)
+
+
 def score_image_cells(loaded, prepared: Path, image: dict, cells: dict[int, dict], tta: bool = False) -> np.ndarray:
     """float [K, 19]: the model's confidence per cell (cells in id order) for one prepared image."""
     from hpa_scc.predict import detect_batch, score_cells
@@ -88,20 +128,26 @@ def score_image_cells(loaded, prepared: Path, image: dict, cells: dict[int, dict
 
 
 def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike, *, name: str,
-                    held_out_folds: list[int], layout: str = "per_label", source: str = "image",
-                    checkpoint: str = "best.pt", device: str = "auto", progress: bool = True) -> RefineReport:
+                    held_out_folds: list[int], relative: float = 0.0, layout: str | None = None,
+                    source: str = "image", checkpoint: str = "best.pt", device: str = "auto",
+                    progress: bool = True) -> RefineReport:
     """Relabel every cell of a prepared set with the model of ``run_dir`` (see module docstring).
 
     ``source``: the labels the refinement narrows down; always the image labels' COCO here
     (refining refined labels could only shrink them further). The threshold is chosen on the
     images of ``held_out_folds`` (the training run's validation fold: images it never trained on).
+    ``relative``: a cell must also reach this share of its image's best cell score for a label.
+    ``layout``: the COCO layout to refine; default: the one the run's head trains on.
     """
     from hpa_scc.predict import load_run
 
     if name in ("image", "truth"):
         raise ValueError(f"refined labels need their own name, not {name!r} (e.g. refined_r1)")
+    if not 0.0 <= relative <= 1.0:
+        raise ValueError(f"relative must be in [0, 1] (a share of the image's best cell score), got {relative}")
     prepared = Path(prepared_dir)
     loaded = load_run(run_dir, checkpoint, device)
+    layout = layout or {"softmax": "per_label", "multilabel": "multilabel"}[loaded.head]
     files = fold_files(prepared, layout, source)
     scored: dict[tuple[int, int], tuple[dict, list[int], np.ndarray]] = {}  # (fold, image id) -> scores
     per_fold = {}
@@ -131,7 +177,23 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
         # information yet, and narrowing labels with them would only destroy the weak labels.
         log.warning("%s: the model of %s finds none of the held-out images' labels; cells keep their image "
                     "labels (train longer before refining)", name, run_dir)
-        threshold = 0.0
+        threshold, relative = 0.0, 0.0
+
+    # Cells, their image labels, scores and (synthetic sets) true labels, for the truth comparison.
+    truth: dict[tuple[str, int], list[int]] | None = {}
+    for fold, path in files:
+        found = true_cell_labels(prepared, layout, path.name)
+        truth = None if found is None or truth is None else {**truth, **found}
+    evaluated = []
+    if truth:
+        missing = [(img["image_name"], c) for img, ids, _ in scored.values() for c in ids
+                   if (img["image_name"], c) not in truth]
+        if missing:
+            log.warning("%s: %d cells (e.g. %s) are not in %s; no comparison with the true labels", name,
+                        len(missing), missing[0], prepared / labels_folder("truth"))
+        else:
+            evaluated = [(img["labels"], conf, [truth[(img["image_name"], c)] for c in ids])
+                         for img, ids, conf in scored.values() if ids]
 
     counts: Counter = Counter()
     out_base = prepared / labels_folder(name) / layout
@@ -143,7 +205,7 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
             _, ids, conf = scored[(fold, image["id"])]
             if not ids:
                 continue
-            new = refine_labels(image["labels"], conf, threshold)
+            new = refine_labels(image["labels"], conf, threshold, relative)
             cells = by_image[image["id"]]
             counts["cells"] += len(ids)
             counts["before"] += len(ids) * len(set(image["labels"]))
@@ -157,12 +219,23 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
                 if inst.label_vector is not None:
                     ann["label_vector"] = list(inst.label_vector)
                 annotations.append(ann)
-        info = {**coco["info"], "labels": f"image labels refined by {run_dir} (threshold {threshold:.2f})"}
+        info = {**coco["info"], "labels": f"image labels refined by {run_dir} (threshold {threshold:.2f}, "
+                                          f"relative {relative:.2f})"}
         write_text_atomic(out_base / path.name, json.dumps({**coco, "info": info, "annotations": annotations},
                                                             separators=(",", ":")))
-    report = RefineReport(name, threshold, f1, counts["cells"], counts["before"], counts["after"], counts["negative"])
+    report = RefineReport(name, threshold, f1, counts["cells"], counts["before"], counts["after"], counts["negative"],
+                          relative)
+    sweep = []
+    if evaluated:
+        def quality(t: float, r: float) -> dict:
+            pred = [cell for labels, conf, _ in evaluated for cell in refine_labels(labels, conf, t, r)]
+            return label_quality(pred, [cell for _, _, true in evaluated for cell in true])
+
+        report.truth_before = quality(0.0, 0.0)  # threshold 0 keeps every image label: the weak labels
+        report.truth_after = quality(threshold, relative)
+        sweep = [{"threshold": t, "relative": r, **quality(t, r)} for t in SWEEP_THRESHOLDS for r in SWEEP_RELATIVE]
     write_text_atomic(prepared / labels_folder(name) / "refine.json",
                       json.dumps({**report.__dict__, "run_dir": str(run_dir), "held_out_folds": held_out_folds,
-                                  "layout": layout}, indent=2))
+                                  "layout": layout, "sweep": sweep}, indent=2))
     log.info(report.summary())
     return report
