@@ -36,7 +36,7 @@ from hpa_scc.fileio import write_text_atomic
 from hpa_scc.metric import evaluate_files
 from hpa_scc.predict import predict_folder
 from hpa_scc.prepare import prepare_dataset
-from hpa_scc.refine import refine_prepared
+from hpa_scc.refine import MIN_HELD_OUT_F1, refine_prepared
 from hpa_scc.synth import write_synth_set
 from hpa_scc.train import train
 
@@ -98,6 +98,10 @@ def label_rows(refinements: list[dict]) -> list[tuple[str, dict]]:
         if ref["round"] == 1:
             out.append((f"{ref['backbone']} weak: image labels on every cell", ref["truth_before"]))
         rule = f"threshold {ref['threshold']:.2f}" + (f", relative {ref['relative']:.2f}" if ref["relative"] else "")
+        if ref.get("kept_image_labels"):
+            rule = f"held-out F1 {ref['held_out_f1']:.2f} < {ref['min_f1']:g}: image labels kept"
+        if ref.get("truth_auc") is not None:
+            rule += f"; round {ref['round'] - 1} model's within-image AUC {ref['truth_auc']:.3f}"
         out.append((f"{ref['backbone']} refined_r{ref['round']} ({rule})", ref["truth_after"]))
         best = max(ref["sweep"], key=lambda r: r["f1"])
         out.append((f"  best rule of the sweep, chosen with the truth: threshold {best['threshold']:g}, "
@@ -139,6 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--relative", type=float, default=0.0, metavar="R",
                         help="refinement rule: a cell must also reach R x its image's best cell score for a label "
                              "(default 0: the held-out threshold alone)")
+    parser.add_argument("--min-f1", type=float, default=MIN_HELD_OUT_F1, metavar="F",
+                        help="refinement keeps the image labels when the model's held-out image-label F1 is below F "
+                             "(default: %(default)s; 0 always refines); the round then reuses the previous model")
     parser.add_argument("--seed", type=int, default=0, help="train set seed; the test set uses seed + 1000")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a profile value, e.g. --set epochs=4 --set train_images=24")
@@ -183,12 +190,18 @@ def main(argv: list[str] | None = None) -> dict:
                 report_path = prepared / f"coco_{label_name}" / "refine.json"
                 if not report_path.is_file():
                     report = refine_prepared(source_run, prepared, name=label_name, held_out_folds=[VAL_FOLD],
-                                             relative=args.relative, progress=False)
+                                             relative=args.relative, min_f1=args.min_f1, progress=False)
                     print(f"  {report.summary()}", flush=True)
-                elif json.loads(report_path.read_text()).get("relative", 0.0) != args.relative:
-                    parser.error(f"{report_path} was made with another --relative; use a new --out for this rule")
-                refinements.append({"backbone": backbone, "round": k, **json.loads(report_path.read_text())})
-                train_run(backbone, label_name, prepared, run_dir, p, overrides)
+                saved = json.loads(report_path.read_text())
+                if (saved.get("relative", 0.0), saved.get("min_f1", 0.0)) != (args.relative, args.min_f1):
+                    parser.error(f"{report_path} was made with another --relative or --min-f1; use a new --out")
+                refinements.append({"backbone": backbone, "round": k, **saved})
+                if saved.get("kept_image_labels"):
+                    # the labels did not change: training again would repeat the previous round
+                    print(f"  {name}: image labels kept, the round reuses {source_run.name}'s model", flush=True)
+                    run_dir = source_run
+                else:
+                    train_run(backbone, label_name, prepared, run_dir, p, overrides)
             for fusion in (0.0, FUSION):
                 label = f"{backbone} {name}" + (f" + image fusion {fusion:g}" if fusion else "")
                 row = score(label, test_set, preds / backbone / (name + (f"-fusion{fusion:g}" if fusion else "")),
@@ -203,8 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows.append(score("baseline: the truth (sanity check)", test_set, preds / "truth", run_dir=None,
                       baseline="truth", workers=p["workers"]))
 
-    params = {"profile": args.profile, **p, "rounds": rounds, "relative": args.relative, "seed": args.seed,
-              "backbones": args.backbones, "overrides": overrides}
+    params = {"profile": args.profile, **p, "rounds": rounds, "relative": args.relative, "min_f1": args.min_f1,
+              "seed": args.seed, "backbones": args.backbones, "overrides": overrides}
     results = {"params": params, "rows": rows, "oracle": oracle, "refinements": refinements,
                "date": time.strftime("%Y-%m-%d %H:%M")}
     write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")

@@ -71,6 +71,7 @@ def test_weak_supervision_table_reports_rounds_and_training_label_quality():
     q = {"precision": 0.5, "recall": 0.8, "f1": 0.615, "exact": 0.25}
     better = {"precision": 0.7, "recall": 0.7, "f1": 0.7, "exact": 0.5}
     refinement = {"backbone": "densenet121", "round": 1, "threshold": 0.05, "relative": 0.5, "truth_before": q,
+                  "truth_auc": 0.61, "held_out_f1": 0.7, "min_f1": 0.5,
                   "truth_after": better,
                   "sweep": [{"threshold": 0.0, "relative": 0.0, **q}, {"threshold": 0.1, "relative": 0.75, **better,
                                                                         "f1": 0.75}]}
@@ -82,7 +83,10 @@ def test_weak_supervision_table_reports_rounds_and_training_label_quality():
     text = bench.format_markdown(rows, {"densenet121": 0.7}, {"profile": "cpu"}, [refinement])
     assert "| densenet121 refined_r1 | 0.6500 | 0.93 | +0.0300 |" in text
     assert "| densenet121 weak: image labels on every cell | 0.500 | 0.800 | 0.615 | 0.250 |" in text
-    assert "| densenet121 refined_r1 (threshold 0.05, relative 0.50) | 0.700 | 0.700 | 0.700 | 0.500 |" in text
+    assert ("| densenet121 refined_r1 (threshold 0.05, relative 0.50; round 0 model's within-image AUC 0.610) "
+            "| 0.700 | 0.700 | 0.700 | 0.500 |") in text
     assert "chosen with the truth: threshold 0.1, relative 0.75 | 0.700 | 0.700 | 0.750 |" in text
+    kept = {**refinement, "kept_image_labels": True, "held_out_f1": 0.17, "truth_after": q}
+    assert "refined_r1 (held-out F1 0.17 < 0.5: image labels kept; round 0" in bench.format_markdown(rows, {}, {}, [kept])
     # without truth (real data) there is no label-quality table
     assert "true labels" not in bench.format_markdown(rows, {}, {}, [{**refinement, "truth_after": None}])

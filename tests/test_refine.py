@@ -70,6 +70,12 @@ def test_refinement_with_a_perfect_scorer_recovers_the_true_labels(run, monkeypa
     assert before["precision"] < 0.8 and before["recall"] < 1.0 and before["exact"] < 0.8
     assert after == pytest.approx({"precision": 1, "recall": 1, "f1": 1, "exact": 1}) and after == report.truth_after
     assert "against the true cell labels: precision" in report.summary()
+    assert report.truth_auc == 1.0 and not report.kept_image_labels  # 0.9 for every shown label, 0.1 otherwise
+    # the same scorer, not trusted: below min_f1 the cells keep their image labels
+    distrusted = refine_prepared(run / "run", prepared, name="distrusted", held_out_folds=[0], min_f1=0.99,
+                                 progress=False)
+    assert distrusted.kept_image_labels and distrusted.labels_after == distrusted.labels_before
+    assert "image labels kept" in distrusted.summary() and distrusted.truth_after == pytest.approx(before)
     by_rule = {(r["threshold"], r["relative"]): r for r in saved["sweep"]}
     assert by_rule[(0.0, 0.0)]["f1"] == pytest.approx(before["f1"])  # threshold 0 keeps the weak labels
     assert by_rule[(0.5, 0.0)]["f1"] == pytest.approx(after["f1"])  # 0.5 splits 0.1 from 0.9 as the chosen one
@@ -89,7 +95,7 @@ def test_an_uninformed_model_leaves_the_weak_labels_alone(run, tmp_path):
     shutil.copytree(run / "prepared", prepared)
     # the tiny run trained one step: no detection passes the score threshold, so F1 is 0 everywhere
     report = refine_prepared(run / "run", prepared, name="r", held_out_folds=[0], progress=False)
-    assert report.threshold == 0.0 and report.labels_after == report.labels_before
+    assert report.threshold == 0.0 and report.labels_after == report.labels_before and report.kept_image_labels
     assert labels_by_cell(read_folds(prepared, "per_label", [0, 1], labels="r")) == \
         labels_by_cell(read_folds(prepared, "per_label", [0, 1]))
     with pytest.raises(ValueError, match="their own name"):
@@ -105,7 +111,8 @@ def test_refine_command(run, tmp_path, capsys):
 
     prepared = tmp_path / "prepared"
     shutil.copytree(run / "prepared", prepared)
-    rc = main(["refine", str(run / "run"), str(prepared), "--name", "refined_r1", "--held-out-folds", "0", "-q"])
+    rc = main(["refine", str(run / "run"), str(prepared), "--name", "refined_r1", "--held-out-folds", "0",
+               "--min-f1", "0.3", "-q"])
     out = capsys.readouterr().out
     assert rc == 0 and "refined_r1: threshold 0.00" in out and "against the true cell labels" in out
     saved = json.loads((prepared / "coco_refined_r1" / "refine.json").read_text())

@@ -4,7 +4,7 @@ import pytest
 from hpa_scc.constants import NEGATIVE, NUM_CLASSES
 from hpa_scc.targets import (Instance, category_id, cell_instances, choose_threshold, describe_cells,
                              fuse_image_scores, image_scores, inherit_labels, keep_cells, label_of, label_quality,
-                             label_vector, refine_labels, transfer_labels)
+                             label_vector, refine_labels, transfer_labels, within_image_auc)
 
 
 def test_category_ids_keep_zero_for_background():
@@ -127,3 +127,19 @@ def test_image_fusion_blends_cells_with_the_best_cell():
     assert np.array_equal(image_scores(np.zeros((0, NUM_CLASSES))), np.zeros(NUM_CLASSES))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         fuse_image_scores(conf, 1.5)
+
+
+def test_within_image_auc_measures_how_a_model_ranks_the_cells_of_an_image():
+    truth = [[[0], [0, 5], [5], [NEGATIVE]]]
+    good = conf_rows({0: 0.9, 5: 0.1}, {0: 0.8, 5: 0.7}, {0: 0.1, 5: 0.6}, {})
+    assert within_image_auc([[0, 5]], [good], truth) == (1.0, 2)
+    inverted = 1.0 - good
+    assert within_image_auc([[0, 5]], [inverted], truth) == (0.0, 2)
+    flat = np.full((4, NUM_CLASSES), 0.3)  # ties count half: chance
+    assert within_image_auc([[0, 5]], [flat], truth) == (0.5, 2)
+    # label 0 shown by every cell of the second image says nothing about ranking; it is left out
+    auc, pairs = within_image_auc([[0, 5], [0]], [good, conf_rows({0: 0.2}, {0: 0.4})], truth + [[[0], [0]]])
+    assert (auc, pairs) == (1.0, 2)
+    assert np.isnan(within_image_auc([[NEGATIVE]], [flat], [[[NEGATIVE]] * 4])[0])
+    with pytest.raises(ValueError, match="confidence rows"):
+        within_image_auc([[0]], [flat], [[[0]]])

@@ -265,6 +265,9 @@ def _add_refine(sub) -> None:
     p.add_argument("--relative", type=float, default=0.0, metavar="R",
                    help="a cell must also reach R x the best cell's score for the label in its image "
                         "(0..1; default 0: the threshold alone)")
+    p.add_argument("--min-f1", type=float, default=None, metavar="F",
+                   help="below this held-out image-label F1 the model is not trusted and the cells keep their "
+                        "image labels (default: hpa_scc.refine.MIN_HELD_OUT_F1, 0.5)")
     p.add_argument("--layout", choices=["per_label", "multilabel"], default=None,
                    help="COCO layout to refine (default: the one the run's head trains on)")
     p.add_argument("--checkpoint", default="best.pt", help="checkpoint in RUN_DIR (default: best.pt, else last.pt)")
@@ -275,9 +278,10 @@ def _add_refine(sub) -> None:
 def _run_refine(args) -> int:
     from hpa_scc.refine import refine_prepared
 
+    options = {} if args.min_f1 is None else {"min_f1": args.min_f1}  # the default lives in hpa_scc.refine
     report = refine_prepared(args.run_dir, args.prepared_dir, name=args.name, held_out_folds=args.held_out_folds,
-                             relative=args.relative, layout=args.layout, checkpoint=args.checkpoint, device=args.device,
-                             progress=not args.quiet)
+                             relative=args.relative, layout=args.layout, checkpoint=args.checkpoint,
+                             device=args.device, progress=not args.quiet, **options)
     print(report.summary())
     return 0
 

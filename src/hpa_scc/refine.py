@@ -35,7 +35,8 @@ from tqdm import tqdm
 from hpa_scc.cache import cache_path
 from hpa_scc.fileio import write_text_atomic
 from hpa_scc.instances import labels_folder
-from hpa_scc.targets import cell_instances, choose_threshold, label_of, label_quality, refine_labels
+from hpa_scc.targets import (cell_instances, choose_threshold, label_of, label_quality, refine_labels,
+                             within_image_auc)
 
 log = logging.getLogger("hpa_scc.refine")
 
@@ -50,6 +51,8 @@ class RefineReport:
     labels_after: int
     negative_cells: int
     relative: float = 0.0
+    kept_image_labels: bool = False  # the model was not trusted (held-out F1 < min_f1): labels unchanged
+    truth_auc: float | None = None  # within_image_auc of the model's cell scores (synthetic sets only)
     truth_before: dict | None = None  # label_quality of the source labels (synthetic sets only)
     truth_after: dict | None = None  # ... of the refined labels
 
@@ -58,6 +61,10 @@ class RefineReport:
         text = (f"{self.name}: {rule} (held-out image-label F1 {self.held_out_f1:.3f}); "
                 f"{self.cells} cells, labels {self.labels_before} -> {self.labels_after}, "
                 f"{self.negative_cells} cells left Negative")
+        if self.kept_image_labels:
+            text += " (held-out F1 too low: image labels kept)"
+        if self.truth_auc is not None:
+            text += f"; the model ranks the cells of an image at AUC {self.truth_auc:.3f} (truth)"
         if self.truth_before and self.truth_after:
             b, a = self.truth_before, self.truth_after
             text += (f"; against the true cell labels: precision {b['precision']:.3f} -> {a['precision']:.3f}, "
@@ -106,6 +113,11 @@ def true_cell_labels(prepared: Path, layout: str, file_name: str) -> dict[tuple[
     return {(names[i], c): labels for i, cells in cell_labels(coco).items() for c, labels in cells.items()}
 
 
+# Below this held-out image-label F1 a model's cell scores are not trusted to narrow labels down.
+# On the CPU protocol (docs/RESULTS.md) a weak model at F1 0.17 ranked the cells of an image at
+# chance (AUC 0.52) and its refined labels were far worse than the image labels (F1 0.70 -> 0.28).
+MIN_HELD_OUT_F1 = 0.5
+
 # The rules refine.json reports on a synthetic set: absolute thresholds x shares of the image's best cell.
 SWEEP_THRESHOLDS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 SWEEP_RELATIVE = (0.0, 0.25, 0.5, 0.75, 0.9)
@@ -129,8 +141,8 @@ def score_image_cells(loaded, prepared: Path, image: dict, cells: dict[int, dict
 
 def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike, *, name: str,
                     held_out_folds: list[int], relative: float = 0.0, layout: str | None = None,
-                    source: str = "image", checkpoint: str = "best.pt", device: str = "auto",
-                    progress: bool = True) -> RefineReport:
+                    min_f1: float = MIN_HELD_OUT_F1, source: str = "image", checkpoint: str = "best.pt",
+                    device: str = "auto", progress: bool = True) -> RefineReport:
     """Relabel every cell of a prepared set with the model of ``run_dir`` (see module docstring).
 
     ``source``: the labels the refinement narrows down; always the image labels' COCO here
@@ -138,6 +150,7 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
     images of ``held_out_folds`` (the training run's validation fold: images it never trained on).
     ``relative``: a cell must also reach this share of its image's best cell score for a label.
     ``layout``: the COCO layout to refine; default: the one the run's head trains on.
+    ``min_f1``: below this held-out image-label F1 the cells keep their image labels (see MIN_HELD_OUT_F1).
     """
     from hpa_scc.predict import load_run
 
@@ -172,11 +185,11 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
         raise ValueError(f"no held-out images with labels and cells in folds {held_out_folds} of {prepared}; "
                          "the threshold is chosen on them")
     threshold, f1 = choose_threshold([h[0] for h in held], [h[1] for h in held])
-    if f1 == 0.0:
-        # The model recovers no held-out image label at any threshold: its cell scores carry no
-        # information yet, and narrowing labels with them would only destroy the weak labels.
-        log.warning("%s: the model of %s finds none of the held-out images' labels; cells keep their image "
-                    "labels (train longer before refining)", name, run_dir)
+    kept = f1 < min_f1
+    if kept:
+        log.warning("%s: the model of %s recovers the held-out images' labels with F1 %.3f only (< %.2f): its "
+                    "cell scores are not trusted yet and the cells keep their image labels (train longer "
+                    "before refining, or lower min_f1)", name, run_dir, f1, min_f1)
         threshold, relative = 0.0, 0.0
 
     # Cells, their image labels, scores and (synthetic sets) true labels, for the truth comparison.
@@ -224,18 +237,20 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
         write_text_atomic(out_base / path.name, json.dumps({**coco, "info": info, "annotations": annotations},
                                                             separators=(",", ":")))
     report = RefineReport(name, threshold, f1, counts["cells"], counts["before"], counts["after"], counts["negative"],
-                          relative)
+                          relative, kept)
     sweep = []
     if evaluated:
         def quality(t: float, r: float) -> dict:
             pred = [cell for labels, conf, _ in evaluated for cell in refine_labels(labels, conf, t, r)]
             return label_quality(pred, [cell for _, _, true in evaluated for cell in true])
 
+        auc, _ = within_image_auc(*zip(*evaluated, strict=True))
+        report.truth_auc = None if np.isnan(auc) else auc
         report.truth_before = quality(0.0, 0.0)  # threshold 0 keeps every image label: the weak labels
         report.truth_after = quality(threshold, relative)
         sweep = [{"threshold": t, "relative": r, **quality(t, r)} for t in SWEEP_THRESHOLDS for r in SWEEP_RELATIVE]
     write_text_atomic(prepared / labels_folder(name) / "refine.json",
-                      json.dumps({**report.__dict__, "run_dir": str(run_dir), "held_out_folds": held_out_folds,
-                                  "layout": layout, "sweep": sweep}, indent=2))
+                      json.dumps({**report.__dict__, "min_f1": min_f1, "run_dir": str(run_dir),
+                                  "held_out_folds": held_out_folds, "layout": layout, "sweep": sweep}, indent=2))
     log.info(report.summary())
     return report

@@ -178,6 +178,34 @@ def label_quality(predicted: Sequence[Iterable[int]], truth: Sequence[Iterable[i
             "f1": 2 * tp / max(n_pred + n_true, 1), "exact": exact / max(len(truth), 1)}
 
 
+def within_image_auc(image_labels: Sequence[Iterable[int]], confs: Sequence[np.ndarray],
+                     truth: Sequence[Sequence[Iterable[int]]]) -> tuple[float, int]:
+    """How well a model ranks the cells of one image: (mean ROC AUC, number of pairs).
+
+    For every image and each of its labels shown by some but not all of its cells, the AUC of
+    the cells' confidence for that label at telling the cells that show it from those that do
+    not (ties count half); the mean over those (image, label) pairs. 0.5 is chance: no rule can
+    then make better cell labels than the image labels. (nan, 0) when no pair qualifies. Needs
+    the cells' true labels, so synthetic sets only.
+    """
+    if not len(image_labels) == len(confs) == len(truth):
+        raise ValueError(f"need image labels, confidences and true labels per image, got {len(image_labels)}, "
+                         f"{len(confs)} and {len(truth)}")
+    aucs = []
+    for labels, conf, cells in zip(image_labels, confs, truth, strict=True):
+        conf = np.asarray(conf, dtype=np.float64).reshape(-1, NUM_CLASSES)
+        if len(conf) != len(cells):
+            raise ValueError(f"{len(conf)} confidence rows for {len(cells)} cells")
+        for label in sorted({check_label(i) for i in labels} - {NEGATIVE}):
+            shows = np.array([label in set(c) for c in cells], bool)
+            if shows.all() or not shows.any():
+                continue
+            pos, neg = conf[shows, label], conf[~shows, label]
+            wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+            aucs.append(wins / (len(pos) * len(neg)))
+    return (float(np.mean(aucs)), len(aucs)) if aucs else (float("nan"), 0)
+
+
 def image_scores(conf: np.ndarray) -> np.ndarray:
     """An image's score per class: the best cell's confidence, float [19] (zeros without cells)."""
     conf = np.asarray(conf, dtype=np.float32).reshape(-1, NUM_CLASSES)
