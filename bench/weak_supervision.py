@@ -101,7 +101,8 @@ def label_rows(refinements: list[dict]) -> list[tuple[str, dict]]:
         if ref.get("kept_image_labels"):
             rule = f"held-out F1 {ref['held_out_f1']:.2f} < {ref['min_f1']:g}: image labels kept"
         if ref.get("truth_auc") is not None:
-            rule += f"; round {ref['round'] - 1} model's within-image AUC {ref['truth_auc']:.3f}"
+            source = "weak" if ref["round"] == 1 else f"refined_r{ref['round'] - 1}"
+            rule += f"; the {source} model ranks cells at within-image AUC {ref['truth_auc']:.3f}"
         out.append((f"{ref['backbone']} refined_r{ref['round']} ({rule})", ref["truth_after"]))
         best = max(ref["sweep"], key=lambda r: r["f1"])
         out.append((f"  best rule of the sweep, chosen with the truth: threshold {best['threshold']:g}, "

@@ -83,10 +83,11 @@ def test_weak_supervision_table_reports_rounds_and_training_label_quality():
     text = bench.format_markdown(rows, {"densenet121": 0.7}, {"profile": "cpu"}, [refinement])
     assert "| densenet121 refined_r1 | 0.6500 | 0.93 | +0.0300 |" in text
     assert "| densenet121 weak: image labels on every cell | 0.500 | 0.800 | 0.615 | 0.250 |" in text
-    assert ("| densenet121 refined_r1 (threshold 0.05, relative 0.50; round 0 model's within-image AUC 0.610) "
-            "| 0.700 | 0.700 | 0.700 | 0.500 |") in text
+    assert ("| densenet121 refined_r1 (threshold 0.05, relative 0.50; the weak model ranks cells at within-image "
+            "AUC 0.610) | 0.700 | 0.700 | 0.700 | 0.500 |") in text
     assert "chosen with the truth: threshold 0.1, relative 0.75 | 0.700 | 0.700 | 0.750 |" in text
     kept = {**refinement, "kept_image_labels": True, "held_out_f1": 0.17, "truth_after": q}
-    assert "refined_r1 (held-out F1 0.17 < 0.5: image labels kept; round 0" in bench.format_markdown(rows, {}, {}, [kept])
+    kept_text = bench.format_markdown(rows, {}, {}, [kept])
+    assert "refined_r1 (held-out F1 0.17 < 0.5: image labels kept; the weak model" in kept_text
     # without truth (real data) there is no label-quality table
     assert "true labels" not in bench.format_markdown(rows, {}, {}, [{**refinement, "truth_after": None}])

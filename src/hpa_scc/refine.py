@@ -11,6 +11,8 @@ at least a threshold for (a cell left with none becomes Negative) and the next r
 those labels. The threshold is chosen on held-out images with their image labels only
 (``targets.choose_threshold``), so the step needs nothing real data lacks. Optionally a cell must
 also reach ``relative`` x the best cell's score for the label in its image (``targets.refine_labels``).
+A model that recovers the held-out images' labels poorly (F1 below ``min_f1``) is not trusted:
+the cells keep their image labels, since narrowing them with uninformed scores destroys them.
 
 Writes ``PREPARED/coco_<name>/<layout>/fold<K>.json`` (same images, cells and masks as coco/,
 new labels) and ``PREPARED/coco_<name>/refine.json`` (threshold, held-out F1, label counts). On
