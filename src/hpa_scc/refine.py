@@ -195,10 +195,8 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
         threshold, relative = 0.0, 0.0
 
     # Cells, their image labels, scores and (synthetic sets) true labels, for the truth comparison.
-    truth: dict[tuple[str, int], list[int]] | None = {}
-    for fold, path in files:
-        found = true_cell_labels(prepared, layout, path.name)
-        truth = None if found is None or truth is None else {**truth, **found}
+    found = [true_cell_labels(prepared, layout, path.name) for _, path in files]
+    truth = None if None in found else {key: labels for part in found for key, labels in part.items()}
     evaluated = []
     if truth:
         missing = [(img["image_name"], c) for img, ids, _ in scored.values() for c in ids
