@@ -30,7 +30,7 @@ import math
 import time
 from pathlib import Path
 
-from hpa_scc.config import load_config
+from hpa_scc.config import HEAD_LAYOUT, load_config
 from hpa_scc.constants import NUM_CLASSES, SHORT_CLASS_NAMES
 from hpa_scc.fileio import write_text_atomic
 from hpa_scc.metric import evaluate_files
@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--backbones", nargs="+", default=["densenet121"])
+    parser.add_argument("--head", choices=sorted(HEAD_LAYOUT), default="softmax",
+                        help="classification head of every training (multilabel: sigmoid per cell, BCE); the train "
+                             "set is prepared in the layout it trains on")
     parser.add_argument("--out", type=Path, default=Path("runs/weak"))
     parser.add_argument("--rounds", type=int, default=None, help="refinement rounds (default: the profile's)")
     parser.add_argument("--relative", type=float, default=0.0, metavar="R",
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"unknown profile key {key!r}; choose from {sorted(p)}")
         p[key] = type(p[key])(value)
     rounds = p["rounds"] if args.rounds is None else args.rounds
-    overrides = PROFILE_CONFIG[args.profile] + args.overrides
+    layout = HEAD_LAYOUT[args.head]
+    overrides = PROFILE_CONFIG[args.profile] + [f"model.head={args.head}", f"data.layout={layout}"] + args.overrides
     out = args.out
     train_set, test_set, prepared = out / "train-set", out / "test-set", out / "prepared"
     print(f"weak-supervision protocol ({args.profile}): {p}, rounds {rounds} -> {out}", flush=True)
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_synth_set(test_set, p["test_images"], size=p["size"], seed=args.seed + 1000, workers=p["workers"],
                     progress=False)
     prepare_dataset(train_set, prepared, size=p["size"], segmenter="builtin", n_folds=3, seed=args.seed,
-                    workers=p["workers"], progress=False)
+                    layout=layout, workers=p["workers"], progress=False)
 
     preds = out / "predict"
     rows = [score("baseline: random confidences", test_set, preds / "random", run_dir=None, baseline="random",
@@ -194,7 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
                                              relative=args.relative, min_f1=args.min_f1, progress=False)
                     print(f"  {report.summary()}", flush=True)
                 saved = json.loads(report_path.read_text())
-                if (saved.get("relative", 0.0), saved.get("min_f1", 0.0)) != (args.relative, args.min_f1):
+                # kept labels do not depend on the rule (refine.json then records relative 0)
+                relative = args.relative if not saved.get("kept_image_labels") else 0.0
+                if (saved.get("relative", 0.0), saved.get("min_f1", 0.0)) != (relative, args.min_f1):
                     parser.error(f"{report_path} was made with another --relative or --min-f1; use a new --out")
                 refinements.append({"backbone": backbone, "round": k, **saved})
                 if saved.get("kept_image_labels"):
@@ -217,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows.append(score("baseline: the truth (sanity check)", test_set, preds / "truth", run_dir=None,
                       baseline="truth", workers=p["workers"]))
 
-    params = {"profile": args.profile, **p, "rounds": rounds, "relative": args.relative, "min_f1": args.min_f1,
+    params = {"profile": args.profile, **p, "head": args.head, "rounds": rounds, "relative": args.relative, "min_f1": args.min_f1,
               "seed": args.seed, "backbones": args.backbones, "overrides": overrides}
     results = {"params": params, "rows": rows, "oracle": oracle, "refinements": refinements,
                "date": time.strftime("%Y-%m-%d %H:%M")}

@@ -202,10 +202,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
+# The COCO layout each classification head trains on (prepare writes coco/<layout>/).
+HEAD_LAYOUT = {"softmax": "per_label", "multilabel": "multilabel"}
+
+
 def validate(cfg: Config) -> None:
     """Checks across keys, with the fix in the message."""
     choices = {"model.backbone": (cfg.model.backbone, ("densenet121", "resnet101_fpn", "resnext101_32x8d_fpn")),
-               "model.head": (cfg.model.head, ("softmax", "multilabel")),
+               "model.head": (cfg.model.head, tuple(HEAD_LAYOUT)),
                "model.in_channels": (cfg.model.in_channels, (3, 4)),
                "data.layout": (cfg.data.layout, ("per_label", "multilabel")),
                "optim.name": (cfg.optim.name, ("sgd", "adamw")),
@@ -214,7 +218,7 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r}; choose one of {list(allowed)}")
-    expected_layout = {"softmax": "per_label", "multilabel": "multilabel"}[cfg.model.head]
+    expected_layout = HEAD_LAYOUT[cfg.model.head]
     if cfg.data.layout != expected_layout:
         raise ConfigError(f"model.head {cfg.model.head!r} trains on the {expected_layout!r} layout, but "
                           f"data.layout is {cfg.data.layout!r}; set data.layout={expected_layout}")

@@ -35,6 +35,7 @@ from pycocotools import mask as coco_mask
 from tqdm import tqdm
 
 from hpa_scc.cache import cache_path
+from hpa_scc.config import HEAD_LAYOUT
 from hpa_scc.fileio import write_text_atomic
 from hpa_scc.instances import labels_folder
 from hpa_scc.targets import (cell_instances, choose_threshold, label_of, label_quality, refine_labels,
@@ -158,11 +159,11 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
 
     if name in ("image", "truth"):
         raise ValueError(f"refined labels need their own name, not {name!r} (e.g. refined_r1)")
-    if not 0.0 <= relative <= 1.0:
+    if not 0.0 <= relative <= 1.0:  # refine_labels checks it too, but only after every image is scored
         raise ValueError(f"relative must be in [0, 1] (a share of the image's best cell score), got {relative}")
     prepared = Path(prepared_dir)
     loaded = load_run(run_dir, checkpoint, device)
-    layout = layout or {"softmax": "per_label", "multilabel": "multilabel"}[loaded.head]
+    layout = layout or HEAD_LAYOUT[loaded.head]
     files = fold_files(prepared, layout, source)
     scored: dict[tuple[int, int], tuple[dict, list[int], np.ndarray]] = {}  # (fold, image id) -> scores
     per_fold = {}

@@ -154,9 +154,9 @@ def refine_labels(image_labels: Iterable[int], conf: np.ndarray, threshold: floa
     if not 0.0 <= relative <= 1.0:
         raise ValueError(f"relative must be in [0, 1] (a share of the image's best cell score), got {relative}")
     conf = np.asarray(conf, dtype=np.float32).reshape(-1, NUM_CLASSES)
-    if labels == [NEGATIVE]:
+    if labels == [NEGATIVE] or not len(conf):
         return [[NEGATIVE] for _ in range(len(conf))]
-    cut = np.maximum(threshold, relative * conf.max(axis=0)) if len(conf) else np.full(NUM_CLASSES, threshold)
+    cut = np.maximum(threshold, relative * conf.max(axis=0))  # per class: the stricter of the two rules
     return [[c for c in labels if row[c] >= cut[c]] or [NEGATIVE] for row in conf]
 
 
