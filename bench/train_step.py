@@ -4,8 +4,9 @@
     python bench/train_step.py --device cuda --size 512 --batch 8 --steps 20 --mode both --json out.json
 
 A step is ``engine.train_one_epoch`` over pre-made batches of synthetic HPA images (uint8, copied
-to the device each step as in training) with their true cells as targets (per_label layout,
-softmax head): forward, backward, clipping, optimizer step, scheduler step. Random-init models,
+to the device each step as in training) with their true cells as targets (``--head``: the
+multilabel default, one instance per cell with its label vector; softmax: the first label per
+cell): forward, backward, clipping, optimizer step, scheduler step. Random-init models,
 so no weights are needed. Modes:
 
 - ``fast``: what training uses on a GPU: bf16 autocast, channels_last, TF32, cudnn.benchmark,
@@ -33,20 +34,25 @@ from hpa_scc.engine import autocast, train_one_epoch, use_fast_path
 from hpa_scc.instances import masks_to_boxes
 from hpa_scc.models import build_model
 from hpa_scc.synth import generate_image
+from hpa_scc.targets import label_vector
 
-BACKBONES = ["densenet121", "resnet101_fpn", "resnext101_32x8d_fpn"]
+BACKBONES = ["densenet121", "densenet121_fpn", "resnet101_fpn", "resnext101_32x8d_fpn"]
 
 
-def make_batch(n: int, size: int, channels: int, pin: bool):
-    """n synthetic images (uint8 [C, S, S]) with torchvision targets, on the host."""
+def make_batch(n: int, size: int, channels: int, pin: bool, head: str = "multilabel"):
+    """n synthetic images (uint8 [C, S, S]) with torchvision targets for ``head``, on the host."""
     images, targets = [], []
     for i in range(n):
         synth = generate_image(i, size=size, seed=123)
         ids = sorted(synth.cell_labels)
         masks = torch.from_numpy(np.stack([synth.cells == k for k in ids]).astype(np.uint8))
-        labels = torch.tensor([synth.cell_labels[k][0] + 1 for k in ids], dtype=torch.int64)
         image = torch.from_numpy(np.ascontiguousarray(synth.image[:channels]))
-        target = {"boxes": masks_to_boxes(masks), "labels": labels, "masks": masks}
+        target = {"boxes": masks_to_boxes(masks), "masks": masks}
+        if head == "multilabel":
+            target["labels"] = torch.ones(len(ids), dtype=torch.int64)
+            target["label_vectors"] = torch.tensor([label_vector(synth.cell_labels[k]) for k in ids], dtype=torch.float32)
+        else:
+            target["labels"] = torch.tensor([synth.cell_labels[k][0] + 1 for k in ids], dtype=torch.int64)
         if pin:
             image, target = image.pin_memory(), {k: v.pin_memory() for k, v in target.items()}
         images.append(image)
@@ -62,7 +68,8 @@ def sync(device: torch.device) -> None:
 def measure(backbone: str, mode: str, args, device: torch.device, batch) -> dict:
     fast = mode == "fast" and device.type == "cuda"
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone=backbone, in_channels=args.channels), image_size=args.size).to(device)
+    model = build_model(ModelConfig(backbone=backbone, head=args.head, in_channels=args.channels),
+                        image_size=args.size).to(device)
     use_fast_path(model, device, channels_last=fast, tf32=fast, compile=fast and args.compile)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, fused=fast or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
@@ -100,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=256, help="image side, px (default: 256)")
     parser.add_argument("--batch", type=int, default=2, help="images per step (default: 2)")
     parser.add_argument("--channels", type=int, default=4, choices=[3, 4])
+    parser.add_argument("--head", choices=["multilabel", "softmax"], default="multilabel",
+                        help="classification head and its targets (default: multilabel, the training default)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (default: 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
     parser.add_argument("--mode", choices=["fast", "plain", "both"], default="fast")
@@ -110,9 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     where = (torch.cuda.get_device_name() if device.type == "cuda"
              else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
-    print(f"{where}; {args.size} px, batch {args.batch}, {args.channels} channels, torch {torch.__version__}")
+    print(f"{where}; {args.size} px, batch {args.batch}, {args.channels} channels, {args.head} head, "
+          f"torch {torch.__version__}")
     print(f"{'backbone':<24}{'mode':<14}{'train img/s':>12}{'infer img/s':>12}{'peak GiB':>10}")
-    batch = make_batch(args.batch, args.size, args.channels, pin=device.type == "cuda")
+    batch = make_batch(args.batch, args.size, args.channels, pin=device.type == "cuda", head=args.head)
     modes = ["plain", "fast"] if args.mode == "both" else [args.mode]
     rows = []
     for backbone in args.backbones:
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
             fast["train_speedup_vs_plain"] = round(ratio, 2)
             print(f"{'':<24}{'fast/plain':<14}{ratio:>11.2f}x"
                   f"{fast['infer_images_per_s'] / plain['infer_images_per_s']:>11.2f}x", flush=True)
-    figures = {"device": where, "torch": torch.__version__, "size": args.size, "batch": args.batch,
+    figures = {"device": where, "torch": torch.__version__, "size": args.size, "batch": args.batch, "head": args.head,
                "steps": args.steps, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     if args.json:
         with open(args.json, "w") as fh:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from hpa_scc.cli import main
 
@@ -75,7 +76,9 @@ def test_demo_end_to_end(tmp_path):
     prepared = out / "prepared"
     assert sorted(p.stem for p in (prepared / "cache" / "images").glob("*.npy")) == sorted(ids)
     assert np.load(prepared / "cache" / "images" / f"{ids[0]}.npy").shape == (4, 64, 64)
-    assert sorted(p.name for p in (prepared / "coco" / "per_label").iterdir()) == ["fold0.json", "fold1.json", "fold2.json"]
+    for layout in ("multilabel", "per_label"):  # both by default: any head trains on the set
+        assert sorted(p.name for p in (prepared / "coco" / layout).iterdir()) == ["fold0.json", "fold1.json", "fold2.json"]
+    assert yaml.safe_load((out / "train" / "config.yaml").read_text())["data"]["layout"] == "multilabel"
     with open(prepared / "folds.csv") as fh:
         assert {r["fold"] for r in csv.DictReader(fh)} == {"0", "1", "2"}
     again = run("demo", "--out", out, "--images", "6", "--size", "256", "--train-size", "64", "-q", "--no-train")

@@ -23,14 +23,15 @@ def test_every_shipped_config_loads():
     names = sorted(p.name for p in REPO_CONFIGS.glob("*.yaml"))
     assert {"densenet121.yaml", "resnet101_fpn.yaml", "resnext101_32x8d_fpn.yaml", "smoke.yaml"} <= set(names)
     backbones = {load_config(REPO_CONFIGS / n).model.backbone for n in names}
-    assert backbones == {"densenet121", "resnet101_fpn", "resnext101_32x8d_fpn"}
+    assert {"densenet121", "densenet121_fpn", "resnet101_fpn", "resnext101_32x8d_fpn"} <= backbones
 
 
 @pytest.mark.parametrize("override, message", [
     ("optim.lrr=0.1", "unknown key 'optim.lrr'"),
     ("train.max_epochs=two", "train.max_epochs in override 'train.max_epochs=two': expected int"),
     ("model.backbone=vgg16", "model.backbone = 'vgg16'; choose one of"),
-    ("model.head=multilabel", "set data.layout=multilabel"),
+    ("data.layout=per_label", "model.head 'multilabel' trains on the 'multilabel' layout.*set data.layout=multilabel"),
+    ("data.layout=coco", "data.layout = 'coco'; choose one of"),
     ("model.pixel_mean=[0.5, 0.5, 0.5]", "3 values for model.in_channels=4"),
     ("train.amp=maybe", "expected bool"),
     ("optim", "is not key=value"),
@@ -55,3 +56,13 @@ def test_resolved_config_is_saved_and_reloads(tmp_path):
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["optim"]["name"] == "adamw" and saved["model"]["backbone"] == "densenet121"
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_layout_follows_the_head():
+    """The multilabel head is the default; data.layout left null becomes the layout the head trains on."""
+    cfg = load_config(None)
+    assert (cfg.model.head, cfg.data.layout) == ("multilabel", "multilabel")
+    assert load_config(None, ["model.head=softmax"]).data.layout == "per_label"
+    assert load_config(None, ["model.head=softmax", "data.layout=per_label"]).data.layout == "per_label"
+    with pytest.raises(ConfigError, match="'softmax' trains on the 'per_label' layout"):
+        load_config(None, ["model.head=softmax", "data.layout=multilabel"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hpa_scc.config import load_config
-from hpa_scc.instances import CellInstances, masks_to_boxes, random_flips
+from hpa_scc.instances import CellInstances, masks_to_boxes, random_flips, read_folds, shadowed_instances
 from hpa_scc.prepare import prepare_dataset
 from hpa_scc.synth import write_synth_set
 from hpa_scc.train import EpochSampler, lr_lambda
@@ -13,15 +13,15 @@ from hpa_scc.train import EpochSampler, lr_lambda
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
+    """One prepared set in the default layouts: both."""
     root = tmp_path_factory.mktemp("inst")
     write_synth_set(root / "set", 6, size=256, seed=11, progress=False)
-    for layout in ("per_label", "multilabel"):
-        prepare_dataset(root / "set", root / layout, size=64, n_folds=2, layout=layout, progress=False)
-    return root
+    prepare_dataset(root / "set", root / "prepared", size=64, n_folds=2, progress=False)
+    return root / "prepared"
 
 
 def test_per_label_samples(prepared):
-    ds = CellInstances(prepared / "per_label", [0, 1], "per_label")
+    ds = CellInstances(prepared, [0, 1], "per_label")
     image, target = ds[0]
     assert image.dtype == torch.float32 and image.shape == (4, 64, 64) and 0 <= image.min() and image.max() <= 1
     n = len(target["labels"])
@@ -30,23 +30,34 @@ def test_per_label_samples(prepared):
     assert target["labels"].min() >= 1 and target["labels"].max() <= 19  # 0 stays background
     info = ds.images[0]
     assert sorted(set((target["labels"] - 1).tolist())) == info["labels"]
-    rgb, _ = CellInstances(prepared / "per_label", [0, 1], "per_label", in_channels=3)[0]
+    rgb, _ = CellInstances(prepared, [0, 1], "per_label", in_channels=3)[0]
     assert rgb.shape == (3, 64, 64) and torch.equal(rgb, image[:3])
 
 
 def test_uint8_samples_hold_the_same_pixels_and_augmentation(prepared):
     kw = {"augment": True, "seed": 3}
-    f32, t32 = CellInstances(prepared / "per_label", [0, 1], "per_label", **kw)[1]
-    u8, t8 = CellInstances(prepared / "per_label", [0, 1], "per_label", uint8=True, **kw)[1]
+    f32, t32 = CellInstances(prepared, [0, 1], "per_label", **kw)[1]
+    u8, t8 = CellInstances(prepared, [0, 1], "per_label", uint8=True, **kw)[1]
     assert u8.dtype == torch.uint8 and u8.shape == f32.shape
     assert torch.allclose(u8.float() / 255.0, f32) and torch.equal(t8["masks"], t32["masks"])
 
 
 def test_multilabel_samples(prepared):
-    image, target = CellInstances(prepared / "multilabel", [0], "multilabel")[0]
+    image, target = CellInstances(prepared, [0])[0]  # the default layout: the default head's
     n = len(target["labels"])
     assert torch.equal(target["labels"], torch.ones(n, dtype=torch.int64))
     assert target["label_vectors"].shape == (n, 19) and target["label_vectors"].sum(1).min() >= 1
+
+
+def test_per_label_layout_repeats_the_mask_of_every_label_after_a_cells_first(prepared):
+    """What the softmax head cannot learn from (see models.py): per_label copies a cell's mask once per label."""
+    per_label = read_folds(prepared, "per_label", [0, 1])
+    multilabel = read_folds(prepared, "multilabel", [0, 1])
+    n_labels = {img["id"]: len(img["labels"]) for img in multilabel["images"]}
+    labels_after_first = sum(n_labels[a["image_id"]] - 1 for a in multilabel["annotations"])
+    assert labels_after_first > 0  # the synthetic set has images with several labels
+    assert shadowed_instances(per_label) == (labels_after_first, len(multilabel["annotations"]) + labels_after_first)
+    assert shadowed_instances(multilabel) == (0, len(multilabel["annotations"]))
 
 
 def test_boxes_follow_the_masks_through_flips():

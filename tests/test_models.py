@@ -13,8 +13,8 @@ import torch
 import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from hpa_scc.config import ModelConfig
-from hpa_scc.models import BACKBONES, IMAGENET_FILES, build_model, place_stride
+from hpa_scc.config import BACKBONE_NAMES, ModelConfig
+from hpa_scc.models import BACKBONES, IMAGENET_FILES, build_model, place_stride, score_boxes
 
 SIZE = 128
 LOSSES = {"softmax": {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}}
@@ -78,10 +78,16 @@ def check_train_and_eval(model: torch.nn.Module, head: str, in_channels: int) ->
 
 @pytest.mark.parametrize("in_channels", [3, 4])
 @pytest.mark.parametrize("head", ["softmax", "multilabel"])
-def test_densenet_train_and_eval(head, in_channels):
-    model = build_model(ModelConfig(backbone="densenet121", head=head, in_channels=in_channels), image_size=SIZE)
+@pytest.mark.parametrize("backbone", ["densenet121", "densenet121_fpn"])
+def test_densenet_train_and_eval(backbone, head, in_channels):
+    model = build_model(ModelConfig(backbone=backbone, head=head, in_channels=in_channels), image_size=SIZE)
     assert model.backbone.body.conv0.in_channels == in_channels
     assert len(model.transform.image_mean) == in_channels
+    if backbone == "densenet121_fpn":  # four body levels + P6, one anchor size each, as the ResNet FPNs
+        assert len(model.rpn.anchor_generator.sizes) == 5
+        features = model.backbone(torch.rand(1, in_channels, SIZE, SIZE))
+        assert {k: tuple(v.shape[1:]) for k, v in features.items()} == {
+            "0": (256, 32, 32), "1": (256, 16, 16), "2": (256, 8, 8), "3": (256, 4, 4), "pool": (256, 2, 2)}
     check_train_and_eval(model, head, in_channels)
 
 
@@ -103,7 +109,8 @@ def test_fpn_train_and_eval(backbone, head, in_channels):
 def test_unknown_backbone_lists_choices():
     with pytest.raises(ValueError, match="unknown backbone 'vgg'.*densenet121.*resnet101_fpn.*resnext101_32x8d_fpn"):
         build_model(ModelConfig(backbone="vgg"))
-    assert sorted(BACKBONES) == ["densenet121", "resnet101_fpn", "resnext101_32x8d_fpn"]
+    assert sorted(BACKBONES) == ["densenet121", "densenet121_fpn", "resnet101_fpn", "resnext101_32x8d_fpn"]
+    assert sorted(BACKBONES) == sorted(BACKBONE_NAMES)  # what the config accepts, models builds
 
 
 def test_imagenet_weights_missing_names_the_file(tmp_path, monkeypatch):
@@ -112,14 +119,15 @@ def test_imagenet_weights_missing_names_the_file(tmp_path, monkeypatch):
         build_model(ModelConfig(backbone="resnet101_fpn", weights="imagenet"))
 
 
-def test_imagenet_rgb_weights_make_a_4_channel_stem(tmp_path, monkeypatch):
-    """Yellow filter = red filter; all four scaled by 3/4; BN frozen; early stages frozen."""
+@pytest.mark.parametrize("backbone", ["densenet121", "densenet121_fpn"])
+def test_imagenet_rgb_weights_make_a_4_channel_stem(backbone, tmp_path, monkeypatch):
+    """Yellow filter = red filter; all four scaled by 3/4; BN frozen; early stages frozen (both DenseNet bodies)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     folder = tmp_path / "hub" / "checkpoints"
     folder.mkdir(parents=True)
     rgb = torchvision.models.densenet121(weights=None).state_dict()
-    torch.save(rgb, folder / IMAGENET_FILES["densenet121"][0])
-    model = build_model(ModelConfig(backbone="densenet121", in_channels=4, weights="imagenet",
+    torch.save(rgb, folder / IMAGENET_FILES[backbone][0])
+    model = build_model(ModelConfig(backbone=backbone, in_channels=4, weights="imagenet",
                                     trainable_backbone_layers=2), image_size=SIZE)
     stem = model.backbone.body.conv0.weight.detach()
     red = rgb["features.conv0.weight"][:, 0]
@@ -133,8 +141,8 @@ def test_imagenet_rgb_weights_make_a_4_channel_stem(tmp_path, monkeypatch):
     trainable = {n.split(".")[0] for n, p in model.backbone.body.named_parameters() if p.requires_grad}
     assert trainable == {"denseblock3", "transition3", "denseblock4"}
     del model
-    by_path = build_model(ModelConfig(backbone="densenet121", in_channels=4,
-                                      weights=str(folder / IMAGENET_FILES["densenet121"][0])), image_size=SIZE)
+    by_path = build_model(ModelConfig(backbone=backbone, in_channels=4,
+                                      weights=str(folder / IMAGENET_FILES[backbone][0])), image_size=SIZE)
     torch.testing.assert_close(by_path.backbone.body.conv0.weight.detach(), stem, rtol=0, atol=0)
 
 
@@ -168,7 +176,7 @@ def test_checkpoint_with_wrong_shapes_is_refused(tmp_path):
 
 def test_other_head_checkpoint_drops_predictors(tmp_path, caplog):
     """A softmax checkpoint into a multilabel model: everything but the predictors loads, and the log says so."""
-    model = build_model(ModelConfig(backbone="densenet121", in_channels=3), image_size=SIZE)
+    model = build_model(ModelConfig(backbone="densenet121", in_channels=3, head="softmax"), image_size=SIZE)
     path = tmp_path / "softmax.pt"
     torch.save({"model": model.state_dict()}, path)
     with caplog.at_level("INFO", logger="hpa_scc.models"):
@@ -244,3 +252,23 @@ def test_head_sizes_come_from_the_config():
     default = build_model(ModelConfig(), image_size=128)
     assert default.rpn._post_nms_top_n == {"training": 2000, "testing": 1000}
     assert default.roi_heads.fg_bg_sampler.batch_size_per_image == 512
+
+
+@pytest.mark.parametrize("backbone", ["densenet121", "densenet121_fpn"])
+def test_score_boxes_gives_every_given_box_its_19_scores(backbone):
+    """The multilabel head scores boxes from outside: one row per box, in [0, 1], independent of the other boxes."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=backbone, in_channels=4), image_size=SIZE).eval()
+    images, targets = make_batch("multilabel", 4, n_images=2)
+    boxes = [targets[0]["boxes"], targets[1]["boxes"][:2]]
+    with torch.no_grad():
+        together = score_boxes(model, images, boxes)
+        alone = [score_boxes(model, [image], [b[None]])[0] for image, bs in zip(images, boxes) for b in bs]
+        empty = score_boxes(model, images[:1], [torch.zeros(0, 4)])
+    assert [tuple(s.shape) for s in together] == [(3, 19), (2, 19)]
+    assert all(((s >= 0) & (s <= 1)).all() for s in together)
+    torch.testing.assert_close(torch.cat(alone), torch.cat(together), rtol=0, atol=1e-5)
+    assert tuple(empty[0].shape) == (0, 19)
+    softmax = build_model(ModelConfig(backbone="densenet121", head="softmax", in_channels=4), image_size=SIZE).eval()
+    with pytest.raises(ValueError, match="multilabel head"):
+        score_boxes(softmax, images, boxes)

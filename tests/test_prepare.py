@@ -97,6 +97,7 @@ def test_prepare_writes_coco_that_decodes_to_the_label_images(synth, tmp_path):
     report = prepare_dataset(synth, out, size=64, segmenter="precomputed", segmenter_options={"folder": masks},
                              n_folds=2, layout="per_label", progress=False)
     assert report.written == 6 and not report.failures
+    assert not (out / "coco" / "multilabel").exists()  # --layout per_label writes that layout only
     with open(synth / "train.csv") as fh:
         image_labels = {r["ID"]: sorted(map(int, r["Label"].split("|"))) for r in csv.DictReader(fh)}
     with open(synth / "cells.csv") as fh:
@@ -165,8 +166,11 @@ def test_corrupt_image_and_image_without_cells_are_logged_and_skipped(synth_copy
         rows = list(csv.DictReader(fh))
     assert [r["ID"] for r in rows] == [ids[1], ids[2]]
     assert f"{ids[1]}_green.png" in rows[0]["error"] and "no cell found" in rows[1]["error"]
-    names = [i["image_name"] for f in (0, 1) for i in json.loads((out / "coco" / "per_label" / f"fold{f}.json").read_text())["images"]]
-    assert sorted(names) == sorted(set(ids) - {ids[1], ids[2]})
+    for layout in ("per_label", "multilabel"):  # the default writes both layouts, of the same images
+        names = [i["image_name"] for f in (0, 1)
+                 for i in json.loads((out / "coco" / layout / f"fold{f}.json").read_text())["images"]]
+        assert sorted(names) == sorted(set(ids) - {ids[1], ids[2]})
+        assert f"coco/{layout}/: 2 COCO file(s)" in report.summary()
     assert "2 skipped" in report.summary()
 
 
@@ -176,6 +180,10 @@ def test_other_settings_into_the_same_folder_fail(synth, tmp_path):
     prepare_dataset(synth, tmp_path / "p", size=32, n_folds=2, **opts)
     with pytest.raises(ValueError, match="'size': 32"):
         prepare_dataset(synth, tmp_path / "p", size=48, n_folds=2, **opts)
+    with pytest.raises(ValueError, match="'layout': 'both'"):  # the layouts are a setting too
+        prepare_dataset(synth, tmp_path / "p", size=32, n_folds=2, layout="multilabel", **opts)
+    with pytest.raises(ValueError, match="unknown layout 'all'; choose one of"):
+        prepare_dataset(synth, tmp_path / "q", size=32, n_folds=2, layout="all", **opts)
 
 
 @pytest.mark.slow

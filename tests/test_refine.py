@@ -45,7 +45,9 @@ def test_refinement_with_a_perfect_scorer_recovers_the_true_labels(run, monkeypa
         return conf
 
     monkeypatch.setattr(hpa_scc.refine, "score_image_cells", oracle_scorer)
-    report = refine_prepared(run / "run", prepared, name="refined_r1", held_out_folds=[0], progress=False)
+    # the per_label layout, named: the tiny run's head (multilabel, the default) would pick its own
+    report = refine_prepared(run / "run", prepared, layout="per_label", name="refined_r1", held_out_folds=[0],
+                             progress=False)
     # F1 < 1: segmented cells on background carry Negative in the transferred truth
     assert 0.1 < report.threshold <= 0.9 and report.held_out_f1 > 0.5
     weak = read_folds(prepared, "per_label", [0, 1])
@@ -72,8 +74,8 @@ def test_refinement_with_a_perfect_scorer_recovers_the_true_labels(run, monkeypa
     assert "against the true cell labels: precision" in report.summary()
     assert report.truth_auc == 1.0 and not report.kept_image_labels  # 0.9 for every shown label, 0.1 otherwise
     # the same scorer, not trusted: below min_f1 the cells keep their image labels
-    distrusted = refine_prepared(run / "run", prepared, name="distrusted", held_out_folds=[0], min_f1=0.99,
-                                 progress=False)
+    distrusted = refine_prepared(run / "run", prepared, layout="per_label", name="distrusted", held_out_folds=[0],
+                                 min_f1=0.99, progress=False)
     assert distrusted.kept_image_labels and distrusted.labels_after == distrusted.labels_before
     assert "image labels kept" in distrusted.summary() and distrusted.truth_after == pytest.approx(before)
     by_rule = {(r["threshold"], r["relative"]): r for r in saved["sweep"]}
@@ -81,7 +83,7 @@ def test_refinement_with_a_perfect_scorer_recovers_the_true_labels(run, monkeypa
     assert by_rule[(0.5, 0.0)]["f1"] == pytest.approx(after["f1"])  # 0.5 splits 0.1 from 0.9 as the chosen one
     assert by_rule[(0.0, 0.9)]["f1"] == pytest.approx(after["f1"])  # so does 0.9 x the image's best cell (0.9)
 
-    ds = CellInstances(prepared, [1], labels="refined_r1")  # what train(data.labels=refined_r1) reads
+    ds = CellInstances(prepared, [1], "per_label", labels="refined_r1")  # what a softmax-head training reads
     _, target = ds[0]
     first = ds.images[0]["id"]
     assert sorted(set((target["labels"] - 1).tolist())) == sorted({c for (i, _), v in got.items() if i == first
@@ -94,14 +96,14 @@ def test_an_uninformed_model_leaves_the_weak_labels_alone(run, tmp_path):
     prepared = tmp_path / "prepared"
     shutil.copytree(run / "prepared", prepared)
     # the tiny run trained one step: no detection passes the score threshold, so F1 is 0 everywhere
-    report = refine_prepared(run / "run", prepared, name="r", held_out_folds=[0], progress=False)
+    report = refine_prepared(run / "run", prepared, layout="per_label", name="r", held_out_folds=[0], progress=False)
     assert report.threshold == 0.0 and report.labels_after == report.labels_before and report.kept_image_labels
     assert labels_by_cell(read_folds(prepared, "per_label", [0, 1], labels="r")) == \
         labels_by_cell(read_folds(prepared, "per_label", [0, 1]))
     with pytest.raises(ValueError, match="their own name"):
-        refine_prepared(run / "run", prepared, name="truth", held_out_folds=[0], progress=False)
+        refine_prepared(run / "run", prepared, layout="per_label", name="truth", held_out_folds=[0], progress=False)
     with pytest.raises(ValueError, match="no held-out images"):
-        refine_prepared(run / "run", prepared, name="r2", held_out_folds=[7], progress=False)
+        refine_prepared(run / "run", prepared, layout="per_label", name="r2", held_out_folds=[7], progress=False)
 
 
 def test_refine_command(run, tmp_path, capsys):
@@ -112,7 +114,7 @@ def test_refine_command(run, tmp_path, capsys):
     prepared = tmp_path / "prepared"
     shutil.copytree(run / "prepared", prepared)
     rc = main(["refine", str(run / "run"), str(prepared), "--name", "refined_r1", "--held-out-folds", "0",
-               "--min-f1", "0.3", "-q"])
+               "--min-f1", "0.3", "--layout", "per_label", "-q"])
     out = capsys.readouterr().out
     assert rc == 0 and "refined_r1: threshold 0.00" in out and "against the true cell labels" in out
     saved = json.loads((prepared / "coco_refined_r1" / "refine.json").read_text())

@@ -20,9 +20,10 @@ from hpa_scc.cache import build_cache, check_settings, merge_cache
 from hpa_scc.prepare import merge_failures, merge_prepared, prepare_dataset, segment_folder
 from hpa_scc.shard import default_shard, parse_shard, select_shard, shard_of
 
-OPTS = {"size": 64, "segmenter": "precomputed", "n_folds": 2, "layout": "per_label", "progress": False}
-MERGED_FILES = ["folds.csv", "failures.csv", "cache/index.csv", "coco/per_label/fold0.json",
-                "coco/per_label/fold1.json", "coco_truth/per_label/fold0.json", "coco_truth/per_label/fold1.json"]
+OPTS = {"size": 64, "segmenter": "precomputed", "n_folds": 2, "progress": False}  # both layouts, the default
+MERGED_FILES = ["folds.csv", "failures.csv", "cache/index.csv"] + [
+    f"{folder}/{layout}/fold{k}.json" for folder in ("coco", "coco_truth") for layout in ("per_label", "multilabel")
+    for k in (0, 1)]
 
 
 @pytest.fixture

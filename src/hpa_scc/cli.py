@@ -192,9 +192,10 @@ def _add_prepare(sub) -> None:
     _add_segmenter_args(p)
     p.add_argument("--folds", type=int, default=5, help="stratified folds; 1 = one file all.json (default: 5)")
     p.add_argument("--seed", type=int, default=0, help="fold seed (default: 0)")
-    p.add_argument("--layout", choices=["per_label", "multilabel"], default="per_label",
-                   help="per_label: one instance per cell and label (stock Mask R-CNN); multilabel: one instance "
-                        "per cell with a 19-long label_vector (default: per_label)")
+    p.add_argument("--layout", choices=["both", "multilabel", "per_label"], default="both",
+                   help="COCO layouts to write: multilabel: one instance per cell with a 19-long label_vector "
+                        "(model.head=multilabel); per_label: one instance per cell and label (model.head=softmax); "
+                        "both: each, so any head trains on the set (default: both)")
     p.add_argument("--min-cell-area", type=int, default=0, dest="min_cell_area_px",
                    help="drop cells smaller than this, in px at full size (default: 0)")
     p.add_argument("--drop-border-cells", action="store_true", help="drop cells cut by the image border")
@@ -219,14 +220,19 @@ def _run_prepare(args) -> int:
 
 def _add_train(sub) -> None:
     p = sub.add_parser(
-        "train", help="train Mask R-CNN (DenseNet121, ResNet101-FPN, ResNeXt101-FPN) on a prepared set",
-        description="Train on the output of 'prepare'. CONFIG is a YAML file holding only differences from the "
+        "train", help="train a model on a prepared set: Mask R-CNN (DenseNet121, ResNet101-FPN, ResNeXt101-FPN), "
+                      "a cell-crop classifier or the per-cell features baseline",
+        description="Train on the output of 'prepare'. model.family picks the kind: maskrcnn (default), cell (a "
+                    "classifier of masked cell crops) or features (per-cell features + logistic regressions). CONFIG is a YAML file holding only differences from the "
                     "defaults (hpa_scc/config.py); key=value overrides come after it, e.g. optim.lr=0.005 "
                     "train.run_dir=runs/x. Resumes from RUN_DIR/last.pt when present. Under torchrun or srun, "
                     "one process per GPU. SIGUSR1/SIGTERM save last.pt and exit 75 (requeue).",
         epilog="examples:\n  python -m hpa_scc train configs/smoke.yaml\n"
                "  python -m hpa_scc train configs/densenet121.yaml data.prepared_dir=data/prepared512\n"
-               "  torchrun --nproc-per-node 4 -m hpa_scc train configs/resnet101_fpn.yaml",
+               "  torchrun --nproc-per-node 4 -m hpa_scc train configs/resnet101_fpn.yaml\n"
+               "  python -m hpa_scc train configs/cell_resnet18.yaml data.prepared_dir=data/prepared512   # cell crops\n"
+               "  python -m hpa_scc train configs/cell_features.yaml data.prepared_dir=data/prepared512   # features + "
+               "logistic regression, seconds",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path, help="YAML config (differences from the defaults)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. optim.lr=0.005")
@@ -265,11 +271,14 @@ def _add_refine(sub) -> None:
     p.add_argument("--relative", type=float, default=0.0, metavar="R",
                    help="a cell must also reach R x the best cell's score for the label in its image "
                         "(0..1; default 0: the threshold alone)")
+    p.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help="fixed absolute threshold instead of the held-out choice; '--threshold 0 --relative 0.25' is "
+                        "the relative rule alone, the one to use with a cell-level model (docs/RESULTS.md)")
     p.add_argument("--min-f1", type=float, default=None, metavar="F",
                    help="below this held-out image-label F1 the model is not trusted and the cells keep their "
                         "image labels (default: hpa_scc.refine.MIN_HELD_OUT_F1, 0.5)")
     p.add_argument("--layout", choices=["per_label", "multilabel"], default=None,
-                   help="COCO layout to refine (default: the one the run's head trains on)")
+                   help="COCO layout to refine (default: every layout the prepared set has)")
     p.add_argument("--checkpoint", default="best.pt", help="checkpoint in RUN_DIR (default: best.pt, else last.pt)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.set_defaults(func=_run_refine)
@@ -281,6 +290,7 @@ def _run_refine(args) -> int:
     options = {} if args.min_f1 is None else {"min_f1": args.min_f1}  # the default lives in hpa_scc.refine
     report = refine_prepared(args.run_dir, args.prepared_dir, name=args.name, held_out_folds=args.held_out_folds,
                              relative=args.relative, layout=args.layout, checkpoint=args.checkpoint,
+                             threshold=args.threshold,
                              device=args.device, progress=not args.quiet, **options)
     print(report.summary())
     return 0
@@ -300,7 +310,15 @@ def _add_predict(sub) -> None:
                    help="segmenter: segmenter cells scored by the model (default); model: Mask R-CNN's own masks")
     _add_segmenter_args(p)
     p.add_argument("--checkpoint", default="best.pt", help="checkpoint file in RUN_DIR (default: best.pt, else last.pt)")
-    p.add_argument("--tta", action="store_true", help="add horizontally flipped test-time augmentation")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: detectors add the horizontal flip, "
+                                                      "cell-level models average 4 flips/rotations of each crop")
+    p.add_argument("--cell-scoring", choices=["auto", "boxes", "detections"], default="auto",
+                   help="how a detector scores the segmenter's cells: boxes (each cell's box through the RoI heads: "
+                        "all 19 scores, no detection cap; the default for the multilabel head) or detections (best "
+                        "score x mask IoU of overlapping detections; the softmax head's only way)")
+    p.add_argument("--ensemble", nargs="+", type=Path, default=[], metavar="RUN_DIR",
+                   help="more runs (any family, same image size) scoring the same segmenter cells; each cell's "
+                        "confidences are the mean over all models, e.g. a cell-level model with a detector")
     p.add_argument("--baseline", choices=["image-labels", "random", "truth"], default=None,
                    help="image-labels: every cell gets its image's labels at confidence 1; random: random confidences "
                         "(chance level); truth: a synthetic set's true cells and labels (must score 1.0)")
@@ -325,7 +343,9 @@ def _run_predict(args) -> int:
     path = predict_folder(run_dir, args.data_dir, args.out, cells=args.cells, segmenter=args.segmenter,
                           segmenter_options=_segmenter_options(args), checkpoint=args.checkpoint, tta=args.tta,
                           baseline=args.baseline, labels_csv=args.labels, device=args.device, workers=args.workers,
-                          batch_size=args.batch_size, image_fusion=args.image_fusion, progress=not args.quiet)
+                          batch_size=args.batch_size, image_fusion=args.image_fusion, ensemble=args.ensemble,
+                          cell_scoring=args.cell_scoring,
+                          progress=not args.quiet)
     print(f"wrote {path}")
     return 0
 

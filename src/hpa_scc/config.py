@@ -23,9 +23,16 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    backbone: str = "densenet121"  # densenet121 | resnet101_fpn | resnext101_32x8d_fpn
+    # maskrcnn: a detector (backbones below); cell: a classifier of masked single-cell crops
+    # (backbone resnet18 | resnet34 | resnet50 | densenet121 | efficientnet_b0, hpa_scc.cells);
+    # features: per-cell intensity/texture features + logistic regressions (the non-deep baseline).
+    family: str = "maskrcnn"
+    backbone: str = "densenet121"  # one of BACKBONE_NAMES
     in_channels: int = 4  # 4 = RGBY; 3 = RGB, as the original implementation
-    head: str = "softmax"  # softmax: 19 classes + background (per_label layout); multilabel: sigmoid per cell
+    # multilabel: one instance per cell, 19 sigmoid scores (BCE), so a cell learns all its labels.
+    # softmax: 19 classes + background on the per_label layout, the original implementation's head,
+    # kept for fidelity only: a cell's copies share one mask and all train as its first label (models.py).
+    head: str = "multilabel"
     # Initial weights, from local files only: null (random init), "imagenet" (torch hub cache),
     # or a path: a torchvision state dict, a project checkpoint, or a detectron2 model-zoo .pkl.
     weights: str | None = None
@@ -44,22 +51,26 @@ class ModelConfig:
     rpn_post_nms_top_n_train: int = 2000  # proposals per image kept for the RoI heads, training
     rpn_post_nms_top_n_test: int = 1000  # same, inference
     box_batch_size_per_image: int = 512  # RoIs sampled per image for the box/class loss
+    feature_c: float = 1.0  # family features: inverse L2 strength of each class's logistic regression
 
 
 @dataclass
 class DataConfig:
     prepared_dir: str = "runs/demo/prepared"  # the output of 'prepare' (dataset.py)
-    layout: str = "per_label"  # which coco/<layout>/ to read; must match model.head (per_label <-> softmax)
+    # Which coco/<layout>/ to read; null = the one model.head trains on (HEAD_LAYOUT), resolved by
+    # load_config. An explicit value must be that one too: a key kept to name the files, not a choice.
+    layout: str | None = None
     # Cell labels to train on: image (each cell inherits its image's labels: weak supervision),
     # truth (a synthetic set's true cell labels: the oracle), or NAME for coco_NAME/ (refine.py).
     labels: str = "image"
-    val_fold: int = 0  # this fold validates, the others train
+    val_fold: int = 0  # this fold validates, the others train; -1: every fold trains, no validation
     image_size: int = 512  # must equal the prepared cache's size
     hflip_prob: float = 0.5
     vflip_prob: float = 0.5
     rot90: bool = True  # random multiples of 90 degrees: fluorescence fields have no up
     workers: int = 6  # loader processes per GPU: ~35 img/s each with masks and augmentation (bench/loader.py)
-    max_train_images: int | None = None  # cap, for smoke tests
+    crop_size: int = 64  # cell-level models: side of the square cell crops, px (cut once per prepared set)
+    max_train_images: int | None = None  # cap, for smoke tests (cells for the cell-level families)
     max_val_images: int | None = None
 
 
@@ -81,7 +92,7 @@ class OptimConfig:
 class TrainConfig:
     run_dir: str = "runs/train"  # everything a run writes goes here
     max_epochs: int = 12
-    images_per_gpu: int = 4
+    images_per_gpu: int = 4  # samples per GPU and step: images for maskrcnn, cell crops for the cell family
     accumulate_steps: int = 1
     # The GPU fast path (docs/PERFORMANCE.md); each is a no-op on CPU. Turning all four off gives
     # plain fp32, the baseline bench/gpu.sh compares against.
@@ -202,32 +213,50 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
-# The COCO layout each classification head trains on (prepare writes coco/<layout>/).
+# Model families (hpa_scc.cells) and the backbones each takes; the detector's are checked below.
+FAMILY_BACKBONES = {"maskrcnn": None, "cell": ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0"),
+                    "features": None}
+
+# The COCO layout each classification head trains on (prepare writes coco/<layout>/, both by default).
 HEAD_LAYOUT = {"softmax": "per_label", "multilabel": "multilabel"}
+# The detection backbones (models.BACKBONES builds them; a test keeps the two lists equal).
+BACKBONE_NAMES = ("densenet121", "densenet121_fpn", "resnet101_fpn", "resnext101_32x8d_fpn")
 
 
 def validate(cfg: Config) -> None:
-    """Checks across keys, with the fix in the message."""
-    choices = {"model.backbone": (cfg.model.backbone, ("densenet121", "resnet101_fpn", "resnext101_32x8d_fpn")),
+    """Checks across keys, with the fix in the message; fills ``data.layout`` when null (the head's layout)."""
+    choices = {"model.backbone": (cfg.model.backbone, BACKBONE_NAMES),
                "model.head": (cfg.model.head, tuple(HEAD_LAYOUT)),
                "model.in_channels": (cfg.model.in_channels, (3, 4)),
-               "data.layout": (cfg.data.layout, ("per_label", "multilabel")),
+               "data.layout": (cfg.data.layout, (None, *HEAD_LAYOUT.values())),
                "optim.name": (cfg.optim.name, ("sgd", "adamw")),
                "optim.schedule": (cfg.optim.schedule, ("cosine", "step")),
                "train.device": (cfg.train.device, ("auto", "cpu", "cuda"))}
+    if cfg.model.family not in FAMILY_BACKBONES:
+        raise ConfigError(f"model.family = {cfg.model.family!r}; choose one of {list(FAMILY_BACKBONES)}")
+    if cfg.model.family != "maskrcnn":
+        # the detector's head/layout keys do not apply; only the backbone is checked, for its family
+        choices = {k: v for k, v in choices.items() if k not in ("model.backbone", "model.head", "data.layout")}
+        if cfg.model.family == "cell" and cfg.model.backbone not in FAMILY_BACKBONES["cell"]:
+            raise ConfigError(f"model.backbone = {cfg.model.backbone!r} is not a cell-model backbone; choose one of "
+                              f"{list(FAMILY_BACKBONES['cell'])}")
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r}; choose one of {list(allowed)}")
-    expected_layout = HEAD_LAYOUT[cfg.model.head]
-    if cfg.data.layout != expected_layout:
+    expected_layout = HEAD_LAYOUT.get(cfg.model.head)  # checked above for the detector only
+    if cfg.data.layout is None:
+        cfg.data.layout = expected_layout or HEAD_LAYOUT[ModelConfig.head]
+    if cfg.model.family == "maskrcnn" and cfg.data.layout != expected_layout:
         raise ConfigError(f"model.head {cfg.model.head!r} trains on the {expected_layout!r} layout, but "
-                          f"data.layout is {cfg.data.layout!r}; set data.layout={expected_layout}")
+                          f"data.layout is {cfg.data.layout!r}; set data.layout={expected_layout} or leave it out "
+                          f"(null follows the head)")
     for key in ("pixel_mean", "pixel_std"):
         value = getattr(cfg.model, key)
         if value is not None and len(value) != cfg.model.in_channels:
             raise ConfigError(f"model.{key} has {len(value)} values for model.in_channels={cfg.model.in_channels}")
     for key, value in (("train.images_per_gpu", cfg.train.images_per_gpu), ("train.max_epochs", cfg.train.max_epochs),
-                       ("train.accumulate_steps", cfg.train.accumulate_steps), ("data.image_size", cfg.data.image_size)):
+                       ("train.accumulate_steps", cfg.train.accumulate_steps), ("data.image_size", cfg.data.image_size),
+                       ("data.crop_size", cfg.data.crop_size)):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
 

@@ -1,19 +1,26 @@
 """Training data: the COCO files that ``prepare`` writes, as torchvision detection samples.
 
-    ds = CellInstances("runs/demo/prepared", folds=[1, 2], layout="per_label", augment=True)
+    ds = CellInstances("runs/demo/prepared", folds=[1, 2], layout="multilabel", augment=True)
     image, target = ds[0]      # float [4, S, S] in [0, 1] (uint8=True: uint8 [4, S, S]); torchvision target dict
 
 Targets follow torchvision's contract: ``boxes`` float xyxy [N, 4], ``labels`` int64 [N]
-(0 = background), ``masks`` uint8 [N, S, S]. ``per_label``: one instance per cell and label,
-``labels`` = category id (class + 1). ``multilabel``: one instance per cell, ``labels`` all 1
-(cell) and ``label_vectors`` float [N, 19]. Boxes are recomputed from the masks after every
-geometric change, never transformed by hand.
+(0 = background), ``masks`` uint8 [N, S, S]. ``multilabel`` (what the default head trains on):
+one instance per cell, ``labels`` all 1 (cell) and ``label_vectors`` float [N, 19].
+``per_label`` (the softmax head's, kept for fidelity with the original implementation): one
+instance per cell and label, ``labels`` = category id (class + 1). Boxes are recomputed from the
+masks after every geometric change, never transformed by hand.
+
+The per_label layout does not train what it says: a cell's instances share one box and mask,
+torchvision's Matcher gives each proposal the first of the ground truths tied at its best IoU,
+so every proposal on a cell trains as the cell's lowest label and its other labels are never a
+target. ``shadowed_instances`` counts those instances; train the multilabel head instead.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +51,9 @@ def coco_path(prepared_dir: str | os.PathLike, layout: str, fold: int, labels: s
     if not path.is_file() and (base / "all.json").is_file() and fold == 0:
         return base / "all.json"
     if not path.is_file():
-        hint = {"image": f"build it with 'python dataset.py DATA_DIR {prepared_dir} --layout {layout}'",
+        hint = {"image": f"build it with 'python dataset.py DATA_DIR {prepared_dir}' (both layouts unless --layout "
+                          f"names one; a set prepared with --layout holds that one only: prepare it again into another "
+                          f"OUT_DIR, or train the head of the layout it holds, model.head=softmax for per_label)",
                 "truth": "only synthetic sets (with masks/ and cells.csv) have true cell labels"}.get(
             labels, "write it with a refinement round (bench/weak_supervision.py, hpa_scc.refine)")
         raise FileNotFoundError(f"{path} not found; {hint} (and check data.val_fold against the number of folds)")
@@ -61,6 +70,42 @@ def read_folds(prepared_dir: str | os.PathLike, layout: str, folds: list[int], l
         merged["categories"] = data["categories"]
         merged["info"] = data["info"]
     return merged
+
+
+def _mask_key(segmentation, height: int, width: int) -> tuple:
+    """A COCO segmentation -> a key equal for equal masks (compressed RLE is unique per mask)."""
+    if isinstance(segmentation, Mapping) and isinstance(segmentation.get("counts"), str):
+        return tuple(segmentation["size"]), segmentation["counts"]
+    rles = coco_mask.frPyObjects(segmentation, height, width)  # polygons or uncompressed RLE
+    rle = coco_mask.merge(rles) if isinstance(rles, list) else rles
+    counts = rle["counts"]
+    return tuple(rle["size"]), counts.decode("ascii") if isinstance(counts, bytes) else counts
+
+
+def shadowed_instances(coco: Mapping) -> tuple[int, int]:
+    """(instances never trained as their own label, all instances) of a COCO instances dict.
+
+    An instance whose mask equals an earlier instance's of the same image is shadowed: the
+    Matcher ties them at every proposal and picks the earlier, so a softmax head never sees its
+    label. The per_label layout shadows every label of a cell after its first; multilabel: (0, N).
+    """
+    sizes = {img["id"]: (img.get("height"), img.get("width")) for img in coco.get("images", [])}
+    seen: set[tuple] = set()
+    shadowed = 0
+    for ann in coco["annotations"]:
+        key = (ann["image_id"], _mask_key(ann["segmentation"], *sizes.get(ann["image_id"], (None, None))))
+        shadowed += key in seen
+        seen.add(key)
+    return shadowed, len(coco["annotations"])
+
+
+def shadowed_warning(shadowed: int, total: int) -> str:
+    """One line for the log when the softmax head trains on instances with shared masks."""
+    share = shadowed / total if total else 0.0
+    return (f"{shadowed} of {total} training instances ({share:.0%}) repeat the mask of an earlier instance of their "
+            f"cell (the per_label layout): torchvision's Matcher assigns every proposal to the first of tied ground "
+            f"truths, so the softmax head trains each cell as its lowest label only and never sees these labels; "
+            f"use model.head=multilabel (the default)")
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -96,7 +141,7 @@ def random_flips(image: torch.Tensor, target: dict, rng: np.random.Generator, *,
 class CellInstances(Dataset):
     """Images of the given folds with their cells; sample i -> (float [C,S,S], target dict)."""
 
-    def __init__(self, prepared_dir: str | os.PathLike, folds: list[int], layout: str = "per_label", *,
+    def __init__(self, prepared_dir: str | os.PathLike, folds: list[int], layout: str = "multilabel", *,
                  labels: str = "image", in_channels: int = 4, augment: bool = False, hflip_prob: float = 0.5,
                  vflip_prob: float = 0.5, rot90: bool = True, max_images: int | None = None, seed: int = 0,
                  uint8: bool = False):

@@ -1,19 +1,28 @@
-"""Mask R-CNN models: torchvision's MaskRCNN with a DenseNet121 or a ResNet/ResNeXt-101 FPN backbone.
+"""Mask R-CNN models: torchvision's MaskRCNN with a DenseNet121 (one map or FPN) or a ResNet/ResNeXt-101 FPN backbone.
 
     model = build_model(cfg.model, image_size=cfg.data.image_size)
+    scores = score_boxes(model.eval(), images, boxes)   # multilabel head: 19 scores for each given box
 
 Inputs are lists of float [C, H, W] images in [0, 1] (C = ``in_channels``: 3 = RGB, 4 = RGBY);
 the model's transform normalises them per channel and does not resize (min = max = image size).
 
+Backbones (``cfg.backbone``): ``densenet121``: the DenseNet121 features' last map (stride 32)
+reduced to 256 channels, as the original implementation; ``densenet121_fpn``: dense blocks 1-3
+and norm5 (strides 4-32) under an FPN; ``resnet101_fpn``, ``resnext101_32x8d_fpn``: detectron2's.
+
 Heads (``cfg.head``):
 
-* ``softmax``: torchvision's predictors for 19 classes + background. Targets: ``boxes`` float
-  [N, 4] xyxy, ``labels`` int64 [N] in 1..19, ``masks`` uint8 [N, H, W]. Outputs: ``boxes``,
-  ``labels``, ``scores``, ``masks`` float [N, 1, H, W].
-* ``multilabel``: one instance per cell. Detection is class-agnostic (background / cell) and a
-  linear layer on the box-head features gives 19 sigmoid scores per cell
-  (``MultiLabelRoIHeads``). Targets as above with ``labels`` all 1 plus ``label_vectors``
-  float [N, 19]; outputs as above plus ``label_scores`` float [N, 19] in [0, 1].
+* ``multilabel`` (the default): one instance per cell. Detection is class-agnostic (background /
+  cell) and a linear layer on the box-head features gives 19 sigmoid scores per cell
+  (``MultiLabelRoIHeads``). Targets: ``boxes`` float [N, 4] xyxy, ``labels`` int64 [N] all 1,
+  ``masks`` uint8 [N, H, W], ``label_vectors`` float [N, 19]. Outputs: ``boxes``, ``labels``,
+  ``scores``, ``masks`` float [N, 1, H, W], ``label_scores`` float [N, 19] in [0, 1].
+* ``softmax``: torchvision's predictors for 19 classes + background, kept for fidelity with the
+  original implementation only. Targets as above with ``labels`` in 1..19 and no label vectors;
+  outputs without ``label_scores``. Its per_label layout repeats a cell once per label with the
+  same box and mask, and torchvision's Matcher gives each proposal the first of ground truths
+  tied at the best IoU: every proposal on a cell trains as its lowest label, and the cell's other
+  labels are never a target (``instances.shadowed_instances`` counts them). Use ``multilabel``.
 
 Weights (``cfg.weights``), from local files only; nothing is ever downloaded:
 
@@ -51,7 +60,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference, maskrcnn_loss
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -104,6 +113,15 @@ def _new_stem_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     return new
 
 
+def _densenet_features(in_channels: int, frozen_bn: bool) -> nn.Sequential:
+    """torchvision's DenseNet121 ``features`` (conv0 ... norm5), its stem for ``in_channels``."""
+    features = torchvision.models.densenet121(weights=None).features
+    if frozen_bn:
+        _frozen_bn(features)
+    features.conv0 = _new_stem_conv(features.conv0, in_channels)
+    return features
+
+
 class DenseNetBackbone(nn.Module):
     """DenseNet121 features (1024 channels, stride 32) -> ReLU -> 1x1 conv to 256 -> ReLU: one map.
 
@@ -112,10 +130,7 @@ class DenseNetBackbone(nn.Module):
 
     def __init__(self, in_channels: int, frozen_bn: bool = True, stride_in_1x1: bool = False):
         super().__init__()
-        self.body = torchvision.models.densenet121(weights=None).features
-        if frozen_bn:
-            _frozen_bn(self.body)
-        self.body.conv0 = _new_stem_conv(self.body.conv0, in_channels)
+        self.body = _densenet_features(in_channels, frozen_bn)
         self.reduce = nn.Sequential(nn.ReLU(inplace=False), nn.Conv2d(1024, 256, 1), nn.ReLU(inplace=True))
         self.out_channels = 256
 
@@ -149,6 +164,20 @@ def _resnet_fpn(arch: str, in_channels: int, frozen_bn: bool = True, stride_in_1
     return backbone
 
 
+def _densenet_fpn(in_channels: int, frozen_bn: bool = True, stride_in_1x1: bool = False) -> BackboneWithFPN:
+    """DenseNet121 + FPN (256 channels, + max-pool P6), laid out as the ResNet FPNs: the outputs of
+    dense blocks 1-3 (256/512/1024 channels, strides 4/8/16) and of norm5 (1024, stride 32).
+
+    The single-map ``densenet121`` sees cells only at stride 32 (a 60 px cell is ~2 cells of its
+    map at 512 px); the FPN gives the RPN and RoI heads the finer maps. The body keeps the
+    ``features`` child names (conv0, denseblock1, ...), so the ImageNet keys map as for
+    ``densenet121``. ``stride_in_1x1`` means nothing here (the common builder signature).
+    """
+    return BackboneWithFPN(_densenet_features(in_channels, frozen_bn),
+                           return_layers={"denseblock1": "0", "denseblock2": "1", "denseblock3": "2", "norm5": "3"},
+                           in_channels_list=[256, 512, 1024, 1024], out_channels=256, extra_blocks=LastLevelMaxPool())
+
+
 def _imagenet_files(enum_name: str, versions: tuple[str, ...]) -> list[str]:
     """torchvision's ImageNet file names, read from its weight enums (which never download by themselves)."""
     weights = getattr(torchvision.models, enum_name)
@@ -157,23 +186,30 @@ def _imagenet_files(enum_name: str, versions: tuple[str, ...]) -> list[str]:
 
 BACKBONES = {
     "densenet121": DenseNetBackbone,
+    "densenet121_fpn": _densenet_fpn,
     "resnet101_fpn": partial(_resnet_fpn, "resnet101"),
     "resnext101_32x8d_fpn": partial(_resnet_fpn, "resnext101_32x8d"),
 }
 IMAGENET_FILES = {
     "densenet121": _imagenet_files("DenseNet121_Weights", ("IMAGENET1K_V1",)),
+    "densenet121_fpn": _imagenet_files("DenseNet121_Weights", ("IMAGENET1K_V1",)),
     "resnet101_fpn": _imagenet_files("ResNet101_Weights", ("IMAGENET1K_V1", "IMAGENET1K_V2")),
     "resnext101_32x8d_fpn": _imagenet_files("ResNeXt101_32X8D_Weights", ("IMAGENET1K_V1", "IMAGENET1K_V2")),
 }
-STEM_KEYS = {"densenet121": "backbone.body.conv0.weight", "resnet101_fpn": "backbone.body.conv1.weight",
-             "resnext101_32x8d_fpn": "backbone.body.conv1.weight"}
+STEM_KEYS = {"densenet121": "backbone.body.conv0.weight", "densenet121_fpn": "backbone.body.conv0.weight",
+             "resnet101_fpn": "backbone.body.conv1.weight", "resnext101_32x8d_fpn": "backbone.body.conv1.weight"}
 # Backbone stages from the input on; trainable_backbone_layers = k trains the last k (like torchvision).
 STAGES = {
     "densenet121": [("conv0.", "norm0."), ("denseblock1.", "transition1."), ("denseblock2.", "transition2."),
                     ("denseblock3.", "transition3."), ("denseblock4.", "norm5.")],
     "resnet101_fpn": [("conv1.", "bn1."), ("layer1.",), ("layer2.",), ("layer3.",), ("layer4.",)],
 }
+STAGES["densenet121_fpn"] = STAGES["densenet121"]
 STAGES["resnext101_32x8d_fpn"] = STAGES["resnet101_fpn"]
+# The DenseNet bodies: torchvision's DenseNet ImageNet file, no detectron2 weights.
+DENSENETS = ("densenet121", "densenet121_fpn")
+# The one backbone with a single feature map; the others have FPN levels "0".."3" + "pool".
+SINGLE_MAP = ("densenet121",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,9 +249,11 @@ class MultiLabelRoIHeads(RoIHeads):
     """Class-agnostic box/mask heads plus a multi-label classifier on the box-head features.
 
     Training: BCE (``loss_multilabel``) between the classifier's logits for the sampled positive
-    proposals and the ``label_vectors`` of their matched cells. Inference: the classifier runs on
+    proposals and the ``label_vectors`` of their matched cells: one instance per cell, so every
+    label of a cell is a target of every proposal matched to it. Inference: the classifier runs on
     the box-head features of the final boxes (as the mask head runs on them) and each detection
-    gets ``label_scores`` = sigmoid(logits), float [N, num_labels].
+    gets ``label_scores`` = sigmoid(logits), float [N, num_labels]. ``score_boxes``: the same
+    scores for boxes given from outside (a segmenter's cells), with no detection step.
     """
 
     def __init__(self, num_labels: int, representation_size: int, **kwargs):
@@ -224,6 +262,16 @@ class MultiLabelRoIHeads(RoIHeads):
 
     def _box_features(self, features, boxes, image_shapes):
         return self.box_head(self.box_roi_pool(features, boxes, image_shapes))
+
+    def score_boxes(self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+                    image_shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Sigmoid label scores of given boxes: float [K_i, 4] xyxy in the transformed images' px -> [K_i, num_labels].
+
+        The RoI pool, box head and label predictor of inference, on these boxes instead of the
+        detections: every box is scored (no score threshold, NMS or detection cap).
+        """
+        label_logits = self.label_predictor(self._box_features(features, boxes, image_shapes))
+        return list(label_logits.sigmoid().split([len(b) for b in boxes]))
 
     def forward(self, features, proposals, image_shapes, targets=None):
         if self.training:
@@ -261,6 +309,35 @@ class MultiLabelRoIHeads(RoIHeads):
         return result, {}
 
 
+def score_boxes(model: nn.Module, images: list[torch.Tensor], boxes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """19 sigmoid label scores for each given box of each image, from a multilabel-head model.
+
+    ``images``: float [C, H, W] in [0, 1], as the model takes them; ``boxes``: float [K_i, 4] xyxy
+    in those images' px (e.g. a segmenter's cells). Returns float [K_i, 19] per image, in the
+    boxes' order. Runs the model's transform (boxes follow if it resizes), backbone and
+    ``MultiLabelRoIHeads.score_boxes``; call it on a model in eval mode under ``torch.no_grad()``.
+    A box's scores do not depend on the other boxes. The softmax head has no per-box label
+    scores (its class scores belong to the boxes it regresses): ValueError.
+    """
+    if not isinstance(model.roi_heads, MultiLabelRoIHeads):
+        raise ValueError("score_boxes needs a model with the multilabel head (model.head=multilabel); "
+                         "the softmax head scores only its own detections")
+    if len(images) != len(boxes):
+        raise ValueError(f"score_boxes: {len(images)} images but {len(boxes)} box tensors")
+    for b in boxes:
+        if b.ndim != 2 or b.shape[1] != 4:
+            raise ValueError(f"score_boxes: boxes must be float [K, 4] xyxy, got shape {tuple(b.shape)}")
+    original_sizes = [tuple(image.shape[-2:]) for image in images]
+    image_list, _ = model.transform(images)
+    device = image_list.tensors.device
+    boxes = [resize_boxes(b.to(device=device, dtype=torch.float32), size, new_size)
+             for b, size, new_size in zip(boxes, original_sizes, image_list.image_sizes, strict=True)]
+    features = model.backbone(image_list.tensors)
+    if isinstance(features, torch.Tensor):  # the single-map backbone, as GeneralizedRCNN wraps it
+        features = OrderedDict([("0", features)])
+    return model.roi_heads.score_boxes(features, boxes, image_list.image_sizes)
+
+
 def _multilabel_roi_heads(old: RoIHeads, num_labels: int) -> MultiLabelRoIHeads:
     """The same pieces and settings as torchvision built, plus the multi-label classifier."""
     return MultiLabelRoIHeads(
@@ -278,7 +355,7 @@ def _multilabel_roi_heads(old: RoIHeads, num_labels: int) -> MultiLabelRoIHeads:
 
 def default_anchor_sizes(backbone: str, image_size: int) -> list[int]:
     """Anchor sides in px at the training size: FPN one per level, the single map several."""
-    if backbone == "densenet121":
+    if backbone in SINGLE_MAP:
         return [max(4, round(image_size * f)) for f in SINGLE_MAP_ANCHOR_FRACTIONS]
     return [max(4, round(s * image_size / 1024)) for s in FPN_ANCHOR_SIZES_AT_1024]
 
@@ -302,7 +379,7 @@ def build_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES, image_size: in
         raise ValueError(f"unknown head {cfg.head!r}; choose one of ['multilabel', 'softmax']")
     if cfg.in_channels not in (3, 4):
         raise ValueError(f"in_channels must be 3 (RGB) or 4 (RGBY), got {cfg.in_channels}")
-    fpn = cfg.backbone != "densenet121"
+    fpn = cfg.backbone not in SINGLE_MAP
     weights = _read_weights(cfg)  # (kind, state dict) or None; read first: it may decide the architecture
 
     stride_in_1x1 = False
@@ -395,7 +472,7 @@ def _read_weights(cfg: ModelConfig) -> tuple[str, dict] | None:
     if path.suffix == ".pkl":
         from hpa_scc.d2import import d2_to_torchvision, load_detectron2_checkpoint
 
-        if cfg.backbone == "densenet121":
+        if cfg.backbone in DENSENETS:
             raise ValueError("detectron2 .pkl weights are for the resnet101_fpn / resnext101_32x8d_fpn backbones")
         state = d2_to_torchvision(load_detectron2_checkpoint(path), None, keep_predictors=True)
         return "detectron2", state  # predictors kept here; _load_weights decides with the model's shapes
@@ -421,7 +498,11 @@ def adapt_stem(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
 
 
 def _densenet_imagenet_keys(state: dict) -> dict:
-    """torchvision's DenseNet file -> our body's keys: old 'norm.1' names fixed (as torchvision does), classifier dropped."""
+    """torchvision's DenseNet file -> our body's keys: old 'norm.1' names fixed (as torchvision does), classifier dropped.
+
+    Both DenseNet bodies are the ``features`` Sequential under its own child names (the FPN's
+    IntermediateLayerGetter keeps them), so ``features.X`` -> ``backbone.body.X`` for either.
+    """
     pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
     out = {}
     for key, value in state.items():
@@ -434,7 +515,7 @@ def _densenet_imagenet_keys(state: dict) -> dict:
 def _load_weights(model: nn.Module, cfg: ModelConfig, kind: str, state: dict) -> None:
     """Load ``state`` into ``model``; shapes must match, keys must exist; log what was loaded and what was not."""
     if kind == "imagenet":
-        if cfg.backbone == "densenet121":
+        if cfg.backbone in DENSENETS:
             state = _densenet_imagenet_keys(state)
         else:
             state = {"backbone.body." + k: v for k, v in state.items() if not k.startswith("fc.")}
@@ -507,4 +588,4 @@ def _set_trainable(model: nn.Module, cfg: ModelConfig, pretrained: bool) -> None
 
 
 __all__ = ["BACKBONES", "MultiLabelRoIHeads", "InputTransform", "build_model", "adapt_stem", "imagenet_path",
-           "default_anchor_sizes", "default_pixel_stats", "place_stride"]
+           "default_anchor_sizes", "default_pixel_stats", "place_stride", "score_boxes"]

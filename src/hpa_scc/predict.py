@@ -59,13 +59,16 @@ class LoadedModel:
     in_channels: int
     head: str
     device: torch.device
+    family: str = "maskrcnn"  # maskrcnn | cell | features (hpa_scc.cells)
+    crop_size: int = 64  # cell-level models: the crops they were trained on
+    run_dir: str = ""
 
 
 def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: str = "auto") -> LoadedModel:
     """The model of a run folder (its config.yaml + a checkpoint), in eval mode."""
+    from hpa_scc.cells import build_family_model
     from hpa_scc.checkpoint import load_checkpoint
     from hpa_scc.config import load_config
-    from hpa_scc.models import build_model
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
@@ -75,12 +78,14 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: st
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint {run_dir / checkpoint} (nor last.pt); train first or pass --checkpoint")
     cfg.model.weights = None  # the checkpoint below is the whole model
-    model = build_model(cfg.model, image_size=cfg.data.image_size)
+    model = build_family_model(cfg)
     model.load_state_dict(load_checkpoint(path)["model"])
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     model.to(dev).eval()
-    log.info("loaded %s (%s, %s head, %d px)", path, cfg.model.backbone, cfg.model.head, cfg.data.image_size)
-    return LoadedModel(model, cfg.data.image_size, cfg.model.in_channels, cfg.model.head, dev)
+    log.info("loaded %s (%s %s, %s head, %d px)", path, cfg.model.family, cfg.model.backbone, cfg.model.head,
+             cfg.data.image_size)
+    return LoadedModel(model, cfg.data.image_size, cfg.model.in_channels, cfg.model.head, dev, cfg.model.family,
+                       cfg.data.crop_size, str(run_dir))
 
 
 @torch.no_grad()
@@ -242,12 +247,16 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                    cells: str = "segmenter", segmenter: str = "builtin", segmenter_options: dict | None = None,
                    checkpoint: str = "best.pt", tta: bool = False, baseline: str | None = None,
                    labels_csv: str | os.PathLike | None = None, device: str = "auto", workers: int = 1,
-                   batch_size: int = 8, image_fusion: float = 0.0, progress: bool = True) -> Path:
+                   batch_size: int = 8, image_fusion: float = 0.0, ensemble: list | tuple = (),
+                   cell_scoring: str = "auto", progress: bool = True) -> Path:
     """Predict every image of ``data_dir``; returns the path of submission.csv (see module docstring).
 
     The CPU work (read four channels, segment, encode every cell once, resize for the model) runs
     in ``workers`` processes while this process runs the model on batches of ``batch_size``
     images and scores the cells, so a GPU is kept busy by a pool of CPU cores.
+
+    ``ensemble``: more run folders whose models score the same segmenter cells; a cell's
+    confidences are the mean of all the models' (e.g. a cell-level model with a detector).
     """
     from hpa_scc.prepare import run_pool, write_failures
 
@@ -264,6 +273,16 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
         records = find_images(data_dir, labels_csv)
         by_id = {rec.image_id: rec for rec in records}
         loaded = load_run(run_dir, checkpoint, device) if baseline is None else None
+        members = [loaded] + [load_run(r, checkpoint, device) for r in ensemble] if loaded else []
+        if loaded and loaded.family != "maskrcnn" and cells == "model":
+            raise ValueError(f"--cells model needs a detector; {run_dir} is a {loaded.family}-family model: "
+                             "use --cells segmenter")
+        if ensemble and cells != "segmenter":
+            raise ValueError("--ensemble scores the segmenter's cells: use --cells segmenter")
+        sizes = {m.image_size for m in members}
+        if len(sizes) > 1:
+            raise ValueError(f"the models of an ensemble must share one image size, got {sorted(sizes)} "
+                             f"({', '.join(m.run_dir for m in members)})")
         mode = baseline or cells
         truth = _truth_tables(data_dir) if baseline == "truth" else None
         results, failures, todo = {}, [], []
@@ -275,7 +294,7 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                 todo.append(rec)
         settings = {"mode": mode, "data_dir": str(data_dir), "seg_dir": str(out_dir / "segmentation"),
                     "model_size": loaded.image_size if loaded else None,
-                    "in_channels": loaded.in_channels if loaded else None}
+                    "in_channels": max(m.in_channels for m in members) if loaded else None}
         uses_segmenter = mode in ("segmenter", "image-labels", "random")
         stream = run_pool(_inputs_job, todo, segmenter if uses_segmenter else None, segmenter_options or {}, settings,
                           workers, "predict", progress)
@@ -287,7 +306,8 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
             else:
                 batch.append((image_id, inputs))
             if batch and (len(batch) == batch_size or i == len(todo)):
-                for image_id, result, error in _finish(batch, by_id, loaded, mode, tta, truth, image_fusion):
+                for image_id, result, error in _finish(batch, by_id, members, mode, tta, truth, image_fusion,
+                                                               cell_scoring):
                     if error is not None:
                         failures.append((image_id, error))
                         log.warning("skipped %s: %s", image_id, error)
@@ -338,12 +358,78 @@ def _inputs_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
         return record.image_id, None, str(exc)
 
 
-def _finish(batch: list[tuple[str, dict]], by_id: dict[str, ImageRecord], loaded: LoadedModel | None, mode: str,
-            tta: bool, truth: dict | None, image_fusion: float = 0.0) -> list[tuple[str, dict | None, str | None]]:
-    """The model's part for a batch of images, then each image's record."""
-    detections = detect_batch(loaded, [inputs["small"] for _, inputs in batch], tta) if loaded else [None] * len(batch)
+def cell_boxes(cells: np.ndarray, n_cells: int) -> np.ndarray:
+    """float32 [K, 4] xyxy (x1/y1 exclusive) of cells 1..K of a label image; zeros for an absent id."""
+    from scipy import ndimage
+
+    out = np.zeros((n_cells, 4), np.float32)
+    for k, box in enumerate(ndimage.find_objects(np.asarray(cells, np.int32), max_label=n_cells)):
+        if box is not None:
+            out[k] = (box[1].start, box[0].start, box[1].stop, box[0].stop)
+    return out
+
+
+@torch.no_grad()
+def box_scores(loaded: LoadedModel, smalls: list[np.ndarray], small_cells: list[np.ndarray], n_cells: list[int],
+               tta: bool = False) -> list[np.ndarray]:
+    """Each segmenter cell's box fed to a multilabel detector's RoI heads: all 19 scores per cell
+    from its classifier, with no detection cap or score threshold (``models.score_boxes``)."""
+    from hpa_scc.engine import autocast
+    from hpa_scc.models import score_boxes
+
+    device = loaded.device
+    images = [torch.from_numpy(np.ascontiguousarray(im)).to(device).float().div_(255.0) for im in smalls]
+    boxes = [torch.from_numpy(cell_boxes(c, n)).to(device) for c, n in zip(small_cells, n_cells)]
+    with autocast(device, device.type == "cuda"):
+        scores = [s.float() for s in score_boxes(loaded.model, images, boxes)]
+        if tta:  # the horizontal flip, boxes flipped with it
+            width = [im.shape[-1] for im in images]
+            flipped = [torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1) for b, w in zip(boxes, width)]
+            scores = [(a + b.float()) / 2 for a, b in zip(scores, score_boxes(loaded.model, [im.flip(-1) for im in images],
+                                                                             flipped))]
+    return [s.cpu().numpy() for s in scores]
+
+
+def segmenter_cell_scores(loaded: LoadedModel, smalls: list[np.ndarray], small_cells: list[np.ndarray],
+                          n_cells: list[int], tta: bool = False, cell_scoring: str = "auto") -> list[np.ndarray]:
+    """Each image's segmenter cells scored by one model: float [K, 19] per image (cells 1..K).
+
+    Detectors: ``cell_scoring`` ``boxes`` (the default for the multilabel head) feeds each cell's
+    box to the RoI heads (``box_scores``); ``detections`` scores a cell from the detections that
+    overlap it (best ``score x mask IoU`` per class; the only way for the softmax head).
+    Cell-level models score each cell's crop (or features) directly.
+    """
+    if loaded.family == "maskrcnn":
+        if cell_scoring not in ("auto", "boxes", "detections"):
+            raise ValueError(f"unknown cell scoring {cell_scoring!r}; choose auto, boxes or detections")
+        if cell_scoring == "boxes" and loaded.head != "multilabel":
+            raise ValueError("--cell-scoring boxes needs a multilabel-head detector; use detections")
+        if cell_scoring in ("auto", "boxes") and loaded.head == "multilabel":
+            return box_scores(loaded, smalls, small_cells, n_cells, tta)
+        detections = detect_batch(loaded, smalls, tta)
+        return [score_cells(cells, list(range(1, n + 1)), det) for cells, n, det in zip(small_cells, n_cells, detections)]
+    from hpa_scc.cells import cell_scores
+
+    return [cell_scores(loaded.model, loaded.family, image, cells, range(1, n + 1), crop_size=loaded.crop_size,
+                        in_channels=loaded.in_channels, device=loaded.device, tta=tta)
+            for image, cells, n in zip(smalls, small_cells, n_cells)]
+
+
+def _finish(batch: list[tuple[str, dict]], by_id: dict[str, ImageRecord], members: list[LoadedModel], mode: str,
+            tta: bool, truth: dict | None, image_fusion: float = 0.0,
+            cell_scoring: str = "auto") -> list[tuple[str, dict | None, str | None]]:
+    """The models' part for a batch of images, then each image's record."""
+    detections = scored = [None] * len(batch)
+    if members and mode == "model":
+        detections = detect_batch(members[0], [inputs["small"] for _, inputs in batch], tta)
+    elif members:
+        args = ([inputs["small"] for _, inputs in batch], [inputs["small_cells"] for _, inputs in batch],
+                [inputs["n_cells"] for _, inputs in batch])
+        per_model = [segmenter_cell_scores(m, [a[: m.in_channels] for a in args[0]], args[1], args[2], tta,
+                                           cell_scoring) for m in members]
+        scored = [np.mean(confs, axis=0) for confs in zip(*per_model)]
     out = []
-    for (image_id, inputs), det in zip(batch, detections, strict=True):
+    for (image_id, inputs), det, model_conf in zip(batch, detections, scored, strict=True):
         conf = np.zeros((inputs.get("n_cells", 0), NUM_CLASSES), np.float32)
         if mode == "truth":
             for k, labels in truth[image_id].items():
@@ -365,8 +451,7 @@ def _finish(batch: list[tuple[str, dict]], by_id: dict[str, ImageRecord], loaded
             out.append((image_id, image_result(image_id, cell_labels, conf), None))
             continue
         else:
-            conf = score_cells(inputs["small_cells"], list(range(1, inputs["n_cells"] + 1)), det)
-            conf = fuse_image_scores(conf, image_fusion)
+            conf = fuse_image_scores(model_conf, image_fusion)
         out.append((image_id, encoded_result(image_id, inputs["shape"], inputs["encoded"], conf,
                                              only_positive=mode in ("truth", "image-labels")), None))
     return out

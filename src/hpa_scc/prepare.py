@@ -18,6 +18,8 @@ On a cluster, a SLURM job array splits the images over its tasks (see hpa_scc.sh
     coco/<layout>/fold<K>.json       COCO instances of fold K: every cell with its image's labels
     coco_truth/<layout>/fold<K>.json synthetic sets only: the same cells with their true labels
     failures.csv                     ID,error: one line per skipped image
+<layout>: multilabel and per_label by default (``--layout both``), so any head trains on the set;
+``--layout multilabel`` or ``--layout per_label`` writes that one only.
 An image is finished when its record exists; a rerun skips finished images, so an interrupted
 run is resumed by running the same command again.
 
@@ -54,6 +56,9 @@ from hpa_scc.targets import LAYOUTS, cell_instances, describe_cells, inherit_lab
 
 log = logging.getLogger(__name__)
 PREPARE_FORMAT = 1
+# What ``layout`` may ask for -> the COCO layouts written. "both" (the default) lets any head
+# train on the prepared set; writing a layout costs only its JSON (the records are shared).
+LAYOUT_CHOICES = {"both": LAYOUTS, **{name: (name,) for name in LAYOUTS}}
 
 
 class NoCellsError(ValueError):
@@ -332,18 +337,19 @@ def coco_file(records: list[dict], layout: str, *, truth: bool = False, descript
 
 def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size: int = 512,
                     segmenter: str = "builtin", segmenter_options: dict | None = None, n_folds: int = 5,
-                    seed: int = 0, layout: str = "per_label", min_cell_area_px: int = 0,
+                    seed: int = 0, layout: str = "both", min_cell_area_px: int = 0,
                     drop_border_cells: bool = False, workers: int = 1,
                     labels_csv: str | os.PathLike | None = None, progress: bool = True,
                     shard: Shard | None = None, merge_only: bool = False) -> StepReport:
     """Segment, cache and turn ``data_dir`` into pseudo-labelled COCO files under ``out_dir``.
 
+    ``layout``: "both" (coco/multilabel/ and coco/per_label/), "multilabel" or "per_label".
     ``shard=(I, N)``: the per-image work of shard I only, no COCO files (see the module text).
     ``merge_only``: no per-image work; check the settings against prepare.json, then
     ``merge_prepared`` the finished shards.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
+    if layout not in LAYOUT_CHOICES:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUT_CHOICES)}")
     if size < 16:
         raise ValueError(f"--size {size} is too small; use at least 16 px (512 is the usual training size)")
     check_shard(shard)
@@ -466,12 +472,12 @@ def _write_coco(data_dir: Path, out_dir: Path, records: list[ImageRecord], resul
             ordered.append({**results[rec.image_id], "index": index + 1, "fold": int(fold)})
     kinds = [("coco", False)] + ([("coco_truth", True)] if _is_synthetic(data_dir) else [])
     for folder, truth in kinds:
-        for fold in range(max(n_folds, 1)):
-            subset = [r for r in ordered if r["fold"] == fold]
-            name = f"fold{fold}.json" if n_folds > 1 else "all.json"
-            coco = coco_file(subset, layout, truth=truth,
-                             description=f"{data_dir.name}: fold {fold} of {n_folds}, {segmenter} cells, {size} px")
-            path = out_dir / folder / layout / name
-            write_text_atomic(path, json.dumps(coco, separators=(",", ":")))
-        report.extra.append(f"  {folder}/{layout}/: {max(n_folds, 1)} COCO file(s), "
-                            f"{sum(len(r['cells']) for r in ordered)} cells in {len(ordered)} images")
+        for name in LAYOUT_CHOICES[layout]:
+            for fold in range(max(n_folds, 1)):
+                subset = [r for r in ordered if r["fold"] == fold]
+                file_name = f"fold{fold}.json" if n_folds > 1 else "all.json"
+                coco = coco_file(subset, name, truth=truth,
+                                 description=f"{data_dir.name}: fold {fold} of {n_folds}, {segmenter} cells, {size} px")
+                write_text_atomic(out_dir / folder / name / file_name, json.dumps(coco, separators=(",", ":")))
+            report.extra.append(f"  {folder}/{name}/: {max(n_folds, 1)} COCO file(s), "
+                                f"{sum(len(r['cells']) for r in ordered)} cells in {len(ordered)} images")

@@ -1,8 +1,10 @@
-"""Train Mask R-CNN on the pseudo-labelled cells.
+"""Train a model on the pseudo-labelled cells: Mask R-CNN, or a cell-level model (hpa_scc.cells).
 
     python -m hpa_scc train configs/densenet121.yaml [key=value ...]
     torchrun --nproc-per-node 4 -m hpa_scc train configs/resnet101_fpn.yaml train.run_dir=runs/r101
     python train_densenet.py [key=value ...]            # = train configs/densenet121.yaml
+    python -m hpa_scc train configs/cell_resnet18.yaml  # model.family=cell: masked cell crops, same loop
+    python -m hpa_scc train configs/cell_features.yaml  # model.family=features: fitted once, no loop
 
 Resume or load: if ``RUN_DIR/last.pt`` exists (and train.resume is true) training continues from
 it, optimizer, scheduler, step and RNG included; otherwise it starts from ``model.weights``. So
@@ -34,7 +36,8 @@ from hpa_scc.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_chec
 from hpa_scc.config import Config, save_config, to_dict
 from hpa_scc.distributed import DistInfo, barrier, cleanup, init_distributed, mean_across_ranks
 from hpa_scc.engine import evaluate, train_one_epoch, use_fast_path
-from hpa_scc.instances import CellInstances, collate
+from hpa_scc.cells import build_family_model
+from hpa_scc.instances import CellInstances, collate, shadowed_instances, shadowed_warning
 
 log = logging.getLogger("hpa_scc.train")
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal after saving last.pt; requeue to continue
@@ -97,10 +100,11 @@ def lr_lambda(cfg: Config, iters_per_epoch: int):
     return multiplier
 
 
-def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sampler=None) -> DataLoader:
+def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sampler=None,
+                collate_fn=collate) -> DataLoader:
     """The training DataLoader: pinned memory on CUDA (async copies), workers kept alive across
     epochs (no re-spawn per epoch) and four batches prefetched per worker."""
-    kw = {"collate_fn": collate, "num_workers": workers, "pin_memory": device.type == "cuda",
+    kw = {"collate_fn": collate_fn, "num_workers": workers, "pin_memory": device.type == "cuda",
           "persistent_workers": workers > 0}
     if workers > 0:
         kw["prefetch_factor"] = 4
@@ -156,11 +160,95 @@ class MetricsLog:
         if self.writer is not None:
             self.writer.close()
 
+# The validation figure that picks best.pt, per model family.
+VAL_METRIC = {"maskrcnn": "segm_AP", "cell": "cell_AP", "features": "cell_AP"}
+
+
+def _truth_labels(prepared: Path):
+    """A synthetic set's true cell labels (validation reports against them too), else None."""
+    from hpa_scc.cells import read_cell_labels
+
+    try:
+        return read_cell_labels(prepared, "truth")
+    except FileNotFoundError:
+        return None
+
+
+def _datasets(cfg: Config, prepared: Path, train_folds: list[int], val_folds: list[int]):
+    """(train set, val set or None, collate_fn, validate(model, val_set, device) -> dict) of the family."""
+    if cfg.model.family == "maskrcnn":
+        # uint8 samples: a quarter of the bytes through workers, pinned memory and the PCIe copy
+        common = {"layout": cfg.data.layout, "labels": cfg.data.labels, "in_channels": cfg.model.in_channels,
+                  "seed": cfg.train.seed, "uint8": True}
+        train_set = CellInstances(prepared, train_folds, augment=True, hflip_prob=cfg.data.hflip_prob,
+                                  vflip_prob=cfg.data.vflip_prob, rot90=cfg.data.rot90,
+                                  max_images=cfg.data.max_train_images, **common)
+        val_set = CellInstances(prepared, val_folds, max_images=cfg.data.max_val_images, **common) if val_folds else None
+        if cfg.model.head == "softmax":  # kept for fidelity with the original; see instances.shadowed_instances
+            shadowed, total = shadowed_instances(train_set.coco)
+            if shadowed:
+                log.warning(shadowed_warning(shadowed, total))
+
+        def validate(model, dataset, device):
+            loader = DataLoader(dataset, batch_size=cfg.train.images_per_gpu, collate_fn=collate,
+                                num_workers=cfg.data.workers)
+            return evaluate(model, loader, dataset.coco, device, amp=cfg.train.amp)
+
+        return train_set, val_set, collate, validate
+
+    from hpa_scc.cells import CellDataset, build_store, collate_cells, evaluate_cells, read_cell_labels
+
+    store = build_store(prepared, "crops", cfg.data.crop_size)
+    labels = read_cell_labels(prepared, cfg.data.labels)
+    train_set = CellDataset(store, store.select(train_folds)[: cfg.data.max_train_images], labels, augment=True,
+                            in_channels=cfg.model.in_channels, seed=cfg.train.seed)
+    val_set = (CellDataset(store, store.select(val_folds)[: cfg.data.max_val_images], labels,
+                           in_channels=cfg.model.in_channels) if val_folds else None)
+    truth = _truth_labels(prepared)
+
+    def validate(model, dataset, device):
+        return evaluate_cells(model, dataset, device, truth)
+
+    return train_set, val_set, collate_cells, validate
+
+
+def _fit_features(cfg: Config, prepared: Path, train_folds: list[int], val_folds: list[int], run_dir: Path,
+                  info: DistInfo, log_handler) -> torch.nn.Module:
+    """The ``features`` family: per-cell features + logistic regressions, fitted once, saved as
+    best.pt/last.pt like any run (so predict and refine load it the same way)."""
+    from hpa_scc.cells import CellDataset, build_store, evaluate_cells, fit_feature_classifier, read_cell_labels
+
+    try:
+        store = build_store(prepared, "features")
+        labels = read_cell_labels(prepared, cfg.data.labels)
+        train_set = CellDataset(store, store.select(train_folds)[: cfg.data.max_train_images], labels)
+        model = build_family_model(cfg)
+        start = time.perf_counter()
+        fit_feature_classifier(model, store.array[train_set.rows], train_set.labels, c=cfg.model.feature_c,
+                               seed=cfg.train.seed)
+        log.info("features: logistic regressions on %d cells x %d features in %.1f s", len(train_set),
+                 store.array.shape[1], time.perf_counter() - start)
+        scores = {}
+        if val_folds:
+            val_set = CellDataset(store, store.select(val_folds)[: cfg.data.max_val_images], labels)
+            scores = evaluate_cells(model, val_set, torch.device("cpu"), _truth_labels(prepared))
+            log.info("validation: %s", ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
+        if info.is_main:
+            metrics = MetricsLog(run_dir, True, False)
+            metrics.write("val", 0, {"epoch": cfg.train.max_epochs, **scores})
+            state = {"model": model.state_dict(), "epoch": cfg.train.max_epochs, "step_in_epoch": 0, "global_step": 0,
+                     "best_metric": scores.get("cell_AP", -1.0), "config": to_dict(cfg)}
+            save_checkpoint(run_dir / BEST, state)
+            save_checkpoint(run_dir / LAST, state)
+        return model
+    finally:
+        if log_handler is not None:
+            logging.getLogger("hpa_scc").removeHandler(log_handler)
+            log_handler.close()
+
 
 def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
     """Run (or resume) the training described by ``cfg``; returns the trained (unwrapped) model."""
-    from hpa_scc.models import build_model
-
     device = pick_device(cfg.train.device)
     info = init_distributed(device)
     if device.type == "cuda":
@@ -187,23 +275,23 @@ def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
                          f"set data.image_size={meta['size']}")
     n_folds = max(int(meta.get("folds", 1)), 1)
     train_folds = [f for f in range(n_folds) if f != cfg.data.val_fold] or [0]
-    val_folds = [cfg.data.val_fold] if n_folds > 1 else []
-    # uint8 samples: a quarter of the bytes through workers, pinned memory and the PCIe copy
-    common = {"layout": cfg.data.layout, "labels": cfg.data.labels, "in_channels": cfg.model.in_channels,
-              "seed": cfg.train.seed, "uint8": True}
-    train_set = CellInstances(prepared, train_folds, augment=True, hflip_prob=cfg.data.hflip_prob,
-                              vflip_prob=cfg.data.vflip_prob, rot90=cfg.data.rot90,
-                              max_images=cfg.data.max_train_images, **common)
-    val_set = CellInstances(prepared, val_folds, max_images=cfg.data.max_val_images, **common) if val_folds else None
+    val_folds = [cfg.data.val_fold] if n_folds > 1 and cfg.data.val_fold >= 0 else []
+    if cfg.data.val_fold >= n_folds:
+        raise ValueError(f"data.val_fold={cfg.data.val_fold} but {prepared} has {n_folds} folds (0-{n_folds - 1}); "
+                         "set data.val_fold=-1 to train on every fold without validation")
+    if cfg.model.family == "features":  # fitted in one go by scikit-learn: no loop, no optimiser
+        return _fit_features(cfg, prepared, train_folds, val_folds, run_dir, info, log_handler)
+    train_set, val_set, collate_fn, validate = _datasets(cfg, prepared, train_folds, val_folds)
     if len(train_set) == 0:
         raise ValueError(f"no training images with cells in {prepared} folds {train_folds}")
     sampler = EpochSampler(len(train_set), seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
-    train_loader = make_loader(train_set, cfg.train.images_per_gpu, cfg.data.workers, device, sampler=sampler)
+    train_loader = make_loader(train_set, cfg.train.images_per_gpu, cfg.data.workers, device, sampler=sampler,
+                               collate_fn=collate_fn)
     steps_per_epoch = math.ceil(sampler.per_rank / cfg.train.images_per_gpu / cfg.train.accumulate_steps)
     if cfg.train.max_iters_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_iters_per_epoch)
 
-    model = build_model(cfg.model, image_size=cfg.data.image_size).to(device)
+    model = build_family_model(cfg).to(device)
     use_fast_path(model, device, channels_last=cfg.train.channels_last, tf32=cfg.train.tf32, compile=cfg.train.compile)
     optimizer = build_optimizer(cfg, model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
@@ -222,9 +310,11 @@ def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     effective_batch = cfg.train.images_per_gpu * info.world_size * cfg.train.accumulate_steps
-    log.info("%s, %d train / %d val images, %d ranks x %d images x %d accumulation = %d per step, lr %g, "
-             "%d steps per epoch, device %s", cfg.model.backbone, len(train_set), len(val_set or []), info.world_size,
-             cfg.train.images_per_gpu, cfg.train.accumulate_steps, effective_batch, cfg.optim.lr, steps_per_epoch, device)
+    unit = "images" if cfg.model.family == "maskrcnn" else "cells"
+    log.info("%s %s, %d train / %d val %s, %d ranks x %d %s x %d accumulation = %d per step, lr %g, "
+             "%d steps per epoch, device %s", cfg.model.family, cfg.model.backbone, len(train_set), len(val_set or []),
+             unit, info.world_size,
+             cfg.train.images_per_gpu, unit, cfg.train.accumulate_steps, effective_batch, cfg.optim.lr, steps_per_epoch, device)
     metrics = MetricsLog(run_dir, info.is_main, cfg.train.tensorboard)
 
     # On a GPU every host read of a loss stalls the queue: read (and check) them only when logging.
@@ -287,14 +377,12 @@ def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
                      ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
             if info.is_main and val_set is not None and ((epoch + 1) % cfg.train.val_every_epochs == 0
                                                          or epoch + 1 == cfg.train.max_epochs):
-                val_loader = DataLoader(val_set, batch_size=cfg.train.images_per_gpu, collate_fn=collate,
-                                        num_workers=cfg.data.workers)
-                scores = evaluate(unwrap(model), val_loader, val_set.coco, device, amp=cfg.train.amp)
+                scores = validate(unwrap(model), val_set, device)
                 metrics.write("val", global_step, {"epoch": epoch + 1, **scores})
-                log.info("validation after epoch %d: segm AP %.4f, AP50 %.4f", epoch + 1, scores["segm_AP"],
-                         scores["segm_AP50"])
-                if scores["segm_AP"] > best:
-                    best = scores["segm_AP"]
+                log.info("validation after epoch %d: %s", epoch + 1,
+                         ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
+                if scores[VAL_METRIC[cfg.model.family]] > best:
+                    best = scores[VAL_METRIC[cfg.model.family]]
                     save_checkpoint(run_dir / BEST, state_dict(epoch + 1, 0))
             if info.is_main:
                 save_checkpoint(last, state_dict(epoch + 1, 0))
