@@ -1,25 +1,41 @@
-"""Weak supervision, measured cell by cell: weak vs oracle training, label refinement, fusion.
+"""Weak supervision, measured cell by cell: per-cell labels learned from image labels alone.
 
-    .venv/bin/python bench/weak_supervision.py                          # the CPU protocol (~50 min, 2 cores)
-    python bench/weak_supervision.py --profile gpu --backbones densenet121 resnet101_fpn resnext101_32x8d_fpn
-    .venv/bin/python bench/weak_supervision.py --out runs/weak --rounds 2 # same folder: resumes, adds a round
+    .venv/bin/python bench/weak_supervision.py --out runs/weak                      # CPU protocol, default methods
+    .venv/bin/python bench/weak_supervision.py --out runs/weak-s7 --train-seed 7 --test-seed 7007
+    .venv/bin/python bench/weak_supervision.py --out runs/weak --methods features features-refined cell
+    python bench/weak_supervision.py --profile gpu --out runs/weak-gpu              # 600/150 images at 512 px
 
 The protocol (docs/RESULTS.md):
-1. a synthetic train set and a separate synthetic test set (different seeds), both with
-   single-cell variability (cells of one image carry different labels);
-2. the train set prepared once with the builtin segmenter (cells, cache, COCO in 3 folds; fold 0
-   is held out for validation and for choosing the refinement threshold); the test set segmented
-   by the same segmenter at prediction;
-3. per backbone, trainings with the same budget (epochs, batch, lr, seed, initial weights):
-   ``weak`` (each cell inherits its image's labels), ``oracle`` (each cell its true labels,
-   transferred from the synthetic truth) and ``refined_rK`` (round K: the cells relabelled by
-   round K-1's model, ``hpa_scc.refine``);
-4. each model predicts the test set (segmenter cells scored by the model; also with image
-   fusion, ``--image-fusion``) and the competition metric scores it, next to the baselines
-   (every cell its image's labels at confidence 1; random confidences; the truth, 1.0).
+1. a synthetic train set and a separate synthetic test set (other seed), both with single-cell
+   variability: the cells of one image show different subsets of the image's labels;
+2. the train set prepared once with the builtin segmenter (cells, cache, COCO in 3 folds, both
+   layouts, plus the oracle's true cell labels); the test set is segmented by the same
+   segmenter when predicted;
+3. each method trains with the train command's code (configs/ + overrides) and predicts the test
+   set with ``predict`` (segmenter cells, all 19 scores per cell); the competition metric scores
+   it, and since the test cells' true labels are known, the within-image AUC says how well the
+   cells of one image are ranked (0.5 = chance, what image labels alone give).
 
-Writes OUT/results.json, OUT/results.md (the table, per-class AP) and OUT/per_class_ap.png.
-Every step resumes: finished trainings, predictions and refinements are reused.
+Methods (``--methods``; ``-oracle`` trains on the true cell labels, ``-refined`` on the labels the
+features model refined, ``features_r1``):
+- baselines: ``image-labels`` (every cell its image's labels), ``random``, ``truth`` (must be 1.0);
+- ``features``, ``features-oracle``, ``features-refined``: per-cell features + logistic
+  regressions (model.family=features). ``features-refined``: a features model fitted on folds
+  1-2 scores every training cell; a cell keeps an image label when it scores at least
+  ``--relative`` (0.25) x the image's best cell for it (``refine --threshold 0 --relative``); then
+  refitted on all folds;
+- ``cell``, ``cell-oracle``, ``cell-refined``: ResNet-18 on masked 64 px cell crops
+  (configs/cell_resnet18.yaml), every fold trains;
+- ``ensemble``: cell-refined and features-refined averaged per cell (``predict --ensemble``);
+- ``maskrcnn:BACKBONE``, ``maskrcnn-oracle:BACKBONE``, ``maskrcnn-refined:BACKBONE``: Mask R-CNN,
+  multilabel head, segmenter cells scored through the RoI heads (``--cell-scoring boxes``).
+  ``maskrcnn-refined`` trains on features_r1 and, for the DenseNet121 backbones, starts from a
+  cell-level DenseNet121 trained on 48 px crops of the same labels (``model.weights`` = its
+  checkpoint): what the detector gets from the cell model;
+- any method with ``+fusion`` also predicts with ``--image-fusion 0.3``.
+
+Writes OUT/results.json (one record per row: method, mAP, within_image_auc, seconds = training,
+predict_seconds), OUT/results.md and OUT/per_class_ap.png. Every step resumes.
 """
 
 from __future__ import annotations
@@ -30,214 +46,274 @@ import math
 import time
 from pathlib import Path
 
-from hpa_scc.config import HEAD_LAYOUT, load_config
+import numpy as np
+
+from hpa_scc.config import load_config
 from hpa_scc.constants import NUM_CLASSES, SHORT_CLASS_NAMES
 from hpa_scc.fileio import write_text_atomic
 from hpa_scc.metric import evaluate_files
 from hpa_scc.predict import predict_folder
-from hpa_scc.prepare import prepare_dataset
-from hpa_scc.refine import MIN_HELD_OUT_F1, refine_prepared
+from hpa_scc.prepare import prepare_dataset, read_true_cell_labels
+from hpa_scc.refine import RELATIVE_RULE, refine_prepared
+from hpa_scc.segment.precomputed import read_labels
 from hpa_scc.synth import write_synth_set
+from hpa_scc.targets import transfer_labels, within_image_auc
 from hpa_scc.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = {
-    # ~15 min per training on 2 CPU cores: DenseNet121 at 256 px with the reduced heads, 680 steps
-    "cpu": {"train_images": 48, "test_images": 24, "size": 256, "epochs": 40, "batch": 2, "lr": 0.01,
-            "warmup": 50, "workers": 2, "rounds": 1},
-    # one GPU: 512 px, the sizes of the real task's cache
-    "gpu": {"train_images": 600, "test_images": 150, "size": 512, "epochs": 24, "batch": 8, "lr": 0.02,
-            "warmup": 100, "workers": 8, "rounds": 2},
+    # 2 CPU cores: every method of DEFAULT_METHODS in about an hour
+    "cpu": {"train_images": 48, "test_images": 24, "size": 256, "workers": 2,
+            "cell_epochs": 30, "cell_batch": 64, "crop_size": 64,
+            "det_epochs": 40, "det_batch": 2, "det_lr": 0.01, "det_warmup": 50},
+    # one GPU: 512 px, the real task's cache size
+    "gpu": {"train_images": 600, "test_images": 150, "size": 512, "workers": 8,
+            "cell_epochs": 30, "cell_batch": 256, "crop_size": 96,
+            "det_epochs": 24, "det_batch": 8, "det_lr": 0.02, "det_warmup": 100},
 }
-# Config differences per profile (before the command line's key=value overrides). Every cell is
-# scored from the detections that overlap it, so keep low-score detections: a weak model's
-# class probabilities still rank cells. The reduced heads: ~20 cells per image need far fewer
-# proposals and sampled RoIs than COCO's defaults, 2.4x faster per CPU step at 256 px.
-PROFILE_CONFIG = {
-    "cpu": ["model.box_score_thresh=0.001", "model.box_detections_per_img=200", "model.rpn_post_nms_top_n_train=256",
-            "model.rpn_post_nms_top_n_test=200", "model.box_batch_size_per_image=128"],
-    "gpu": ["model.box_score_thresh=0.001", "model.box_detections_per_img=200", "model.rpn_post_nms_top_n_train=512",
-            "model.rpn_post_nms_top_n_test=300", "model.box_batch_size_per_image=256"],
+# Detector config differences per profile: heads sized for ~20 cells per image (2.4x faster per
+# CPU step than COCO's defaults at 256 px).
+DET_CONFIG = {
+    "cpu": ["model.rpn_post_nms_top_n_train=256", "model.rpn_post_nms_top_n_test=200",
+            "model.box_batch_size_per_image=128"],
+    "gpu": ["model.rpn_post_nms_top_n_train=512", "model.rpn_post_nms_top_n_test=300",
+            "model.box_batch_size_per_image=256"],
 }
-VAL_FOLD = 0
-FUSION = 0.5
+DEFAULT_METHODS = ["image-labels", "random", "features", "features-oracle", "features-refined", "cell", "cell-oracle",
+                   "cell-refined", "ensemble", "maskrcnn-refined:densenet121_fpn", "truth"]
+BASELINES = ("image-labels", "random", "truth")
+REFINED = "features_r1"
+FUSION = 0.3
 
 
-def train_run(backbone: str, labels: str, prepared: Path, run_dir: Path, p: dict, overrides: list[str]) -> Path:
-    """One training of the protocol (resumes if interrupted, returns at once if finished)."""
-    cfg = load_config(REPO / "configs" / f"{backbone}.yaml", [
-        f"data.prepared_dir={prepared}", f"data.image_size={p['size']}", f"data.labels={labels}",
-        f"data.val_fold={VAL_FOLD}", f"data.workers={p['workers']}", f"train.run_dir={run_dir}",
-        f"train.max_epochs={p['epochs']}", f"train.images_per_gpu={p['batch']}", f"optim.lr={p['lr']}",
-        f"optim.warmup_iters={p['warmup']}", f"train.val_every_epochs={p['epochs']}", "train.tensorboard=false",
-        "train.save_every_epochs=1000", *overrides])
-    start = time.perf_counter()
-    print(f"  train {run_dir.name}: {backbone}, labels={labels}, {p['epochs']} epochs", flush=True)
-    train(cfg, progress=False)
-    print(f"    {time.perf_counter() - start:.0f} s", flush=True)
-    return run_dir
+class Protocol:
+    def __init__(self, out: Path, p: dict, profile: str, relative: float, seed: int):
+        self.out, self.p, self.profile, self.relative, self.seed = out, p, profile, relative, seed
+        self.train_set, self.test_set, self.prepared = out / "train-set", out / "test-set", out / "prepared"
+        self.seconds: dict[str, float] = {}
+
+    def prepare(self, train_seed: int, test_seed: int) -> None:
+        p = self.p
+        write_synth_set(self.train_set, p["train_images"], size=p["size"], seed=train_seed, workers=p["workers"],
+                        progress=False)
+        write_synth_set(self.test_set, p["test_images"], size=p["size"], seed=test_seed, workers=p["workers"],
+                        progress=False)
+        prepare_dataset(self.train_set, self.prepared, size=p["size"], segmenter="builtin", n_folds=3, seed=self.seed,
+                        workers=p["workers"], progress=False)
+
+    def _train(self, key: str, config: str, overrides: list[str]) -> Path:
+        run_dir = self.out / "runs" / key.replace(":", "-")
+        cfg = load_config(REPO / "configs" / config, [
+            f"data.prepared_dir={self.prepared}", f"data.image_size={self.p['size']}", f"train.run_dir={run_dir}",
+            f"data.workers={self.p['workers']}", "train.tensorboard=false", "train.save_every_epochs=1000",
+            f"train.seed={self.seed}", *overrides])
+        stamp = run_dir / "bench_seconds.txt"  # the training's own time, kept for resumed invocations
+        if not stamp.is_file():
+            start = time.perf_counter()
+            print(f"  train {key}", flush=True)
+            train(cfg, progress=False)
+            write_text_atomic(stamp, f"{time.perf_counter() - start:.1f}\n")
+        self.seconds[key] = float(stamp.read_text())
+        return run_dir
+
+    def features(self, labels: str, val_fold: int = -1, key: str | None = None) -> Path:
+        return self._train(key or f"features-{labels}", "cell_features.yaml",
+                           [f"data.labels={labels}", f"data.val_fold={val_fold}"])
+
+    def refined_labels(self) -> str:
+        """features_r1: a features model fitted on folds 1-2 narrows every training cell's labels."""
+        report = self.prepared / f"coco_{REFINED}" / "refine.json"
+        if not report.is_file():
+            run = self.features("image", val_fold=0, key="features-image-fold0")
+            start = time.perf_counter()
+            result = refine_prepared(run, self.prepared, name=REFINED, held_out_folds=[0], threshold=0.0,
+                                     relative=self.relative, min_f1=0.0, progress=False)
+            self.seconds["refine"] = time.perf_counter() - start
+            print(f"  {result.summary()}", flush=True)
+        saved = json.loads(report.read_text())
+        if saved["relative"] != self.relative:
+            raise SystemExit(f"{report} was made with --relative {saved['relative']}; use a new --out")
+        return REFINED
+
+    def cell(self, labels: str, backbone: str = "resnet18", crop_size: int | None = None, val_fold: int = -1) -> Path:
+        crop = crop_size or self.p["crop_size"]
+        key = f"cell-{backbone}-{crop}px-{labels}"
+        return self._train(key, "cell_resnet18.yaml", [
+            f"model.backbone={backbone}", f"data.labels={labels}", f"data.crop_size={crop}", f"data.val_fold={val_fold}",
+            f"train.max_epochs={self.p['cell_epochs']}", f"train.images_per_gpu={self.p['cell_batch']}"])
+
+    def maskrcnn(self, backbone: str, labels: str, weights: Path | None = None) -> Path:
+        key = f"maskrcnn-{backbone}-{labels}" + ("-cellinit" if weights else "")
+        p = self.p
+        return self._train(key, f"{backbone}.yaml", [
+            f"data.labels={labels}", "data.val_fold=0", f"train.max_epochs={p['det_epochs']}",
+            f"train.images_per_gpu={p['det_batch']}", f"optim.lr={p['det_lr']}", f"optim.warmup_iters={p['det_warmup']}",
+            f"train.val_every_epochs={p['det_epochs']}", "model.head=multilabel",
+            f"model.weights={weights if weights else 'null'}", *DET_CONFIG[self.profile]])
+
+    def run(self, method: str) -> dict:
+        """Train what ``method`` needs (resumable) and predict + score the test set."""
+        base, fusion = method.removesuffix("+fusion"), method.endswith("+fusion")
+        options: dict = {"image_fusion": FUSION if fusion else 0.0}
+        trained = []
+        if base in BASELINES:
+            options.update(run_dir=None, baseline=base)
+        elif base.startswith("features"):
+            labels = {"features": "image", "features-oracle": "truth", "features-refined": None}[base]
+            options["run_dir"] = self.features(labels or self.refined_labels())
+        elif base in ("cell", "cell-oracle", "cell-refined"):
+            labels = {"cell": "image", "cell-oracle": "truth", "cell-refined": None}[base]
+            options["run_dir"] = self.cell(labels or self.refined_labels())
+        elif base == "ensemble":
+            refined = self.refined_labels()
+            options.update(run_dir=self.cell(refined), ensemble=[self.features(refined)])
+        elif base.startswith("maskrcnn"):
+            kind, _, backbone = base.partition(":")
+            if not backbone:
+                raise SystemExit(f"method {method!r}: name the backbone, e.g. maskrcnn:densenet121_fpn")
+            if kind == "maskrcnn-refined":
+                refined = self.refined_labels()
+                weights = None
+                if backbone.startswith("densenet121"):
+                    weights = self.cell(refined, "densenet121", crop_size=48, val_fold=0) / "best.pt"
+                    trained.append(f"cell-densenet121-48px-{refined}")
+                options["run_dir"] = self.maskrcnn(backbone, refined, weights)
+            else:
+                labels = {"maskrcnn": "image", "maskrcnn-oracle": "truth"}[kind]
+                options["run_dir"] = self.maskrcnn(backbone, labels)
+        else:
+            raise SystemExit(f"unknown method {method!r}; choose from {DEFAULT_METHODS} (+fusion, -oracle, "
+                             "maskrcnn[-oracle|-refined]:BACKBONE)")
+        seconds = sum(v for k, v in self.seconds.items() if options.get("run_dir") and (
+            k.replace(":", "-") == Path(options["run_dir"]).name or k in trained))
+        out = self.out / "predict" / method.replace(":", "-").replace("+", "-")
+        start = time.perf_counter()
+        submission = predict_folder(data_dir=self.test_set, out_dir=out, progress=False, workers=self.p["workers"],
+                                    **options)
+        predict_seconds = time.perf_counter() - start
+        result = evaluate_files(self.test_set / "solution.csv", submission, out / "metrics.json")
+        auc = None if base in ("truth", "image-labels") else test_auc(self.test_set, out)
+        row = {"method": method, "mAP": result.mAP, "within_image_auc": auc, "seconds": round(seconds, 1),
+               "predict_seconds": round(predict_seconds, 1),
+               "per_class": {c: (None if math.isnan(result.per_class_ap[c]) else result.per_class_ap[c])
+                             for c in range(NUM_CLASSES)}}
+        print(f"  {method:<40} mAP {result.mAP:.4f}" + (f"  within-image AUC {auc:.3f}" if auc is not None else ""),
+              flush=True)
+        return row
 
 
-def score(name: str, test: Path, out: Path, **options) -> dict:
-    """Predict the test set (resumable) and score it; {name, mAP, per_class}."""
-    submission = predict_folder(data_dir=test, out_dir=out, progress=False, **options)
-    result = evaluate_files(test / "solution.csv", submission, out / "metrics.json")
-    row = {"name": name, "mAP": result.mAP,
-           "per_class": {c: (None if math.isnan(result.per_class_ap[c]) else result.per_class_ap[c])
-                         for c in range(NUM_CLASSES)}}
-    print(f"  {name:<40} mAP {result.mAP:.4f}", flush=True)
-    return row
+def test_auc(test_set: Path, pred_dir: Path) -> float | None:
+    """Within-image AUC of a prediction's cell scores against the test cells' true labels
+    (each segmenter cell takes the labels of the true cell it overlaps most)."""
+    true_labels = read_true_cell_labels(test_set)
+    table: dict[str, dict[int, np.ndarray]] = {}
+    with open(pred_dir / "cells.csv") as fh:
+        next(fh)
+        for line in fh:
+            parts = line.rstrip("\n").split(",")
+            table.setdefault(parts[0], {})[int(parts[1])] = np.array(parts[7:7 + NUM_CLASSES], np.float32)
+    image_labels, confs, truths = [], [], []
+    for image_id, cells in table.items():
+        seg = read_labels(pred_dir / "segmentation" / f"{image_id}_cells.png")
+        truth = read_labels(test_set / "masks" / f"{image_id}.png")
+        moved = transfer_labels(seg, truth, true_labels[image_id])
+        ids = sorted(cells)
+        image_labels.append(sorted({c for labels in true_labels[image_id].values() for c in labels}))
+        confs.append(np.stack([cells[k] for k in ids]))
+        truths.append([moved.get(k, ([18], 0))[0] for k in ids])
+    auc, _ = within_image_auc(image_labels, confs, truths)
+    return None if np.isnan(auc) else round(float(auc), 4)
 
 
-def label_rows(refinements: list[dict]) -> list[tuple[str, dict]]:
-    """(what, label_quality) rows: how close each round's training labels are to the truth."""
-    out = []
-    for ref in refinements:
-        if not ref.get("truth_after"):
-            continue
-        if ref["round"] == 1:
-            out.append((f"{ref['backbone']} weak: image labels on every cell", ref["truth_before"]))
-        rule = f"threshold {ref['threshold']:.2f}" + (f", relative {ref['relative']:.2f}" if ref["relative"] else "")
-        if ref.get("kept_image_labels"):
-            rule = f"held-out F1 {ref['held_out_f1']:.2f} < {ref['min_f1']:g}: image labels kept"
-        if ref.get("truth_auc") is not None:
-            source = "weak" if ref["round"] == 1 else f"refined_r{ref['round'] - 1}"
-            rule += f"; the {source} model ranks cells at within-image AUC {ref['truth_auc']:.3f}"
-        out.append((f"{ref['backbone']} refined_r{ref['round']} ({rule})", ref["truth_after"]))
-        best = max(ref["sweep"], key=lambda r: r["f1"])
-        out.append((f"  best rule of the sweep, chosen with the truth: threshold {best['threshold']:g}, "
-                    f"relative {best['relative']:g}", best))
-    return out
-
-
-def format_markdown(rows: list[dict], oracle: dict[str, float], params: dict, refinements: list[dict]) -> str:
+def format_markdown(rows: list[dict], params: dict, refinement: dict | None = None) -> str:
+    oracle = {r["method"].replace("-oracle", ""): r["mAP"] for r in rows if "-oracle" in r["method"]}
     lines = [f"Protocol parameters: {json.dumps(params)}", "",
-             "| method | mAP@0.6 | / oracle | gain over previous round |", "| --- | --- | --- | --- |"]
+             "| method | mAP@0.6 | / its oracle | within-image AUC | training s | predict s |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        ref = oracle.get(r.get("backbone", ""))
-        ratio = f"{r['mAP'] / ref:.2f}" if ref and "backbone" in r else ""
-        gain = f"{r['gain']:+.4f}" if r.get("gain") is not None else ""
-        lines.append(f"| {r['name']} | {r['mAP']:.4f} | {ratio} | {gain} |")
-    quality = label_rows(refinements)
-    if quality:
-        lines += ["", "Training labels against the cells' true labels (train set; micro over cell x class; "
-                      "the oracle's labels are the truth):", "",
-                  "| labels | precision | recall | F1 | cells exactly right |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {what} | {q['precision']:.3f} | {q['recall']:.3f} | {q['f1']:.3f} | {q['exact']:.3f} |"
-                  for what, q in quality]
+        family = r["method"].removesuffix("+fusion").replace("-refined", "")
+        ref = oracle.get(family)
+        ratio = f"{r['mAP'] / ref:.3f}" if ref and "-oracle" not in r["method"] else ""
+        auc = "" if r["within_image_auc"] is None else f"{r['within_image_auc']:.3f}"
+        lines.append(f"| {r['method']} | {r['mAP']:.4f} | {ratio} | {auc} | {r['seconds']:.0f} | "
+                     f"{r['predict_seconds']:.0f} |")
+    if refinement and refinement.get("truth_after"):
+        b, a = refinement["truth_before"], refinement["truth_after"]
+        lines += ["", f"Training labels against the cells' true labels (train set, {refinement['cells']} cells; micro "
+                      "over cell x class):", "", "| labels | precision | recall | F1 | cells exactly right |",
+                  "| --- | --- | --- | --- | --- |",
+                  f"| image labels on every cell (weak) | {b['precision']:.3f} | {b['recall']:.3f} | {b['f1']:.3f} | "
+                  f"{b['exact']:.3f} |",
+                  f"| {REFINED} (relative {refinement['relative']:g}; the features model ranks the cells of an image "
+                  f"at AUC {refinement['truth_auc']:.3f}) | {a['precision']:.3f} | {a['recall']:.3f} | {a['f1']:.3f} | "
+                  f"{a['exact']:.3f} |"]
     present = [c for c in range(NUM_CLASSES) if any(r["per_class"].get(c) is not None for r in rows)]
     lines += ["", "Per-class AP (classes present in the test set):", "",
               "| method | " + " | ".join(SHORT_CLASS_NAMES[c] for c in present) + " |",
               "| --- |" + " --- |" * len(present)]
     for r in rows:
         cells = ["-" if r["per_class"].get(c) is None else f"{r['per_class'][c]:.2f}" for c in present]
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    parser.add_argument("--backbones", nargs="+", default=["densenet121"])
-    parser.add_argument("--head", choices=sorted(HEAD_LAYOUT), default="softmax",
-                        help="classification head of every training (multilabel: sigmoid per cell, BCE); the train "
-                             "set is prepared in the layout it trains on")
     parser.add_argument("--out", type=Path, default=Path("runs/weak"))
-    parser.add_argument("--rounds", type=int, default=None, help="refinement rounds (default: the profile's)")
-    parser.add_argument("--relative", type=float, default=0.0, metavar="R",
-                        help="refinement rule: a cell must also reach R x its image's best cell score for a label "
-                             "(default 0: the held-out threshold alone)")
-    parser.add_argument("--min-f1", type=float, default=MIN_HELD_OUT_F1, metavar="F",
-                        help="refinement keeps the image labels when the model's held-out image-label F1 is below F "
-                             "(default: %(default)s; 0 always refines); the round then reuses the previous model")
-    parser.add_argument("--seed", type=int, default=0, help="train set seed; the test set uses seed + 1000")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, metavar="METHOD",
+                        help="rows to measure, in order (default: %(default)s)")
+    parser.add_argument("--train-seed", type=int, default=0)
+    parser.add_argument("--test-seed", type=int, default=1000)
+    parser.add_argument("--train-images", type=int, default=None, help="default: the profile's")
+    parser.add_argument("--test-images", type=int, default=None, help="default: the profile's")
+    parser.add_argument("--size", type=int, default=None, help="image size, px (default: the profile's)")
+    parser.add_argument("--relative", type=float, default=RELATIVE_RULE, metavar="R",
+                        help="refinement rule: a cell keeps an image label at >= R x the image's best cell "
+                             "(default: %(default)s)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a profile value, e.g. --set epochs=4 --set train_images=24")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
+                        help="override a profile value, e.g. --set det_epochs=10 --set cell_epochs=20")
     args = parser.parse_args(argv)
     p = dict(PROFILES[args.profile])
+    for key, value in (("train_images", args.train_images), ("test_images", args.test_images), ("size", args.size)):
+        if value is not None:
+            p[key] = value
     for item in args.sets:
         key, _, value = item.partition("=")
         if key not in p:
             parser.error(f"unknown profile key {key!r}; choose from {sorted(p)}")
         p[key] = type(p[key])(value)
-    rounds = p["rounds"] if args.rounds is None else args.rounds
-    layout = HEAD_LAYOUT[args.head]
-    overrides = PROFILE_CONFIG[args.profile] + [f"model.head={args.head}", f"data.layout={layout}"] + args.overrides
+    params = {"profile": args.profile, **p, "train_seed": args.train_seed, "test_seed": args.test_seed,
+              "relative": args.relative}
     out = args.out
-    train_set, test_set, prepared = out / "train-set", out / "test-set", out / "prepared"
-    print(f"weak-supervision protocol ({args.profile}): {p}, rounds {rounds} -> {out}", flush=True)
-    write_synth_set(train_set, p["train_images"], size=p["size"], seed=args.seed, workers=p["workers"], progress=False)
-    write_synth_set(test_set, p["test_images"], size=p["size"], seed=args.seed + 1000, workers=p["workers"],
-                    progress=False)
-    prepare_dataset(train_set, prepared, size=p["size"], segmenter="builtin", n_folds=3, seed=args.seed,
-                    layout=layout, workers=p["workers"], progress=False)
-
-    preds = out / "predict"
-    rows = [score("baseline: random confidences", test_set, preds / "random", run_dir=None, baseline="random",
-                  workers=p["workers"]),
-            score("baseline: image labels on every cell", test_set, preds / "image-labels", run_dir=None,
-                  baseline="image-labels", workers=p["workers"])]
-    oracle: dict[str, float] = {}
-    refinements = []
-    for backbone in args.backbones:
-        runs = out / backbone
-        plan = [("weak", "image"), ("oracle", "truth")]
-        for name, labels in plan:
-            train_run(backbone, labels, prepared, runs / name, p, overrides)
-        previous = None
-        for name in ["weak"] + [f"refined_r{k}" for k in range(1, rounds + 1)] + ["oracle"]:
-            run_dir = runs / name
-            if name.startswith("refined_r"):
-                k = int(name[len("refined_r"):])
-                source_run = runs / ("weak" if k == 1 else f"refined_r{k - 1}")
-                label_name = f"{backbone}_{name}"
-                report_path = prepared / f"coco_{label_name}" / "refine.json"
-                if not report_path.is_file():
-                    report = refine_prepared(source_run, prepared, name=label_name, held_out_folds=[VAL_FOLD],
-                                             relative=args.relative, min_f1=args.min_f1, progress=False)
-                    print(f"  {report.summary()}", flush=True)
-                saved = json.loads(report_path.read_text())
-                # kept labels do not depend on the rule (refine.json then records relative 0)
-                relative = args.relative if not saved.get("kept_image_labels") else 0.0
-                if (saved.get("relative", 0.0), saved.get("min_f1", 0.0)) != (relative, args.min_f1):
-                    parser.error(f"{report_path} was made with another --relative or --min-f1; use a new --out")
-                refinements.append({"backbone": backbone, "round": k, **saved})
-                if saved.get("kept_image_labels"):
-                    # the labels did not change: training again would repeat the previous round
-                    print(f"  {name}: image labels kept, the round reuses {source_run.name}'s model", flush=True)
-                    run_dir = source_run
-                else:
-                    train_run(backbone, label_name, prepared, run_dir, p, overrides)
-            for fusion in (0.0, FUSION):
-                label = f"{backbone} {name}" + (f" + image fusion {fusion:g}" if fusion else "")
-                row = score(label, test_set, preds / backbone / (name + (f"-fusion{fusion:g}" if fusion else "")),
-                            run_dir=run_dir, image_fusion=fusion, workers=p["workers"])
-                row.update({"backbone": backbone, "run": name, "fusion": fusion})
-                if not fusion and name != "oracle":
-                    row["gain"] = None if previous is None else row["mAP"] - previous
-                    previous = row["mAP"]
-                rows.append(row)
-            if name == "oracle":
-                oracle[backbone] = rows[-2]["mAP"]
-    rows.append(score("baseline: the truth (sanity check)", test_set, preds / "truth", run_dir=None,
-                      baseline="truth", workers=p["workers"]))
-
-    params = {"profile": args.profile, **p, "head": args.head, "rounds": rounds, "relative": args.relative, "min_f1": args.min_f1,
-              "seed": args.seed, "backbones": args.backbones, "overrides": overrides}
-    results = {"params": params, "rows": rows, "oracle": oracle, "refinements": refinements,
-               "date": time.strftime("%Y-%m-%d %H:%M")}
-    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    table = format_markdown(rows, oracle, params, refinements)
+    saved_params = out / "params.json"
+    if saved_params.is_file() and json.loads(saved_params.read_text()) != params:
+        parser.error(f"{out} holds a protocol run with other parameters ({saved_params}); use a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(saved_params, json.dumps(params, indent=2))
+    print(f"weak-supervision protocol: {params} -> {out}", flush=True)
+    proto = Protocol(out, p, args.profile, args.relative, args.train_seed)
+    proto.prepare(args.train_seed, args.test_seed)
+    previous = {}
+    if (out / "results.json").is_file():
+        previous = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    rows = []
+    for method in args.methods:
+        row = proto.run(method)
+        rows.append(row)
+        previous[method] = row
+        results = {"params": params, "rows": list(previous.values()), "date": time.strftime("%Y-%m-%d %H:%M")}
+        write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    all_rows = list(previous.values())
+    report = out / "prepared" / f"coco_{REFINED}" / "refine.json"
+    table = format_markdown(all_rows, params, json.loads(report.read_text()) if report.is_file() else None)
     write_text_atomic(out / "results.md", table)
     from hpa_scc.visualize import plot_per_class_ap
 
-    chosen = {r["name"]: r["per_class"] for r in rows
-              if r["name"].startswith("baseline: image") or (r.get("fusion") == 0.0 and r.get("run") in
-                                                            ("weak", f"refined_r{rounds}", "oracle"))}
-    plot_per_class_ap(chosen, title="per-class AP on the synthetic test set", path=out / "per_class_ap.png")
+    plot_per_class_ap({r["method"]: r["per_class"] for r in all_rows if r["method"] != "truth"},
+                      title="per-class AP on the synthetic test set", path=out / "per_class_ap.png")
     print("\n" + table + f"\n-> {out / 'results.json'}, {out / 'results.md'}, {out / 'per_class_ap.png'}")
-    return results
+    return {"params": params, "rows": all_rows}
 
 
 if __name__ == "__main__":

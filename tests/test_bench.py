@@ -66,28 +66,39 @@ def test_run_cli_rejects_unknown_benchmarks_and_gpu_script_parses(tmp_path):
     assert subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")]).returncode == 0
 
 
-def test_weak_supervision_table_reports_rounds_and_training_label_quality():
+def test_weak_supervision_table_reports_ratios_auc_and_label_quality():
     bench = load("weak_supervision")
-    q = {"precision": 0.5, "recall": 0.8, "f1": 0.615, "exact": 0.25}
-    better = {"precision": 0.7, "recall": 0.7, "f1": 0.7, "exact": 0.5}
-    refinement = {"backbone": "densenet121", "round": 1, "threshold": 0.05, "relative": 0.5, "truth_before": q,
-                  "truth_auc": 0.61, "held_out_f1": 0.7, "min_f1": 0.5,
-                  "truth_after": better,
-                  "sweep": [{"threshold": 0.0, "relative": 0.0, **q}, {"threshold": 0.1, "relative": 0.75, **better,
-                                                                        "f1": 0.75}]}
-    rows = [{"name": "baseline: random confidences", "mAP": 0.6, "per_class": {0: 0.5}},
-            {"name": "densenet121 weak", "mAP": 0.62, "per_class": {0: 0.6}, "backbone": "densenet121", "gain": None},
-            {"name": "densenet121 refined_r1", "mAP": 0.65, "per_class": {0: 0.7}, "backbone": "densenet121",
-             "gain": 0.03},
-            {"name": "densenet121 oracle", "mAP": 0.7, "per_class": {0: 0.8}, "backbone": "densenet121"}]
-    text = bench.format_markdown(rows, {"densenet121": 0.7}, {"profile": "cpu"}, [refinement])
-    assert "| densenet121 refined_r1 | 0.6500 | 0.93 | +0.0300 |" in text
-    assert "| densenet121 weak: image labels on every cell | 0.500 | 0.800 | 0.615 | 0.250 |" in text
-    assert ("| densenet121 refined_r1 (threshold 0.05, relative 0.50; the weak model ranks cells at within-image "
-            "AUC 0.610) | 0.700 | 0.700 | 0.700 | 0.500 |") in text
-    assert "chosen with the truth: threshold 0.1, relative 0.75 | 0.700 | 0.700 | 0.750 |" in text
-    kept = {**refinement, "kept_image_labels": True, "held_out_f1": 0.17, "truth_after": q}
-    kept_text = bench.format_markdown(rows, {}, {}, [kept])
-    assert "refined_r1 (held-out F1 0.17 < 0.5: image labels kept; the weak model" in kept_text
-    # without truth (real data) there is no label-quality table
-    assert "true labels" not in bench.format_markdown(rows, {}, {}, [{**refinement, "truth_after": None}])
+    rows = [{"method": "image-labels", "mAP": 0.63, "within_image_auc": None, "seconds": 0, "predict_seconds": 3,
+             "per_class": {0: 0.5, 1: None}},
+            {"method": "features-refined", "mAP": 0.9, "within_image_auc": 0.88, "seconds": 7.2, "predict_seconds": 9,
+             "per_class": {0: 0.95, 1: None}},
+            {"method": "features-oracle", "mAP": 0.92, "within_image_auc": 0.9, "seconds": 7, "predict_seconds": 9,
+             "per_class": {0: 0.97, 1: None}}]
+    refinement = {"cells": 901, "relative": 0.25, "truth_auc": 0.899,
+                  "truth_before": {"precision": 0.623, "recall": 0.8, "f1": 0.7, "exact": 0.497},
+                  "truth_after": {"precision": 0.763, "recall": 0.818, "f1": 0.789, "exact": 0.6}}
+    text = bench.format_markdown(rows, {"profile": "cpu"}, refinement)
+    assert "| features-refined | 0.9000 | 0.978 | 0.880 | 7 | 9 |" in text
+    assert "| image-labels | 0.6300 |  |  | 0 | 3 |" in text
+    assert "| features_r1 (relative 0.25; the features model ranks the cells of an image at AUC 0.899) | 0.763 |" in text
+    assert "| image-labels | 0.50 |" in text and "Nucleoplasm" not in text.split("Per-class")[0]
+
+
+@pytest.mark.slow
+def test_weak_supervision_protocol_end_to_end_at_a_tiny_size(tmp_path, capsys):
+    bench = load("weak_supervision")
+    out = tmp_path / "weak"
+    args = ["--out", str(out), "--train-images", "9", "--test-images", "3", "--size", "192",
+            "--methods", "image-labels", "features", "features-refined", "truth"]
+    result = bench.main(args)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["image-labels", "features", "features-refined", "truth"]
+    assert rows["truth"]["mAP"] == pytest.approx(1.0)
+    assert 0 <= rows["features"]["within_image_auc"] <= 1 and rows["image-labels"]["within_image_auc"] is None
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == list(rows) and saved["params"]["train_seed"] == 0
+    assert (out / "prepared" / "coco_features_r1" / "multilabel" / "fold0.json").is_file()
+    assert "| features-refined |" in (out / "results.md").read_text()
+    with pytest.raises(SystemExit):  # other parameters into the same folder are refused
+        bench.main(args[:-5] + ["--train-seed", "3", "--methods", "features"])
+    assert "other parameters" in capsys.readouterr().err

@@ -32,7 +32,11 @@ Weights (``cfg.weights``), from local files only; nothing is ever downloaded:
 * ``*.pkl``: a detectron2 model-zoo checkpoint (``hpa_scc.d2import``); R101 brings its stride
   placement (``stride_in_1x1``) and its input statistics with it;
 * another path: a project checkpoint (``{"model": state_dict, ...}``, as the trainer writes), a
-  plain state dict of this model, or a torchvision ImageNet classifier file (as ``"imagenet"``).
+  plain state dict of this model, or a torchvision ImageNet classifier file (as ``"imagenet"``);
+* a cell-level model's checkpoint (``model.family=cell``, ``model.backbone=densenet121``): its
+  DenseNet121, trained on masked cell crops, becomes the body of a ``densenet121`` /
+  ``densenet121_fpn`` detector (BatchNorm and every stage keep training): the detector starts
+  from features that already tell cells' patterns apart instead of random ones.
 
 Pretrained RGB weights in a 4-channel model: the yellow filter of the first conv is the red
 filter, and all four filters are scaled by 3/4 (as timm's ``adapt_input_conv``), so an input
@@ -388,7 +392,11 @@ def build_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES, image_size: in
         stride_in_1x1 = D2_STRIDE_IN_1X1[cfg.backbone]
     elif weights is not None and STRIDE_KEY in weights[1]:
         stride_in_1x1 = bool(weights[1][STRIDE_KEY])
-    backbone = BACKBONES[cfg.backbone](cfg.in_channels, frozen_bn=weights is not None, stride_in_1x1=stride_in_1x1)
+    # A cell model's backbone keeps training BatchNorm: its statistics come from masked crops, not
+    # whole fields, and the whole body trains (same domain; no ImageNet features to protect).
+    from_cells = weights is not None and weights[0] == "cell"
+    backbone = BACKBONES[cfg.backbone](cfg.in_channels, frozen_bn=weights is not None and not from_cells,
+                                       stride_in_1x1=stride_in_1x1)
 
     sizes = list(cfg.anchor_sizes) if cfg.anchor_sizes else default_anchor_sizes(cfg.backbone, image_size)
     if fpn:
@@ -431,7 +439,7 @@ def build_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES, image_size: in
 
     if weights is not None:
         _load_weights(model, cfg, *weights)
-    _set_trainable(model, cfg, pretrained=weights is not None)
+    _set_trainable(model, cfg, pretrained=weights is not None and not from_cells)
     return model
 
 
@@ -457,7 +465,7 @@ def imagenet_path(backbone: str) -> Path:
 
 
 def _read_weights(cfg: ModelConfig) -> tuple[str, dict] | None:
-    """("imagenet" | "detectron2" | "project" | "state_dict", state dict in torchvision names) or None."""
+    """("imagenet" | "detectron2" | "project" | "cell" | "state_dict", state dict in torchvision names) or None."""
     if cfg.weights is None:
         return None
     if cfg.weights == "imagenet":
@@ -480,12 +488,26 @@ def _read_weights(cfg: ModelConfig) -> tuple[str, dict] | None:
 
     data = load_checkpoint(path)
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        family = (data.get("config") or {}).get("model", {}).get("family", "maskrcnn")
+        if family == "cell":
+            return "cell", _cell_backbone_keys(data, cfg, path)
         return "project", data["model"]
     if isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()):
         if "fc.weight" in data or "classifier.weight" in data:  # a torchvision classifier: the ImageNet file itself
             return "imagenet", data
         return ("project" if "transform.pixel_mean" in data else "state_dict"), data
     raise ValueError(f"{path}: neither a project checkpoint (a dict with 'model') nor a state dict")
+
+
+def _cell_backbone_keys(checkpoint: dict, cfg: ModelConfig, path: Path) -> dict:
+    """A cell-level model's DenseNet121 (``hpa_scc.cells``, trained on cell crops) as this detector's
+    backbone body: ``net.features.*`` -> ``backbone.body.*``; its classifier is dropped."""
+    backbone = checkpoint["config"]["model"]["backbone"]
+    if cfg.backbone not in DENSENETS or backbone != "densenet121":
+        raise ValueError(f"{path}: a cell model with a {backbone} backbone initialises only the densenet121 / "
+                         f"densenet121_fpn detectors (train the cell model with model.backbone=densenet121)")
+    prefix = "net.features."
+    return {"backbone.body." + k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)}
 
 
 def adapt_stem(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
@@ -551,7 +573,7 @@ def _load_weights(model: nn.Module, cfg: ModelConfig, kind: str, state: dict) ->
     if kind in ("project", "state_dict"):
         required = [k for k in missing if not k.startswith(PREDICTOR_PREFIXES)]
     else:
-        required = [k for k in missing if k.startswith("backbone.body.")] if kind == "imagenet" else []
+        required = [k for k in missing if k.startswith("backbone.body.")] if kind in ("imagenet", "cell") else []
     if required:
         raise ValueError(f"{cfg.weights}: {len(required)} model keys are missing, e.g. {required[:5]}")
     model.load_state_dict(state, strict=False)

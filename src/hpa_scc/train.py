@@ -174,7 +174,7 @@ def _truth_labels(prepared: Path):
         return None
 
 
-def _datasets(cfg: Config, prepared: Path, train_folds: list[int], val_folds: list[int]):
+def _datasets(cfg: Config, prepared: Path, train_folds: list[int], val_folds: list[int], progress: bool = True):
     """(train set, val set or None, collate_fn, validate(model, val_set, device) -> dict) of the family."""
     if cfg.model.family == "maskrcnn":
         # uint8 samples: a quarter of the bytes through workers, pinned memory and the PCIe copy
@@ -198,7 +198,7 @@ def _datasets(cfg: Config, prepared: Path, train_folds: list[int], val_folds: li
 
     from hpa_scc.cells import CellDataset, build_store, collate_cells, evaluate_cells, read_cell_labels
 
-    store = build_store(prepared, "crops", cfg.data.crop_size)
+    store = build_store(prepared, "crops", cfg.data.crop_size, progress=progress)
     labels = read_cell_labels(prepared, cfg.data.labels)
     train_set = CellDataset(store, store.select(train_folds)[: cfg.data.max_train_images], labels, augment=True,
                             in_channels=cfg.model.in_channels, seed=cfg.train.seed)
@@ -213,13 +213,13 @@ def _datasets(cfg: Config, prepared: Path, train_folds: list[int], val_folds: li
 
 
 def _fit_features(cfg: Config, prepared: Path, train_folds: list[int], val_folds: list[int], run_dir: Path,
-                  info: DistInfo, log_handler) -> torch.nn.Module:
+                  info: DistInfo, log_handler, progress: bool = True) -> torch.nn.Module:
     """The ``features`` family: per-cell features + logistic regressions, fitted once, saved as
     best.pt/last.pt like any run (so predict and refine load it the same way)."""
     from hpa_scc.cells import CellDataset, build_store, evaluate_cells, fit_feature_classifier, read_cell_labels
 
     try:
-        store = build_store(prepared, "features")
+        store = build_store(prepared, "features", progress=progress)
         labels = read_cell_labels(prepared, cfg.data.labels)
         train_set = CellDataset(store, store.select(train_folds)[: cfg.data.max_train_images], labels)
         model = build_family_model(cfg)
@@ -280,8 +280,8 @@ def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
         raise ValueError(f"data.val_fold={cfg.data.val_fold} but {prepared} has {n_folds} folds (0-{n_folds - 1}); "
                          "set data.val_fold=-1 to train on every fold without validation")
     if cfg.model.family == "features":  # fitted in one go by scikit-learn: no loop, no optimiser
-        return _fit_features(cfg, prepared, train_folds, val_folds, run_dir, info, log_handler)
-    train_set, val_set, collate_fn, validate = _datasets(cfg, prepared, train_folds, val_folds)
+        return _fit_features(cfg, prepared, train_folds, val_folds, run_dir, info, log_handler, progress and info.is_main)
+    train_set, val_set, collate_fn, validate = _datasets(cfg, prepared, train_folds, val_folds, progress and info.is_main)
     if len(train_set) == 0:
         raise ValueError(f"no training images with cells in {prepared} folds {train_folds}")
     sampler = EpochSampler(len(train_set), seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
