@@ -544,7 +544,7 @@ def _load_weights(model: nn.Module, cfg: ModelConfig, kind: str, state: dict) ->
     # BatchNorm (random init) and FrozenBatchNorm2d (pretrained) differ only by this counter.
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     stem = STEM_KEYS[cfg.backbone]
-    if stem in state and kind != "project":
+    if stem in state and kind not in ("project", "cell"):
         state[stem] = adapt_stem(state[stem], cfg.in_channels)
         if cfg.in_channels == 4:
             log.info("4-channel stem from RGB weights: yellow filter = red filter, all filters x 3/4")
