@@ -61,7 +61,11 @@ def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     tiny = ["train.max_epochs=1", "train.max_iters_per_epoch=1", "data.max_val_images=1", "data.workers=0"]
     proc = run("demo", "--out", out, "--images", "6", "--size", "256", "--train-size", "64", "-q", *tiny)
-    assert "[4/5] densenet121 Mask R-CNN" in proc.stdout and f"done: {out}" in proc.stdout
+    assert "[4/6] densenet121 Mask R-CNN" in proc.stdout and f"done: {out}" in proc.stdout
+    assert "features_r1: threshold 0.00, relative 0.25" in proc.stdout
+    features_line = next(line for line in proc.stdout.splitlines() if line.startswith("per-cell features, refined"))
+    assert 0.0 < float(features_line.split()[-1]) <= 1.0
+    assert (out / "predict" / "features-refined" / "submission.csv").is_file()
     truth_line = next(line for line in proc.stdout.splitlines() if line.startswith("baseline: the truth"))
     assert float(truth_line.split()[-1]) == 1.0  # the truth scores exactly 1
     assert (out / "predict" / "model" / "submission.csv").is_file()

@@ -491,22 +491,44 @@ def _run_merge_tables(args) -> int:
     return 0
 
 
-def _demo_predict(args, run_dir: Path) -> None:
-    """Demo step 5: a held-out synthetic test set, predicted and scored next to both baselines."""
+def _demo_cell_model(args, prepared: Path) -> Path:
+    """Demo step 5: the per-cell features model, refined: fitted on folds 1-2, it narrows every
+    training cell's image labels (relative rule), then it is refitted on every fold and label."""
+    from hpa_scc.config import load_config
+    from hpa_scc.refine import RELATIVE_RULE, refine_prepared
+    from hpa_scc.train import train
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    common = [f"data.prepared_dir={prepared}", f"data.image_size={args.train_size}"]
+    print("\n[5/6] per-cell features + logistic regressions on image labels, refined once (seconds)")
+    first = args.out / "features"
+    train(load_config(configs / "cell_features.yaml", common + [f"train.run_dir={first}"]), progress=False)
+    report = refine_prepared(first, prepared, name="features_r1", held_out_folds=[0], threshold=0.0,
+                             relative=RELATIVE_RULE, min_f1=0.0, progress=False)
+    print(report.summary())
+    refined = args.out / "features-refined"
+    train(load_config(configs / "cell_features.yaml", common + [f"train.run_dir={refined}", "data.val_fold=-1",
+                                                              "data.labels=features_r1"]), progress=False)
+    return refined
+
+
+def _demo_predict(args, run_dir: Path, cell_run: Path | None = None) -> None:
+    """Demo step 6: a held-out synthetic test set, predicted and scored next to both baselines."""
     from hpa_scc.metric import evaluate_files
     from hpa_scc.predict import predict_folder
     from hpa_scc.synth import write_synth_set
 
     test = args.out / "test-synthetic"
     n_test = max(args.images // 3, 2)
-    print(f"\n[5/5] predict a held-out synthetic set ({n_test} images, seed {args.seed + 1}) and score it")
+    print(f"\n[6/6] predict a held-out synthetic set ({n_test} images, seed {args.seed + 1}) and score it")
     write_synth_set(test, n_test, size=args.size, seed=args.seed + 1, workers=args.workers, progress=False)
-    runs = {"model (segmenter cells)": {"run_dir": run_dir},
+    runs = {"Mask R-CNN (segmenter cells)": {"run_dir": run_dir},
+            **({"per-cell features, refined": {"run_dir": cell_run, "name": "features-refined"}} if cell_run else {}),
             "baseline: image labels on every cell": {"run_dir": None, "baseline": "image-labels"},
             "baseline: the truth (sanity check)": {"run_dir": None, "baseline": "truth"}}
     print(f"{'':<40}{'mAP@0.6':>10}")
     for name, options in runs.items():
-        out = args.out / "predict" / (options.get("baseline") or "model")
+        out = args.out / "predict" / (options.pop("name", None) or options.get("baseline") or "model")
         submission = predict_folder(data_dir=test, out_dir=out, progress=not args.quiet, **options)
         result = evaluate_files(test / "solution.csv", submission, out / "metrics.json", out / "pr_curves.png")
         print(f"{name:<40}{result.mAP:>10.4f}")
@@ -522,8 +544,9 @@ def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="the main job on built-in synthetic data (no downloads, no GPU)",
         description="Generate a synthetic HPA set, build the pseudo-labelled training set from it (builtin "
-                    "segmentation, cache, COCO per fold) and score the segmentation against the synthetic truth, "
-                    "printing each step's summary. Everything goes under OUT (default: runs/demo); re-running resumes.")
+                    "segmentation, cache, COCO per fold), score the segmentation against the synthetic truth, train "
+                    "Mask R-CNN and the per-cell features model on image labels, and score both on a held-out "
+                    "synthetic set, printing each step's summary. Everything goes under OUT (default: runs/demo); re-running resumes.")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
     p.add_argument("--images", type=int, default=24, help="synthetic images (default: 24)")
     p.add_argument("--size", type=int, default=512, help="synthetic image size in px (default: 512)")
@@ -544,7 +567,7 @@ def _run_demo(args) -> int:
     from hpa_scc.synth import format_summary, write_synth_set
 
     data, prepared = args.out / "synthetic", args.out / "prepared"
-    steps = 3 if args.no_train else 5
+    steps = 3 if args.no_train else 6
     print(f"[1/{steps}] synthetic HPA set -> {data}")
     summary = write_synth_set(data, args.images, size=args.size, seed=args.seed, workers=args.workers,
                               progress=not args.quiet)
@@ -566,13 +589,13 @@ def _run_demo(args) -> int:
 
         cfg = load_config(args.train_config, [f"data.prepared_dir={prepared}", f"data.image_size={args.train_size}",
                                               f"train.run_dir={args.out / 'train'}", *args.train_overrides])
-        print(f"\n[4/5] {cfg.model.backbone} Mask R-CNN, {cfg.train.max_epochs} epochs on CPU -> {cfg.train.run_dir}")
+        print(f"\n[4/6] {cfg.model.backbone} Mask R-CNN, {cfg.train.max_epochs} epochs on CPU -> {cfg.train.run_dir}")
         train(cfg, progress=not args.quiet)
         lines = (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()
         aps = [json.loads(line)["segm_AP"] for line in lines if '"kind": "val"' in line]
         if aps:
             print("validation (fold 0) COCO mask AP per epoch: " + ", ".join(f"{ap:.4f}" for ap in aps))
-        _demo_predict(args, Path(cfg.train.run_dir))
+        _demo_predict(args, Path(cfg.train.run_dir), _demo_cell_model(args, prepared))
     print(f"\ndone: {args.out}")
     return 0 if not report.failures else 1
 
