@@ -193,7 +193,10 @@ class Protocol:
         predict_seconds = time.perf_counter() - start
         result = evaluate_files(self.test_set / "solution.csv", submission, out / "metrics.json")
         auc = None if base in ("truth", "image-labels") else test_auc(self.test_set, out)
+        epochs = (self.p["det_epochs"] if base.startswith("maskrcnn") else
+                  self.p["cell_epochs"] if base.startswith(("cell", "ensemble")) else None)
         row = {"method": method, "mAP": result.mAP, "within_image_auc": auc, "seconds": round(seconds, 1),
+               "epochs": epochs,
                "predict_seconds": round(predict_seconds, 1),
                "per_class": {c: (None if math.isnan(result.per_class_ap[c]) else result.per_class_ap[c])
                              for c in range(NUM_CLASSES)}}
@@ -287,7 +290,11 @@ def main(argv: list[str] | None = None) -> dict:
               "relative": args.relative}
     out = args.out
     saved_params = out / "params.json"
-    if saved_params.is_file() and json.loads(saved_params.read_text()) != params:
+    # budgets may differ between invocations (each row records its own); the data may not
+    budget = ("cell_epochs", "det_epochs", "workers")
+    same_data = {k: v for k, v in params.items() if k not in budget}
+    if saved_params.is_file() and {k: v for k, v in json.loads(saved_params.read_text()).items()
+                                   if k not in budget} != same_data:
         parser.error(f"{out} holds a protocol run with other parameters ({saved_params}); use a new --out")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(saved_params, json.dumps(params, indent=2))

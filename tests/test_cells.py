@@ -191,3 +191,23 @@ def test_features_family_fits_in_one_go_and_ensembles_with_a_detector(prepared, 
     assert np.allclose(conf, conf2, atol=1e-5)
     with pytest.raises(ValueError, match="--cells model needs a detector"):
         predict_folder(run, prepared / "set", tmp_path / "bad", cells="model", workers=1, progress=False)
+
+
+def test_a_cell_densenet_initialises_the_densenet_detectors(tmp_path):
+    from hpa_scc.config import ModelConfig
+    from hpa_scc.models import build_model
+
+    cell = CellClassifier("densenet121")
+    path = tmp_path / "cell.pt"
+    torch.save({"model": cell.state_dict(), "config": {"model": {"family": "cell", "backbone": "densenet121"}}}, path)
+    for backbone in ("densenet121", "densenet121_fpn"):
+        model = build_model(ModelConfig(backbone=backbone, weights=str(path)), image_size=128)
+        body = dict(model.backbone.body.named_parameters())
+        assert torch.equal(body["denseblock2.denselayer3.conv1.weight"], cell.net.features.denseblock2.denselayer3.conv1.weight)
+        assert torch.equal(body["conv0.weight"], cell.net.features.conv0.weight)  # 4-channel stem as trained
+        assert all(p.requires_grad for p in body.values())  # every stage keeps training
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.body.modules())  # BN not frozen
+    small = CellClassifier("resnet18")
+    torch.save({"model": small.state_dict(), "config": {"model": {"family": "cell", "backbone": "resnet18"}}}, path)
+    with pytest.raises(ValueError, match="resnet18 backbone initialises only the densenet121"):
+        build_model(ModelConfig(backbone="densenet121", weights=str(path)), image_size=128)
