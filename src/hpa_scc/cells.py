@@ -332,7 +332,19 @@ CELL_IMAGENET = {"resnet18": ("ResNet18_Weights", "conv1.weight", "fc."),
                  "efficientnet_b0": ("EfficientNet_B0_Weights", "features.0.0.weight", "classifier.")}
 
 
-class CellClassifier(nn.Module):
+class _MultiLabelModel(nn.Module):
+    """The detectors' calling convention for a model with ``logits(x) -> [B, 19]``: with targets
+    the multi-label BCE against their ``label_vector``s ({"loss_bce"}), else sigmoid scores."""
+
+    def forward(self, inputs, targets: list[dict] | None = None):
+        logits = self.logits(inputs)
+        if targets is None:
+            return logits.sigmoid()
+        target = torch.stack([t["label_vector"] for t in targets]).to(logits.dtype)
+        return {"loss_bce": F.binary_cross_entropy_with_logits(logits, target)}
+
+
+class CellClassifier(_MultiLabelModel):
     """A classifier of cell crops with the detectors' calling convention.
 
     ``forward(images, targets=None)``: images uint8/float [B, C, c, c] (or a list of [C, c, c]),
@@ -360,15 +372,9 @@ class CellClassifier(nn.Module):
         x = (x - self.pixel_mean[:, None, None]) / self.pixel_std[:, None, None]
         return self.net(x)
 
-    def forward(self, images, targets: list[dict] | None = None):
-        logits = self.logits(images)
-        if targets is None:
-            return logits.sigmoid()
-        target = torch.stack([t["label_vector"] for t in targets]).to(logits.dtype)
-        return {"loss_bce": F.binary_cross_entropy_with_logits(logits, target)}
 
 
-class FeatureClassifier(nn.Module):
+class FeatureClassifier(_MultiLabelModel):
     """The features baseline as a module: standardise, then one logistic regression per class.
 
     ``forward(features float [B, F], targets=None)`` -> probabilities [B, 19] (or the BCE loss
@@ -385,12 +391,6 @@ class FeatureClassifier(nn.Module):
         x = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
         return self.linear((x.float() - self.mean) / self.scale)
 
-    def forward(self, features, targets: list[dict] | None = None):
-        logits = self.logits(features)
-        if targets is None:
-            return logits.sigmoid()
-        target = torch.stack([t["label_vector"] for t in targets]).to(logits.dtype)
-        return {"loss_bce": F.binary_cross_entropy_with_logits(logits, target)}
 
 
 def fit_feature_classifier(model: FeatureClassifier, features: np.ndarray, labels: np.ndarray, c: float = 1.0,
