@@ -25,7 +25,8 @@ features model refined, ``features_r1``):
   ``--relative`` (0.25) x the image's best cell for it (``refine --threshold 0 --relative``); then
   refitted on all folds;
 - ``cell``, ``cell-oracle``, ``cell-refined``: ResNet-18 on masked 64 px cell crops
-  (configs/cell_resnet18.yaml), every fold trains;
+  (configs/cell_resnet18.yaml); folds 1-2 train, fold 0 validates (its weak labels) and picks the
+  epoch (best.pt);
 - ``ensemble``: cell-refined and features-refined averaged per cell (``predict --ensemble``);
 - ``maskrcnn:BACKBONE``, ``maskrcnn-oracle:BACKBONE``, ``maskrcnn-refined:BACKBONE``: Mask R-CNN,
   multilabel head, segmenter cells scored through the RoI heads (``--cell-scoring boxes``).
@@ -135,9 +136,12 @@ class Protocol:
             raise SystemExit(f"{report} was made with --relative {saved['relative']}; use a new --out")
         return REFINED
 
-    def cell(self, labels: str, backbone: str = "resnet18", crop_size: int | None = None, val_fold: int = -1) -> Path:
+    def cell(self, labels: str, backbone: str = "resnet18", crop_size: int | None = None) -> Path:
+        """A cell-level CNN; fold 0 validates (weak labels) and picks best.pt: early stopping, which
+        a few hundred cells need (every fold and the last epoch: 0.77 vs 0.82 on the seed-0 set)."""
         crop = crop_size or self.p["crop_size"]
-        key = f"cell-{backbone}-{crop}px-{labels}"
+        key = f"cell-{backbone}-{crop}px-{labels}-val0"
+        val_fold = 0
         return self._train(key, "cell_resnet18.yaml", [
             f"model.backbone={backbone}", f"data.labels={labels}", f"data.crop_size={crop}", f"data.val_fold={val_fold}",
             f"train.max_epochs={self.p['cell_epochs']}", f"train.images_per_gpu={self.p['cell_batch']}"])
@@ -175,8 +179,8 @@ class Protocol:
                 refined = self.refined_labels()
                 weights = None
                 if backbone.startswith("densenet121"):
-                    weights = self.cell(refined, "densenet121", crop_size=48, val_fold=0) / "best.pt"
-                    trained.append(f"cell-densenet121-48px-{refined}")
+                    weights = self.cell(refined, "densenet121", crop_size=48) / "best.pt"
+                    trained.append(f"cell-densenet121-48px-{refined}-val0")
                 options["run_dir"] = self.maskrcnn(backbone, refined, weights)
             else:
                 labels = {"maskrcnn": "image", "maskrcnn-oracle": "truth"}[kind]

@@ -23,7 +23,10 @@ examples:
   python -m hpa_scc split data/kaggle/train.csv --folds 5 --seed 0 --out data/folds.csv
   python -m hpa_scc segment data/kaggle data/seg --segmenter builtin --workers 8
   python -m hpa_scc prepare data/kaggle data/prepared512 --size 512 --segmenter builtin --folds 5
-  python -m hpa_scc refine runs/weak data/prepared512 --name refined_r1 --held-out-folds 0
+  python -m hpa_scc train configs/cell_features.yaml data.prepared_dir=data/prepared512 train.run_dir=runs/feat
+  python -m hpa_scc refine runs/feat data/prepared512 --name refined_r1 --held-out-folds 0 --threshold 0 --relative 0.25
+  python -m hpa_scc train configs/cell_resnet18.yaml data.prepared_dir=data/prepared512 data.labels=refined_r1
+  python -m hpa_scc predict runs/cell data/kaggle/test --out runs/cell/test-pred --ensemble runs/feat
   python -m hpa_scc download-public kaggle_2021.tsv data/public --exclude-train --cell-lines kaggle --workers 8
   python -m hpa_scc merge-tables data/kaggle/train.csv data/public/train.csv --out data/merged.csv
 
@@ -605,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m hpa_scc",
         description="Per-cell protein localisation in Human Protein Atlas images (Kaggle HPA Single Cell "
                     "Classification): synthetic data, public HPA downloads, image cache, folds, cell "
-                    "segmentation, Mask R-CNN training (DenseNet121, ResNet101-FPN, ResNeXt101-FPN), per-cell "
+                    "segmentation, Mask R-CNN (DenseNet121, ResNet101-FPN, ResNeXt101-FPN) and cell-level models trained "
+                    "on image labels, per-cell "
                     "prediction, the competition metric and Kaggle submissions.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hpa_scc {__version__}")
