@@ -189,6 +189,12 @@ def test_features_family_fits_in_one_go_and_ensembles_with_a_detector(prepared, 
     predict_folder(run, prepared / "set", tmp_path / "ens", workers=1, ensemble=[run], progress=False)
     conf2 = np.loadtxt(tmp_path / "ens" / "cells.csv", delimiter=",", skiprows=1, usecols=range(7, 7 + NUM_CLASSES))
     assert np.allclose(conf, conf2, atol=1e-5)
+    # the same OUT with another setting is refused, never mixed with the earlier records
+    with pytest.raises(ValueError, match="use another OUT_DIR"):
+        predict_folder(run, prepared / "set", tmp_path / "pred", workers=1, image_fusion=0.5, progress=False)
+    # training again with the same config reuses the fit (same checkpoint), so the same OUT resumes
+    train(cfg, progress=False)
+    predict_folder(run, prepared / "set", tmp_path / "pred", workers=1, progress=False)
     with pytest.raises(ValueError, match="--cells model needs a detector"):
         predict_folder(run, prepared / "set", tmp_path / "bad", cells="model", workers=1, progress=False)
 

@@ -62,6 +62,7 @@ class LoadedModel:
     family: str = "maskrcnn"  # maskrcnn | cell | features (hpa_scc.cells)
     crop_size: int = 64  # cell-level models: the crops they were trained on
     run_dir: str = ""
+    checkpoint: str = ""  # the file the weights came from
 
 
 def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: str = "auto") -> LoadedModel:
@@ -85,7 +86,7 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: st
     log.info("loaded %s (%s %s, %s head, %d px)", path, cfg.model.family, cfg.model.backbone, cfg.model.head,
              cfg.data.image_size)
     return LoadedModel(model, cfg.data.image_size, cfg.model.in_channels, cfg.model.head, dev, cfg.model.family,
-                       cfg.data.crop_size, str(run_dir))
+                       cfg.data.crop_size, str(run_dir), str(path))
 
 
 @torch.no_grad()
@@ -285,6 +286,15 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                              f"({', '.join(m.run_dir for m in members)})")
         mode = baseline or cells
         truth = _truth_tables(data_dir) if baseline == "truth" else None
+        # The per-image records of an earlier run are reused only for the same models and settings:
+        # another model, checkpoint or option into the same OUT is refused, never mixed in.
+        from hpa_scc.cache import check_settings
+
+        check_settings(out_dir, {"mode": mode, "models": [_model_identity(m) for m in members],
+                                 "cells": cells, "tta": tta, "image_fusion": image_fusion,
+                                 "cell_scoring": cell_scoring, "segmenter": segmenter if mode != "truth" else None,
+                                 "segmenter_options": {k: str(v) for k, v in (segmenter_options or {}).items()}},
+                       "predict.json")
         results, failures, todo = {}, [], []
         for rec in records:
             path = out_dir / "records" / f"{rec.image_id}.json"
@@ -330,6 +340,14 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+def _model_identity(loaded: LoadedModel) -> dict:
+    """What a prediction depends on in a model: its run folder, checkpoint file (size and mtime)."""
+    path = Path(loaded.checkpoint)
+    stat = path.stat()
+    return {"run_dir": str(Path(loaded.run_dir).resolve()), "checkpoint": path.name, "bytes": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns}
 
 
 def _inputs_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:

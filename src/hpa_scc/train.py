@@ -219,6 +219,15 @@ def _fit_features(cfg: Config, prepared: Path, train_folds: list[int], val_folds
     from hpa_scc.cells import CellDataset, build_store, evaluate_cells, fit_feature_classifier, read_cell_labels
 
     try:
+        last = run_dir / LAST
+        if cfg.train.resume and last.is_file():
+            state = load_checkpoint(last)
+            if state.get("config") == to_dict(cfg):  # fitted already with these settings: nothing to redo
+                model = build_family_model(cfg)
+                model.load_state_dict(state["model"])
+                log.info("features model already fitted with this config: %s", last)
+                return model
+            log.info("%s was fitted with another config: fitting again", last)
         store = build_store(prepared, "features", progress=progress)
         labels = read_cell_labels(prepared, cfg.data.labels)
         train_set = CellDataset(store, store.select(train_folds)[: cfg.data.max_train_images], labels)
