@@ -28,6 +28,7 @@ features model refined, ``features_r1``):
   (configs/cell_resnet18.yaml); folds 1-2 train, fold 0 validates (its weak labels) and picks the
   epoch (best.pt);
 - ``ensemble``: cell-refined and features-refined averaged per cell (``predict --ensemble``);
+  ``ensemble-oracle`` the same two trained on the true labels;
 - ``maskrcnn:BACKBONE``, ``maskrcnn-oracle:BACKBONE``, ``maskrcnn-refined:BACKBONE``: Mask R-CNN,
   multilabel head, segmenter cells scored through the RoI heads (``--cell-scoring boxes``).
   ``maskrcnn-refined`` trains on features_r1 and, for the DenseNet121 backbones, starts from a
@@ -81,7 +82,7 @@ DET_CONFIG = {
             "model.box_batch_size_per_image=256"],
 }
 DEFAULT_METHODS = ["image-labels", "random", "features", "features-oracle", "features-refined", "cell", "cell-oracle",
-                   "cell-refined", "ensemble", "maskrcnn-refined:densenet121_fpn", "truth"]
+                   "cell-refined", "ensemble", "ensemble-oracle", "maskrcnn-refined:densenet121_fpn", "truth"]
 BASELINES = ("image-labels", "random", "truth")
 REFINED = "features_r1"
 FUSION = 0.3
@@ -168,9 +169,9 @@ class Protocol:
         elif base in ("cell", "cell-oracle", "cell-refined"):
             labels = {"cell": "image", "cell-oracle": "truth", "cell-refined": None}[base]
             options["run_dir"] = self.cell(labels or self.refined_labels())
-        elif base == "ensemble":
-            refined = self.refined_labels()
-            options.update(run_dir=self.cell(refined), ensemble=[self.features(refined)])
+        elif base in ("ensemble", "ensemble-oracle"):
+            labels = self.refined_labels() if base == "ensemble" else "truth"
+            options.update(run_dir=self.cell(labels), ensemble=[self.features(labels)])
         elif base.startswith("maskrcnn"):
             kind, _, backbone = base.partition(":")
             if not backbone:

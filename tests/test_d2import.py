@@ -73,7 +73,8 @@ def test_key_map_covers_the_whole_model_zoo_checkpoint(backbone):
     d2 = {name: np.zeros(shape, np.float32) for name, shape in zoo["keys"].items()}  # zeros: pages never touched
     tv = d2_to_torchvision(d2, num_classes_out=zoo["num_classes"], keep_predictors=True)
     assert len(tv) == len(d2)  # one to one: no detectron2 key unused (unknown ones raise)
-    model = build_model(ModelConfig(backbone=backbone, in_channels=3, keep_predictors=True), num_classes=zoo["num_classes"])
+    model = build_model(ModelConfig(backbone=backbone, head="softmax", in_channels=3, keep_predictors=True),
+                        num_classes=zoo["num_classes"])
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()
            if k not in FACT_KEYS and not k.endswith("num_batches_tracked")}
     del model
@@ -137,16 +138,16 @@ def test_build_model_keeps_or_drops_coco_predictors(tmp_path, caplog):
               "roi_heads.mask_head.predictor.bias": rng.standard_normal(80, dtype=np.float32)}
     path = tmp_path / "model_final.pkl"
     path.write_bytes(pickle.dumps({"model": arrays, "__author__": "test"}, protocol=2))
-    coco = build_model(ModelConfig(backbone="resnet101_fpn", in_channels=3, weights=str(path), keep_predictors=True),
-                       num_classes=80, image_size=128)
+    coco = build_model(ModelConfig(backbone="resnet101_fpn", head="softmax", in_channels=3, weights=str(path),
+                                   keep_predictors=True), num_classes=80, image_size=128)
     bias = coco.roi_heads.box_predictor.cls_score.bias.detach().numpy()
     assert bias[0] == arrays["roi_heads.box_predictor.cls_score.bias"][80]  # background first
     np.testing.assert_array_equal(bias[1:], arrays["roi_heads.box_predictor.cls_score.bias"][:80])
     del coco
     gc.collect()
     with caplog.at_level("INFO", logger="hpa_scc.models"):
-        hpa = build_model(ModelConfig(backbone="resnet101_fpn", in_channels=3, weights=str(path), keep_predictors=True),
-                          image_size=128)
+        hpa = build_model(ModelConfig(backbone="resnet101_fpn", head="softmax", in_channels=3, weights=str(path),
+                                      keep_predictors=True), image_size=128)
     assert hpa.roi_heads.box_predictor.cls_score.out_features == 20
     assert "dropped 6 predictor tensors (shapes differ" in caplog.text
     del hpa
