@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpa_scc.config import load_config
+from hpa_scc.config import BACKBONE_NAMES, load_config
 from hpa_scc.constants import NUM_CLASSES, SHORT_CLASS_NAMES
 from hpa_scc.fileio import write_text_atomic
 from hpa_scc.metric import evaluate_files
@@ -84,6 +84,26 @@ DET_CONFIG = {
 DEFAULT_METHODS = ["image-labels", "random", "features", "features-oracle", "features-refined", "cell", "cell-oracle",
                    "cell-refined", "ensemble", "ensemble-oracle", "maskrcnn-refined:densenet121_fpn", "truth"]
 BASELINES = ("image-labels", "random", "truth")
+CELL_METHODS = ("features", "features-oracle", "features-refined", "cell", "cell-oracle", "cell-refined",
+                "ensemble", "ensemble-oracle")
+DETECTOR_KINDS = ("maskrcnn", "maskrcnn-oracle", "maskrcnn-refined")
+
+
+def method_error(method: str) -> str | None:
+    """Why ``method`` is not a row this protocol can measure (None when it is), checked before
+    anything is trained so that a typo in the last method does not surface an hour in."""
+    base = method.removesuffix("+fusion")
+    if base in BASELINES or base in CELL_METHODS:
+        return None
+    kind, colon, backbone = base.partition(":")
+    if kind in DETECTOR_KINDS:
+        if not colon or not backbone:
+            return f"method {method!r}: name the backbone, e.g. {kind}:densenet121_fpn"
+        if backbone not in BACKBONE_NAMES:
+            return f"method {method!r}: unknown backbone {backbone!r}; choose from {', '.join(BACKBONE_NAMES)}"
+        return None
+    return (f"unknown method {method!r}; choose from {', '.join(BASELINES + CELL_METHODS)} or "
+            f"{'|'.join(DETECTOR_KINDS)}:BACKBONE, any of them with +fusion")
 REFINED = "features_r1"
 FUSION = 0.3
 
@@ -174,8 +194,6 @@ class Protocol:
             options.update(run_dir=self.cell(labels), ensemble=[self.features(labels)])
         elif base.startswith("maskrcnn"):
             kind, _, backbone = base.partition(":")
-            if not backbone:
-                raise SystemExit(f"method {method!r}: name the backbone, e.g. maskrcnn:densenet121_fpn")
             if kind == "maskrcnn-refined":
                 refined = self.refined_labels()
                 weights = None
@@ -187,8 +205,7 @@ class Protocol:
                 labels = {"maskrcnn": "image", "maskrcnn-oracle": "truth"}[kind]
                 options["run_dir"] = self.maskrcnn(backbone, labels)
         else:
-            raise SystemExit(f"unknown method {method!r}; choose from {DEFAULT_METHODS} (+fusion, -oracle, "
-                             "maskrcnn[-oracle|-refined]:BACKBONE)")
+            raise SystemExit(method_error(method))
         seconds = sum(v for k, v in self.seconds.items() if options.get("run_dir") and (
             k.replace(":", "-") == Path(options["run_dir"]).name or k in trained))
         out = self.out / "predict" / method.replace(":", "-").replace("+", "-")
@@ -282,6 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a profile value, e.g. --set det_epochs=10 --set cell_epochs=20")
     args = parser.parse_args(argv)
+    errors = [e for e in map(method_error, args.methods) if e]
+    if errors:
+        parser.error("; ".join(errors))
     p = dict(PROFILES[args.profile])
     for key, value in (("train_images", args.train_images), ("test_images", args.test_images), ("size", args.size)):
         if value is not None:

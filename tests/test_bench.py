@@ -102,3 +102,17 @@ def test_weak_supervision_protocol_end_to_end_at_a_tiny_size(tmp_path, capsys):
     with pytest.raises(SystemExit):  # other parameters into the same folder are refused
         bench.main(args[:-5] + ["--train-seed", "3", "--methods", "features"])
     assert "other parameters" in capsys.readouterr().err
+
+
+def test_weak_supervision_refuses_unknown_methods_before_training(tmp_path, capsys):
+    bench = load("weak_supervision")
+    assert bench.method_error("maskrcnn-refined:resnext101_32x8d_fpn") is None
+    assert bench.method_error("ensemble+fusion") is None
+    assert "unknown backbone 'resnext101_fpn'" in bench.method_error("maskrcnn-refined:resnext101_fpn")
+    assert "name the backbone" in bench.method_error("maskrcnn-oracle")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--out", str(tmp_path / "weak"), "--methods", "features", "cells", "maskrcnn:resnet50"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'cells'" in err and "unknown backbone 'resnet50'" in err
+    assert not (tmp_path / "weak").exists()  # nothing prepared or trained
