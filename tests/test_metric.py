@@ -11,6 +11,7 @@ import pytest
 from hpa_scc.constants import NUM_CLASSES
 from hpa_scc.metric import average_precision, evaluate, evaluate_files, format_result
 from hpa_scc.submission import SubmissionRow, encode_mask, write_submission
+from hpa_scc.visualize import plot_pr_curves
 
 H = W = 10
 
@@ -179,7 +180,8 @@ def test_truth_as_prediction_on_a_synthetic_set_scores_one(tmp_path):
 
     write_synth_set(tmp_path / "synth", 4, size=128, seed=0, progress=False)
     solution = tmp_path / "synth" / "solution.csv"
-    result = evaluate_files(solution, solution, out_json=tmp_path / "eval.json", plot_png=tmp_path / "pr.png")
+    result = evaluate_files(solution, solution, out_json=tmp_path / "eval.json")
+    plot_pr_curves(result, tmp_path / "pr.png")
     assert result.mAP == 1.0 and result.n_images == 4
     assert format_result(result).splitlines()[-1] == "mAP 1.000000"
     saved = json.loads((tmp_path / "eval.json").read_text())  # strict JSON: NaN written as null
@@ -191,8 +193,8 @@ def test_truth_as_prediction_on_a_synthetic_set_scores_one(tmp_path):
 def test_files_written_for_a_partial_score(tmp_path):
     write_submission(tmp_path / "sol.csv", [row("a", (0, 1, A), (0, 1, B))])
     write_submission(tmp_path / "sub.csv", [row("a", (0, 0.9, A), (0, 0.8, A), (0, 0.7, B))])
-    result = evaluate_files(tmp_path / "sol.csv", tmp_path / "sub.csv", tmp_path / "out" / "m.json",
-                            tmp_path / "out" / "pr.png")
+    result = evaluate_files(tmp_path / "sol.csv", tmp_path / "sub.csv", tmp_path / "out" / "m.json")
+    plot_pr_curves(result, tmp_path / "out" / "pr.png")
     assert format_result(result).splitlines()[-1] == f"mAP {5 / 6:.6f}"
     assert json.loads((tmp_path / "out" / "m.json").read_text())["classes"][0]["ap"] == pytest.approx(5 / 6)
     assert (tmp_path / "out" / "pr.png").stat().st_size > 0

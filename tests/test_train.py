@@ -15,7 +15,7 @@ from hpa_scc.config import load_config
 from hpa_scc.engine import NonFiniteLossError
 from hpa_scc.prepare import prepare_dataset
 from hpa_scc.synth import write_synth_set
-from hpa_scc.train import EXIT_REQUEUE, train
+from hpa_scc.train import EXIT_REQUEUE, Preempted, train
 
 HERE = Path(__file__).resolve().parent
 
@@ -153,3 +153,30 @@ def test_train_cli_errors_are_clear(prepared, tmp_path):
     assert proc.returncode == 1 and "prepare.json not found" in proc.stderr
     proc = cli(str(HERE.parent / "configs" / "smoke.yaml"), f"data.prepared_dir={prepared}", "data.image_size=256")
     assert proc.returncode == 1 and "set data.image_size=128" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_signal_in_process_raises_preempted_after_saving_and_keeps_the_caller_alive(prepared, tmp_path):
+    """A notebook calling train() gets an exception it can catch, not a SystemExit."""
+    import threading
+
+    run = tmp_path / "inproc"
+    metrics = run / "metrics.jsonl"
+
+    def send_when_training():
+        deadline = time.time() + 300
+        while time.time() < deadline and not (metrics.is_file() and '"train"' in metrics.read_text()):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    before = signal.getsignal(signal.SIGUSR1)
+    sender = threading.Thread(target=send_when_training, daemon=True)
+    sender.start()
+    with pytest.raises(Preempted) as info:
+        train(load_config(None, overrides(prepared, run, "train.max_iters_per_epoch=3", "train.images_per_gpu=1")))
+    sender.join(timeout=10)
+    assert info.value.signum == signal.SIGUSR1 and info.value.checkpoint == run / "last.pt"
+    assert "run again to resume" in str(info.value)
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert state["epoch"] == info.value.epoch == 0 and state["step_in_epoch"] == info.value.step >= 1
+    assert signal.getsignal(signal.SIGUSR1) is before  # the caller's handler is back

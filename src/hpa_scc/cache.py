@@ -25,18 +25,17 @@ import contextlib
 import csv
 import json
 import logging
-import multiprocessing as mp
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from hpa_scc.constants import format_labels, parse_labels
 from hpa_scc.fileio import atomic_path, write_npy_atomic, write_text_atomic
 from hpa_scc.images import ImageReadError, ImageRecord, channel_names, find_images, read_image, resize
+from hpa_scc.pool import run_pool, single_threaded_opencv, write_failures
 from hpa_scc.shard import Shard, check_shard, missing_message, read_shard_failures, select_shard, shard_suffix
 
 log = logging.getLogger(__name__)
@@ -124,12 +123,6 @@ def _cache_one(job: tuple[ImageRecord, str, int, str]) -> tuple[str, tuple[int, 
         return record.image_id, None, str(exc)
 
 
-def _init_worker() -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would oversubscribe
-
-
 def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size: int = 512,
                 channels: str = "rgby", workers: int = 1, labels_csv: str | os.PathLike | None = None,
                 progress: bool = True, shard: Shard | None = None) -> CacheReport:
@@ -160,20 +153,18 @@ def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size
         else:
             todo.append((rec, str(out_dir), size, channels))
 
-    bar = tqdm(total=len(todo), desc=f"cache {size}px", unit="img", disable=not progress)
     errors: dict[str, str] = {}
     try:
-        if workers > 1 and len(todo) > 1:
-            with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
-                results = pool.imap_unordered(_cache_one, todo, chunksize=4)
-                _collect(results, sizes, errors, bar)
-        else:
-            _collect(map(_cache_one, todo), sizes, errors, bar)
+        for image_id, shape, error in run_pool(_cache_one, todo, workers=workers, initializer=single_threaded_opencv,
+                                               desc=f"cache {size}px", progress=progress, chunksize=4):
+            if error is None:
+                sizes[image_id] = tuple(shape)
+            else:
+                errors[image_id] = error
     finally:
-        bar.close()
         # Written even when interrupted, so the next run knows what is finished.
         write_index(out_dir / f"index{suffix}.csv", records, sizes)
-        _write_failures(out_dir / f"failures{suffix}.csv", errors)
+        write_failures(out_dir / f"failures{suffix}.csv", errors.items())
     report.written = len(todo) - len(errors)
     report.failures = sorted(errors.items())
     for image_id, error in report.failures:
@@ -213,19 +204,10 @@ def merge_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     if missing:
         raise ValueError(missing_message(str(out_dir), missing, seen))
     write_index(out_dir / "index.csv", records, sizes)
-    _write_failures(out_dir / "failures.csv", errors)
+    write_failures(out_dir / "failures.csv", errors.items())
     report = CacheReport(out_dir, skipped_existing=len(sizes), failures=sorted(errors.items()))
     report.extra.append(f"merged {len(seen)} shard log(s) into {out_dir / 'index.csv'}")
     return report
-
-
-def _collect(results, sizes, errors, bar) -> None:
-    for image_id, shape, error in results:
-        if error is None:
-            sizes[image_id] = tuple(shape)
-        else:
-            errors[image_id] = error
-        bar.update(1)
 
 
 def _read_index(path: Path) -> dict[str, tuple[int, int]]:
@@ -243,13 +225,6 @@ def write_index(path: Path, records: list[ImageRecord], sizes: dict[str, tuple[i
             if rec.image_id in sizes:
                 label = format_labels(rec.labels) if rec.labels else ""
                 writer.writerow([rec.image_id, label, *sizes[rec.image_id]])
-
-
-def _write_failures(path: Path, errors: dict[str, str]) -> None:
-    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["ID", "error"])
-        writer.writerows(sorted(errors.items()))
 
 
 @dataclass(frozen=True)

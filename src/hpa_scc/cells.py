@@ -438,9 +438,9 @@ def load_cell_imagenet(model: CellClassifier, backbone: str, in_channels: int, p
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = {k: v for k, v in state.items() if not k.startswith(head)}
     if backbone == "densenet121":
-        from hpa_scc.models import _densenet_imagenet_keys
+        from hpa_scc.models import densenet_imagenet_keys
 
-        state = {"features." + k[len("backbone.body."):]: v for k, v in _densenet_imagenet_keys(state).items()}
+        state = {"features." + k[len("backbone.body."):]: v for k, v in densenet_imagenet_keys(state).items()}
     state[stem] = adapt_stem(state[stem], in_channels)
     missing, unexpected = model.net.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.startswith(head)]:

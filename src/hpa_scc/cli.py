@@ -244,10 +244,13 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     from hpa_scc.config import load_config
-    from hpa_scc.train import train
+    from hpa_scc.train import EXIT_REQUEUE, Preempted, train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, progress=not args.quiet)
+    try:
+        train(cfg, progress=not args.quiet)
+    except Preempted:  # last.pt is saved (logged); the batch script requeues on this status
+        return EXIT_REQUEUE
     return 0
 
 
@@ -371,7 +374,12 @@ def _add_evaluate(sub) -> None:
 def _run_evaluate(args) -> int:
     from hpa_scc.metric import evaluate_files, format_result
 
-    print(format_result(evaluate_files(args.solution, args.submission, args.out, args.plot)))
+    result = evaluate_files(args.solution, args.submission, args.out)
+    if args.plot:
+        from hpa_scc.visualize import plot_pr_curves
+
+        plot_pr_curves(result, args.plot)
+    print(format_result(result))
     return 0
 
 
@@ -518,6 +526,7 @@ def _demo_cell_model(args, prepared: Path) -> Path:
 def _demo_predict(args, run_dir: Path, cell_run: Path | None = None) -> None:
     """Demo step 6: a held-out synthetic test set, predicted and scored next to both baselines."""
     from hpa_scc.metric import evaluate_files
+    from hpa_scc.visualize import plot_pr_curves
     from hpa_scc.predict import predict_folder
     from hpa_scc.synth import write_synth_set
 
@@ -533,7 +542,8 @@ def _demo_predict(args, run_dir: Path, cell_run: Path | None = None) -> None:
     for name, options in runs.items():
         out = args.out / "predict" / (options.pop("name", None) or options.get("baseline") or "model")
         submission = predict_folder(data_dir=test, out_dir=out, progress=not args.quiet, **options)
-        result = evaluate_files(test / "solution.csv", submission, out / "metrics.json", out / "pr_curves.png")
+        result = evaluate_files(test / "solution.csv", submission, out / "metrics.json")
+        plot_pr_curves(result, out / "pr_curves.png")
         print(f"{name:<40}{result.mAP:>10.4f}")
     from hpa_scc.visualize import visualize_main
 

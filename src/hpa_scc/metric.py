@@ -1,6 +1,6 @@
 """The HPA Single Cell Classification metric: mask mAP at IoU 0.6, Open Images challenge rules.
 
-    python -m hpa_scc evaluate SOLUTION.csv SUBMISSION.csv [--json out.json] [--plot pr.png]
+    python -m hpa_scc evaluate --solution SOLUTION.csv --submission SUBMISSION.csv [--out out.json] [--plot pr.png]
 
 Both files are in the submission format (``submission.py``); the truth's confidences are ignored.
 How one class ``c`` is scored (``evaluate``):
@@ -276,15 +276,11 @@ def format_result(result: EvalResult) -> str:
 
 
 def evaluate_files(solution_csv: str | os.PathLike, submission_csv: str | os.PathLike,
-                   out_json: str | os.PathLike | None = None, plot_png: str | os.PathLike | None = None,
-                   iou_threshold: float = IOU_THRESHOLD) -> EvalResult:
-    """Read both CSVs, score them (``evaluate``), optionally write the JSON and the PR plot."""
+                   out_json: str | os.PathLike | None = None, iou_threshold: float = IOU_THRESHOLD) -> EvalResult:
+    """Read both CSVs, score them (``evaluate``), optionally write the JSON. The PR curves are
+    ``visualize.plot_pr_curves(result, path)``: the metric knows nothing of plots."""
     result = evaluate(read_submission(solution_csv), read_submission(submission_csv), iou_threshold)
     if out_json is not None:
         payload = {"solution": str(solution_csv), "submission": str(submission_csv), **result.to_dict()}
         write_text_atomic(out_json, json.dumps(payload, indent=2) + "\n")
-    if plot_png is not None:
-        from hpa_scc.visualize import plot_pr_curves  # plotting lives with the other figures
-
-        plot_pr_curves(result, plot_png)
     return result

@@ -519,7 +519,7 @@ def adapt_stem(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     raise ValueError(f"cannot adapt a first conv with {weight.shape[1]} input channels to {in_channels}")
 
 
-def _densenet_imagenet_keys(state: dict) -> dict:
+def densenet_imagenet_keys(state: dict) -> dict:
     """torchvision's DenseNet file -> our body's keys: old 'norm.1' names fixed (as torchvision does), classifier dropped.
 
     Both DenseNet bodies are the ``features`` Sequential under its own child names (the FPN's
@@ -538,7 +538,7 @@ def _load_weights(model: nn.Module, cfg: ModelConfig, kind: str, state: dict) ->
     """Load ``state`` into ``model``; shapes must match, keys must exist; log what was loaded and what was not."""
     if kind == "imagenet":
         if cfg.backbone in DENSENETS:
-            state = _densenet_imagenet_keys(state)
+            state = densenet_imagenet_keys(state)
         else:
             state = {"backbone.body." + k: v for k, v in state.items() if not k.startswith("fc.")}
     # BatchNorm (random init) and FrozenBatchNorm2d (pretrained) differ only by this counter.

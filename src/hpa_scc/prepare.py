@@ -34,7 +34,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import multiprocessing as mp
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,14 +41,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 from pycocotools import mask as coco_mask
-from tqdm import tqdm
 
 from hpa_scc.cache import cache_path, cache_settings, check_settings, write_index
 from hpa_scc.constants import CLASS_NAMES, format_labels
-from hpa_scc.fileio import atomic_path, write_npy_atomic, write_png_atomic, write_text_atomic
+from hpa_scc.fileio import atomic_path, write_npy_atomic, write_text_atomic
 from hpa_scc.folds import assign_folds
 from hpa_scc.images import ImageReadError, ImageRecord, find_images, read_image, resize
+from hpa_scc.pool import run_pool, single_threaded_opencv, write_failures
 from hpa_scc.segment import build_segmenter
+from hpa_scc.segment.folder import seg_paths, segment_one
 from hpa_scc.segment.precomputed import read_labels
 from hpa_scc.shard import Shard, check_shard, missing_message, read_shard_failures, select_shard, shard_suffix
 from hpa_scc.targets import LAYOUTS, cell_instances, describe_cells, inherit_labels, keep_cells, transfer_labels
@@ -86,82 +86,22 @@ class StepReport:
         return "\n".join(lines + self.extra)
 
 
-# --- segmentation of one image, resumable -------------------------------------------------------
-def seg_paths(seg_dir: Path, image_id: str) -> tuple[Path, Path]:
-    return seg_dir / f"{image_id}_nuclei.png", seg_dir / f"{image_id}_cells.png"
+# --- per-process state of this module's pool jobs (see hpa_scc.pool) ---------------------------
+_WORKER: dict = {}
 
 
-def check_segmentation(nuclei: np.ndarray, cells: np.ndarray, shape: tuple[int, int], source: str) -> None:
-    """The back-end contract: uint16 label images at the image's size."""
-    for name, labels in (("nuclei", nuclei), ("cells", cells)):
-        if labels.shape != shape or labels.dtype != np.uint16:
-            raise ValueError(f"segmenter {source} returned {name} {labels.dtype} {labels.shape}; "
-                             f"expected uint16 {shape}")
-
-
-def segment_one(record: ImageRecord, segmenter, seg_dir: Path, image: np.ndarray | None = None
-                ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(nuclei, cells, computed_now) for one image: read from seg_dir if done, else segment and write."""
-    nuclei_path, cells_path = seg_paths(seg_dir, record.image_id)
-    if nuclei_path.is_file() and cells_path.is_file():
-        try:
-            return read_labels(nuclei_path), read_labels(cells_path), False
-        except ImageReadError:
-            pass  # a damaged earlier output: segment again
-    if image is None:
-        image = read_image(record.folder, record.image_id)
-    nuclei, cells = segmenter(image, record.image_id)
-    check_segmentation(nuclei, cells, image.shape[1:], type(segmenter).__name__)
-    # cells last: an image is segmented when its cells file exists (both are checked above)
-    write_png_atomic(nuclei_path, nuclei, compression=1)
-    write_png_atomic(cells_path, cells, compression=1)
-    return nuclei, cells, True
-
-
-# --- per-process state for the worker pools -------------------------------------------------------
-WORKER: dict = {}
-
-
-def _init_worker(segmenter_name: str, segmenter_options: dict, settings: dict) -> None:
-    cv2.setNumThreads(1)  # one image per process
-    WORKER["segmenter"] = build_segmenter(segmenter_name, **segmenter_options) if segmenter_name else None
-    WORKER["settings"] = settings
+def _init_worker(segmenter_name: str | None, segmenter_options: dict, settings: dict) -> None:
+    single_threaded_opencv()
+    _WORKER["segmenter"] = build_segmenter(segmenter_name, **segmenter_options) if segmenter_name else None
+    _WORKER["settings"] = settings
 
 
 def _segment_job(record: ImageRecord) -> tuple[str, bool, str | None]:
     try:
-        _, _, now = segment_one(record, WORKER["segmenter"], Path(WORKER["settings"]["out_dir"]))
+        _, _, now = segment_one(record, _WORKER["segmenter"], Path(_WORKER["settings"]["out_dir"]))
         return record.image_id, now, None
     except (ImageReadError, OSError, ValueError) as exc:
         return record.image_id, False, str(exc)
-
-
-def run_pool(job, items, segmenter_name, segmenter_options, settings, workers, desc, progress):
-    """Yield job(item) for every item, in a pool of ``workers`` processes or in this one."""
-    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress)
-    try:
-        if workers > 1 and len(items) > 1:
-            ctx = mp.get_context("spawn")  # fork after OpenCV/torch threads started can deadlock
-            with ctx.Pool(workers, initializer=_init_worker,
-                          initargs=(segmenter_name, segmenter_options, settings)) as pool:
-                for result in pool.imap_unordered(job, items, chunksize=1):
-                    bar.update(1)
-                    yield result
-        else:
-            _init_worker(segmenter_name, segmenter_options, settings)
-            for item in items:
-                result = job(item)
-                bar.update(1)
-                yield result
-    finally:
-        bar.close()
-
-
-def write_failures(path: Path, failures: list[tuple[str, str]]) -> None:
-    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["ID", "error"])
-        writer.writerows(sorted(failures))
 
 
 def segment_folder(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, segmenter: str = "builtin",
@@ -180,8 +120,9 @@ def segment_folder(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
     records = select_shard(find_images(data_dir, labels_csv), shard)
     report = StepReport("segment", out_dir, failures_file=f"failures{shard_suffix(shard)}.csv")
     settings = {"out_dir": str(out_dir)}
-    for image_id, now, error in run_pool(_segment_job, records, segmenter, segmenter_options or {}, settings,
-                                          workers, "segment", progress):
+    for image_id, now, error in run_pool(_segment_job, records, workers=workers, initializer=_init_worker,
+                                         initargs=(segmenter, segmenter_options or {}, settings),
+                                         desc="segment", progress=progress):
         if error:
             report.failures.append((image_id, error))
             log.warning("skipped %s: %s", image_id, error)
@@ -252,7 +193,7 @@ def encode_cells(cells_small: np.ndarray, cell_ids: list[int]) -> list[dict]:
 
 def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
     """Worker: one image -> its record (cells at the training size), written last."""
-    s = WORKER["settings"]
+    s = _WORKER["settings"]
     out = Path(s["out_dir"])
     record_path = out / "records" / f"{record.image_id}.json"
     if record_path.is_file():
@@ -263,7 +204,7 @@ def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
     try:
         npy = cache_path(out / "cache", record.image_id)
         image = read_image(record.folder, record.image_id)
-        nuclei, cells, _ = segment_one(record, WORKER["segmenter"], out / "segmentation", image)
+        nuclei, cells, _ = segment_one(record, _WORKER["segmenter"], out / "segmentation", image)
         size = s["size"]
         write_npy_atomic(npy, np.stack([resize(plane, size) for plane in image]))
         infos = keep_cells(describe_cells(cells), min_cell_area_px=s["min_cell_area_px"],
@@ -385,8 +326,9 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     done = {r.image_id for r in todo if (out_dir / "records" / f"{r.image_id}.json").is_file()}
     results: dict[str, dict] = {}
     try:
-        for image_id, result, error in run_pool(_prepare_job, todo, segmenter, segmenter_options or {},
-                                                 settings, workers, f"prepare {size}px", progress):
+        for image_id, result, error in run_pool(_prepare_job, todo, workers=workers, initializer=_init_worker,
+                                                initargs=(segmenter, segmenter_options or {}, settings),
+                                                desc=f"prepare {size}px", progress=progress):
             if error:
                 report.failures.append((image_id, error))
                 log.warning("skipped %s: %s", image_id, error)

@@ -77,6 +77,7 @@ from hpa_scc.constants import (
 )
 from hpa_scc.fileio import atomic_path, write_png_atomic
 from hpa_scc.images import ImageReadError, read_label_table, resize, to_uint8
+from hpa_scc.pool import write_failures
 
 log = logging.getLogger(__name__)
 
@@ -565,7 +566,7 @@ def download_public(table: str | os.PathLike, out_dir: str | os.PathLike, *, lab
         # Written even when interrupted: the files are the truth, these tables describe them.
         report.complete = write_public_table(out_dir / "train.csv", images, out_dir)
         report.failures = [(i, url, reason) for i, (url, reason) in sorted(failures.items())]
-        write_failures(out_dir / "failures.csv", report.failures)
+        write_failures(out_dir / "failures.csv", report.failures, header=("ID", "url", "reason"))
     return report
 
 
@@ -580,13 +581,6 @@ def write_public_table(path: Path, images: Sequence[PublicImage], out_dir: Path)
                 writer.writerow([img.image_id, format_labels(img.labels), SOURCE, img.cell_line, img.url_prefix])
                 n += 1
     return n
-
-
-def write_failures(path: Path, failures: Sequence[tuple[str, str, str]]) -> None:
-    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["ID", "url", "reason"])
-        writer.writerows(failures)
 
 
 # ---------------------------------------------------------------- merging label tables

@@ -49,6 +49,7 @@ from scipy import ndimage
 from hpa_scc.constants import (CHANNELS, CLASS_NAMES, KAGGLE_CLASS_COUNTS, MITOTIC_SPINDLE, NEGATIVE,
                                NUM_CLASSES, format_labels)
 from hpa_scc.fileio import write_png_atomic, write_text_atomic
+from hpa_scc.pool import run_pool, single_threaded_opencv
 from hpa_scc.submission import SubmissionRow, cells_to_row, write_submission
 
 # Bump when a change makes the same (seed, index) draw a different image: a rerun into a folder
@@ -855,10 +856,6 @@ def _write_one(task: tuple[str, int, int, int]) -> dict:
     return meta
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core; OpenCV's own threads would oversubscribe
-
-
 def _check_params(out: Path, size: int, seed: int) -> None:
     """Record the set's parameters in OUT/synth.json, or fail if the folder holds another set."""
     params = {"size": size, "seed": seed, "version": SYNTH_VERSION}
@@ -919,23 +916,10 @@ def write_synth_set(out_dir, n_images: int, *, size: int = 512, seed: int = 0, w
             todo.append((str(out), index, size, seed))
 
     start = time.perf_counter()
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), unit="img", desc="synth", disable=not progress or not todo)
-    if workers > 1 and len(todo) > 1:
-        import multiprocessing
-
-        chunk = max(1, min(8, len(todo) // (4 * workers)))
-        # spawn, not fork: a child forked after OpenCV has started its thread pool can deadlock.
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(min(workers, len(todo)), initializer=_init_worker) as pool:
-            for _ in pool.imap_unordered(_write_one, todo, chunksize=chunk):
-                bar.update()
-    else:
-        for task in todo:
-            _write_one(task)
-            bar.update()
-    bar.close()
+    chunk = max(1, min(8, len(todo) // (4 * max(workers, 1))))
+    for _ in run_pool(_write_one, todo, workers=workers, initializer=single_threaded_opencv, desc="synth",
+                      progress=progress, chunksize=chunk):
+        pass
     seconds = time.perf_counter() - start
 
     metas = _load_metas(out)

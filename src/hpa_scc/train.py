@@ -9,8 +9,8 @@
 Resume or load: if ``RUN_DIR/last.pt`` exists (and train.resume is true) training continues from
 it, optimizer, scheduler, step and RNG included; otherwise it starts from ``model.weights``. So
 one command serves a first start and a requeue. SIGUSR1 or SIGTERM (a scheduler's warning
-before the time limit) saves ``last.pt`` at the current step and exits with status 75, which
-the batch script reads as "requeue me".
+before the time limit) saves ``last.pt`` at the current step and raises ``Preempted``; the
+``train`` command exits with status 75, which the batch script reads as "requeue me".
 
 The run folder gets: config.yaml (the resolved config), last.pt, best.pt, epoch_NNNN.pt,
 metrics.jsonl (one JSON line per log and per validation), train.log, tensorboard/.
@@ -23,7 +23,6 @@ import logging
 import math
 import random
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -41,6 +40,18 @@ from hpa_scc.instances import CellInstances, collate, shadowed_instances, shadow
 
 log = logging.getLogger("hpa_scc.train")
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal after saving last.pt; requeue to continue
+
+
+class Preempted(Exception):
+    """Training stopped by SIGUSR1/SIGTERM after rank 0 saved ``last.pt``: run it again to resume.
+
+    Raised, not ``sys.exit``, so that a notebook or a caller survives it; the ``train`` command
+    turns it into exit status ``EXIT_REQUEUE`` (75), which the batch scripts requeue on.
+    """
+
+    def __init__(self, signum: int, checkpoint: Path, epoch: int, step: int):
+        super().__init__(f"signal {signum}: saved {checkpoint} at epoch {epoch} step {step}; run again to resume")
+        self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
 
 
 class EpochSampler(Sampler[int]):
@@ -380,7 +391,7 @@ def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
                 barrier(info)
                 metrics.close()
                 cleanup(info)
-                sys.exit(EXIT_REQUEUE)
+                raise Preempted(stop["signal"], last, epoch, steps_done)
             metrics.write("epoch", global_step, {"epoch": epoch + 1, **{f"mean_{k}": v for k, v in means.items()}})
             log.info("epoch %d/%d: %s", epoch + 1, cfg.train.max_epochs,
                      ", ".join(f"{k} {v:.4f}" for k, v in means.items()))

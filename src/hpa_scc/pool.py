@@ -1,0 +1,61 @@
+"""The one process pool of the per-image steps (cache, segment, prepare, predict, synth) and
+their failure log.
+
+Each step owns its per-process state (a segmenter, settings) through its own ``initializer``;
+this module only runs jobs and writes ``failures.csv``, so no step reaches into another's
+worker globals.
+"""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing as mp
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from hpa_scc.fileio import atomic_path
+
+
+def single_threaded_opencv() -> None:
+    """Pool initializer: one image per process, so OpenCV's own threads would only oversubscribe."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def run_pool(job: Callable, items: Sequence, *, workers: int = 1, initializer: Callable | None = None,
+             initargs: tuple = (), desc: str = "", unit: str = "img", progress: bool = True,
+             chunksize: int = 1) -> Iterator:
+    """Yield ``job(item)`` for every item, unordered, in a pool of ``workers`` processes, or in
+    this process when ``workers <= 1`` or there is a single item (``initializer`` runs here then).
+
+    Processes are spawned, not forked: a child forked after OpenCV or torch started their thread
+    pools can deadlock. ``job`` and ``initializer`` must be module-level functions.
+    """
+    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress or not items)
+    try:
+        if workers > 1 and len(items) > 1:
+            with mp.get_context("spawn").Pool(min(workers, len(items)), initializer=initializer,
+                                              initargs=initargs) as pool:
+                for result in pool.imap_unordered(job, items, chunksize=chunksize):
+                    bar.update(1)
+                    yield result
+        else:
+            if initializer is not None:
+                initializer(*initargs)
+            for item in items:
+                result = job(item)
+                bar.update(1)
+                yield result
+    finally:
+        bar.close()
+
+
+def write_failures(path: Path, rows: Iterable[Sequence[str]], header: Sequence[str] = ("ID", "error")) -> None:
+    """``path`` (atomically): the header and the rows sorted, one failed input per row."""
+    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(list(header))
+        writer.writerows(sorted(tuple(r) for r in rows))

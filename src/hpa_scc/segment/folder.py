@@ -1,0 +1,43 @@
+"""Segmentation of one image, resumable: the label images already in a folder, or the
+segmenter's output written there (the step ``segment``, ``prepare`` and ``predict`` share)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from hpa_scc.fileio import write_png_atomic
+from hpa_scc.images import ImageReadError, ImageRecord, read_image
+from hpa_scc.segment.precomputed import read_labels
+
+
+def seg_paths(seg_dir: Path, image_id: str) -> tuple[Path, Path]:
+    return seg_dir / f"{image_id}_nuclei.png", seg_dir / f"{image_id}_cells.png"
+
+
+def check_segmentation(nuclei: np.ndarray, cells: np.ndarray, shape: tuple[int, int], source: str) -> None:
+    """The back-end contract: uint16 label images at the image's size."""
+    for name, labels in (("nuclei", nuclei), ("cells", cells)):
+        if labels.shape != shape or labels.dtype != np.uint16:
+            raise ValueError(f"segmenter {source} returned {name} {labels.dtype} {labels.shape}; "
+                             f"expected uint16 {shape}")
+
+
+def segment_one(record: ImageRecord, segmenter, seg_dir: Path, image: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(nuclei, cells, computed_now) for one image: read from seg_dir if done, else segment and write."""
+    nuclei_path, cells_path = seg_paths(seg_dir, record.image_id)
+    if nuclei_path.is_file() and cells_path.is_file():
+        try:
+            return read_labels(nuclei_path), read_labels(cells_path), False
+        except ImageReadError:
+            pass  # a damaged earlier output: segment again
+    if image is None:
+        image = read_image(record.folder, record.image_id)
+    nuclei, cells = segmenter(image, record.image_id)
+    check_segmentation(nuclei, cells, image.shape[1:], type(segmenter).__name__)
+    # cells last: an image is segmented when its cells file exists (both are checked above)
+    write_png_atomic(nuclei_path, nuclei, compression=1)
+    write_png_atomic(cells_path, cells, compression=1)
+    return nuclei, cells, True

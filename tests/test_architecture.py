@@ -1,0 +1,79 @@
+"""The package's import graph: no circle, and no module borrowing another's private parts."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hpa_scc"
+
+
+def module_name(path: Path) -> str:
+    parts = ("hpa_scc", *path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports() -> tuple[dict[str, set[str]], list[str]]:
+    """Module -> the package modules it imports (function-level imports included), and every
+    ``from X import _name`` of a private name across modules."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    private: list[str] = []
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([node.module] if node.module else []))
+                if not base.startswith("hpa_scc"):
+                    continue
+                for alias in node.names:
+                    deps.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        private.append(f"{name} imports {base}.{alias.name}")
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("hpa_scc")}
+        graph[name] = deps - {name}
+    return graph, private
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep] if dep in path else [node, dep]
+            if dep not in state and (found := visit(dep, path + [dep])):
+                return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    graph, _ = imports()
+    assert "hpa_scc.metric" in graph and "hpa_scc.pool" in graph["hpa_scc.prepare"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+    assert "hpa_scc.visualize" not in graph["hpa_scc.metric"]  # the metric knows nothing of plots
+
+
+def test_no_module_imports_a_private_name_or_worker_state_of_another():
+    graph, private = imports()
+    assert private == []
+    for name, deps in graph.items():
+        for dep in deps:
+            assert not dep.rpartition(".")[2].startswith("_") or dep.endswith("__init__"), f"{name} imports {dep}"
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None

@@ -1,0 +1,35 @@
+"""The one process pool of the per-image steps and its failure log."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+from hpa_scc.pool import run_pool, write_failures
+
+STATE: dict = {}
+
+
+def _init(offset: int) -> None:
+    STATE["offset"] = offset
+
+
+def _job(x: int) -> tuple[int, int, int]:
+    return x, x + STATE["offset"], os.getpid()
+
+
+def test_run_pool_runs_the_initializer_in_this_process_or_in_every_worker():
+    here = sorted(run_pool(_job, [3, 1, 2], workers=1, initializer=_init, initargs=(10,), progress=False))
+    assert [(x, y) for x, y, _ in here] == [(1, 11), (2, 12), (3, 13)] and {p for *_, p in here} == {os.getpid()}
+    spawned = sorted(run_pool(_job, list(range(6)), workers=2, initializer=_init, initargs=(100,), progress=False))
+    assert [y for _, y, _ in spawned] == [100, 101, 102, 103, 104, 105]
+    assert os.getpid() not in {p for *_, p in spawned}
+    assert list(run_pool(_job, [], workers=4, progress=False)) == []
+
+
+def test_write_failures_sorts_rows_under_the_header(tmp_path):
+    write_failures(tmp_path / "failures.csv", {"b": "corrupt PNG", "a": "missing green"}.items())
+    with open(tmp_path / "failures.csv", newline="") as fh:
+        assert list(csv.reader(fh)) == [["ID", "error"], ["a", "missing green"], ["b", "corrupt PNG"]]
+    write_failures(tmp_path / "dl.csv", [("x", "http://u", "404")], header=("ID", "url", "reason"))
+    assert (tmp_path / "dl.csv").read_text().splitlines() == ["ID,url,reason", "x,http://u,404"]
