@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from hpa_scc.config import ModelConfig
+from hpa_scc.constants import labels_to_multihot
 from hpa_scc.engine import autocast, train_one_epoch, use_fast_path
 from hpa_scc.instances import masks_to_boxes
 from hpa_scc.models import build_model
 from hpa_scc.synth import generate_image
-from hpa_scc.targets import label_vector
 
 BACKBONES = ["densenet121", "densenet121_fpn", "resnet101_fpn", "resnext101_32x8d_fpn"]
 
@@ -50,7 +50,7 @@ def make_batch(n: int, size: int, channels: int, pin: bool, head: str = "multila
         target = {"boxes": masks_to_boxes(masks), "masks": masks}
         if head == "multilabel":
             target["labels"] = torch.ones(len(ids), dtype=torch.int64)
-            target["label_vectors"] = torch.tensor([label_vector(synth.cell_labels[k]) for k in ids], dtype=torch.float32)
+            target["label_vectors"] = torch.tensor([labels_to_multihot(synth.cell_labels[k]) for k in ids], dtype=torch.float32)
         else:
             target["labels"] = torch.tensor([synth.cell_labels[k][0] + 1 for k in ids], dtype=torch.int64)
         if pin:

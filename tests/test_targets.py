@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from hpa_scc.constants import NEGATIVE, NUM_CLASSES
+from hpa_scc.constants import NEGATIVE, NUM_CLASSES, labels_to_multihot
 from hpa_scc.targets import (Instance, category_id, cell_instances, choose_threshold, describe_cells,
                              fuse_image_scores, image_scores, inherit_labels, keep_cells, label_of, label_quality,
-                             label_vector, refine_labels, transfer_labels, within_image_auc)
+                             refine_labels, transfer_labels, within_image_auc)
 
 
 def test_category_ids_keep_zero_for_background():
@@ -29,7 +29,7 @@ def test_layouts():
     assert per_label == [Instance(1, 19), Instance(2, 1), Instance(2, 6)]
     multi = cell_instances(labels, "multilabel")
     assert [(i.cell_id, i.category_id) for i in multi] == [(1, 19), (2, 1)]
-    assert multi[1].label_vector == tuple(label_vector([0, 5]))
+    assert multi[1].label_vector == tuple(labels_to_multihot([0, 5]))
     assert sum(multi[1].label_vector) == 2 and multi[1].label_vector[0] == 1 and multi[1].label_vector[5] == 1
     with pytest.raises(ValueError, match="unknown layout"):
         cell_instances(labels, "softmax")

@@ -52,12 +52,6 @@ KAGGLE_CLASS_COUNTS: tuple[int, ...] = (
 # microtubules, protein of interest, nucleus, endoplasmic reticulum.
 CHANNELS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 RGB_CHANNELS: tuple[str, ...] = CHANNELS[:3]
-CHANNEL_ROLES = {
-    "red": "microtubules",
-    "green": "protein of interest",
-    "blue": "nucleus",
-    "yellow": "endoplasmic reticulum",
-}
 
 LABEL_SEP = "|"
 

@@ -159,11 +159,6 @@ def read_image(folder: str | os.PathLike, image_id: str, *, size: int | tuple[in
     return np.stack(planes)
 
 
-def image_size(folder: str | os.PathLike, image_id: str) -> tuple[int, int]:
-    """(H, W) of an image at full size, from its red channel."""
-    return read_channel(channel_path(folder, image_id, CHANNELS[0])).shape
-
-
 def scan_folder(folder: str | os.PathLike) -> dict[str, set[str]]:
     """{image id: channels present} for every ``<id>_<channel>.<ext>`` file in ``folder``."""
     found: dict[str, set[str]] = {}

@@ -19,16 +19,13 @@ import torch
 from torch.utils.data import Dataset
 
 from hpa_scc.cache import cache_path, read_cache_index
-from hpa_scc.constants import NUM_CLASSES
+from hpa_scc.constants import labels_to_multihot
 from hpa_scc.images import ImageRecord, read_image
 
 
 def multihot(labels: tuple[int, ...] | None) -> torch.Tensor:
     """Labels -> float [19]; all zeros when the image has no labels (test data)."""
-    hot = torch.zeros(NUM_CLASSES)
-    if labels:
-        hot[list(labels)] = 1.0
-    return hot
+    return torch.tensor(labels_to_multihot(labels or ()), dtype=torch.float32)
 
 
 class CachedImages(Dataset):

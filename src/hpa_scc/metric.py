@@ -31,12 +31,9 @@ masks against all distinct truth masks), never on decoded pixel arrays.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
 import os
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +41,7 @@ from pycocotools import mask as coco_mask
 
 from hpa_scc.constants import CLASS_NAMES, NUM_CLASSES
 from hpa_scc.fileio import write_text_atomic
-from hpa_scc.submission import SubmissionRow, read_submission
+from hpa_scc.submission import SubmissionRow, mask_rle, read_submission
 
 IOU_THRESHOLD = 0.6  # the competition's mask IoU for a match
 
@@ -101,15 +98,6 @@ class EvalResult:
         }
 
 
-def _rle(text: str, height: int, width: int, where: str) -> dict:
-    """Mask text -> COCO RLE dict (compressed counts), without decoding pixels."""
-    try:
-        counts = zlib.decompress(base64.b64decode(text, validate=True))
-    except (binascii.Error, zlib.error, ValueError) as exc:
-        raise ValueError(f"{where}: mask {text[:24]!r}... is not base64 zlib-compressed RLE: {exc}") from None
-    return {"size": [height, width], "counts": counts}
-
-
 class _ImageMasks:
     """The distinct non-empty masks of one row: text -> index, their RLEs, and the empty texts."""
 
@@ -120,7 +108,7 @@ class _ImageMasks:
         ordered = list(dict.fromkeys(text for _, _, text in row.predictions))  # each string parsed once
         if not ordered:
             return
-        rles = [_rle(t, row.height, row.width, where) for t in ordered]
+        rles = [mask_rle(t, row.height, row.width, where) for t in ordered]
         try:
             areas = np.atleast_1d(coco_mask.area(rles))
         except Exception as exc:  # pycocotools raises bare Exceptions on bad RLE

@@ -134,11 +134,6 @@ def detect_batch(loaded: LoadedModel, images: list[np.ndarray], tta: bool = Fals
     return results
 
 
-def detect(loaded: LoadedModel, image: np.ndarray, tta: bool = False) -> dict[str, np.ndarray]:
-    """``detect_batch`` for one image, as numpy arrays."""
-    return {k: v.cpu().numpy() for k, v in detect_batch(loaded, [image], tta)[0].items()}
-
-
 def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """bool [N, H, W] x bool [M, H, W] -> IoU [N, M]."""
     a2 = a.reshape(len(a), -1).astype(np.float32)

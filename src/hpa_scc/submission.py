@@ -88,13 +88,20 @@ def encode_label_image(cells: np.ndarray) -> list[EncodedCell]:
     return out
 
 
-def decode_mask(text: str, height: int, width: int) -> np.ndarray:
-    """The competition's mask text -> bool [height, width]."""
+def mask_rle(text: str, height: int, width: int, where: str = "") -> dict:
+    """The competition's mask text -> a COCO RLE dict (compressed counts), no pixel decoded.
+    ``where`` (e.g. the image ID) prefixes the error of a text that is not base64 zlib RLE."""
     try:
         counts = zlib.decompress(base64.b64decode(text, validate=True))
     except (binascii.Error, zlib.error, ValueError) as exc:
-        raise ValueError(f"mask {text[:24]!r}... is not base64 zlib-compressed RLE: {exc}") from None
-    rle = {"size": [int(height), int(width)], "counts": counts}
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}mask {text[:24]!r}... is not base64 zlib-compressed RLE: {exc}") from None
+    return {"size": [int(height), int(width)], "counts": counts}
+
+
+def decode_mask(text: str, height: int, width: int) -> np.ndarray:
+    """The competition's mask text -> bool [height, width]."""
+    rle = mask_rle(text, height, width)
     try:
         area = int(coco_mask.area(rle))
     except Exception as exc:  # pycocotools raises bare Exceptions on bad RLE

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from hpa_scc.constants import NEGATIVE, NUM_CLASSES, check_label
+from hpa_scc.constants import NEGATIVE, NUM_CLASSES, check_label, labels_to_multihot
 
 LAYOUTS = ("multilabel", "per_label")
-BACKGROUND = 0
 
 
 def category_id(label: int) -> int:
@@ -76,14 +75,6 @@ def inherit_labels(cell_ids: Iterable[int], image_labels: Iterable[int]) -> dict
     return {int(k): list(labels) for k in cell_ids}
 
 
-def label_vector(labels: Iterable[int]) -> list[int]:
-    """[0, 5] -> 19-long 0/1 list."""
-    vec = [0] * NUM_CLASSES
-    for label in labels:
-        vec[check_label(label)] = 1
-    return vec
-
-
 @dataclass(frozen=True)
 class Instance:
     """One training instance: a cell, its category id and (multilabel) its label vector."""
@@ -103,7 +94,7 @@ def cell_instances(cell_labels: Mapping[int, Iterable[int]], layout: str) -> lis
         if not labels:
             raise ValueError(f"cell {cell_id} has no label; a cell with no label is Negative ({NEGATIVE})")
         if layout == "multilabel":
-            out.append(Instance(cell_id, category_id(labels[0]), tuple(label_vector(labels))))
+            out.append(Instance(cell_id, category_id(labels[0]), tuple(labels_to_multihot(labels))))
         else:
             out.extend(Instance(cell_id, category_id(label)) for label in labels)
     return out
