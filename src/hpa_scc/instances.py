@@ -60,6 +60,17 @@ def coco_path(prepared_dir: str | os.PathLike, layout: str, fold: int, labels: s
     return path
 
 
+def fold_files(prepared_dir: str | os.PathLike, layout: str, labels: str = "image") -> list[tuple[int, Path]]:
+    """(fold, path) of every COCO file of one label folder and layout, in fold order."""
+    base = Path(prepared_dir) / labels_folder(labels) / layout
+    if (base / "all.json").is_file():
+        return [(0, base / "all.json")]
+    files = sorted(base.glob("fold*.json"), key=lambda p: int(p.stem[4:]))
+    if not files:
+        raise FileNotFoundError(f"no COCO files in {base}; build them with 'python dataset.py DATA_DIR {prepared_dir}'")
+    return [(int(p.stem[4:]), p) for p in files]
+
+
 def read_folds(prepared_dir: str | os.PathLike, layout: str, folds: list[int], labels: str = "image") -> dict:
     """Merge the COCO files of several folds into one COCO dict (ids are unique across folds)."""
     merged: dict = {"images": [], "annotations": []}

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from hpa_scc.cache import cache_path
 from hpa_scc.fileio import write_text_atomic
-from hpa_scc.instances import labels_folder
+from hpa_scc.instances import fold_files, labels_folder
 from hpa_scc.targets import (LAYOUTS, cell_instances, choose_threshold, label_of, label_quality, refine_labels,
                              within_image_auc)
 
@@ -72,17 +72,6 @@ class RefineReport:
             text += (f"; against the true cell labels: precision {b['precision']:.3f} -> {a['precision']:.3f}, "
                      f"recall {b['recall']:.3f} -> {a['recall']:.3f}, F1 {b['f1']:.3f} -> {a['f1']:.3f}")
         return text
-
-
-def fold_files(prepared: Path, layout: str, labels: str = "image") -> list[tuple[int, Path]]:
-    """(fold, path) of every COCO file of a prepared set, in fold order."""
-    base = prepared / labels_folder(labels) / layout
-    if (base / "all.json").is_file():
-        return [(0, base / "all.json")]
-    files = sorted(base.glob("fold*.json"), key=lambda p: int(p.stem[4:]))
-    if not files:
-        raise FileNotFoundError(f"no COCO files in {base}; build them with 'python dataset.py DATA_DIR {prepared}'")
-    return [(int(p.stem[4:]), p) for p in files]
 
 
 def cells_of(coco: dict) -> dict[int, dict[int, dict]]:
