@@ -36,7 +36,7 @@ from hpa_scc.constants import format_labels, parse_labels
 from hpa_scc.fileio import atomic_path, write_npy_atomic, write_text_atomic
 from hpa_scc.images import ImageReadError, ImageRecord, channel_names, find_images, read_image, resize
 from hpa_scc.pool import run_pool, single_threaded_opencv, write_failures
-from hpa_scc.shard import Shard, check_shard, missing_message, read_shard_failures, select_shard, shard_suffix
+from hpa_scc.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
@@ -192,20 +192,13 @@ def merge_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     known = _read_index(out_dir / "index.csv")
     for part in sorted(out_dir.glob("index-shard*of*.csv")):
         known.update(_read_index(part))
-    logged, seen = read_shard_failures(out_dir)
-    sizes, errors, missing = {}, {}, []
-    for rec in records:
-        if rec.image_id in known and _is_cached(cache_path(out_dir, rec.image_id), shape):
-            sizes[rec.image_id] = known[rec.image_id]
-        elif rec.image_id in logged:
-            errors[rec.image_id] = logged[rec.image_id]
-        else:
-            missing.append(rec.image_id)
-    if missing:
-        raise ValueError(missing_message(str(out_dir), missing, seen))
+    finished, failures, seen = gather_shards(
+        out_dir, [r.image_id for r in records],
+        lambda image_id: image_id in known and _is_cached(cache_path(out_dir, image_id), shape))
+    sizes = {image_id: known[image_id] for image_id in finished}
     write_index(out_dir / "index.csv", records, sizes)
-    write_failures(out_dir / "failures.csv", errors.items())
-    report = CacheReport(out_dir, skipped_existing=len(sizes), failures=sorted(errors.items()))
+    write_failures(out_dir / "failures.csv", failures)
+    report = CacheReport(out_dir, skipped_existing=len(sizes), failures=failures)
     report.extra.append(f"merged {len(seen)} shard log(s) into {out_dir / 'index.csv'}")
     return report
 

@@ -51,7 +51,7 @@ from hpa_scc.pool import run_pool, single_threaded_opencv, write_failures
 from hpa_scc.segment import build_segmenter
 from hpa_scc.segment.folder import seg_paths, segment_one
 from hpa_scc.segment.precomputed import read_labels
-from hpa_scc.shard import Shard, check_shard, missing_message, read_shard_failures, select_shard, shard_suffix
+from hpa_scc.shard import Shard, check_shard, gather_shards, read_shard_failures, select_shard, shard_suffix
 from hpa_scc.targets import LAYOUTS, cell_instances, describe_cells, inherit_labels, keep_cells, transfer_labels
 
 log = logging.getLogger(__name__)
@@ -146,23 +146,13 @@ def merge_failures(out_dir: str | os.PathLike, data_dir: str | os.PathLike | Non
     images nor a failure line (a shard did not finish).
     """
     out_dir = Path(out_dir)
-    logged, seen = read_shard_failures(out_dir)
     if data_dir is not None:
         ids = [r.image_id for r in find_images(data_dir, labels_csv)]
     else:
-        ids = sorted(logged)
-    report = StepReport("merge segment", out_dir)
-    missing = []
-    for image_id in ids:
-        if all(p.is_file() for p in seg_paths(out_dir, image_id)):
-            report.skipped_existing += 1
-        elif image_id in logged:
-            report.failures.append((image_id, logged[image_id]))
-        else:
-            missing.append(image_id)
-    if missing:
-        raise ValueError(missing_message(str(out_dir), missing, seen))
-    report.failures.sort()
+        ids = sorted(read_shard_failures(out_dir)[0])
+    finished, failures, seen = gather_shards(out_dir, ids,
+                                             lambda image_id: all(p.is_file() for p in seg_paths(out_dir, image_id)))
+    report = StepReport("merge segment", out_dir, skipped_existing=len(finished), failures=failures)
     write_failures(out_dir / "failures.csv", report.failures)
     report.extra.append(f"  merged {len(seen)} shard failure log(s) into {out_dir / 'failures.csv'}")
     return report
@@ -361,24 +351,17 @@ def merge_prepared(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise FileNotFoundError(f"nothing to merge: {meta} not found; run the shards first (--shard I/N)")
     s = json.loads(meta.read_text())
     records = find_images(data_dir, labels_csv)
-    logged, seen = read_shard_failures(out_dir)
-    report = StepReport("merge prepare", out_dir)
     results: dict[str, dict] = {}
-    missing = []
-    for rec in records:
+
+    def done(image_id: str) -> bool:
         try:
-            results[rec.image_id] = json.loads((out_dir / "records" / f"{rec.image_id}.json").read_text())
-            continue
+            results[image_id] = json.loads((out_dir / "records" / f"{image_id}.json").read_text())
+            return True
         except (FileNotFoundError, json.JSONDecodeError):
-            pass  # damaged records are redone by a rerun, as missing ones
-        if rec.image_id in logged:
-            report.failures.append((rec.image_id, logged[rec.image_id]))
-        else:
-            missing.append(rec.image_id)
-    if missing:
-        raise ValueError(missing_message(str(out_dir), missing, seen))
-    report.failures.sort()
-    report.skipped_existing = len(results)
+            return False  # damaged records are redone by a rerun, as missing ones
+
+    _, failures, seen = gather_shards(out_dir, [r.image_id for r in records], done)
+    report = StepReport("merge prepare", out_dir, skipped_existing=len(results), failures=failures)
     _write_logs(out_dir, records, results, report.failures, "")
     _write_coco(data_dir, out_dir, records, results, report, size=s["size"], segmenter=s["segmenter"],
                 n_folds=s["folds"], seed=s["seed"], layout=s["layout"])

@@ -22,7 +22,7 @@ import csv
 import os
 import re
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -111,6 +111,25 @@ def read_shard_failures(folder: str | os.PathLike, stem: str = "failures") -> tu
         with open(path, newline="") as fh:
             errors.update((row["ID"], row["error"]) for row in csv.DictReader(fh))
     return errors, seen
+
+
+def gather_shards(folder: str | os.PathLike, image_ids: Iterable[str], done: Callable[[str], bool]
+                  ) -> tuple[list[str], list[tuple[str, str]], set[Shard]]:
+    """The merge step's sorting of a sharded run's images: (done ids, failures (id, error) sorted,
+    shards seen). An image is done when ``done(id)``, failed when a shard's failure log names it;
+    one that is neither stops the merge with a ValueError naming it and the shards to run again."""
+    logged, seen = read_shard_failures(folder)
+    finished, failures, missing = [], [], []
+    for image_id in image_ids:
+        if done(image_id):
+            finished.append(image_id)
+        elif image_id in logged:
+            failures.append((image_id, logged[image_id]))
+        else:
+            missing.append(image_id)
+    if missing:
+        raise ValueError(missing_message(str(folder), missing, seen))
+    return finished, sorted(failures), seen
 
 
 def missing_message(what: str, missing: list[str], seen: set[Shard]) -> str:
