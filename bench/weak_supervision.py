@@ -126,7 +126,7 @@ class Protocol:
     def _train(self, key: str, config: str, overrides: list[str]) -> Path:
         run_dir = self.out / "runs" / key.replace(":", "-")
         cfg = load_config(REPO / "configs" / config, [
-            f"data.prepared_dir={self.prepared}", f"data.image_size={self.p['size']}", f"train.run_dir={run_dir}",
+            f"data.prepared_dir={self.prepared}", f"train.run_dir={run_dir}",
             f"data.workers={self.p['workers']}", "train.tensorboard=false", "train.save_every_epochs=1000",
             f"train.seed={self.seed}", *overrides])
         stamp = run_dir / "bench_seconds.txt"  # the training's own time, kept for resumed invocations

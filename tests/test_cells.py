@@ -172,10 +172,17 @@ def test_features_family_fits_in_one_go_and_ensembles_with_a_detector(prepared, 
 
     p = prepared / "prepared"
     run = tmp_path / "feat"
-    cfg = load_config(Path("configs/cell_features.yaml"), [f"data.prepared_dir={p}", "data.image_size=128",
-                                                           f"train.run_dir={run}", "data.val_fold=-1"])
+    # no data.image_size: the prepared set (128 px) owns the size, and the run's config records it
+    cfg = load_config(Path("configs/cell_features.yaml"), [f"data.prepared_dir={p}", f"train.run_dir={run}",
+                                                           "data.val_fold=-1"])
+    assert cfg.data.image_size is None
     model = train(cfg, progress=False)
+    assert cfg.data.image_size == 128 and load_config(run / "config.yaml").data.image_size == 128
     assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
+    with pytest.raises(ValueError, match="prepared at 128 px but data.image_size is 256; leave data.image_size out"):
+        train(load_config(Path("configs/cell_features.yaml"), [f"data.prepared_dir={p}", "data.image_size=256",
+                                                               f"train.run_dir={tmp_path / 'other'}"]), progress=False)
+    assert not (tmp_path / "other" / "config.yaml").exists()  # refused before anything is written
     assert float(model.scale.min()) > 0 and model.linear.weight.abs().sum() > 0
     predict_folder(run, prepared / "set", tmp_path / "pred", workers=1, progress=False)
     conf = np.loadtxt(tmp_path / "pred" / "cells.csv", delimiter=",", skiprows=1, usecols=range(7, 7 + NUM_CLASSES))

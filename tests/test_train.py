@@ -152,7 +152,7 @@ def test_train_cli_errors_are_clear(prepared, tmp_path):
     proc = cli(str(HERE.parent / "configs" / "smoke.yaml"), f"data.prepared_dir={tmp_path}")
     assert proc.returncode == 1 and "prepare.json not found" in proc.stderr
     proc = cli(str(HERE.parent / "configs" / "smoke.yaml"), f"data.prepared_dir={prepared}", "data.image_size=256")
-    assert proc.returncode == 1 and "set data.image_size=128" in proc.stderr
+    assert proc.returncode == 1 and "prepared at 128 px but data.image_size is 256; leave data.image_size out" in proc.stderr
 
 
 @pytest.mark.slow

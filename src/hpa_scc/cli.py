@@ -510,7 +510,7 @@ def _demo_cell_model(args, prepared: Path) -> Path:
     from hpa_scc.train import train
 
     configs = Path(__file__).resolve().parents[2] / "configs"
-    common = [f"data.prepared_dir={prepared}", f"data.image_size={args.train_size}"]
+    common = [f"data.prepared_dir={prepared}"]  # the training size follows the prepared set
     print("\n[5/6] per-cell features + logistic regressions on image labels, refined once (seconds)")
     first = args.out / "features"
     train(load_config(configs / "cell_features.yaml", common + [f"train.run_dir={first}"]), progress=False)
@@ -600,7 +600,7 @@ def _run_demo(args) -> int:
         from hpa_scc.config import load_config
         from hpa_scc.train import train
 
-        cfg = load_config(args.train_config, [f"data.prepared_dir={prepared}", f"data.image_size={args.train_size}",
+        cfg = load_config(args.train_config, [f"data.prepared_dir={prepared}",
                                               f"train.run_dir={args.out / 'train'}", *args.train_overrides])
         print(f"\n[4/6] {cfg.model.backbone} Mask R-CNN, {cfg.train.max_epochs} epochs on CPU -> {cfg.train.run_dir}")
         train(cfg, progress=not args.quiet)

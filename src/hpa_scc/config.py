@@ -64,7 +64,9 @@ class DataConfig:
     # truth (a synthetic set's true cell labels: the oracle), or NAME for coco_NAME/ (refine.py).
     labels: str = "image"
     val_fold: int = 0  # this fold validates, the others train; -1: every fold trains, no validation
-    image_size: int = 512  # must equal the prepared cache's size
+    # Training size in px. null: the prepared set's size (prepare --size), which owns the fact;
+    # train writes the resolved value into the run's config.yaml. A value must equal it.
+    image_size: int | None = None
     hflip_prob: float = 0.5
     vflip_prob: float = 0.5
     rot90: bool = True  # random multiples of 90 degrees: fluorescence fields have no up
@@ -257,7 +259,7 @@ def validate(cfg: Config) -> None:
     for key, value in (("train.images_per_gpu", cfg.train.images_per_gpu), ("train.max_epochs", cfg.train.max_epochs),
                        ("train.accumulate_steps", cfg.train.accumulate_steps), ("data.image_size", cfg.data.image_size),
                        ("data.crop_size", cfg.data.crop_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
 
 

@@ -267,13 +267,33 @@ def _fit_features(cfg: Config, prepared: Path, train_folds: list[int], val_folds
             log_handler.close()
 
 
+def _prepared_meta(cfg: Config, prepared: Path) -> dict:
+    """The prepared set's prepare.json; sets ``cfg.data.image_size`` to its size when unset (the
+    prepared set owns the training size) and refuses a different one."""
+    meta_path = prepared / "prepare.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: data.prepared_dir must be the output of "
+                                f"'python dataset.py DATA_DIR {prepared} --size {cfg.data.image_size or 512}'")
+    meta = json.loads(meta_path.read_text())
+    if cfg.data.image_size is None:
+        cfg.data.image_size = int(meta["size"])
+    elif meta["size"] != cfg.data.image_size:
+        raise ValueError(f"{prepared} was prepared at {meta['size']} px but data.image_size is {cfg.data.image_size}; "
+                         f"leave data.image_size out (it follows the prepared set) or prepare again with "
+                         f"--size {cfg.data.image_size}")
+    return meta
+
+
 def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
-    """Run (or resume) the training described by ``cfg``; returns the trained (unwrapped) model."""
+    """Run (or resume) the training described by ``cfg``; returns the trained (unwrapped) model.
+    ``cfg.data.image_size`` left unset is filled in with the prepared set's size."""
     device = pick_device(cfg.train.device)
     info = init_distributed(device)
     if device.type == "cuda":
         torch.cuda.set_device(info.local_rank)
         device = torch.device("cuda", info.local_rank)
+    prepared = Path(cfg.data.prepared_dir)
+    meta = _prepared_meta(cfg, prepared)  # before config.yaml is written: it records the resolved size
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_handler = _setup_logging(run_dir, info)
@@ -284,15 +304,6 @@ def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
     torch.manual_seed(cfg.train.seed + info.rank)
 
     # data: the validation fold validates, the others train
-    prepared = Path(cfg.data.prepared_dir)
-    meta_path = prepared / "prepare.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: data.prepared_dir must be the output of "
-                                f"'python dataset.py DATA_DIR {prepared} --size {cfg.data.image_size}'")
-    meta = json.loads(meta_path.read_text())
-    if meta["size"] != cfg.data.image_size:
-        raise ValueError(f"{prepared} was prepared at {meta['size']} px but data.image_size is {cfg.data.image_size}; "
-                         f"set data.image_size={meta['size']}")
     n_folds = max(int(meta.get("folds", 1)), 1)
     train_folds = [f for f in range(n_folds) if f != cfg.data.val_fold] or [0]
     val_folds = [cfg.data.val_fold] if n_folds > 1 and cfg.data.val_fold >= 0 else []
