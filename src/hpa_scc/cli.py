@@ -526,9 +526,9 @@ def _demo_cell_model(args, prepared: Path) -> Path:
 def _demo_predict(args, run_dir: Path, cell_run: Path | None = None) -> None:
     """Demo step 6: a held-out synthetic test set, predicted and scored next to both baselines."""
     from hpa_scc.metric import evaluate_files
-    from hpa_scc.visualize import plot_pr_curves
     from hpa_scc.predict import predict_folder
     from hpa_scc.synth import write_synth_set
+    from hpa_scc.visualize import plot_pr_curves
 
     test = args.out / "test-synthetic"
     n_test = max(args.images // 3, 2)

@@ -43,9 +43,8 @@ import torch
 from hpa_scc.constants import NUM_CLASSES
 from hpa_scc.fileio import atomic_path, write_text_atomic
 from hpa_scc.images import ImageReadError, ImageRecord, find_images, read_image, resize
-from hpa_scc.pool import run_pool, single_threaded_opencv, write_failures
-from hpa_scc.segment import build_segmenter
-from hpa_scc.segment.folder import segment_one
+from hpa_scc.pool import run_pool, write_failures
+from hpa_scc.segment.folder import init_worker, segment_one, worker_segmenter, worker_settings
 from hpa_scc.segment.precomputed import read_labels
 from hpa_scc.submission import EncodedCell, SubmissionRow, encode_label_image, write_submission
 from hpa_scc.targets import fuse_image_scores
@@ -302,7 +301,7 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                     "model_size": loaded.image_size if loaded else None,
                     "in_channels": max(m.in_channels for m in members) if loaded else None}
         uses_segmenter = mode in ("segmenter", "image-labels", "random")
-        stream = run_pool(_inputs_job, todo, workers=workers, initializer=_init_worker,
+        stream = run_pool(_inputs_job, todo, workers=workers, initializer=init_worker,
                           initargs=(segmenter if uses_segmenter else None, segmenter_options or {}, settings),
                           desc="predict", progress=progress)
         batch: list[tuple[str, dict]] = []
@@ -347,19 +346,9 @@ def _model_identity(loaded: LoadedModel) -> dict:
             "mtime_ns": stat.st_mtime_ns}
 
 
-# --- per-process state of the input pool (see hpa_scc.pool) ---------------------------------------
-_WORKER: dict = {}
-
-
-def _init_worker(segmenter_name: str | None, segmenter_options: dict, settings: dict) -> None:
-    single_threaded_opencv()
-    _WORKER["segmenter"] = build_segmenter(segmenter_name, **segmenter_options) if segmenter_name else None
-    _WORKER["settings"] = settings
-
-
 def _inputs_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
     """Worker: one image's CPU work -> what the model and the record need (never the full image)."""
-    s = _WORKER["settings"]
+    s = worker_settings()
     try:
         if s["mode"] == "truth":
             true_cells = read_labels(Path(s["data_dir"]) / "masks" / f"{record.image_id}.png")
@@ -368,7 +357,7 @@ def _inputs_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
         image = read_image(record.folder, record.image_id)
         inputs: dict = {"shape": image.shape[1:]}
         if s["mode"] in ("segmenter", "image-labels", "random"):
-            _, cell_labels, _ = segment_one(record, _WORKER["segmenter"], Path(s["seg_dir"]), image)
+            _, cell_labels, _ = segment_one(record, worker_segmenter(), Path(s["seg_dir"]), image)
             inputs["encoded"] = encode_label_image(cell_labels)
             inputs["n_cells"] = int(cell_labels.max())
         if s["model_size"]:

@@ -47,11 +47,11 @@ from hpa_scc.constants import CLASS_NAMES, format_labels
 from hpa_scc.fileio import atomic_path, write_npy_atomic, write_text_atomic
 from hpa_scc.folds import assign_folds
 from hpa_scc.images import ImageReadError, ImageRecord, find_images, read_image, resize
-from hpa_scc.pool import run_pool, single_threaded_opencv, write_failures
+from hpa_scc.pool import run_pool, write_failures
 from hpa_scc.segment import build_segmenter
-from hpa_scc.segment.folder import seg_paths, segment_one
+from hpa_scc.segment.folder import init_worker, seg_paths, segment_one, worker_segmenter, worker_settings
 from hpa_scc.segment.precomputed import read_labels
-from hpa_scc.shard import Shard, check_shard, gather_shards, read_shard_failures, select_shard, shard_suffix
+from hpa_scc.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
 from hpa_scc.targets import LAYOUTS, cell_instances, describe_cells, inherit_labels, keep_cells, transfer_labels
 
 log = logging.getLogger(__name__)
@@ -86,19 +86,9 @@ class StepReport:
         return "\n".join(lines + self.extra)
 
 
-# --- per-process state of this module's pool jobs (see hpa_scc.pool) ---------------------------
-_WORKER: dict = {}
-
-
-def _init_worker(segmenter_name: str | None, segmenter_options: dict, settings: dict) -> None:
-    single_threaded_opencv()
-    _WORKER["segmenter"] = build_segmenter(segmenter_name, **segmenter_options) if segmenter_name else None
-    _WORKER["settings"] = settings
-
-
 def _segment_job(record: ImageRecord) -> tuple[str, bool, str | None]:
     try:
-        _, _, now = segment_one(record, _WORKER["segmenter"], Path(_WORKER["settings"]["out_dir"]))
+        _, _, now = segment_one(record, worker_segmenter(), Path(worker_settings()["out_dir"]))
         return record.image_id, now, None
     except (ImageReadError, OSError, ValueError) as exc:
         return record.image_id, False, str(exc)
@@ -120,7 +110,7 @@ def segment_folder(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
     records = select_shard(find_images(data_dir, labels_csv), shard)
     report = StepReport("segment", out_dir, failures_file=f"failures{shard_suffix(shard)}.csv")
     settings = {"out_dir": str(out_dir)}
-    for image_id, now, error in run_pool(_segment_job, records, workers=workers, initializer=_init_worker,
+    for image_id, now, error in run_pool(_segment_job, records, workers=workers, initializer=init_worker,
                                          initargs=(segmenter, segmenter_options or {}, settings),
                                          desc="segment", progress=progress):
         if error:
@@ -146,10 +136,7 @@ def merge_failures(out_dir: str | os.PathLike, data_dir: str | os.PathLike | Non
     images nor a failure line (a shard did not finish).
     """
     out_dir = Path(out_dir)
-    if data_dir is not None:
-        ids = [r.image_id for r in find_images(data_dir, labels_csv)]
-    else:
-        ids = sorted(read_shard_failures(out_dir)[0])
+    ids = None if data_dir is None else [r.image_id for r in find_images(data_dir, labels_csv)]
     finished, failures, seen = gather_shards(out_dir, ids,
                                              lambda image_id: all(p.is_file() for p in seg_paths(out_dir, image_id)))
     report = StepReport("merge segment", out_dir, skipped_existing=len(finished), failures=failures)
@@ -183,7 +170,7 @@ def encode_cells(cells_small: np.ndarray, cell_ids: list[int]) -> list[dict]:
 
 def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
     """Worker: one image -> its record (cells at the training size), written last."""
-    s = _WORKER["settings"]
+    s = worker_settings()
     out = Path(s["out_dir"])
     record_path = out / "records" / f"{record.image_id}.json"
     if record_path.is_file():
@@ -194,7 +181,7 @@ def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
     try:
         npy = cache_path(out / "cache", record.image_id)
         image = read_image(record.folder, record.image_id)
-        nuclei, cells, _ = segment_one(record, _WORKER["segmenter"], out / "segmentation", image)
+        nuclei, cells, _ = segment_one(record, worker_segmenter(), out / "segmentation", image)
         size = s["size"]
         write_npy_atomic(npy, np.stack([resize(plane, size) for plane in image]))
         infos = keep_cells(describe_cells(cells), min_cell_area_px=s["min_cell_area_px"],
@@ -316,7 +303,7 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     done = {r.image_id for r in todo if (out_dir / "records" / f"{r.image_id}.json").is_file()}
     results: dict[str, dict] = {}
     try:
-        for image_id, result, error in run_pool(_prepare_job, todo, workers=workers, initializer=_init_worker,
+        for image_id, result, error in run_pool(_prepare_job, todo, workers=workers, initializer=init_worker,
                                                 initargs=(segmenter, segmenter_options or {}, settings),
                                                 desc=f"prepare {size}px", progress=progress):
             if error:

@@ -113,14 +113,15 @@ def read_shard_failures(folder: str | os.PathLike, stem: str = "failures") -> tu
     return errors, seen
 
 
-def gather_shards(folder: str | os.PathLike, image_ids: Iterable[str], done: Callable[[str], bool]
+def gather_shards(folder: str | os.PathLike, image_ids: Iterable[str] | None, done: Callable[[str], bool]
                   ) -> tuple[list[str], list[tuple[str, str]], set[Shard]]:
     """The merge step's sorting of a sharded run's images: (done ids, failures (id, error) sorted,
     shards seen). An image is done when ``done(id)``, failed when a shard's failure log names it;
-    one that is neither stops the merge with a ValueError naming it and the shards to run again."""
+    one that is neither stops the merge with a ValueError naming it and the shards to run again.
+    ``image_ids`` None: the images the failure logs name."""
     logged, seen = read_shard_failures(folder)
     finished, failures, missing = [], [], []
-    for image_id in image_ids:
+    for image_id in sorted(logged) if image_ids is None else image_ids:
         if done(image_id):
             finished.append(image_id)
         elif image_id in logged:

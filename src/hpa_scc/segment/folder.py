@@ -9,7 +9,31 @@ import numpy as np
 
 from hpa_scc.fileio import write_png_atomic
 from hpa_scc.images import ImageReadError, ImageRecord, read_image
+from hpa_scc.pool import single_threaded_opencv
+from hpa_scc.segment import build_segmenter
 from hpa_scc.segment.precomputed import read_labels
+
+# The segmenter and settings of this process, set once per pool worker by ``init_worker``
+# (building a segmenter per image would reload its models every time).
+_WORKER: dict = {}
+
+
+def init_worker(segmenter_name: str | None, segmenter_options: dict, settings: dict) -> None:
+    """Pool initializer of the steps that segment (segment, prepare, predict): one segmenter per
+    process (none when ``segmenter_name`` is None) and the step's settings."""
+    single_threaded_opencv()
+    _WORKER["segmenter"] = build_segmenter(segmenter_name, **segmenter_options) if segmenter_name else None
+    _WORKER["settings"] = settings
+
+
+def worker_segmenter():
+    """This process's segmenter (``init_worker``)."""
+    return _WORKER["segmenter"]
+
+
+def worker_settings() -> dict:
+    """This process's step settings (``init_worker``)."""
+    return _WORKER["settings"]
 
 
 def seg_paths(seg_dir: Path, image_id: str) -> tuple[Path, Path]:
