@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
+import textwrap
 
 from hpa_scc.pool import run_pool, write_failures
 
@@ -33,3 +36,28 @@ def test_write_failures_sorts_rows_under_the_header(tmp_path):
         assert list(csv.reader(fh)) == [["ID", "error"], ["a", "missing green"], ["b", "corrupt PNG"]]
     write_failures(tmp_path / "dl.csv", [("x", "http://u", "404")], header=("ID", "url", "reason"))
     assert (tmp_path / "dl.csv").read_text().splitlines() == ["ID,url,reason", "x,http://u,404"]
+
+
+def test_a_worker_that_cannot_start_stops_the_pool_with_its_error_instead_of_hanging(tmp_path):
+    # multiprocessing.Pool alone respawns such a worker forever (predict with a segmenter that
+    # cannot load hung); run in a subprocess so a regression fails on the timeout, not by hanging CI.
+    script = tmp_path / "start_error.py"
+    script.write_text(textwrap.dedent("""
+        from hpa_scc.pool import run_pool
+
+        def init():
+            raise FileNotFoundError("mask folder /nowhere does not exist")
+
+        def job(x):
+            return x
+
+        if __name__ == "__main__":
+            for workers in (1, 2):
+                try:
+                    list(run_pool(job, [1, 2, 3], workers=workers, initializer=init, progress=False))
+                except FileNotFoundError as exc:
+                    print(workers, exc)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["1 mask folder /nowhere does not exist", "2 mask folder /nowhere does not exist"]

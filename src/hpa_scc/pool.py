@@ -1,14 +1,15 @@
 """The one process pool of the per-image steps (cache, segment, prepare, predict, synth) and
 their failure log.
 
-Each step owns its per-process state (a segmenter, settings) through its own ``initializer``;
-this module only runs jobs and writes ``failures.csv``, so no step reaches into another's
-worker globals.
+Per-process state comes from the ``initializer`` a step passes (``single_threaded_opencv``, or
+``segment.folder.init_worker`` for the steps that segment); this module only runs jobs and writes
+``failures.csv``.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import multiprocessing as mp
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -25,6 +26,25 @@ def single_threaded_opencv() -> None:
     cv2.setNumThreads(1)
 
 
+_START_ERROR: list[BaseException] = []  # this worker's initializer error, if any
+
+
+def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
+    # multiprocessing.Pool replaces a worker whose initializer raises, forever: a segmenter that
+    # cannot load would hang the step. The error is kept and raised by the first job instead.
+    try:
+        if initializer is not None:
+            initializer(*initargs)
+    except Exception as exc:
+        _START_ERROR.append(exc)
+
+
+def _run_job(job: Callable, item):
+    if _START_ERROR:
+        raise _START_ERROR[0]  # reaches the parent through imap: the step stops with this error
+    return job(item)
+
+
 def run_pool(job: Callable, items: Sequence, *, workers: int = 1, initializer: Callable | None = None,
              initargs: tuple = (), desc: str = "", unit: str = "img", progress: bool = True,
              chunksize: int = 1) -> Iterator:
@@ -32,14 +52,16 @@ def run_pool(job: Callable, items: Sequence, *, workers: int = 1, initializer: C
     this process when ``workers <= 1`` or there is a single item (``initializer`` runs here then).
 
     Processes are spawned, not forked: a child forked after OpenCV or torch started their thread
-    pools can deadlock. ``job`` and ``initializer`` must be module-level functions.
+    pools can deadlock. ``job`` and ``initializer`` must be module-level functions. An error in
+    ``initializer`` (or one ``job`` does not catch) stops the iteration with that error, in a
+    worker as in this process.
     """
     bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress or not items)
     try:
         if workers > 1 and len(items) > 1:
-            with mp.get_context("spawn").Pool(min(workers, len(items)), initializer=initializer,
-                                              initargs=initargs) as pool:
-                for result in pool.imap_unordered(job, items, chunksize=chunksize):
+            with mp.get_context("spawn").Pool(min(workers, len(items)), initializer=_start_worker,
+                                              initargs=(initializer, initargs)) as pool:
+                for result in pool.imap_unordered(functools.partial(_run_job, job), items, chunksize=chunksize):
                     bar.update(1)
                     yield result
         else:
