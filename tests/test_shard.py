@@ -215,6 +215,8 @@ def test_segment_shards_then_merged_failures_equal_one_run(damaged, tmp_path):
         assert "--merge" in report.summary()
     with pytest.raises(ValueError, match="did not finish"):
         merge_failures(out, _with_extra_image(data, tmp_path))
+    without_data = merge_failures(out)  # no DATA_DIR: the images the shard logs name
+    assert [i for i, _ in without_data.failures] == [corrupt] and without_data.skipped_existing == 0
     report = merge_failures(out, data)
     assert [i for i, _ in report.failures] == [corrupt]
     assert_same_files(tmp_path / "whole", out, ["failures.csv"])
