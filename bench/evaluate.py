@@ -31,9 +31,9 @@ import numpy as np  # noqa: E402
 from pycocotools import mask as coco_mask  # noqa: E402
 
 from hpa_scc.constants import NUM_CLASSES  # noqa: E402
-from hpa_scc.fileio import write_text_atomic  # noqa: E402
-from hpa_scc.metric import evaluate_files, format_result  # noqa: E402
-from hpa_scc.submission import SubmissionRow, encode_mask, write_submission  # noqa: E402
+from hpa_scc.utils.fileio import write_text_atomic  # noqa: E402
+from hpa_scc.evaluation.metric import evaluate_files, format_result  # noqa: E402
+from hpa_scc.evaluation.submission import SubmissionRow, encode_mask, write_submission  # noqa: E402
 
 BENCH_VERSION = 2  # bump when the generator changes, so a stale cache is rebuilt
 AXES_PX = (40, 110)  # ellipse semi-axes at 2048 px; scaled with size / 2048

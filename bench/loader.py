@@ -27,10 +27,10 @@ import cv2
 import torch
 from torch.utils.data import DataLoader
 
-from hpa_scc.cache import build_cache
-from hpa_scc.images import find_images
-from hpa_scc.loader import CachedImages, PngImages, collate
-from hpa_scc.synth import write_synth_set
+from hpa_scc.data.cache import build_cache
+from hpa_scc.data.images import find_images
+from hpa_scc.data.loader import CachedImages, PngImages, collate
+from hpa_scc.data.synth import write_synth_set
 
 
 def images_per_second(dataset, min_seconds: float, batch_size: int = 8) -> tuple[float, int]:
@@ -47,9 +47,9 @@ def images_per_second(dataset, min_seconds: float, batch_size: int = 8) -> tuple
 
 def training_loader_rate(data: Path, work: Path, size: int, workers: int, batch: int, min_seconds: float) -> float:
     """Images/s of the training loader (``train.make_loader`` over ``CellInstances``) with ``workers``."""
-    from hpa_scc.instances import CellInstances
-    from hpa_scc.prepare import prepare_dataset
-    from hpa_scc.train import make_loader
+    from hpa_scc.data.instances import CellInstances
+    from hpa_scc.apps.prepare import prepare_dataset
+    from hpa_scc.engine.train import make_loader
 
     prepared = work / f"prepared{size}"
     prepare_dataset(data, prepared, size=size, n_folds=1, workers=min(workers, 8) or 1, progress=False)

@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpa_scc.checkpoint import save_checkpoint
+from hpa_scc.utils.checkpoint import save_checkpoint
 from hpa_scc.config import load_config, save_config
 from hpa_scc.constants import CHANNELS
-from hpa_scc.images import find_images, read_image, resize
-from hpa_scc.models import build_model
-from hpa_scc.predict import detect_batch, load_run, predict_folder, score_cells
-from hpa_scc.synth import write_synth_set
+from hpa_scc.data.images import find_images, read_image, resize
+from hpa_scc.models.detector import build_model
+from hpa_scc.apps.predict import detect_batch, load_run, predict_folder, score_cells
+from hpa_scc.data.synth import write_synth_set
 
 
 def replicate(source: Path, out: Path, n: int) -> Path:

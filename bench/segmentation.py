@@ -36,11 +36,11 @@ from pathlib import Path  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hpa_scc.images import read_image  # noqa: E402
+from hpa_scc.data.images import read_image  # noqa: E402
 from hpa_scc.segment.builtin import BuiltinSegmenter  # noqa: E402
 from hpa_scc.segment.quality import mask_ap, recall_at  # noqa: E402
-from hpa_scc.synth import generate_image  # noqa: E402
-from hpa_scc.visualize import overlay_outlines, to_rgb  # noqa: E402
+from hpa_scc.data.synth import generate_image  # noqa: E402
+from hpa_scc.apps.visualize import overlay_outlines, to_rgb  # noqa: E402
 
 TARGET_SYNTH_AP, TARGET_REAL_SHARE, TARGET_SECONDS = 0.85, 0.80, 0.5
 IOU = 0.6

@@ -31,10 +31,10 @@ import torch
 
 from hpa_scc.config import ModelConfig
 from hpa_scc.constants import labels_to_multihot
-from hpa_scc.engine import autocast, train_one_epoch, use_fast_path
-from hpa_scc.instances import masks_to_boxes
-from hpa_scc.models import build_model
-from hpa_scc.synth import generate_image
+from hpa_scc.engine.loop import autocast, train_one_epoch, use_fast_path
+from hpa_scc.data.instances import masks_to_boxes
+from hpa_scc.models.detector import build_model
+from hpa_scc.data.synth import generate_image
 
 BACKBONES = ["densenet121", "densenet121_fpn", "resnet101_fpn", "resnext101_32x8d_fpn"]
 

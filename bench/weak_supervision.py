@@ -52,15 +52,15 @@ import numpy as np
 
 from hpa_scc.config import BACKBONE_NAMES, load_config
 from hpa_scc.constants import NUM_CLASSES, SHORT_CLASS_NAMES
-from hpa_scc.fileio import write_text_atomic
-from hpa_scc.metric import evaluate_files
-from hpa_scc.predict import predict_folder
-from hpa_scc.prepare import prepare_dataset, read_true_cell_labels
-from hpa_scc.refine import RELATIVE_RULE, refine_prepared
-from hpa_scc.segment.precomputed import read_labels
-from hpa_scc.synth import write_synth_set
-from hpa_scc.targets import transfer_labels, within_image_auc
-from hpa_scc.train import train
+from hpa_scc.utils.fileio import write_text_atomic
+from hpa_scc.evaluation.metric import evaluate_files
+from hpa_scc.apps.predict import predict_folder
+from hpa_scc.apps.prepare import prepare_dataset, read_true_cell_labels
+from hpa_scc.apps.refine import RELATIVE_RULE, refine_prepared
+from hpa_scc.data.images import read_labels
+from hpa_scc.data.synth import write_synth_set
+from hpa_scc.weak.targets import transfer_labels, within_image_auc
+from hpa_scc.engine.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = {
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = out / "prepared" / f"coco_{REFINED}" / "refine.json"
     table = format_markdown(all_rows, params, json.loads(report.read_text()) if report.is_file() else None)
     write_text_atomic(out / "results.md", table)
-    from hpa_scc.visualize import plot_per_class_ap
+    from hpa_scc.apps.visualize import plot_per_class_ap
 
     plot_per_class_ap({r["method"]: r["per_class"] for r in all_rows if r["method"] != "truth"},
                       title="per-class AP on the synthetic test set", path=out / "per_class_ap.png")

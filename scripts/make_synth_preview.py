@@ -24,10 +24,10 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from hpa_scc.constants import CLASS_NAMES, NUM_CLASSES  # noqa: E402
-from hpa_scc.fileio import atomic_path  # noqa: E402
-from hpa_scc.images import read_image  # noqa: E402
-from hpa_scc.synth import generate_image  # noqa: E402
-from hpa_scc.visualize import overlay_outlines, to_rgb  # noqa: E402
+from hpa_scc.utils.fileio import atomic_path  # noqa: E402
+from hpa_scc.data.images import read_image  # noqa: E402
+from hpa_scc.data.synth import generate_image  # noqa: E402
+from hpa_scc.apps.visualize import overlay_outlines, to_rgb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_IDS = ("94e33c64-bb9b-11e8-b2b9-ac1f6b6435d0", "5c27f04c-bb99-11e8-b2b9-ac1f6b6435d0")

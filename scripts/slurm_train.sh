@@ -42,7 +42,7 @@ ARGS=(-m hpa_scc train "$CONFIG" "train.run_dir=$RUN_DIR" "train.device=$DEVICE"
 
 HEAD=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1)
 if [ "$NTASKS" -gt 1 ]; then
-    # One rank per SLURM task: hpa_scc.distributed reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID.
+    # One rank per SLURM task: hpa_scc.engine.distributed reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID.
     export MASTER_ADDR=${HEAD:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))}
     LAUNCH=(srun --kill-on-bad-exit=1 "${PYTHON[@]}" "${ARGS[@]}")
     NPROC=$NTASKS

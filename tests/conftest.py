@@ -61,9 +61,9 @@ def true_masks_folder(synth: Path, out: Path) -> Path:
 def make_tiny_run(root: Path) -> Path:
     """root/set: 4 synthetic images at 256 px; root/prepared at 128 px; root/run: DenseNet121 after one step."""
     from hpa_scc.config import load_config
-    from hpa_scc.prepare import prepare_dataset
-    from hpa_scc.synth import write_synth_set
-    from hpa_scc.train import train
+    from hpa_scc.apps.prepare import prepare_dataset
+    from hpa_scc.data.synth import write_synth_set
+    from hpa_scc.engine.train import train
 
     write_synth_set(root / "set", 4, size=256, seed=31, progress=False)
     prepare_dataset(root / "set", root / "prepared", size=128, n_folds=2, progress=False)
@@ -77,7 +77,7 @@ def make_tiny_run(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     """A small synthetic set (6 images, 128 px, seed 5) with its truth, shared by a test module."""
-    from hpa_scc.synth import write_synth_set
+    from hpa_scc.data.synth import write_synth_set
 
     out = tmp_path_factory.mktemp("synth") / "set"
     write_synth_set(out, 6, size=128, seed=5, progress=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from hpa_scc.config import load_config
-from hpa_scc.train import train
+from hpa_scc.engine.train import train
 
 if __name__ == "__main__":
     cfg = load_config(None, sys.argv[1:])

@@ -61,9 +61,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_has_no_cycle():
     graph, _ = imports()
-    assert "hpa_scc.metric" in graph and "hpa_scc.pool" in graph["hpa_scc.prepare"]
+    assert "hpa_scc.evaluation.metric" in graph and "hpa_scc.utils.pool" in graph["hpa_scc.apps.prepare"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
-    assert "hpa_scc.visualize" not in graph["hpa_scc.metric"]  # the metric knows nothing of plots
+    assert "hpa_scc.apps.visualize" not in graph["hpa_scc.evaluation.metric"]  # the metric knows nothing of plots
 
 
 def test_no_module_imports_a_private_name_or_worker_state_of_another():
@@ -83,3 +83,38 @@ def test_the_checks_see_a_private_import_and_a_circle(tmp_path):
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+# The stages, lowest first: a module imports only from its own stage or a lower one (the README's
+# "Layout" section draws the same picture). Stages of equal rank do not import each other.
+STAGES = {"hpa_scc": 0, "hpa_scc.constants": 0, "hpa_scc.utils": 1, "hpa_scc.config": 2,
+          "hpa_scc.evaluation": 2, "hpa_scc.weak": 2, "hpa_scc.data": 3, "hpa_scc.segment": 4,
+          "hpa_scc.models": 5, "hpa_scc.engine": 6, "hpa_scc.apps": 7, "hpa_scc.cli": 8, "hpa_scc.__main__": 9}
+
+
+def stage(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else module
+
+
+def wrong_way(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for module, deps in sorted(graph.items()):
+        for dep in sorted(deps):
+            a, b = stage(module), stage(dep)
+            if a != b and STAGES[b] >= STAGES[a]:
+                bad.append(f"{module} -> {dep}")
+    return bad
+
+
+def test_every_module_sits_in_a_stage_and_imports_only_downwards():
+    graph, _ = imports()
+    assert {stage(m) for m in graph} <= set(STAGES), sorted({stage(m) for m in graph} - set(STAGES))
+    assert wrong_way(graph) == []
+
+
+def test_the_stage_check_sees_an_upward_arrow():
+    graph = {"hpa_scc.data.synth": {"hpa_scc.models.detector"}, "hpa_scc.models.detector": {"hpa_scc.data.images"},
+             "hpa_scc.weak.targets": {"hpa_scc.evaluation.metric"}}
+    assert wrong_way(graph) == ["hpa_scc.data.synth -> hpa_scc.models.detector",
+                                "hpa_scc.weak.targets -> hpa_scc.evaluation.metric"]

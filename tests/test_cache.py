@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from hpa_scc.cache import build_cache, cache_path, read_cache_index
-from hpa_scc.images import read_image
-from hpa_scc.loader import CachedImages, PngImages, collate
-from hpa_scc.images import find_images
+from hpa_scc.data.cache import build_cache, cache_path, read_cache_index
+from hpa_scc.data.images import read_image
+from hpa_scc.data.loader import CachedImages, PngImages, collate
+from hpa_scc.data.images import find_images
 
 
 def test_cache_holds_each_image_resized_once(kaggle_dir, tmp_path):

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpa_scc.cellfeatures import FEATURE_NAMES, GREEN_ABSOLUTE, cell_features
+from hpa_scc.models.features import FEATURE_NAMES, GREEN_ABSOLUTE, cell_features
 from hpa_scc.constants import NUM_CLASSES, parse_labels
-from hpa_scc.images import read_image
-from hpa_scc.segment.precomputed import read_labels
-from hpa_scc.synth import generate_image, image_id_of, write_synth_set
+from hpa_scc.data.images import read_image
+from hpa_scc.data.images import read_labels
+from hpa_scc.data.synth import generate_image, image_id_of, write_synth_set
 
 F = len(FEATURE_NAMES)
 COL = {name: i for i, name in enumerate(FEATURE_NAMES)}

@@ -1,4 +1,4 @@
-"""Cell-level models (hpa_scc.cells): crops, the crop store, both families through train/predict/refine."""
+"""Cell-level models (hpa_scc.models.cells): crops, the crop store, both families through train/predict/refine."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpa_scc.cells import (CellClassifier, FeatureClassifier, build_store, cell_crops, cell_table, fit_feature_classifier,
+from hpa_scc.models.cells import (CellClassifier, FeatureClassifier, build_store, cell_crops, cell_table, fit_feature_classifier,
                            macro_ap, read_cell_labels)
 from hpa_scc.config import ConfigError, load_config
 from hpa_scc.constants import NUM_CLASSES
@@ -73,8 +73,8 @@ def test_config_checks_the_family_and_its_backbone():
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """6 synthetic images at 256 px prepared at 128 px in 2 folds (both layouts, truth included)."""
-    from hpa_scc.prepare import prepare_dataset
-    from hpa_scc.synth import write_synth_set
+    from hpa_scc.apps.prepare import prepare_dataset
+    from hpa_scc.data.synth import write_synth_set
 
     root = tmp_path_factory.mktemp("cells")
     write_synth_set(root / "set", 6, size=256, seed=11, progress=False)
@@ -95,8 +95,8 @@ def test_store_is_built_once_and_rebuilt_when_the_cells_change(prepared):
     assert path.stat().st_mtime_ns == stamp and np.array_equal(np.asarray(again.array), np.asarray(store.array))
     # the same cells give the same crops as cutting them by hand from the cache
     first = table[0]
-    from hpa_scc.cache import cache_path
-    from hpa_scc.cells import label_image
+    from hpa_scc.data.cache import cache_path
+    from hpa_scc.models.cells import label_image
 
     pixels = np.load(cache_path(p / "cache", first["image_name"]))
     ids = [a["cell_id"] for a in first["cells"]]
@@ -132,10 +132,10 @@ def test_labels_of_every_folder(prepared):
 
 @pytest.mark.slow
 def test_cell_family_trains_resumes_predicts_and_refines(prepared, tmp_path):
-    from hpa_scc.metric import evaluate_files
-    from hpa_scc.predict import predict_folder
-    from hpa_scc.refine import refine_prepared
-    from hpa_scc.train import train
+    from hpa_scc.evaluation.metric import evaluate_files
+    from hpa_scc.apps.predict import predict_folder
+    from hpa_scc.apps.refine import refine_prepared
+    from hpa_scc.engine.train import train
 
     p = prepared / "prepared"
     run = tmp_path / "cell"
@@ -167,8 +167,8 @@ def test_cell_family_trains_resumes_predicts_and_refines(prepared, tmp_path):
 
 @pytest.mark.slow
 def test_features_family_fits_in_one_go_and_ensembles_with_a_detector(prepared, tmp_path):
-    from hpa_scc.predict import predict_folder
-    from hpa_scc.train import train
+    from hpa_scc.apps.predict import predict_folder
+    from hpa_scc.engine.train import train
 
     p = prepared / "prepared"
     run = tmp_path / "feat"
@@ -208,7 +208,7 @@ def test_features_family_fits_in_one_go_and_ensembles_with_a_detector(prepared, 
 
 def test_a_cell_densenet_initialises_the_densenet_detectors(tmp_path):
     from hpa_scc.config import ModelConfig
-    from hpa_scc.models import build_model
+    from hpa_scc.models.detector import build_model
 
     cell = CellClassifier("densenet121")
     path = tmp_path / "cell.pt"

@@ -15,7 +15,7 @@ def test_class_table_matches_the_competition():
 def test_class_counts_are_those_of_the_real_table(hpa_sample):
     from collections import Counter
 
-    from hpa_scc.images import read_label_table
+    from hpa_scc.data.images import read_label_table
 
     table = read_label_table(hpa_sample / "kaggle_train_labels.csv")
     counts = Counter(label for labels in table.values() for label in labels)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from hpa_scc.config import ModelConfig
-from hpa_scc.d2import import D2_PIXEL_STATS, d2_to_torchvision, load_detectron2_checkpoint
-from hpa_scc.models import FACT_KEYS, build_model
+from hpa_scc.models.d2import import D2_PIXEL_STATS, d2_to_torchvision, load_detectron2_checkpoint
+from hpa_scc.models.detector import FACT_KEYS, build_model
 
 CONFIGS = {"resnet101_fpn": ("COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x.yaml", "R_101"),
            "resnext101_32x8d_fpn": ("COCO-InstanceSegmentation/mask_rcnn_X_101_32x8d_FPN_3x.yaml", "X_101_32x8d")}
@@ -145,7 +145,7 @@ def test_build_model_keeps_or_drops_coco_predictors(tmp_path, caplog):
     np.testing.assert_array_equal(bias[1:], arrays["roi_heads.box_predictor.cls_score.bias"][:80])
     del coco
     gc.collect()
-    with caplog.at_level("INFO", logger="hpa_scc.models"):
+    with caplog.at_level("INFO", logger="hpa_scc.models.detector"):
         hpa = build_model(ModelConfig(backbone="resnet101_fpn", head="softmax", in_channels=3, weights=str(path),
                                       keep_predictors=True), image_size=128)
     assert hpa.roi_heads.box_predictor.cls_score.out_features == 20

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpa_scc.engine import NonFiniteLossError, to_device, train_one_epoch, use_fast_path
+from hpa_scc.engine.loop import NonFiniteLossError, to_device, train_one_epoch, use_fast_path
 
 
 class Scripted(torch.nn.Module):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hpa_scc.constants import NUM_CLASSES
-from hpa_scc.folds import assign_folds, fold_class_counts, split_table
+from hpa_scc.data.folds import assign_folds, fold_class_counts, split_table
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import tifffile
 
 from conftest import write_channels
 from hpa_scc.constants import CHANNELS
-from hpa_scc.images import ImageReadError, find_images, read_channel, read_image, read_label_table, to_uint8
+from hpa_scc.data.images import ImageReadError, find_images, read_channel, read_image, read_label_table, to_uint8
 
 KAGGLE_ID = "5c27f04c-bb99-11e8-b2b9-ac1f6b6435d0"
 

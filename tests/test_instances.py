@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from hpa_scc.config import load_config
-from hpa_scc.instances import CellInstances, masks_to_boxes, random_flips, read_folds, shadowed_instances
-from hpa_scc.prepare import prepare_dataset
-from hpa_scc.synth import write_synth_set
-from hpa_scc.train import EpochSampler, lr_lambda
+from hpa_scc.data.instances import CellInstances, masks_to_boxes, random_flips, read_folds, shadowed_instances
+from hpa_scc.apps.prepare import prepare_dataset
+from hpa_scc.data.synth import write_synth_set
+from hpa_scc.engine.train import EpochSampler, lr_lambda
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from hpa_scc.constants import NUM_CLASSES
-from hpa_scc.metric import average_precision, evaluate, evaluate_files, format_result
-from hpa_scc.submission import SubmissionRow, encode_mask, write_submission
-from hpa_scc.visualize import plot_pr_curves
+from hpa_scc.evaluation.metric import average_precision, evaluate, evaluate_files, format_result
+from hpa_scc.evaluation.submission import SubmissionRow, encode_mask, write_submission
+from hpa_scc.apps.visualize import plot_pr_curves
 
 H = W = 10
 
@@ -176,7 +176,7 @@ def test_duplicate_ids_are_an_error():
 
 
 def test_truth_as_prediction_on_a_synthetic_set_scores_one(tmp_path):
-    from hpa_scc.synth import write_synth_set
+    from hpa_scc.data.synth import write_synth_set
 
     write_synth_set(tmp_path / "synth", 4, size=128, seed=0, progress=False)
     solution = tmp_path / "synth" / "solution.csv"
@@ -202,7 +202,7 @@ def test_files_written_for_a_partial_score(tmp_path):
 
 # A direct, slow reference: decoded pixel masks, one global greedy pass per class.
 def _reference_map(truth_rows, pred_rows, thr=0.6):
-    from hpa_scc.submission import decode_mask
+    from hpa_scc.evaluation.submission import decode_mask
 
     order = {r.image_id: i for i, r in enumerate(truth_rows)}
     preds = {r.image_id: r for r in pred_rows}
@@ -279,9 +279,9 @@ def test_matches_a_pixel_reference_on_random_images():
 
 def test_pr_plot_with_a_class_never_detected(tmp_path):
     """A class with truth but no detection has AP 0 and no curve; the plot is still written."""
-    from hpa_scc.metric import evaluate
-    from hpa_scc.visualize import plot_pr_curves
-    from hpa_scc.submission import SubmissionRow, encode_mask
+    from hpa_scc.evaluation.metric import evaluate
+    from hpa_scc.apps.visualize import plot_pr_curves
+    from hpa_scc.evaluation.submission import SubmissionRow, encode_mask
 
     mask = np.zeros((10, 10), bool)
     mask[2:6, 2:6] = True

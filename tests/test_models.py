@@ -14,7 +14,7 @@ import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from hpa_scc.config import BACKBONE_NAMES, ModelConfig
-from hpa_scc.models import BACKBONES, IMAGENET_FILES, build_model, place_stride, score_boxes
+from hpa_scc.models.detector import BACKBONES, IMAGENET_FILES, build_model, place_stride, score_boxes
 
 SIZE = 128
 LOSSES = {"softmax": {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}}
@@ -179,7 +179,7 @@ def test_other_head_checkpoint_drops_predictors(tmp_path, caplog):
     model = build_model(ModelConfig(backbone="densenet121", in_channels=3, head="softmax"), image_size=SIZE)
     path = tmp_path / "softmax.pt"
     torch.save({"model": model.state_dict()}, path)
-    with caplog.at_level("INFO", logger="hpa_scc.models"):
+    with caplog.at_level("INFO", logger="hpa_scc.models.detector"):
         other = build_model(ModelConfig(backbone="densenet121", in_channels=3, head="multilabel", weights=str(path)),
                             image_size=SIZE)
     torch.testing.assert_close(other.roi_heads.box_head.fc6.weight, model.roi_heads.box_head.fc6.weight)
@@ -226,7 +226,7 @@ def test_anchor_sizes_and_pixel_stats():
 def test_input_transform_skips_the_identity_resize_and_matches_torchvision():
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-    from hpa_scc.models import InputTransform
+    from hpa_scc.models.detector import InputTransform
 
     t = InputTransform(64, [0.1] * 4, [0.2] * 4)
     image = torch.rand(4, 64, 48)

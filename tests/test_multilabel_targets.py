@@ -14,9 +14,9 @@ import torchvision.models.detection.roi_heads as tv_roi_heads
 from pycocotools import mask as coco_mask
 
 from hpa_scc.config import ModelConfig
-from hpa_scc.instances import masks_to_boxes, shadowed_instances, shadowed_warning
-from hpa_scc.models import build_model
-from hpa_scc.prepare import coco_file
+from hpa_scc.data.instances import masks_to_boxes, shadowed_instances, shadowed_warning
+from hpa_scc.models.detector import build_model
+from hpa_scc.apps.prepare import coco_file
 
 SIZE = 128
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from hpa_scc.pool import run_pool, write_failures
+from hpa_scc.utils.pool import run_pool, write_failures
 
 STATE: dict = {}
 
@@ -43,7 +43,7 @@ def test_a_worker_that_cannot_start_stops_the_pool_with_its_error_instead_of_han
     # cannot load hung); run in a subprocess so a regression fails on the timeout, not by hanging CI.
     script = tmp_path / "start_error.py"
     script.write_text(textwrap.dedent("""
-        from hpa_scc.pool import run_pool
+        from hpa_scc.utils.pool import run_pool
 
         def init():
             raise FileNotFoundError("mask folder /nowhere does not exist")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_run
-from hpa_scc.predict import cells_from_detections, predict_folder, score_cells
-from hpa_scc.submission import decode_mask, read_submission
+from hpa_scc.apps.predict import cells_from_detections, predict_folder, score_cells
+from hpa_scc.evaluation.submission import decode_mask, read_submission
 
 
 @pytest.fixture(scope="module")

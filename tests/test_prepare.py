@@ -17,11 +17,11 @@ import pytest
 from pycocotools.coco import COCO
 
 from conftest import true_masks_folder
-from hpa_scc.images import read_image
-from hpa_scc.prepare import prepare_dataset, segment_folder
+from hpa_scc.data.images import read_image
+from hpa_scc.apps.prepare import prepare_dataset, segment_folder
 from hpa_scc.segment import build_segmenter
-from hpa_scc.segment.precomputed import read_labels
-from hpa_scc.synth import write_synth_set
+from hpa_scc.data.images import read_labels
+from hpa_scc.data.synth import write_synth_set
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -30,8 +30,8 @@ import tifffile
 
 from hpa_scc.cli import main
 from hpa_scc.constants import CHANNELS, CLASS_NAMES
-from hpa_scc.images import find_images, read_image, resize, to_uint8
-from hpa_scc.public import (
+from hpa_scc.data.images import find_images, read_image, resize, to_uint8
+from hpa_scc.data.public import (
     HPA_LOCATION_TO_CLASS,
     KAGGLE_CELL_LINES,
     DownloadOptions,
@@ -490,7 +490,7 @@ def test_merge_tables_feeds_split(tmp_path, capsys):
 
 def test_downloaded_folder_merges_and_caches(hpa, tmp_path, kaggle_dir):
     """download-public -> merge-tables with a Kaggle table -> split; and the folder caches as a DATA_DIR."""
-    from hpa_scc.cache import build_cache
+    from hpa_scc.data.cache import build_cache
 
     for i in range(3):
         add_image(hpa, f"/9/{i}_A1_1", 60 + i)

@@ -8,15 +8,15 @@ import json
 import numpy as np
 import pytest
 
-import hpa_scc.refine
+import hpa_scc.apps.refine
 from conftest import make_tiny_run
 from hpa_scc.config import load_config
 from hpa_scc.constants import NEGATIVE, NUM_CLASSES
-from hpa_scc.instances import CellInstances, read_folds
-from hpa_scc.metric import evaluate_files
-from hpa_scc.predict import predict_folder
-from hpa_scc.refine import cells_of, refine_prepared
-from hpa_scc.submission import read_submission
+from hpa_scc.data.instances import CellInstances, read_folds
+from hpa_scc.evaluation.metric import evaluate_files
+from hpa_scc.apps.predict import predict_folder
+from hpa_scc.apps.refine import cells_of, refine_prepared
+from hpa_scc.evaluation.submission import read_submission
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_refinement_with_a_perfect_scorer_recovers_the_true_labels(run, monkeypa
             conf[row, truth[(image["id"], cell_id)]] = 0.9
         return conf
 
-    monkeypatch.setattr(hpa_scc.refine, "score_image_cells", oracle_scorer)
+    monkeypatch.setattr(hpa_scc.apps.refine, "score_image_cells", oracle_scorer)
     # the per_label layout, named: the tiny run's head (multilabel, the default) would pick its own
     report = refine_prepared(run / "run", prepared, layout="per_label", name="refined_r1", held_out_folds=[0],
                              progress=False)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from conftest import true_masks_folder
-from hpa_scc.cache import build_cache, check_settings, merge_cache
-from hpa_scc.prepare import merge_failures, merge_prepared, prepare_dataset, segment_folder
-from hpa_scc.shard import default_shard, parse_shard, select_shard, shard_of
+from hpa_scc.data.cache import build_cache, check_settings, merge_cache
+from hpa_scc.apps.prepare import merge_failures, merge_prepared, prepare_dataset, segment_folder
+from hpa_scc.data.shard import default_shard, parse_shard, select_shard, shard_of
 
 OPTS = {"size": 64, "segmenter": "precomputed", "n_folds": 2, "progress": False}  # both layouts, the default
 MERGED_FILES = ["folds.csv", "failures.csv", "cache/index.csv"] + [
@@ -156,7 +156,7 @@ def test_prepare_shards_as_concurrent_processes(synth, tmp_path):
     masks = true_masks_folder(synth, tmp_path / "truth")
     prepare_dataset(synth, tmp_path / "whole", segmenter_options={"folder": masks}, **OPTS)
     out = tmp_path / "sharded"
-    code = ("import sys; from hpa_scc.prepare import prepare_dataset; "
+    code = ("import sys; from hpa_scc.apps.prepare import prepare_dataset; "
             "prepare_dataset(sys.argv[1], sys.argv[2], size=64, segmenter='precomputed', "
             "segmenter_options={'folder': sys.argv[3]}, n_folds=2, progress=False, shard=(int(sys.argv[4]), 2))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(synth), str(out), str(masks), str(i)],

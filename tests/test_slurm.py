@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpa_scc.prepare import prepare_dataset
-from hpa_scc.synth import write_synth_set
+from hpa_scc.apps.prepare import prepare_dataset
+from hpa_scc.data.synth import write_synth_set
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

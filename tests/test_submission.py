@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from hpa_scc.submission import (SubmissionError, cells_to_row, decode_mask, encode_label_image, encode_mask,
+from hpa_scc.evaluation.submission import (SubmissionError, cells_to_row, decode_mask, encode_label_image, encode_mask,
                                 read_submission, write_submission)
 
 SAMPLE = "eNqLi8xJM7BOTjS08DT2NfI38DfyM/Q3NMAJgJJ+RkBs7JecF5tnAADw+Q9I"

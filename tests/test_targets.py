@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from hpa_scc.constants import NEGATIVE, NUM_CLASSES, labels_to_multihot
-from hpa_scc.targets import (Instance, category_id, cell_instances, choose_threshold, describe_cells,
+from hpa_scc.weak.targets import (Instance, category_id, cell_instances, choose_threshold, describe_cells,
                              fuse_image_scores, image_scores, inherit_labels, keep_cells, label_of, label_quality,
                              refine_labels, transfer_labels, within_image_auc)
 

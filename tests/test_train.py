@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from hpa_scc.config import load_config
-from hpa_scc.engine import NonFiniteLossError
-from hpa_scc.prepare import prepare_dataset
-from hpa_scc.synth import write_synth_set
-from hpa_scc.train import EXIT_REQUEUE, Preempted, train
+from hpa_scc.engine.loop import NonFiniteLossError
+from hpa_scc.apps.prepare import prepare_dataset
+from hpa_scc.data.synth import write_synth_set
+from hpa_scc.engine.train import EXIT_REQUEUE, Preempted, train
 
 HERE = Path(__file__).resolve().parent
 
@@ -130,7 +130,7 @@ def test_ddp_two_ranks_end_with_the_same_weights(prepared, tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_loss_dict(prepared, tmp_path, monkeypatch):
-    import hpa_scc.models
+    import hpa_scc.models.detector
 
     class Exploding(torch.nn.Module):
         def __init__(self):
@@ -140,7 +140,7 @@ def test_non_finite_loss_stops_with_the_loss_dict(prepared, tmp_path, monkeypatc
         def forward(self, images, targets=None):
             return {"loss_classifier": self.w * float("nan"), "loss_mask": self.w * 0.5}
 
-    monkeypatch.setattr(hpa_scc.models, "build_model", lambda *a, **k: Exploding())
+    monkeypatch.setattr(hpa_scc.models.detector, "build_model", lambda *a, **k: Exploding())
     with pytest.raises(NonFiniteLossError, match=r"loss_classifier.*nan.*loss_mask.*0.5"):
         train(load_config(None, overrides(prepared, tmp_path / "nan")))
     assert not (tmp_path / "nan" / "last.pt").exists()  # a NaN model is never saved

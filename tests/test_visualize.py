@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from hpa_scc.constants import CLASS_NAMES, NUM_CLASSES
-from hpa_scc.metric import evaluate_files
-from hpa_scc.predict import predict_folder
-from hpa_scc.synth import write_synth_set
-from hpa_scc.visualize import (SHORT_NAMES, load_prediction, plot_per_class_ap, plot_pr_curves,
+from hpa_scc.evaluation.metric import evaluate_files
+from hpa_scc.apps.predict import predict_folder
+from hpa_scc.data.synth import write_synth_set
+from hpa_scc.apps.visualize import (SHORT_NAMES, load_prediction, plot_per_class_ap, plot_pr_curves,
                                plot_training_curves, prediction_overlays, show_cells, short_name, visualize_main)
 
 

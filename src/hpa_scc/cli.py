@@ -50,7 +50,7 @@ def _add_synth(sub) -> None:
 
 
 def _run_synth(args) -> int:
-    from hpa_scc.synth import format_summary, write_synth_set
+    from hpa_scc.data.synth import format_summary, write_synth_set
 
     summary = write_synth_set(args.out_dir, args.images, size=args.size, seed=args.seed,
                               workers=args.workers, progress=not args.quiet)
@@ -88,7 +88,7 @@ def _add_shard_args(p) -> None:
 
 def _shard(args) -> tuple[int, int] | None:
     """--shard I/N, or 'all', or (absent) the job array's task from SLURM's variables."""
-    from hpa_scc.shard import default_shard, parse_shard
+    from hpa_scc.data.shard import default_shard, parse_shard
 
     if args.shard == "all":
         return None
@@ -99,7 +99,7 @@ def _shard(args) -> tuple[int, int] | None:
 
 
 def _run_cache(args) -> int:
-    from hpa_scc.cache import build_cache, merge_cache
+    from hpa_scc.data.cache import build_cache, merge_cache
 
     if args.merge:
         report = merge_cache(args.data_dir, args.out_dir, labels_csv=args.labels)
@@ -126,7 +126,7 @@ def _add_split(sub) -> None:
 
 
 def _run_split(args) -> int:
-    from hpa_scc.folds import default_out, fold_class_counts, format_balance, split_table
+    from hpa_scc.data.folds import default_out, fold_class_counts, format_balance, split_table
 
     out = args.out or default_out(args.labels_csv, args.folds, args.seed)
     ids, labels, folds = split_table(args.labels_csv, out, args.folds, args.seed)
@@ -169,7 +169,7 @@ def _add_segment(sub) -> None:
 
 
 def _run_segment(args) -> int:
-    from hpa_scc.prepare import merge_failures, segment_folder
+    from hpa_scc.apps.prepare import merge_failures, segment_folder
 
     if args.merge:
         report = merge_failures(args.out_dir, args.data_dir, labels_csv=args.labels)
@@ -209,7 +209,7 @@ def _add_prepare(sub) -> None:
 
 
 def _run_prepare(args) -> int:
-    from hpa_scc.prepare import prepare_dataset
+    from hpa_scc.apps.prepare import prepare_dataset
 
     report = prepare_dataset(args.data_dir, args.out_dir, size=args.size, segmenter=args.segmenter,
                              segmenter_options=_segmenter_options(args), n_folds=args.folds, seed=args.seed,
@@ -244,7 +244,7 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     from hpa_scc.config import load_config
-    from hpa_scc.train import EXIT_REQUEUE, Preempted, train
+    from hpa_scc.engine.train import EXIT_REQUEUE, Preempted, train
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -282,7 +282,7 @@ def _add_refine(sub) -> None:
                         "the relative rule alone, the one to use with a cell-level model (docs/RESULTS.md)")
     p.add_argument("--min-f1", type=float, default=None, metavar="F",
                    help="below this held-out image-label F1 the model is not trusted and the cells keep their "
-                        "image labels (default: hpa_scc.refine.MIN_HELD_OUT_F1, 0.5)")
+                        "image labels (default: hpa_scc.apps.refine.MIN_HELD_OUT_F1, 0.5)")
     p.add_argument("--layout", choices=["per_label", "multilabel"], default=None,
                    help="COCO layout to refine (default: every layout the prepared set has)")
     p.add_argument("--checkpoint", default="best.pt", help="checkpoint in RUN_DIR (default: best.pt, else last.pt)")
@@ -291,9 +291,9 @@ def _add_refine(sub) -> None:
 
 
 def _run_refine(args) -> int:
-    from hpa_scc.refine import refine_prepared
+    from hpa_scc.apps.refine import refine_prepared
 
-    options = {} if args.min_f1 is None else {"min_f1": args.min_f1}  # the default lives in hpa_scc.refine
+    options = {} if args.min_f1 is None else {"min_f1": args.min_f1}  # the default lives in hpa_scc.apps.refine
     report = refine_prepared(args.run_dir, args.prepared_dir, name=args.name, held_out_folds=args.held_out_folds,
                              relative=args.relative, layout=args.layout, checkpoint=args.checkpoint,
                              threshold=args.threshold,
@@ -341,7 +341,7 @@ def _add_predict(sub) -> None:
 
 
 def _run_predict(args) -> int:
-    from hpa_scc.predict import predict_folder
+    from hpa_scc.apps.predict import predict_folder
 
     run_dir = None if args.run_dir == "-" else Path(args.run_dir)
     if run_dir is None and args.baseline is None:
@@ -372,11 +372,11 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
-    from hpa_scc.metric import evaluate_files, format_result
+    from hpa_scc.evaluation.metric import evaluate_files, format_result
 
     result = evaluate_files(args.solution, args.submission, args.out)
     if args.plot:
-        from hpa_scc.visualize import plot_pr_curves
+        from hpa_scc.apps.visualize import plot_pr_curves
 
         plot_pr_curves(result, args.plot)
     print(format_result(result))
@@ -401,7 +401,7 @@ def _add_visualize(sub) -> None:
 
 
 def _run_visualize(args) -> int:
-    from hpa_scc.visualize import visualize_main
+    from hpa_scc.apps.visualize import visualize_main
 
     solution = args.solution
     if solution is None and (args.data_dir / "solution.csv").is_file():
@@ -469,7 +469,7 @@ def _add_download_public(sub) -> None:
 
 
 def _run_download_public(args) -> int:
-    from hpa_scc.public import DownloadOptions, download_public
+    from hpa_scc.data.public import DownloadOptions, download_public
 
     options = DownloadOptions(bits=args.bits, size=args.size, timeout_s=args.timeout, retries=args.retries,
                               backoff_s=args.backoff, base_url=args.base_url)
@@ -496,7 +496,7 @@ def _add_merge_tables(sub) -> None:
 
 
 def _run_merge_tables(args) -> int:
-    from hpa_scc.public import merge_tables
+    from hpa_scc.data.public import merge_tables
 
     print(merge_tables(args.kaggle_csv, args.public_csv, args.out, keep_first=args.keep_first).summary())
     return 0
@@ -506,8 +506,8 @@ def _demo_cell_model(args, prepared: Path) -> Path:
     """Demo step 5: the per-cell features model, refined: fitted on folds 1-2, it narrows every
     training cell's image labels (relative rule), then it is refitted on every fold and label."""
     from hpa_scc.config import load_config
-    from hpa_scc.refine import RELATIVE_RULE, refine_prepared
-    from hpa_scc.train import train
+    from hpa_scc.apps.refine import RELATIVE_RULE, refine_prepared
+    from hpa_scc.engine.train import train
 
     configs = Path(__file__).resolve().parents[2] / "configs"
     common = [f"data.prepared_dir={prepared}"]  # the training size follows the prepared set
@@ -525,10 +525,10 @@ def _demo_cell_model(args, prepared: Path) -> Path:
 
 def _demo_predict(args, run_dir: Path, cell_run: Path | None = None) -> None:
     """Demo step 6: a held-out synthetic test set, predicted and scored next to both baselines."""
-    from hpa_scc.metric import evaluate_files
-    from hpa_scc.predict import predict_folder
-    from hpa_scc.synth import write_synth_set
-    from hpa_scc.visualize import plot_pr_curves
+    from hpa_scc.evaluation.metric import evaluate_files
+    from hpa_scc.apps.predict import predict_folder
+    from hpa_scc.data.synth import write_synth_set
+    from hpa_scc.apps.visualize import plot_pr_curves
 
     test = args.out / "test-synthetic"
     n_test = max(args.images // 3, 2)
@@ -545,7 +545,7 @@ def _demo_predict(args, run_dir: Path, cell_run: Path | None = None) -> None:
         result = evaluate_files(test / "solution.csv", submission, out / "metrics.json")
         plot_pr_curves(result, out / "pr_curves.png")
         print(f"{name:<40}{result.mAP:>10.4f}")
-    from hpa_scc.visualize import visualize_main
+    from hpa_scc.apps.visualize import visualize_main
 
     figures = visualize_main(args.out / "predict" / "model", test, args.out / "figures", run_dir=run_dir,
                              solution=test / "solution.csv", n=4)
@@ -574,10 +574,10 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from hpa_scc.prepare import prepare_dataset
-    from hpa_scc.segment.precomputed import read_labels
+    from hpa_scc.apps.prepare import prepare_dataset
+    from hpa_scc.data.images import read_labels
     from hpa_scc.segment.quality import mask_ap
-    from hpa_scc.synth import format_summary, write_synth_set
+    from hpa_scc.data.synth import format_summary, write_synth_set
 
     data, prepared = args.out / "synthetic", args.out / "prepared"
     steps = 3 if args.no_train else 6
@@ -598,7 +598,7 @@ def _run_demo(args) -> int:
     print(f"cells found {n_pred}, true cells {n_true}, mask AP at IoU 0.6: {mask_ap(preds, trues, iou=0.6):.3f}")
     if not args.no_train:
         from hpa_scc.config import load_config
-        from hpa_scc.train import train
+        from hpa_scc.engine.train import train
 
         cfg = load_config(args.train_config, [f"data.prepared_dir={prepared}",
                                               f"train.run_dir={args.out / 'train'}", *args.train_overrides])

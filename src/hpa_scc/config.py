@@ -24,7 +24,7 @@ import yaml
 @dataclass
 class ModelConfig:
     # maskrcnn: a detector (backbones below); cell: a classifier of masked single-cell crops
-    # (backbone resnet18 | resnet34 | resnet50 | densenet121 | efficientnet_b0, hpa_scc.cells);
+    # (backbone resnet18 | resnet34 | resnet50 | densenet121 | efficientnet_b0, hpa_scc.models.cells);
     # features: per-cell intensity/texture features + logistic regressions (the non-deep baseline).
     family: str = "maskrcnn"
     backbone: str = "densenet121"  # one of BACKBONE_NAMES
@@ -215,7 +215,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
-# Model families (hpa_scc.cells) and the backbones each takes; the detector's are checked below.
+# Model families (hpa_scc.models.cells) and the backbones each takes; the detector's are checked below.
 FAMILY_BACKBONES = {"maskrcnn": None, "cell": ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0"),
                     "features": None}
 
@@ -269,6 +269,6 @@ def to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically): what this run actually used."""
-    from hpa_scc.fileio import write_text_atomic
+    from hpa_scc.utils.fileio import write_text_atomic
 
     write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

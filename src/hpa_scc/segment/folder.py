@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hpa_scc.fileio import write_png_atomic
-from hpa_scc.images import ImageReadError, ImageRecord, read_image
-from hpa_scc.pool import single_threaded_opencv
+from hpa_scc.utils.fileio import write_png_atomic
+from hpa_scc.data.images import ImageReadError, ImageRecord, read_image
+from hpa_scc.utils.pool import single_threaded_opencv
 from hpa_scc.segment import build_segmenter
-from hpa_scc.segment.precomputed import read_labels
+from hpa_scc.data.images import read_labels
 
 # The segmenter and settings of this process, set once per pool worker by ``init_worker``
 # (building a segmenter per image would reload its models every time).

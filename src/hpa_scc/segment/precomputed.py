@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from skimage.filters import threshold_otsu
 
-from hpa_scc.images import ImageReadError
+from hpa_scc.data.images import ImageReadError, read_labels
 
 log = logging.getLogger(__name__)
 
@@ -29,25 +29,6 @@ CELL_NAMES = ("{id}_cells.png", "{id}_cellmask.png", "{id}_cell_mask.npz", "{id}
               "{id}_cells.npz", "{id}.npz", "{id}_cell_mask.png")
 NUCLEI_NAMES = ("{id}_nuclei.png", "{id}_nucleimask.png", "{id}_nuclei_mask.npz", "{id}_nuclei.npz",
                 "{id}_nuclei_mask.png")
-
-
-def read_labels(path: str | os.PathLike) -> np.ndarray:
-    """A label image (.png 8/16-bit or .npz with arr_0) -> uint16 [H, W]."""
-    path = Path(path)
-    if path.suffix == ".npz":
-        try:
-            with np.load(path) as data:
-                labels = data["arr_0"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ImageReadError(f"cannot read label image {path}: {exc} (an .npz needs the labels as arr_0)") from None
-    else:
-        labels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if labels is None:
-            raise ImageReadError(f"cannot decode label image {path}: corrupt or not a PNG")
-    if labels.ndim != 2 or labels.dtype.kind not in "ui" or labels.max(initial=0) > 65535:
-        raise ImageReadError(f"{path}: expected a 2-D integer label image with ids <= 65535, "
-                             f"got {labels.dtype} {labels.shape}")
-    return labels.astype(np.uint16)
 
 
 def _find(folder: Path, patterns: tuple[str, ...], image_id: str) -> Path | None:

@@ -3,7 +3,7 @@
 Every image in the project is a ``uint8`` array ``[C, H, W]`` with channels in the order of
 ``constants.CHANNELS`` (red, green, blue, yellow), or the first three of them (RGB) on request.
 
-    from hpa_scc.images import find_images, read_image
+    from hpa_scc.data.images import find_images, read_image
     records = find_images("data/kaggle")           # train.csv + train/<ID>_<channel>.png
     img = read_image(records[0].folder, records[0].image_id, size=512)   # uint8 [4, 512, 512]
 
@@ -216,3 +216,22 @@ def find_images(data_dir: str | os.PathLike, labels_csv: str | os.PathLike | Non
         f"no HPA images in {data_dir}: expected train.csv with train/<ID>_red.png etc. (Kaggle layout) "
         "or files named <ID>_{red,green,blue,yellow}.{png,tif,tif.gz,jpg}"
     )
+
+
+def read_labels(path: str | os.PathLike) -> np.ndarray:
+    """A label image (.png 8/16-bit or .npz with arr_0) -> uint16 [H, W]."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        try:
+            with np.load(path) as data:
+                labels = data["arr_0"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ImageReadError(f"cannot read label image {path}: {exc} (an .npz needs the labels as arr_0)") from None
+    else:
+        labels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if labels is None:
+            raise ImageReadError(f"cannot decode label image {path}: corrupt or not a PNG")
+    if labels.ndim != 2 or labels.dtype.kind not in "ui" or labels.max(initial=0) > 65535:
+        raise ImageReadError(f"{path}: expected a 2-D integer label image with ids <= 65535, "
+                             f"got {labels.dtype} {labels.shape}")
+    return labels.astype(np.uint16)

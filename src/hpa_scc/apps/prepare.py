@@ -4,7 +4,7 @@
     python -m hpa_scc prepare DATA_DIR OUT_DIR --size 512 --segmenter builtin --folds 5
     python dataset.py DATA_DIR OUT_DIR --size 512 --segmenter builtin --folds 5     # the same
 
-On a cluster, a SLURM job array splits the images over its tasks (see hpa_scc.shard):
+On a cluster, a SLURM job array splits the images over its tasks (see hpa_scc.data.shard):
     sbatch --array=0-15 --wrap "python -m hpa_scc prepare DATA_DIR OUT_DIR --size 512 --shard slurm"
     python -m hpa_scc prepare DATA_DIR OUT_DIR --size 512 --merge    # after the last task
 
@@ -12,7 +12,7 @@ On a cluster, a SLURM job array splits the images over its tasks (see hpa_scc.sh
 ``prepare`` writes, under OUT_DIR:
     prepare.json                     the settings; a rerun with other settings fails
     segmentation/<ID>_{cells,nuclei}.png   full-size label images (the segment step's output)
-    cache/                           the resized uint8 image cache (see hpa_scc.cache)
+    cache/                           the resized uint8 image cache (see hpa_scc.data.cache)
     records/<ID>.json                per image: its cells at the training size (RLE), written last
     folds.csv                        ID,Label,fold (multi-label stratified)
     coco/<layout>/fold<K>.json       COCO instances of fold K: every cell with its image's labels
@@ -42,17 +42,17 @@ import cv2
 import numpy as np
 from pycocotools import mask as coco_mask
 
-from hpa_scc.cache import cache_path, cache_settings, check_settings, write_index
+from hpa_scc.data.cache import cache_path, cache_settings, check_settings, write_index
 from hpa_scc.constants import CLASS_NAMES, format_labels
-from hpa_scc.fileio import atomic_path, write_npy_atomic, write_text_atomic
-from hpa_scc.folds import assign_folds
-from hpa_scc.images import ImageReadError, ImageRecord, find_images, read_image, resize
-from hpa_scc.pool import run_pool, write_failures
+from hpa_scc.utils.fileio import atomic_path, write_npy_atomic, write_text_atomic
+from hpa_scc.data.folds import assign_folds
+from hpa_scc.data.images import ImageReadError, ImageRecord, find_images, read_image, resize
+from hpa_scc.utils.pool import run_pool, write_failures
 from hpa_scc.segment import build_segmenter
 from hpa_scc.segment.folder import init_worker, seg_paths, segment_one, worker_segmenter, worker_settings
-from hpa_scc.segment.precomputed import read_labels
-from hpa_scc.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
-from hpa_scc.targets import LAYOUTS, cell_instances, describe_cells, inherit_labels, keep_cells, transfer_labels
+from hpa_scc.data.images import read_labels
+from hpa_scc.data.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
+from hpa_scc.weak.targets import LAYOUTS, cell_instances, describe_cells, inherit_labels, keep_cells, transfer_labels
 
 log = logging.getLogger(__name__)
 PREPARE_FORMAT = 1

@@ -1,6 +1,6 @@
 """Label refinement: a trained model narrows each training cell's inherited labels down.
 
-    from hpa_scc.refine import refine_prepared
+    from hpa_scc.apps.refine import refine_prepared
     report = refine_prepared("runs/weak/train", "runs/weak/prepared", name="refined_r1", held_out_folds=[0])
     # then train with data.labels=refined_r1
 
@@ -34,13 +34,13 @@ import numpy as np
 from pycocotools import mask as coco_mask
 from tqdm import tqdm
 
-from hpa_scc.cache import cache_path
-from hpa_scc.fileio import write_text_atomic
-from hpa_scc.instances import fold_files, labels_folder
-from hpa_scc.targets import (LAYOUTS, cell_instances, choose_threshold, label_of, label_quality, refine_labels,
+from hpa_scc.data.cache import cache_path
+from hpa_scc.utils.fileio import write_text_atomic
+from hpa_scc.data.instances import fold_files, labels_folder
+from hpa_scc.weak.targets import (LAYOUTS, cell_instances, choose_threshold, label_of, label_quality, refine_labels,
                              within_image_auc)
 
-log = logging.getLogger("hpa_scc.refine")
+log = logging.getLogger("hpa_scc.apps.refine")
 
 
 @dataclass
@@ -121,7 +121,7 @@ SWEEP_RELATIVE = (0.0, 0.25, 0.5, 0.75, 0.9)
 
 def score_image_cells(loaded, prepared: Path, image: dict, cells: dict[int, dict], tta: bool = False) -> np.ndarray:
     """float [K, 19]: the model's confidence per cell (cells in id order) for one prepared image."""
-    from hpa_scc.predict import segmenter_cell_scores
+    from hpa_scc.apps.predict import segmenter_cell_scores
 
     pixels = np.load(cache_path(prepared / "cache", image["image_name"]), mmap_mode="r")
     size = pixels.shape[-1]
@@ -154,7 +154,7 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
     alone, e.g. ``threshold=0, relative=0.25`` (RELATIVE_RULE, the cell-model default).
     ``layout``: None writes every layout the source labels have (the cells are the same).
     """
-    from hpa_scc.predict import load_run
+    from hpa_scc.apps.predict import load_run
 
     if name in ("image", "truth"):
         raise ValueError(f"refined labels need their own name, not {name!r} (e.g. refined_r1)")

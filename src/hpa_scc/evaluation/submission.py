@@ -20,7 +20,7 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from hpa_scc.constants import check_label
-from hpa_scc.fileio import atomic_path
+from hpa_scc.utils.fileio import atomic_path
 
 HEADER = ("ID", "ImageWidth", "ImageHeight", "PredictionString")
 

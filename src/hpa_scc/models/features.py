@@ -7,7 +7,7 @@ one-vs-rest LogisticRegression) this is the floor any deep per-cell model must c
 network does not beat it, the network has not learnt more than "where in the cell is the green
 and how grainy is it".
 
-    from hpa_scc.cellfeatures import FEATURE_NAMES, cell_features
+    from hpa_scc.models.features import FEATURE_NAMES, cell_features
     x = cell_features(image, cells, [1, 2, 3])   # float32 [3, len(FEATURE_NAMES)]
 
 Shapes: ``image`` uint8 [4, H, W] (channels R, G, B, Y as everywhere in the project), ``cells``
@@ -31,7 +31,7 @@ Every feature but ``GREEN_ABSOLUTE`` is unchanged when the green channel is scal
 constant, so an image's overall green brightness does not dominate. Lengths are in pixels:
 train and apply at the same image size.
 
-Speed (measured on synthetic images from ``hpa_scc.synth``, one process on a shared 2-core
+Speed (measured on synthetic images from ``hpa_scc.data.synth``, one process on a shared 2-core
 machine under load, all cells of each image): a 256 px image with ~20 cells takes ~19 ms
 (median; 5 ms at best, ~1 ms per cell), a 512 px image with ~20 cells ~31 ms (11 ms at best,
 ~2 ms per cell), and a 2048 px image ~22 ms per cell (0.25 s for 13 cells).
@@ -315,7 +315,7 @@ def cell_features(image: np.ndarray, cells: np.ndarray, cell_ids: Sequence[int])
     if image.ndim != 3 or image.shape[0] != 4:
         raise ValueError(f"image must be [4, H, W] (R, G, B, Y), got shape {image.shape}")
     if image.dtype != np.uint8:
-        raise TypeError(f"image must be uint8, got {image.dtype}; convert with hpa_scc.images")
+        raise TypeError(f"image must be uint8, got {image.dtype}; convert with hpa_scc.data.images")
     if cells.shape != image.shape[1:]:
         raise ValueError(f"cells {cells.shape} and image {image.shape[1:]} must have the same H, W")
     if cells.dtype.kind not in "ui":

@@ -2,7 +2,7 @@
 
     python -m hpa_scc visualize PRED_DIR DATA_DIR --out OUT_DIR [--run RUN_DIR] [--solution CSV]
 
-    from hpa_scc.visualize import to_rgb, overlay_outlines
+    from hpa_scc.apps.visualize import to_rgb, overlay_outlines
     rgb = overlay_outlines(to_rgb(image, percentile=99.5), cell_labels)
 
 Figures (each returns a matplotlib Figure and, given ``path``, writes it as PNG):
@@ -27,7 +27,7 @@ import numpy as np
 
 from hpa_scc.constants import CLASS_NAMES, SHORT_CLASS_NAMES
 
-log = logging.getLogger("hpa_scc.visualize")
+log = logging.getLogger("hpa_scc.apps.visualize")
 
 
 def to_rgb(image: np.ndarray, *, gain: float | Sequence[float] = 1.0, percentile: float | None = None) -> np.ndarray:
@@ -107,7 +107,7 @@ def _new_figure(width_in: float, height_in: float, dpi: int = 100):
 
 def save_figure(fig, path: str | os.PathLike, *, dpi: int | None = None) -> Path:
     """Write ``fig`` as PNG through a temporary file and a rename; returns the path."""
-    from hpa_scc.fileio import atomic_path
+    from hpa_scc.utils.fileio import atomic_path
 
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png", dpi=dpi or fig.dpi)
@@ -235,7 +235,7 @@ def load_prediction(pred_dir: str | os.PathLike, image_id: str) -> tuple[np.ndar
 
     The record holds every cell's mask, whatever the cell mode or baseline that made it.
     """
-    from hpa_scc.submission import decode_mask
+    from hpa_scc.evaluation.submission import decode_mask
 
     path = Path(pred_dir) / "records" / f"{image_id}.json"
     if not path.is_file():
@@ -251,7 +251,7 @@ def load_prediction(pred_dir: str | os.PathLike, image_id: str) -> tuple[np.ndar
 
 def read_truth_table(data_dir: str | os.PathLike) -> dict[str, dict[int, list[int]]] | None:
     """A synthetic set's true cell labels {ID: {cell: classes}}, or None for any other folder."""
-    from hpa_scc.prepare import read_true_cell_labels
+    from hpa_scc.apps.prepare import read_true_cell_labels
 
     data_dir = Path(data_dir)
     if not ((data_dir / "cells.csv").is_file() and (data_dir / "masks").is_dir()):
@@ -261,7 +261,7 @@ def read_truth_table(data_dir: str | os.PathLike) -> dict[str, dict[int, list[in
 
 def prediction_ids(pred_dir: str | os.PathLike, data_dir: str | os.PathLike) -> list[str]:
     """IDs of ``data_dir``'s images (its order) that have a prediction record in ``pred_dir``."""
-    from hpa_scc.images import find_images
+    from hpa_scc.data.images import find_images
 
     records = Path(pred_dir) / "records"
     return [r.image_id for r in find_images(data_dir) if (records / f"{r.image_id}.json").is_file()]
@@ -275,8 +275,8 @@ def show_prediction(pred_dir: str | os.PathLike, data_dir: str | os.PathLike, im
     naming the image-level labels when ``data_dir`` has them. ``truth_table`` (from
     ``read_truth_table``) saves re-reading cells.csv image after image.
     """
-    from hpa_scc.images import find_images, read_image
-    from hpa_scc.segment.precomputed import read_labels
+    from hpa_scc.data.images import find_images, read_image
+    from hpa_scc.data.images import read_labels
 
     data_dir = Path(data_dir)
     record = {r.image_id: r for r in find_images(data_dir)}.get(image_id)
@@ -478,7 +478,7 @@ def visualize_main(pred_dir: str | os.PathLike, data_dir: str | os.PathLike, out
       ``pr_curves`` (pr_curves.png). ``compare`` {series name: submission.csv or a prediction
       folder} adds other submissions (e.g. a baseline) as bars beside ``name``'s.
     """
-    from hpa_scc.metric import evaluate_files
+    from hpa_scc.evaluation.metric import evaluate_files
 
     pred_dir, out_dir = Path(pred_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

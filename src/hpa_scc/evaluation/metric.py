@@ -40,8 +40,8 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from hpa_scc.constants import CLASS_NAMES, NUM_CLASSES
-from hpa_scc.fileio import write_text_atomic
-from hpa_scc.submission import SubmissionRow, mask_rle, read_submission
+from hpa_scc.utils.fileio import write_text_atomic
+from hpa_scc.evaluation.submission import SubmissionRow, mask_rle, read_submission
 
 IOU_THRESHOLD = 0.6  # the competition's mask IoU for a match
 

@@ -14,7 +14,7 @@ Two families (``model.family``):
 * ``cell``: a torchvision classifier (``model.backbone`` in CELL_BACKBONES: resnet18/34/50,
   densenet121, efficientnet_b0) on masked 4-channel crops of ``data.crop_size`` px;
 * ``features``: the non-deep baseline: per-cell intensity/texture features
-  (``hpa_scc.cellfeatures``) and one logistic regression per class, fitted in seconds, saved as a
+  (``hpa_scc.models.features``) and one logistic regression per class, fitted in seconds, saved as a
   torch module so checkpoints, ``predict`` and ``refine`` treat it like the others.
 
 The crops of a prepared set are cut once from its cache and saved as one uint8 array
@@ -42,9 +42,9 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from hpa_scc.cache import cache_path
+from hpa_scc.data.cache import cache_path
 from hpa_scc.constants import NUM_CLASSES
-from hpa_scc.fileio import atomic_path, write_text_atomic
+from hpa_scc.utils.fileio import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def label_image(annotations: list[dict], size: tuple[int, int]) -> np.ndarray:
 
 def _fold_coco(prepared: Path, fold_labels: str = "image") -> list[tuple[int, dict]]:
     """(fold, COCO dict) of every fold of a prepared set, whichever layout it was written in."""
-    from hpa_scc.instances import labels_folder
+    from hpa_scc.data.instances import labels_folder
 
     for layout in ("multilabel", "per_label"):
         base = prepared / labels_folder(fold_labels) / layout
@@ -187,7 +187,7 @@ def build_store(prepared: str | os.PathLike, kind: str, crop_size: int = 64, pro
     """
     prepared = Path(prepared)
     if kind == "features":
-        from hpa_scc.cellfeatures import FEATURE_NAMES, cell_features
+        from hpa_scc.models.features import FEATURE_NAMES, cell_features
     table = cell_table(prepared)
     name = f"{crop_size}px" if kind == "crops" else "features"
     settings = {"format": CROP_FORMAT, "kind": kind, "crop_size": crop_size if kind == "crops" else None,
@@ -358,7 +358,7 @@ class CellClassifier(_MultiLabelModel):
         super().__init__()
         if backbone not in CELL_BACKBONES:
             raise ValueError(f"unknown cell backbone {backbone!r}; choose one of {sorted(CELL_BACKBONES)}")
-        from hpa_scc.models import default_pixel_stats
+        from hpa_scc.models.detector import default_pixel_stats
 
         d_mean, d_std = default_pixel_stats(in_channels)
         self.net = CELL_BACKBONES[backbone](in_channels, num_classes)
@@ -424,7 +424,7 @@ def fit_feature_classifier(model: FeatureClassifier, features: np.ndarray, label
 def load_cell_imagenet(model: CellClassifier, backbone: str, in_channels: int, path: str | None = None) -> None:
     """torchvision's ImageNet weights for a cell backbone, from ``path`` or the torch hub cache (never
     downloaded); a 4-channel stem takes yellow from red (``models.adapt_stem``); classifier dropped."""
-    from hpa_scc.models import adapt_stem
+    from hpa_scc.models.detector import adapt_stem
 
     enum, stem, head = CELL_IMAGENET[backbone]
     if path is None:
@@ -438,7 +438,7 @@ def load_cell_imagenet(model: CellClassifier, backbone: str, in_channels: int, p
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = {k: v for k, v in state.items() if not k.startswith(head)}
     if backbone == "densenet121":
-        from hpa_scc.models import densenet_imagenet_keys
+        from hpa_scc.models.detector import densenet_imagenet_keys
 
         state = {"features." + k[len("backbone.body."):]: v for k, v in densenet_imagenet_keys(state).items()}
     state[stem] = adapt_stem(state[stem], in_channels)
@@ -449,9 +449,9 @@ def load_cell_imagenet(model: CellClassifier, backbone: str, in_channels: int, p
 
 
 def build_family_model(cfg) -> nn.Module:
-    """The model of a Config of any family: Mask R-CNN (hpa_scc.models) or a cell-level model."""
+    """The model of a Config of any family: Mask R-CNN (hpa_scc.models.detector) or a cell-level model."""
     if cfg.model.family == "maskrcnn":
-        from hpa_scc.models import build_model
+        from hpa_scc.models.detector import build_model
 
         if cfg.data.image_size is None:
             raise ValueError("data.image_size is unset: train takes it from the prepared set (prepare.json); "
@@ -463,14 +463,14 @@ def build_family_model(cfg) -> nn.Module:
 def build_cell_model(cfg, n_features: int | None = None) -> nn.Module:
     """The model of ``cfg`` (a ModelConfig) for the ``cell`` or ``features`` family."""
     if cfg.family == "features":
-        from hpa_scc.cellfeatures import FEATURE_NAMES
+        from hpa_scc.models.features import FEATURE_NAMES
 
         return FeatureClassifier(n_features or len(FEATURE_NAMES))
     model = CellClassifier(cfg.backbone, cfg.in_channels, mean=cfg.pixel_mean, std=cfg.pixel_std)
     if cfg.weights == "imagenet" or (cfg.weights and Path(cfg.weights).suffix == ".pth"):
         load_cell_imagenet(model, cfg.backbone, cfg.in_channels, None if cfg.weights == "imagenet" else cfg.weights)
     elif cfg.weights:
-        from hpa_scc.checkpoint import load_checkpoint
+        from hpa_scc.utils.checkpoint import load_checkpoint
 
         model.load_state_dict(load_checkpoint(cfg.weights)["model"])
         log.info("cell model weights from %s", cfg.weights)
@@ -497,7 +497,7 @@ def cell_scores(model: nn.Module, family: str, image: np.ndarray, cells: np.ndar
 
     ``tta``: crops are also scored flipped and rotated by 90 degrees (4 views), scores averaged.
     """
-    from hpa_scc.cellfeatures import cell_features
+    from hpa_scc.models.features import cell_features
 
     ids = list(cell_ids)
     if not ids:

@@ -28,7 +28,7 @@ import torch
 from pycocotools import mask as coco_mask
 from torch.utils.data import Dataset
 
-from hpa_scc.cache import cache_path
+from hpa_scc.data.cache import cache_path
 from hpa_scc.constants import NUM_CLASSES
 
 
@@ -55,7 +55,7 @@ def coco_path(prepared_dir: str | os.PathLike, layout: str, fold: int, labels: s
                           f"names one; a set prepared with --layout holds that one only: prepare it again into another "
                           f"OUT_DIR, or train the head of the layout it holds, model.head=softmax for per_label)",
                 "truth": "only synthetic sets (with masks/ and cells.csv) have true cell labels"}.get(
-            labels, "write it with a refinement round (bench/weak_supervision.py, hpa_scc.refine)")
+            labels, "write it with a refinement round (bench/weak_supervision.py, hpa_scc.apps.refine)")
         raise FileNotFoundError(f"{path} not found; {hint} (and check data.val_fold against the number of folds)")
     return path
 

@@ -2,7 +2,7 @@
 
     state = d2_to_torchvision(load_detectron2_checkpoint("model_final_a3ec72.pkl"), 80, keep_predictors=True)
 
-Used by ``hpa_scc.models.build_model`` when ``model.weights`` ends in ``.pkl``. Made for
+Used by ``hpa_scc.models.detector.build_model`` when ``model.weights`` ends in ``.pkl``. Made for
 COCO-InstanceSegmentation ``mask_rcnn_R_101_FPN_3x`` and ``mask_rcnn_X_101_32x8d_FPN_3x``
 (FrozenBN ResNet/ResNeXt + FPN, StandardRPNHead, 2-fc box head, 4-conv mask head); the
 layers match torchvision's 1:1 once a few conventions are translated:
@@ -114,7 +114,7 @@ def d2_num_classes(d2_state: dict) -> int | None:
 
 
 def d2_to_torchvision(d2_state: dict, num_classes_out: int | None, keep_predictors: bool) -> dict[str, torch.Tensor]:
-    """Rename and rearrange a detectron2 state dict for the torchvision Mask R-CNN of ``hpa_scc.models``.
+    """Rename and rearrange a detectron2 state dict for the torchvision Mask R-CNN of ``hpa_scc.models.detector``.
 
     ``num_classes_out``: foreground classes of the target model (background not counted);
     None accepts the checkpoint's. The class/box/mask predictors are kept only when

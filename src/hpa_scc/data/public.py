@@ -75,9 +75,9 @@ from hpa_scc.constants import (
     format_labels,
     parse_labels,
 )
-from hpa_scc.fileio import atomic_path, write_png_atomic
-from hpa_scc.images import ImageReadError, read_label_table, resize, to_uint8
-from hpa_scc.pool import write_failures
+from hpa_scc.utils.fileio import atomic_path, write_png_atomic
+from hpa_scc.data.images import ImageReadError, read_label_table, resize, to_uint8
+from hpa_scc.utils.pool import write_failures
 
 log = logging.getLogger(__name__)
 
@@ -506,7 +506,7 @@ def download_public(table: str | os.PathLike, out_dir: str | os.PathLike, *, lab
     to interrupt a run). On Ctrl-C the workers stop, train.csv and failures.csv are written for
     what is finished, and KeyboardInterrupt propagates.
     """
-    from hpa_scc.cache import check_settings
+    from hpa_scc.data.cache import check_settings
 
     options = options or DownloadOptions()
     if options.bits not in ("native", "8"):

@@ -29,7 +29,7 @@ Weights (``cfg.weights``), from local files only; nothing is ever downloaded:
 * ``None``: random init, everything trains;
 * ``"imagenet"``: torchvision's ImageNet backbone file from the torch hub cache
   (``torch.hub.get_dir()/checkpoints/``), e.g. ``resnet101-63fe2227.pth``;
-* ``*.pkl``: a detectron2 model-zoo checkpoint (``hpa_scc.d2import``); R101 brings its stride
+* ``*.pkl``: a detectron2 model-zoo checkpoint (``hpa_scc.models.d2import``); R101 brings its stride
   placement (``stride_in_1x1``) and its input statistics with it;
 * another path: a project checkpoint (``{"model": state_dict, ...}``, as the trainer writes), a
   plain state dict of this model, or a torchvision ImageNet classifier file (as ``"imagenet"``);
@@ -388,7 +388,7 @@ def build_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES, image_size: in
 
     stride_in_1x1 = False
     if weights is not None and weights[0] == "detectron2":
-        from hpa_scc.d2import import D2_STRIDE_IN_1X1
+        from hpa_scc.models.d2import import D2_STRIDE_IN_1X1
         stride_in_1x1 = D2_STRIDE_IN_1X1[cfg.backbone]
     elif weights is not None and STRIDE_KEY in weights[1]:
         stride_in_1x1 = bool(weights[1][STRIDE_KEY])
@@ -423,7 +423,7 @@ def build_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES, image_size: in
 
     mean, std = default_pixel_stats(cfg.in_channels)
     if weights is not None and weights[0] == "detectron2":
-        from hpa_scc.d2import import D2_PIXEL_STATS
+        from hpa_scc.models.d2import import D2_PIXEL_STATS
         stats = D2_PIXEL_STATS[cfg.backbone]
         mean = [m / 255 for m in stats["mean_bgr"][::-1]]
         std = [s / 255 for s in stats["std_bgr"][::-1]]
@@ -478,13 +478,13 @@ def _read_weights(cfg: ModelConfig) -> tuple[str, dict] | None:
         raise FileNotFoundError(f"model.weights: {path} not found (expected null, 'imagenet', a detectron2 .pkl, "
                                 f"a project checkpoint or a state dict)")
     if path.suffix == ".pkl":
-        from hpa_scc.d2import import d2_to_torchvision, load_detectron2_checkpoint
+        from hpa_scc.models.d2import import d2_to_torchvision, load_detectron2_checkpoint
 
         if cfg.backbone in DENSENETS:
             raise ValueError("detectron2 .pkl weights are for the resnet101_fpn / resnext101_32x8d_fpn backbones")
         state = d2_to_torchvision(load_detectron2_checkpoint(path), None, keep_predictors=True)
         return "detectron2", state  # predictors kept here; _load_weights decides with the model's shapes
-    from hpa_scc.checkpoint import load_checkpoint
+    from hpa_scc.utils.checkpoint import load_checkpoint
 
     data = load_checkpoint(path)
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
@@ -500,7 +500,7 @@ def _read_weights(cfg: ModelConfig) -> tuple[str, dict] | None:
 
 
 def _cell_backbone_keys(checkpoint: dict, cfg: ModelConfig, path: Path) -> dict:
-    """A cell-level model's DenseNet121 (``hpa_scc.cells``, trained on cell crops) as this detector's
+    """A cell-level model's DenseNet121 (``hpa_scc.models.cells``, trained on cell crops) as this detector's
     backbone body: ``net.features.*`` -> ``backbone.body.*``; its classifier is dropped."""
     backbone = checkpoint["config"]["model"]["backbone"]
     if cfg.backbone not in DENSENETS or backbone != "densenet121":

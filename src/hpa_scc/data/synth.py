@@ -48,9 +48,9 @@ from scipy import ndimage
 
 from hpa_scc.constants import (CHANNELS, CLASS_NAMES, KAGGLE_CLASS_COUNTS, MITOTIC_SPINDLE, NEGATIVE,
                                NUM_CLASSES, format_labels)
-from hpa_scc.fileio import write_png_atomic, write_text_atomic
-from hpa_scc.pool import run_pool, single_threaded_opencv
-from hpa_scc.submission import SubmissionRow, cells_to_row, write_submission
+from hpa_scc.utils.fileio import write_png_atomic, write_text_atomic
+from hpa_scc.utils.pool import run_pool, single_threaded_opencv
+from hpa_scc.evaluation.submission import SubmissionRow, cells_to_row, write_submission
 
 # Bump when a change makes the same (seed, index) draw a different image: a rerun into a folder
 # made by another version then fails instead of mixing two generators in one set.

@@ -14,7 +14,7 @@ Decoding four full-size PNGs and resizing them costs ~0.1 s per 2048 px image; a
 sample is a single memory-mapped read. Each image is written atomically, so an interrupted
 run is resumed by running the same command again: finished images are skipped.
 
-Sharded (``shard=(I, N)``, see hpa_scc.shard): task I caches only its images and writes
+Sharded (``shard=(I, N)``, see hpa_scc.data.shard): task I caches only its images and writes
 index-shard<I>of<N>.csv and failures-shard<I>of<N>.csv instead of index.csv and failures.csv;
 ``merge_cache`` then writes those two exactly as an unsharded run does.
 """
@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from hpa_scc.constants import format_labels, parse_labels
-from hpa_scc.fileio import atomic_path, write_npy_atomic, write_text_atomic
-from hpa_scc.images import ImageReadError, ImageRecord, channel_names, find_images, read_image, resize
-from hpa_scc.pool import run_pool, single_threaded_opencv, write_failures
-from hpa_scc.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
+from hpa_scc.utils.fileio import atomic_path, write_npy_atomic, write_text_atomic
+from hpa_scc.data.images import ImageReadError, ImageRecord, channel_names, find_images, read_image, resize
+from hpa_scc.utils.pool import run_pool, single_threaded_opencv, write_failures
+from hpa_scc.data.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1

@@ -41,15 +41,15 @@ import numpy as np
 import torch
 
 from hpa_scc.constants import NUM_CLASSES
-from hpa_scc.fileio import atomic_path, write_text_atomic
-from hpa_scc.images import ImageReadError, ImageRecord, find_images, read_image, resize
-from hpa_scc.pool import run_pool, write_failures
+from hpa_scc.utils.fileio import atomic_path, write_text_atomic
+from hpa_scc.data.images import ImageReadError, ImageRecord, find_images, read_image, resize
+from hpa_scc.utils.pool import run_pool, write_failures
 from hpa_scc.segment.folder import init_worker, segment_one, worker_segmenter, worker_settings
-from hpa_scc.segment.precomputed import read_labels
-from hpa_scc.submission import EncodedCell, SubmissionRow, encode_label_image, write_submission
-from hpa_scc.targets import fuse_image_scores
+from hpa_scc.data.images import read_labels
+from hpa_scc.evaluation.submission import EncodedCell, SubmissionRow, encode_label_image, write_submission
+from hpa_scc.weak.targets import fuse_image_scores
 
-log = logging.getLogger("hpa_scc.predict")
+log = logging.getLogger("hpa_scc.apps.predict")
 BASELINES = ("image-labels", "truth", "random")
 CELL_MODES = ("segmenter", "model")
 
@@ -61,7 +61,7 @@ class LoadedModel:
     in_channels: int
     head: str
     device: torch.device
-    family: str = "maskrcnn"  # maskrcnn | cell | features (hpa_scc.cells)
+    family: str = "maskrcnn"  # maskrcnn | cell | features (hpa_scc.models.cells)
     crop_size: int = 64  # cell-level models: the crops they were trained on
     run_dir: str = ""
     checkpoint: str = ""  # the file the weights came from
@@ -69,8 +69,8 @@ class LoadedModel:
 
 def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: str = "auto") -> LoadedModel:
     """The model of a run folder (its config.yaml + a checkpoint), in eval mode."""
-    from hpa_scc.cells import build_family_model
-    from hpa_scc.checkpoint import load_checkpoint
+    from hpa_scc.models.cells import build_family_model
+    from hpa_scc.utils.checkpoint import load_checkpoint
     from hpa_scc.config import load_config
 
     run_dir = Path(run_dir)
@@ -100,7 +100,7 @@ def detect_batch(loaded: LoadedModel, images: list[np.ndarray], tta: bool = Fals
     probability) and scores [N]. With ``tta`` each image's horizontal flip is added and its
     detections flipped back and appended.
     """
-    from hpa_scc.engine import autocast
+    from hpa_scc.engine.loop import autocast
 
     size, device = loaded.image_size, loaded.device
     tensors = []
@@ -234,7 +234,7 @@ def to_row(result: dict) -> SubmissionRow:
 
 
 def _truth_tables(data_dir: Path) -> dict[str, dict[int, list[int]]]:
-    from hpa_scc.prepare import read_true_cell_labels
+    from hpa_scc.apps.prepare import read_true_cell_labels
 
     if not (data_dir / "cells.csv").is_file():
         raise FileNotFoundError(f"--baseline truth needs a synthetic set with cells.csv and masks/ in {data_dir}")
@@ -283,7 +283,7 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
         truth = _truth_tables(data_dir) if baseline == "truth" else None
         # The per-image records of an earlier run are reused only for the same models and settings:
         # another model, checkpoint or option into the same OUT is refused, never mixed in.
-        from hpa_scc.cache import check_settings
+        from hpa_scc.data.cache import check_settings
 
         check_settings(out_dir, {"mode": mode, "models": [_model_identity(m) for m in members],
                                  "cells": cells, "tta": tta, "image_fusion": image_fusion,
@@ -386,8 +386,8 @@ def box_scores(loaded: LoadedModel, smalls: list[np.ndarray], small_cells: list[
                tta: bool = False) -> list[np.ndarray]:
     """Each segmenter cell's box fed to a multilabel detector's RoI heads: all 19 scores per cell
     from its classifier, with no detection cap or score threshold (``models.score_boxes``)."""
-    from hpa_scc.engine import autocast
-    from hpa_scc.models import score_boxes
+    from hpa_scc.engine.loop import autocast
+    from hpa_scc.models.detector import score_boxes
 
     device = loaded.device
     images = [torch.from_numpy(np.ascontiguousarray(im)).to(device).float().div_(255.0) for im in smalls]
@@ -420,7 +420,7 @@ def segmenter_cell_scores(loaded: LoadedModel, smalls: list[np.ndarray], small_c
             return box_scores(loaded, smalls, small_cells, n_cells, tta)
         detections = detect_batch(loaded, smalls, tta)
         return [score_cells(cells, list(range(1, n + 1)), det) for cells, n, det in zip(small_cells, n_cells, detections)]
-    from hpa_scc.cells import cell_scores
+    from hpa_scc.models.cells import cell_scores
 
     return [cell_scores(loaded.model, loaded.family, image, cells, range(1, n + 1), crop_size=loaded.crop_size,
                         in_channels=loaded.in_channels, device=loaded.device, tta=tta)

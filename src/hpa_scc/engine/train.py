@@ -1,4 +1,4 @@
-"""Train a model on the pseudo-labelled cells: Mask R-CNN, or a cell-level model (hpa_scc.cells).
+"""Train a model on the pseudo-labelled cells: Mask R-CNN, or a cell-level model (hpa_scc.models.cells).
 
     python -m hpa_scc train configs/densenet121.yaml [key=value ...]
     torchrun --nproc-per-node 4 -m hpa_scc train configs/resnet101_fpn.yaml train.run_dir=runs/r101
@@ -31,14 +31,14 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from hpa_scc.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+from hpa_scc.utils.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from hpa_scc.config import Config, save_config, to_dict
-from hpa_scc.distributed import DistInfo, barrier, cleanup, init_distributed, mean_across_ranks
-from hpa_scc.engine import evaluate, train_one_epoch, use_fast_path
-from hpa_scc.cells import build_family_model
-from hpa_scc.instances import CellInstances, collate, shadowed_instances, shadowed_warning
+from hpa_scc.engine.distributed import DistInfo, barrier, cleanup, init_distributed, mean_across_ranks
+from hpa_scc.engine.loop import evaluate, train_one_epoch, use_fast_path
+from hpa_scc.models.cells import build_family_model
+from hpa_scc.data.instances import CellInstances, collate, shadowed_instances, shadowed_warning
 
-log = logging.getLogger("hpa_scc.train")
+log = logging.getLogger("hpa_scc.engine.train")
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal after saving last.pt; requeue to continue
 
 
@@ -177,7 +177,7 @@ VAL_METRIC = {"maskrcnn": "segm_AP", "cell": "cell_AP", "features": "cell_AP"}
 
 def _truth_labels(prepared: Path):
     """A synthetic set's true cell labels (validation reports against them too), else None."""
-    from hpa_scc.cells import read_cell_labels
+    from hpa_scc.models.cells import read_cell_labels
 
     try:
         return read_cell_labels(prepared, "truth")
@@ -207,7 +207,7 @@ def _datasets(cfg: Config, prepared: Path, train_folds: list[int], val_folds: li
 
         return train_set, val_set, collate, validate
 
-    from hpa_scc.cells import CellDataset, build_store, collate_cells, evaluate_cells, read_cell_labels
+    from hpa_scc.models.cells import CellDataset, build_store, collate_cells, evaluate_cells, read_cell_labels
 
     store = build_store(prepared, "crops", cfg.data.crop_size, progress=progress)
     labels = read_cell_labels(prepared, cfg.data.labels)
@@ -227,7 +227,7 @@ def _fit_features(cfg: Config, prepared: Path, train_folds: list[int], val_folds
                   info: DistInfo, log_handler, progress: bool = True) -> torch.nn.Module:
     """The ``features`` family: per-cell features + logistic regressions, fitted once, saved as
     best.pt/last.pt like any run (so predict and refine load it the same way)."""
-    from hpa_scc.cells import CellDataset, build_store, evaluate_cells, fit_feature_classifier, read_cell_labels
+    from hpa_scc.models.cells import CellDataset, build_store, evaluate_cells, fit_feature_classifier, read_cell_labels
 
     try:
         last = run_dir / LAST

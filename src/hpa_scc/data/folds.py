@@ -18,8 +18,8 @@ import numpy as np
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
 from hpa_scc.constants import CLASS_NAMES, NUM_CLASSES, format_labels
-from hpa_scc.fileio import atomic_path
-from hpa_scc.images import read_label_table
+from hpa_scc.utils.fileio import atomic_path
+from hpa_scc.data.images import read_label_table
 
 
 def assign_folds(labels: list[tuple[int, ...]], n_folds: int = 5, seed: int = 0) -> np.ndarray:

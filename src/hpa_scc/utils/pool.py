@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from hpa_scc.fileio import atomic_path
+from hpa_scc.utils.fileio import atomic_path
 
 
 def single_threaded_opencv() -> None:

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hpa_scc.cache import cache_path, read_cache_index
+from hpa_scc.data.cache import cache_path, read_cache_index
 from hpa_scc.constants import labels_to_multihot
-from hpa_scc.images import ImageRecord, read_image
+from hpa_scc.data.images import ImageRecord, read_image
 
 
 def multihot(labels: tuple[int, ...] | None) -> torch.Tensor:

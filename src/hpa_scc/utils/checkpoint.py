@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpa_scc.fileio import atomic_path
+from hpa_scc.utils.fileio import atomic_path
 
 LAST = "last.pt"
 BEST = "best.pt"

@@ -1,0 +1,1 @@
+"""The steps a user runs, each composing the stages below it: prepare, predict, refine, visualize, demo."""

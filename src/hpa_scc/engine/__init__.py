@@ -1,0 +1,1 @@
+"""Training: the loop (one epoch, validation), distributed setup, and ``train`` that composes them."""

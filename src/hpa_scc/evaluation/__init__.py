@@ -1,0 +1,1 @@
+"""Evaluation without torch: the Kaggle submission codec and the competition metric."""
