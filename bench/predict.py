@@ -37,7 +37,8 @@ from hpa_scc.config import load_config, save_config
 from hpa_scc.constants import CHANNELS
 from hpa_scc.data.images import find_images, read_image, resize
 from hpa_scc.models.detector import build_model
-from hpa_scc.apps.predict import detect_batch, load_run, predict_folder, score_cells
+from hpa_scc.apps.predict import predict_folder
+from hpa_scc.engine.inference import detect_batch, load_run, score_cells
 from hpa_scc.data.synth import write_synth_set
 
 

@@ -55,7 +55,8 @@ from hpa_scc.constants import NUM_CLASSES, SHORT_CLASS_NAMES
 from hpa_scc.utils.fileio import write_text_atomic
 from hpa_scc.evaluation.metric import evaluate_files
 from hpa_scc.apps.predict import predict_folder
-from hpa_scc.apps.prepare import prepare_dataset, read_true_cell_labels
+from hpa_scc.apps.prepare import prepare_dataset
+from hpa_scc.data.synth import read_true_cell_labels
 from hpa_scc.apps.refine import RELATIVE_RULE, refine_prepared
 from hpa_scc.data.images import read_labels
 from hpa_scc.data.synth import write_synth_set

@@ -11,5 +11,5 @@ from hpa_scc.engine.train import train
 
 if __name__ == "__main__":
     cfg = load_config(None, sys.argv[1:])
-    model = train(cfg)
+    model = train(cfg).model
     torch.save(model.state_dict(), Path(cfg.train.run_dir) / f"rank{os.environ['RANK']}.pt")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hpa_scc.models.cells import (CellClassifier, FeatureClassifier, build_store, cell_crops, cell_table, fit_feature_classifier,
-                           macro_ap, read_cell_labels)
+                           macro_ap)
+from hpa_scc.data.prepared import PreparedSet
 from hpa_scc.config import ConfigError, load_config
 from hpa_scc.constants import NUM_CLASSES
 
@@ -96,7 +97,7 @@ def test_store_is_built_once_and_rebuilt_when_the_cells_change(prepared):
     # the same cells give the same crops as cutting them by hand from the cache
     first = table[0]
     from hpa_scc.data.cache import cache_path
-    from hpa_scc.models.cells import label_image
+    from hpa_scc.data.prepared import label_image
 
     pixels = np.load(cache_path(p / "cache", first["image_name"]))
     ids = [a["cell_id"] for a in first["cells"]]
@@ -122,12 +123,12 @@ def test_store_is_built_once_and_rebuilt_when_the_cells_change(prepared):
 
 def test_labels_of_every_folder(prepared):
     p = prepared / "prepared"
-    weak, truth = read_cell_labels(p, "image"), read_cell_labels(p, "truth")
+    weak, truth = PreparedSet(p).label_vectors("image"), PreparedSet(p).label_vectors("truth")
     assert weak.keys() == truth.keys()
     for key, vec in truth.items():  # a true label is always one of the image's labels (or Negative)
         assert set(np.flatnonzero(vec)) <= set(np.flatnonzero(weak[key])) | {18}
     with pytest.raises(FileNotFoundError, match="coco_nope"):
-        read_cell_labels(p, "nope")
+        PreparedSet(p).label_vectors("nope")
 
 
 @pytest.mark.slow
@@ -160,7 +161,7 @@ def test_cell_family_trains_resumes_predicts_and_refines(prepared, tmp_path):
     assert report.threshold == 0.0 and report.relative == 0.5 and report.truth_after is not None
     for layout in ("multilabel", "per_label"):  # every layout of the source is written
         assert sorted(f.name for f in (p / "coco_cell_r1" / layout).glob("*.json")) == ["fold0.json", "fold1.json"]
-    weak, refined = read_cell_labels(p, "image"), read_cell_labels(p, "cell_r1")
+    weak, refined = PreparedSet(p).label_vectors("image"), PreparedSet(p).label_vectors("cell_r1")
     for key, vec in refined.items():  # refinement only removes image labels (or leaves a cell Negative)
         assert set(np.flatnonzero(vec)) <= set(np.flatnonzero(weak[key])) | {18}
 
@@ -176,7 +177,7 @@ def test_features_family_fits_in_one_go_and_ensembles_with_a_detector(prepared, 
     cfg = load_config(Path("configs/cell_features.yaml"), [f"data.prepared_dir={p}", f"train.run_dir={run}",
                                                            "data.val_fold=-1"])
     assert cfg.data.image_size is None
-    model = train(cfg, progress=False)
+    model = train(cfg, progress=False).model
     assert cfg.data.image_size == 128 and load_config(run / "config.yaml").data.image_size == 128
     assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
     with pytest.raises(ValueError, match="prepared at 128 px but data.image_size is 256; leave data.image_size out"):
@@ -186,7 +187,7 @@ def test_features_family_fits_in_one_go_and_ensembles_with_a_detector(prepared, 
     assert float(model.scale.min()) > 0 and model.linear.weight.abs().sum() > 0
     predict_folder(run, prepared / "set", tmp_path / "pred", workers=1, progress=False)
     conf = np.loadtxt(tmp_path / "pred" / "cells.csv", delimiter=",", skiprows=1, usecols=range(7, 7 + NUM_CLASSES))
-    weak = read_cell_labels(p, "image")
+    weak = PreparedSet(p).label_vectors("image")
     assert conf.shape[1] == NUM_CLASSES and 0 <= conf.min() and conf.max() <= 1
     # fitted on every cell: the classes no image has score low, those every cell has score high
     absent = [c for c in range(NUM_CLASSES) if all(v[c] == 0 for v in weak.values())]

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from hpa_scc.config import load_config
-from hpa_scc.data.instances import CellInstances, masks_to_boxes, random_flips, read_folds, shadowed_instances
+from hpa_scc.data.instances import CellInstances, masks_to_boxes, random_flips, shadowed_instances
+from hpa_scc.data.prepared import PreparedSet
 from hpa_scc.apps.prepare import prepare_dataset
 from hpa_scc.data.synth import write_synth_set
 from hpa_scc.engine.train import EpochSampler, lr_lambda
@@ -51,8 +52,8 @@ def test_multilabel_samples(prepared):
 
 def test_per_label_layout_repeats_the_mask_of_every_label_after_a_cells_first(prepared):
     """What the softmax head cannot learn from (see models.py): per_label copies a cell's mask once per label."""
-    per_label = read_folds(prepared, "per_label", [0, 1])
-    multilabel = read_folds(prepared, "multilabel", [0, 1])
+    per_label = PreparedSet(prepared).read_folds("per_label", [0, 1])
+    multilabel = PreparedSet(prepared).read_folds("multilabel", [0, 1])
     n_labels = {img["id"]: len(img["labels"]) for img in multilabel["images"]}
     labels_after_first = sum(n_labels[a["image_id"]] - 1 for a in multilabel["annotations"])
     assert labels_after_first > 0  # the synthetic set has images with several labels

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_run
-from hpa_scc.apps.predict import cells_from_detections, predict_folder, score_cells
+from hpa_scc.apps.predict import predict_folder
+from hpa_scc.engine.inference import cells_from_detections, score_cells
 from hpa_scc.evaluation.submission import decode_mask, read_submission
 
 

@@ -12,10 +12,11 @@ import hpa_scc.apps.refine
 from conftest import make_tiny_run
 from hpa_scc.config import load_config
 from hpa_scc.constants import NEGATIVE, NUM_CLASSES
-from hpa_scc.data.instances import CellInstances, read_folds
+from hpa_scc.data.instances import CellInstances
+from hpa_scc.data.prepared import PreparedSet, cells_of
 from hpa_scc.evaluation.metric import evaluate_files
 from hpa_scc.apps.predict import predict_folder
-from hpa_scc.apps.refine import cells_of, refine_prepared
+from hpa_scc.apps.refine import refine_prepared
 from hpa_scc.evaluation.submission import read_submission
 
 
@@ -36,7 +37,7 @@ def test_refinement_with_a_perfect_scorer_recovers_the_true_labels(run, monkeypa
 
     prepared = tmp_path / "prepared"
     shutil.copytree(run / "prepared", prepared)
-    truth = labels_by_cell(read_folds(prepared, "per_label", [0, 1], labels="truth"))
+    truth = labels_by_cell(PreparedSet(prepared).read_folds("per_label", [0, 1], labels="truth"))
 
     def oracle_scorer(loaded, prepared_dir, image, cells, tta=False):
         conf = np.full((len(cells), NUM_CLASSES), 0.1, np.float32)
@@ -50,8 +51,8 @@ def test_refinement_with_a_perfect_scorer_recovers_the_true_labels(run, monkeypa
                              progress=False)
     # F1 < 1: segmented cells on background carry Negative in the transferred truth
     assert 0.1 < report.threshold <= 0.9 and report.held_out_f1 > 0.5
-    weak = read_folds(prepared, "per_label", [0, 1])
-    refined = read_folds(prepared, "per_label", [0, 1], labels="refined_r1")
+    weak = PreparedSet(prepared).read_folds("per_label", [0, 1])
+    refined = PreparedSet(prepared).read_folds("per_label", [0, 1], labels="refined_r1")
     assert [i["id"] for i in refined["images"]] == [i["id"] for i in weak["images"]]
     image_labels = {i["id"]: set(i["labels"]) for i in weak["images"]}
     got = labels_by_cell(refined)
@@ -98,8 +99,8 @@ def test_an_uninformed_model_leaves_the_weak_labels_alone(run, tmp_path):
     # the tiny run trained one step: no detection passes the score threshold, so F1 is 0 everywhere
     report = refine_prepared(run / "run", prepared, layout="per_label", name="r", held_out_folds=[0], progress=False)
     assert report.threshold == 0.0 and report.labels_after == report.labels_before and report.kept_image_labels
-    assert labels_by_cell(read_folds(prepared, "per_label", [0, 1], labels="r")) == \
-        labels_by_cell(read_folds(prepared, "per_label", [0, 1]))
+    assert labels_by_cell(PreparedSet(prepared).read_folds("per_label", [0, 1], labels="r")) == \
+        labels_by_cell(PreparedSet(prepared).read_folds("per_label", [0, 1]))
     with pytest.raises(ValueError, match="their own name"):
         refine_prepared(run / "run", prepared, layout="per_label", name="truth", held_out_folds=[0], progress=False)
     with pytest.raises(ValueError, match="no held-out images"):

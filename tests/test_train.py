@@ -15,7 +15,8 @@ from hpa_scc.config import load_config
 from hpa_scc.engine.loop import NonFiniteLossError
 from hpa_scc.apps.prepare import prepare_dataset
 from hpa_scc.data.synth import write_synth_set
-from hpa_scc.engine.train import EXIT_REQUEUE, Preempted, train
+from hpa_scc.cli import EXIT_REQUEUE
+from hpa_scc.engine.train import FINISHED, PREEMPTED, train
 
 HERE = Path(__file__).resolve().parent
 
@@ -53,7 +54,8 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
 def test_run_folder_and_resume_after_kill_match_an_uninterrupted_run(prepared, tmp_path):
     # uninterrupted: 2 epochs x 2 steps
     straight = tmp_path / "straight"
-    train(load_config(None, overrides(prepared, straight)))
+    result = train(load_config(None, overrides(prepared, straight)))
+    assert (result.status, result.epoch, result.global_step, result.checkpoint) == (FINISHED, 2, 4, straight / "last.pt")
     names = sorted(p.name for p in straight.iterdir())
     for name in ("best.pt", "config.yaml", "epoch_0001.pt", "epoch_0002.pt", "last.pt", "metrics.jsonl", "train.log"):
         assert name in names
@@ -156,8 +158,8 @@ def test_train_cli_errors_are_clear(prepared, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_signal_in_process_raises_preempted_after_saving_and_keeps_the_caller_alive(prepared, tmp_path):
-    """A notebook calling train() gets an exception it can catch, not a SystemExit."""
+def test_a_signal_in_process_returns_preempted_after_saving_and_keeps_the_caller_alive(prepared, tmp_path):
+    """A notebook calling train() gets a PREEMPTED result (last.pt saved), not an exception or a SystemExit."""
     import threading
 
     run = tmp_path / "inproc"
@@ -172,11 +174,9 @@ def test_a_signal_in_process_raises_preempted_after_saving_and_keeps_the_caller_
     before = signal.getsignal(signal.SIGUSR1)
     sender = threading.Thread(target=send_when_training, daemon=True)
     sender.start()
-    with pytest.raises(Preempted) as info:
-        train(load_config(None, overrides(prepared, run, "train.max_iters_per_epoch=3", "train.images_per_gpu=1")))
+    result = train(load_config(None, overrides(prepared, run, "train.max_iters_per_epoch=3", "train.images_per_gpu=1")))
     sender.join(timeout=10)
-    assert info.value.signum == signal.SIGUSR1 and info.value.checkpoint == run / "last.pt"
-    assert "run again to resume" in str(info.value)
+    assert result.status == PREEMPTED and result.signal == signal.SIGUSR1 and result.checkpoint == run / "last.pt"
     state = torch.load(run / "last.pt", weights_only=False)
-    assert state["epoch"] == info.value.epoch == 0 and state["step_in_epoch"] == info.value.step >= 1
+    assert state["epoch"] == result.epoch == 0 and state["step_in_epoch"] == result.step_in_epoch >= 1
     assert signal.getsignal(signal.SIGUSR1) is before  # the caller's handler is back

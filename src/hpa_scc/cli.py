@@ -242,16 +242,16 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: training stopped by a signal after saving last.pt; requeue to continue
+
+
 def _run_train(args) -> int:
     from hpa_scc.config import load_config
-    from hpa_scc.engine.train import EXIT_REQUEUE, Preempted, train
+    from hpa_scc.engine.train import PREEMPTED, train
 
-    cfg = load_config(args.config, args.overrides)
-    try:
-        train(cfg, progress=not args.quiet)
-    except Preempted:  # last.pt is saved (logged); the batch script requeues on this status
-        return EXIT_REQUEUE
-    return 0
+    result = train(load_config(args.config, args.overrides), progress=not args.quiet)
+    # last.pt is saved (logged); the batch scripts requeue on this status
+    return EXIT_REQUEUE if result.status == PREEMPTED else 0
 
 
 def _add_refine(sub) -> None:

@@ -51,6 +51,7 @@ from hpa_scc.utils.pool import run_pool, write_failures
 from hpa_scc.segment import build_segmenter
 from hpa_scc.segment.folder import init_worker, seg_paths, segment_one, worker_segmenter, worker_settings
 from hpa_scc.data.images import read_labels
+from hpa_scc.data.synth import is_synthetic, read_true_cell_labels
 from hpa_scc.data.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
 from hpa_scc.weak.targets import LAYOUTS, cell_instances, describe_cells, inherit_labels, keep_cells, transfer_labels
 
@@ -211,18 +212,6 @@ def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
         return record.image_id, None, str(exc)
 
 
-def read_true_cell_labels(truth_dir: Path) -> dict[str, dict[int, list[int]]]:
-    """A synthetic set's cells.csv -> {image id: {cell id: labels}}."""
-    from hpa_scc.constants import parse_labels
-
-    table: dict[str, dict[int, list[int]]] = {}
-    path = truth_dir / "cells.csv"
-    with open(path, newline="") as fh:
-        for line_no, row in enumerate(csv.DictReader(fh), start=2):
-            table.setdefault(row["ID"], {})[int(row["cell"])] = parse_labels(row["Label"], where=f"{path} line {line_no}")
-    return table
-
-
 def coco_file(records: list[dict], layout: str, *, truth: bool = False, description: str = "") -> dict:
     """Records -> a COCO instances dict (images in the given order, ids from their table index).
 
@@ -291,10 +280,10 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     check_settings(out_dir / "cache", cache_settings(size))
     if merge_only:
         return merge_prepared(data_dir, out_dir, labels_csv=labels_csv)
-    is_synthetic = _is_synthetic(data_dir)
+    synthetic = is_synthetic(data_dir)
     settings = {"out_dir": str(out_dir), "size": size, "min_cell_area_px": min_cell_area_px,
                 "drop_border_cells": drop_border_cells}
-    if is_synthetic:
+    if synthetic:
         settings.update(truth_dir=str(data_dir), true_labels=read_true_cell_labels(data_dir))
 
     todo = select_shard(records, shard)
@@ -356,10 +345,6 @@ def merge_prepared(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     return report
 
 
-def _is_synthetic(data_dir: Path) -> bool:
-    return (data_dir / "cells.csv").is_file() and (data_dir / "masks").is_dir()
-
-
 def _write_logs(out_dir: Path, records: list[ImageRecord], results: dict[str, dict],
                 failures: list[tuple[str, str]], suffix: str) -> None:
     """failures<suffix>.csv and cache/index<suffix>.csv of the images of ``records``."""
@@ -382,7 +367,7 @@ def _write_coco(data_dir: Path, out_dir: Path, records: list[ImageRecord], resul
     for index, (rec, fold) in enumerate(zip(records, folds, strict=True)):
         if rec.image_id in results:
             ordered.append({**results[rec.image_id], "index": index + 1, "fold": int(fold)})
-    kinds = [("coco", False)] + ([("coco_truth", True)] if _is_synthetic(data_dir) else [])
+    kinds = [("coco", False)] + ([("coco_truth", True)] if is_synthetic(data_dir) else [])
     for folder, truth in kinds:
         for name in LAYOUT_CHOICES[layout]:
             for fold in range(max(n_folds, 1)):

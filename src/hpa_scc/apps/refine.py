@@ -28,17 +28,14 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-from pycocotools import mask as coco_mask
 from tqdm import tqdm
 
-from hpa_scc.data.cache import cache_path
 from hpa_scc.utils.fileio import write_text_atomic
-from hpa_scc.data.instances import fold_files, labels_folder
-from hpa_scc.weak.targets import (LAYOUTS, cell_instances, choose_threshold, label_of, label_quality, refine_labels,
-                             within_image_auc)
+from hpa_scc.data.prepared import PreparedSet, cells_of, label_image
+from hpa_scc.weak.targets import (cell_instances, choose_threshold, label_quality, refine_labels,
+                                  within_image_auc)
 
 log = logging.getLogger("hpa_scc.apps.refine")
 
@@ -74,36 +71,6 @@ class RefineReport:
         return text
 
 
-def cells_of(coco: dict) -> dict[int, dict[int, dict]]:
-    """{image id: {cell id: one annotation of that cell}} (per_label files repeat a cell per label)."""
-    out: dict[int, dict[int, dict]] = {}
-    for ann in coco["annotations"]:
-        out.setdefault(ann["image_id"], {}).setdefault(ann["cell_id"], ann)
-    return out
-
-
-def cell_labels(coco: dict) -> dict[int, dict[int, list[int]]]:
-    """{image id: {cell id: sorted labels}} from either layout (per_label repeats a cell per label)."""
-    out: dict[int, dict[int, set]] = {}
-    for ann in coco["annotations"]:
-        labels = out.setdefault(ann["image_id"], {}).setdefault(ann["cell_id"], set())
-        if "label_vector" in ann:
-            labels.update(i for i, v in enumerate(ann["label_vector"]) if v)
-        else:
-            labels.add(label_of(ann["category_id"]))
-    return {i: {c: sorted(v) for c, v in cells.items()} for i, cells in out.items()}
-
-
-def true_cell_labels(prepared: Path, layout: str, file_name: str) -> dict[tuple[str, int], list[int]] | None:
-    """{(image name, cell id): true labels} from coco_truth/ (synthetic sets), else None."""
-    path = prepared / labels_folder("truth") / layout / file_name
-    if not path.is_file():
-        return None
-    coco = json.loads(path.read_text())
-    names = {img["id"]: img["image_name"] for img in coco["images"]}
-    return {(names[i], c): labels for i, cells in cell_labels(coco).items() for c, labels in cells.items()}
-
-
 # Below this held-out image-label F1 a model's cell scores are not trusted to narrow labels down.
 # On the CPU protocol (docs/RESULTS.md) a weak model at F1 0.17 ranked the cells of an image at
 # chance (AUC 0.52) and its refined labels were far worse than the image labels (F1 0.70 -> 0.28).
@@ -119,21 +86,18 @@ SWEEP_THRESHOLDS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 SWEEP_RELATIVE = (0.0, 0.25, 0.5, 0.75, 0.9)
 
 
-def score_image_cells(loaded, prepared: Path, image: dict, cells: dict[int, dict], tta: bool = False) -> np.ndarray:
+def score_image_cells(loaded, prepared: PreparedSet, image: dict, cells: dict[int, dict], tta: bool = False) -> np.ndarray:
     """float [K, 19]: the model's confidence per cell (cells in id order) for one prepared image."""
-    from hpa_scc.apps.predict import segmenter_cell_scores
+    from hpa_scc.engine.inference import segmenter_cell_scores
 
-    pixels = np.load(cache_path(prepared / "cache", image["image_name"]), mmap_mode="r")
-    size = pixels.shape[-1]
-    if size != loaded.image_size:
-        raise ValueError(f"{prepared} is cached at {size} px but the model was trained at {loaded.image_size} px")
+    prepared.check_size(loaded.image_size, f"the training size of the model of {loaded.run_dir}",
+                        "refine with a model trained on this prepared set")
+    pixels = prepared.read_image(image["image_name"])
     ids = sorted(cells)
-    label_image = np.zeros((size, size), np.int32)
-    for cell_id in ids:
-        label_image[coco_mask.decode(cells[cell_id]["segmentation"]).astype(bool)] = cell_id
+    cell_image = label_image([cells[i] for i in ids], pixels.shape[1:])
     if ids != list(range(1, len(ids) + 1)):  # scoring takes cells 1..K: renumber, keep the order
-        label_image = np.searchsorted(np.array([0] + ids), label_image).astype(np.int32)
-    return segmenter_cell_scores(loaded, [np.array(pixels)[: loaded.in_channels]], [label_image], [len(ids)], tta)[0]
+        cell_image = np.searchsorted(np.array([0] + ids), cell_image).astype(np.int32)
+    return segmenter_cell_scores(loaded, [np.array(pixels)[: loaded.in_channels]], [cell_image], [len(ids)], tta)[0]
 
 
 def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike, *, name: str,
@@ -154,20 +118,20 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
     alone, e.g. ``threshold=0, relative=0.25`` (RELATIVE_RULE, the cell-model default).
     ``layout``: None writes every layout the source labels have (the cells are the same).
     """
-    from hpa_scc.apps.predict import load_run
+    from hpa_scc.engine.inference import load_run
 
     if name in ("image", "truth"):
         raise ValueError(f"refined labels need their own name, not {name!r} (e.g. refined_r1)")
     if not 0.0 <= relative <= 1.0:  # refine_labels checks it too, but only after every image is scored
         raise ValueError(f"relative must be in [0, 1] (a share of the image's best cell score), got {relative}")
-    prepared = Path(prepared_dir)
+    prepared = PreparedSet(prepared_dir)
     loaded = load_run(run_dir, checkpoint, device)
-    source_base = prepared / labels_folder(source)
-    layouts = [layout] if layout else [lay for lay in LAYOUTS if (source_base / lay).is_dir()]
+    layouts = [layout] if layout else list(prepared.layouts(source))
     if not layouts:
-        raise FileNotFoundError(f"no COCO files in {source_base}; build them with 'python dataset.py DATA_DIR {prepared}'")
+        raise FileNotFoundError(f"no COCO files in {prepared.labels_dir(source)}; build them with "
+                                f"'python dataset.py DATA_DIR {prepared.root}'")
     layout = layouts[0]
-    files = fold_files(prepared, layout, source)
+    files = prepared.fold_files(layout, source)
     scored: dict[tuple[int, int], tuple[dict, list[int], np.ndarray]] = {}  # (fold, image id) -> scores
     image_fold: dict[int, int] = {}
     per_fold = {}
@@ -202,15 +166,14 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
         threshold, relative = 0.0, 0.0
 
     # Cells, their image labels, scores and (synthetic sets) true labels, for the truth comparison.
-    found = [true_cell_labels(prepared, layout, path.name) for _, path in files]
-    truth = None if None in found else {key: labels for part in found for key, labels in part.items()}
+    truth = prepared.true_cell_labels()
     evaluated = []
     if truth:
         missing = [(img["image_name"], c) for img, ids, _ in scored.values() for c in ids
                    if (img["image_name"], c) not in truth]
         if missing:
             log.warning("%s: %d cells (e.g. %s) are not in %s; no comparison with the true labels", name,
-                        len(missing), missing[0], prepared / labels_folder("truth"))
+                        len(missing), missing[0], prepared.labels_dir("truth"))
         else:
             evaluated = [(img["labels"], conf, [truth[(img["image_name"], c)] for c in ids])
                          for img, ids, conf in scored.values() if ids]
@@ -226,8 +189,8 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
             counts["after"] += sum(len(labels) for labels in new.values())
             counts["negative"] += sum(labels == [18] and 18 not in image["labels"] for labels in new.values())
     for out_layout in layouts:
-        out_base = prepared / labels_folder(name) / out_layout
-        for fold, path in fold_files(prepared, out_layout, source):
+        out_base = prepared.labels_dir(name) / out_layout
+        for fold, path in prepared.fold_files(out_layout, source):
             coco = json.loads(path.read_text())
             by_image = cells_of(coco)
             annotations = []
@@ -261,7 +224,7 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
         report.truth_before = quality(0.0, 0.0)  # threshold 0 keeps every image label: the weak labels
         report.truth_after = quality(threshold, relative)
         sweep = [{"threshold": t, "relative": r, **quality(t, r)} for t in SWEEP_THRESHOLDS for r in SWEEP_RELATIVE]
-    write_text_atomic(prepared / labels_folder(name) / "refine.json",
+    write_text_atomic(prepared.labels_dir(name) / "refine.json",
                       json.dumps({**report.__dict__, "min_f1": min_f1, "run_dir": str(run_dir),
                                   "held_out_folds": held_out_folds, "layout": layout, "sweep": sweep}, indent=2))
     log.info(report.summary())

@@ -251,12 +251,9 @@ def load_prediction(pred_dir: str | os.PathLike, image_id: str) -> tuple[np.ndar
 
 def read_truth_table(data_dir: str | os.PathLike) -> dict[str, dict[int, list[int]]] | None:
     """A synthetic set's true cell labels {ID: {cell: classes}}, or None for any other folder."""
-    from hpa_scc.apps.prepare import read_true_cell_labels
+    from hpa_scc.data.synth import is_synthetic, read_true_cell_labels
 
-    data_dir = Path(data_dir)
-    if not ((data_dir / "cells.csv").is_file() and (data_dir / "masks").is_dir()):
-        return None
-    return read_true_cell_labels(data_dir)
+    return read_true_cell_labels(data_dir) if is_synthetic(data_dir) else None
 
 
 def prediction_ids(pred_dir: str | os.PathLike, data_dir: str | os.PathLike) -> list[str]:

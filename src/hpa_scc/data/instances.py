@@ -1,6 +1,6 @@
 """Training data: the COCO files that ``prepare`` writes, as torchvision detection samples.
 
-    ds = CellInstances("runs/demo/prepared", folds=[1, 2], layout="multilabel", augment=True)
+    ds = CellInstances(PreparedSet("runs/demo/prepared"), folds=[1, 2], layout="multilabel", augment=True)
     image, target = ds[0]      # float [4, S, S] in [0, 1] (uint8=True: uint8 [4, S, S]); torchvision target dict
 
 Targets follow torchvision's contract: ``boxes`` float xyxy [N, 4], ``labels`` int64 [N]
@@ -18,69 +18,16 @@ target. ``shadowed_instances`` counts those instances; train the multilabel head
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
 from pycocotools import mask as coco_mask
 from torch.utils.data import Dataset
 
-from hpa_scc.data.cache import cache_path
 from hpa_scc.constants import NUM_CLASSES
-
-
-def labels_folder(labels: str) -> str:
-    """Which cell labels to train on -> the prepared set's COCO folder.
-
-    ``image``: every cell inherits its image's labels (coco/, what real data allows); ``truth``:
-    a synthetic set's true cell labels (coco_truth/, the oracle); any other NAME: coco_NAME/,
-    e.g. the labels a refinement round wrote (``refined_r1``).
-    """
-    if not labels or "/" in labels or labels.startswith("."):
-        raise ValueError(f"data.labels must be 'image', 'truth' or a name like 'refined_r1', got {labels!r}")
-    return {"image": "coco", "truth": "coco_truth"}.get(labels, f"coco_{labels}")
-
-
-def coco_path(prepared_dir: str | os.PathLike, layout: str, fold: int, labels: str = "image") -> Path:
-    """OUT_DIR/coco[_truth|_NAME]/<layout>/fold<K>.json (or all.json when the set has one fold)."""
-    base = Path(prepared_dir) / labels_folder(labels) / layout
-    path = base / f"fold{fold}.json"
-    if not path.is_file() and (base / "all.json").is_file() and fold == 0:
-        return base / "all.json"
-    if not path.is_file():
-        hint = {"image": f"build it with 'python dataset.py DATA_DIR {prepared_dir}' (both layouts unless --layout "
-                          f"names one; a set prepared with --layout holds that one only: prepare it again into another "
-                          f"OUT_DIR, or train the head of the layout it holds, model.head=softmax for per_label)",
-                "truth": "only synthetic sets (with masks/ and cells.csv) have true cell labels"}.get(
-            labels, "write it with a refinement round (bench/weak_supervision.py, hpa_scc.apps.refine)")
-        raise FileNotFoundError(f"{path} not found; {hint} (and check data.val_fold against the number of folds)")
-    return path
-
-
-def fold_files(prepared_dir: str | os.PathLike, layout: str, labels: str = "image") -> list[tuple[int, Path]]:
-    """(fold, path) of every COCO file of one label folder and layout, in fold order."""
-    base = Path(prepared_dir) / labels_folder(labels) / layout
-    if (base / "all.json").is_file():
-        return [(0, base / "all.json")]
-    files = sorted(base.glob("fold*.json"), key=lambda p: int(p.stem[4:]))
-    if not files:
-        raise FileNotFoundError(f"no COCO files in {base}; build them with 'python dataset.py DATA_DIR {prepared_dir}'")
-    return [(int(p.stem[4:]), p) for p in files]
-
-
-def read_folds(prepared_dir: str | os.PathLike, layout: str, folds: list[int], labels: str = "image") -> dict:
-    """Merge the COCO files of several folds into one COCO dict (ids are unique across folds)."""
-    merged: dict = {"images": [], "annotations": []}
-    for fold in folds:
-        data = json.loads(coco_path(prepared_dir, layout, fold, labels).read_text())
-        merged["images"] += data["images"]
-        merged["annotations"] += data["annotations"]
-        merged["categories"] = data["categories"]
-        merged["info"] = data["info"]
-    return merged
+from hpa_scc.data.prepared import PreparedSet
 
 
 def _mask_key(segmentation, height: int, width: int) -> tuple:
@@ -152,14 +99,14 @@ def random_flips(image: torch.Tensor, target: dict, rng: np.random.Generator, *,
 class CellInstances(Dataset):
     """Images of the given folds with their cells; sample i -> (float [C,S,S], target dict)."""
 
-    def __init__(self, prepared_dir: str | os.PathLike, folds: list[int], layout: str = "multilabel", *,
+    def __init__(self, prepared: PreparedSet | str | os.PathLike, folds: list[int], layout: str = "multilabel", *,
                  labels: str = "image", in_channels: int = 4, augment: bool = False, hflip_prob: float = 0.5,
                  vflip_prob: float = 0.5, rot90: bool = True, max_images: int | None = None, seed: int = 0,
                  uint8: bool = False):
-        self.prepared_dir = Path(prepared_dir)
+        self.prepared = prepared if isinstance(prepared, PreparedSet) else PreparedSet(prepared)
         self.layout, self.in_channels, self.augment = layout, in_channels, augment
         self.flips = {"hflip_prob": hflip_prob, "vflip_prob": vflip_prob, "rot90": rot90}
-        self.coco = read_folds(prepared_dir, layout, folds, labels)
+        self.coco = self.prepared.read_folds(layout, folds, labels)
         by_image: dict[int, list[dict]] = {}
         for ann in self.coco["annotations"]:
             by_image.setdefault(ann["image_id"], []).append(ann)
@@ -178,12 +125,7 @@ class CellInstances(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         info = self.images[index]
-        path = cache_path(self.prepared_dir / "cache", info["image_name"])
-        try:
-            pixels = np.load(path, mmap_mode="r")[: self.in_channels]
-        except (OSError, ValueError) as exc:
-            raise OSError(f"cannot read {path} (image {info['image_name']}): {exc}; re-run prepare to rebuild it") from None
-        pixels = np.array(pixels)  # copies out of the memmap
+        pixels = np.array(self.prepared.read_image(info["image_name"])[: self.in_channels])  # out of the memmap
         image = torch.from_numpy(pixels) if self.uint8 else torch.from_numpy(pixels.astype(np.float32) / 255.0)
         anns = self.annotations[info["id"]]
         masks = torch.from_numpy(coco_mask.decode([a["segmentation"] for a in anns])).permute(2, 0, 1).contiguous()

@@ -38,6 +38,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ import numpy as np
 from scipy import ndimage
 
 from hpa_scc.constants import (CHANNELS, CLASS_NAMES, KAGGLE_CLASS_COUNTS, MITOTIC_SPINDLE, NEGATIVE,
-                               NUM_CLASSES, format_labels)
+                               NUM_CLASSES, format_labels, parse_labels)
 from hpa_scc.utils.fileio import write_png_atomic, write_text_atomic
 from hpa_scc.utils.pool import run_pool, single_threaded_opencv
 from hpa_scc.evaluation.submission import SubmissionRow, cells_to_row, write_submission
@@ -974,3 +975,20 @@ def format_summary(summary: dict) -> str:
 
 __all__ = ["SynthImage", "sample_image_labels", "assign_cell_labels", "generate_image", "write_synth_set",
            "format_summary", "GREEN_PATTERNS", "image_id_of"]
+
+
+def is_synthetic(data_dir: str | os.PathLike) -> bool:
+    """Whether a folder is a synthetic set with its truth (cells.csv and masks/)."""
+    return (Path(data_dir) / "cells.csv").is_file() and (Path(data_dir) / "masks").is_dir()
+
+
+def read_true_cell_labels(data_dir: str | os.PathLike) -> dict[str, dict[int, list[int]]]:
+    """A synthetic set's cells.csv -> {image id: {cell id: labels}}; the cells are masks/<ID>.png."""
+    path = Path(data_dir) / "cells.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: only a synthetic set (python -m hpa_scc synth) has true cell labels")
+    table: dict[str, dict[int, list[int]]] = {}
+    with open(path, newline="") as fh:
+        for line_no, row in enumerate(csv.DictReader(fh), start=2):
+            table.setdefault(row["ID"], {})[int(row["cell"])] = parse_labels(row["Label"], where=f"{path} line {line_no}")
+    return table

@@ -9,8 +9,13 @@
 Resume or load: if ``RUN_DIR/last.pt`` exists (and train.resume is true) training continues from
 it, optimizer, scheduler, step and RNG included; otherwise it starts from ``model.weights``. So
 one command serves a first start and a requeue. SIGUSR1 or SIGTERM (a scheduler's warning
-before the time limit) saves ``last.pt`` at the current step and raises ``Preempted``; the
+before the time limit) saves ``last.pt`` at the current step and ends with status PREEMPTED; the
 ``train`` command exits with status 75, which the batch script reads as "requeue me".
+
+``train`` is a composition of named steps, each a plain function: ``start_run`` (device, ranks,
+the prepared set's size, run folder, seeds), ``split_folds``, ``build_data``, then ``fit`` (the
+loop: ``resume_or_load``, ``train_one_epoch``, ``StopSignals``, ``end_of_epoch`` for validation
+and the save policy) or ``fit_features``; it returns a ``TrainResult``.
 
 The run folder gets: config.yaml (the resolved config), last.pt, best.pt, epoch_NNNN.pt,
 metrics.jsonl (one JSON line per log and per validation), train.log, tensorboard/.
@@ -24,7 +29,10 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,21 +45,9 @@ from hpa_scc.engine.distributed import DistInfo, barrier, cleanup, init_distribu
 from hpa_scc.engine.loop import evaluate, train_one_epoch, use_fast_path
 from hpa_scc.models.cells import build_family_model
 from hpa_scc.data.instances import CellInstances, collate, shadowed_instances, shadowed_warning
+from hpa_scc.data.prepared import PreparedSet
 
 log = logging.getLogger("hpa_scc.engine.train")
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal after saving last.pt; requeue to continue
-
-
-class Preempted(Exception):
-    """Training stopped by SIGUSR1/SIGTERM after rank 0 saved ``last.pt``: run it again to resume.
-
-    Raised, not ``sys.exit``, so that a notebook or a caller survives it; the ``train`` command
-    turns it into exit status ``EXIT_REQUEUE`` (75), which the batch scripts requeue on.
-    """
-
-    def __init__(self, signum: int, checkpoint: Path, epoch: int, step: int):
-        super().__init__(f"signal {signum}: saved {checkpoint} at epoch {epoch} step {step}; run again to resume")
-        self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
 
 
 class EpochSampler(Sampler[int]):
@@ -172,21 +168,100 @@ class MetricsLog:
             self.writer.close()
 
 # The validation figure that picks best.pt, per model family.
+# The validation figure that picks best.pt, per model family.
 VAL_METRIC = {"maskrcnn": "segm_AP", "cell": "cell_AP", "features": "cell_AP"}
+FINISHED, PREEMPTED = "finished", "preempted"
 
 
-def _truth_labels(prepared: Path):
-    """A synthetic set's true cell labels (validation reports against them too), else None."""
-    from hpa_scc.models.cells import read_cell_labels
+@dataclass
+class TrainResult:
+    """How a ``train`` call ended. The ``train`` command turns PREEMPTED into exit status 75."""
 
-    try:
-        return read_cell_labels(prepared, "truth")
-    except FileNotFoundError:
-        return None
+    status: str  # FINISHED, or PREEMPTED: last.pt holds the step it stopped at; run the same command to resume
+    model: torch.nn.Module  # the trained model, unwrapped from DDP
+    run_dir: Path
+    epoch: int  # epochs finished (PREEMPTED: the epoch it stopped in)
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_metric: float = -1.0  # best validation figure (VAL_METRIC); -1 without validation
+    signal: int | None = None  # PREEMPTED: the signal that stopped it
+    checkpoint: Path | None = None  # last.pt
 
 
-def _datasets(cfg: Config, prepared: Path, train_folds: list[int], val_folds: list[int], progress: bool = True):
-    """(train set, val set or None, collate_fn, validate(model, val_set, device) -> dict) of the family."""
+@dataclass
+class Run:
+    """A started run: where it writes, which process of how many, on what device, from which set."""
+
+    cfg: Config
+    device: torch.device
+    info: DistInfo
+    prepared: PreparedSet
+    run_dir: Path
+    log_handler: logging.Handler | None
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint, restored on resume."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best: float = -1.0
+
+
+@dataclass
+class Data:
+    """A family's training data: the sets, how to batch them and how to score the model on the validation set."""
+
+    train_set: Any
+    val_set: Any
+    collate_fn: Callable
+    validate: Callable[[torch.nn.Module, Any, torch.device], dict]
+
+
+def start_run(cfg: Config) -> Run:
+    """Device and ranks; the training size from the prepared set (before config.yaml records it);
+    the run folder with its config.yaml and train.log; seeds (``seed + rank``)."""
+    device = pick_device(cfg.train.device)
+    info = init_distributed(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+        device = torch.device("cuda", info.local_rank)
+    prepared = PreparedSet(cfg.data.prepared_dir)
+    cfg.data.image_size = prepared.check_size(cfg.data.image_size, "data.image_size")
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_handler = _setup_logging(run_dir, info)
+    if info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    random.seed(cfg.train.seed + info.rank)
+    np.random.seed(cfg.train.seed + info.rank)
+    torch.manual_seed(cfg.train.seed + info.rank)
+    return Run(cfg, device, info, prepared, run_dir, log_handler)
+
+
+def end_run(run: Run) -> None:
+    if run.log_handler is not None:
+        logging.getLogger("hpa_scc").removeHandler(run.log_handler)
+        run.log_handler.close()
+    cleanup(run.info)
+
+
+def split_folds(cfg: Config, prepared: PreparedSet) -> tuple[list[int], list[int]]:
+    """(train folds, validation folds): ``data.val_fold`` validates, the others train."""
+    n_folds = prepared.n_folds
+    if cfg.data.val_fold >= n_folds:
+        raise ValueError(f"data.val_fold={cfg.data.val_fold} but {prepared.root} has {n_folds} folds "
+                         f"(0-{n_folds - 1}); set data.val_fold=-1 to train on every fold without validation")
+    train_folds = [f for f in range(n_folds) if f != cfg.data.val_fold] or [0]
+    val_folds = [cfg.data.val_fold] if n_folds > 1 and cfg.data.val_fold >= 0 else []
+    return train_folds, val_folds
+
+
+def build_data(cfg: Config, prepared: PreparedSet, train_folds: list[int], val_folds: list[int],
+               progress: bool = True) -> Data:
+    """The family's datasets: Mask R-CNN trains on the COCO folds, cell models on stored crops."""
     if cfg.model.family == "maskrcnn":
         # uint8 samples: a quarter of the bytes through workers, pinned memory and the PCIe copy
         common = {"layout": cfg.data.layout, "labels": cfg.data.labels, "in_channels": cfg.model.in_channels,
@@ -205,119 +280,168 @@ def _datasets(cfg: Config, prepared: Path, train_folds: list[int], val_folds: li
                                 num_workers=cfg.data.workers)
             return evaluate(model, loader, dataset.coco, device, amp=cfg.train.amp)
 
-        return train_set, val_set, collate, validate
+        return Data(train_set, val_set, collate, validate)
 
-    from hpa_scc.models.cells import CellDataset, build_store, collate_cells, evaluate_cells, read_cell_labels
+    from hpa_scc.models.cells import CellDataset, build_store, collate_cells, evaluate_cells
 
-    store = build_store(prepared, "crops", cfg.data.crop_size, progress=progress)
-    labels = read_cell_labels(prepared, cfg.data.labels)
-    train_set = CellDataset(store, store.select(train_folds)[: cfg.data.max_train_images], labels, augment=True,
-                            in_channels=cfg.model.in_channels, seed=cfg.train.seed)
+    kind = "crops" if cfg.model.family == "cell" else "features"
+    store = build_store(prepared, kind, cfg.data.crop_size, progress=progress)
+    labels = prepared.label_vectors(cfg.data.labels)
+    crops = {"augment": True, "in_channels": cfg.model.in_channels, "seed": cfg.train.seed} if kind == "crops" else {}
+    train_set = CellDataset(store, store.select(train_folds)[: cfg.data.max_train_images], labels, **crops)
     val_set = (CellDataset(store, store.select(val_folds)[: cfg.data.max_val_images], labels,
-                           in_channels=cfg.model.in_channels) if val_folds else None)
-    truth = _truth_labels(prepared)
+                           **({"in_channels": cfg.model.in_channels} if kind == "crops" else {}))
+               if val_folds else None)
+
+    # A synthetic set's true cell labels: validation reports against them too.
+    truth = prepared.label_vectors("truth") if prepared.layouts("truth") else None
 
     def validate(model, dataset, device):
         return evaluate_cells(model, dataset, device, truth)
 
-    return train_set, val_set, collate_cells, validate
+    return Data(train_set, val_set, collate_cells, validate)
 
 
-def _fit_features(cfg: Config, prepared: Path, train_folds: list[int], val_folds: list[int], run_dir: Path,
-                  info: DistInfo, log_handler, progress: bool = True) -> torch.nn.Module:
+def fit_features(run: Run, data: Data) -> TrainResult:
     """The ``features`` family: per-cell features + logistic regressions, fitted once, saved as
     best.pt/last.pt like any run (so predict and refine load it the same way)."""
-    from hpa_scc.models.cells import CellDataset, build_store, evaluate_cells, fit_feature_classifier, read_cell_labels
+    from hpa_scc.models.cells import fit_feature_classifier
 
+    cfg, last = run.cfg, run.run_dir / LAST
+    model = build_family_model(cfg)
+    if cfg.train.resume and last.is_file():
+        state = load_checkpoint(last)
+        if state.get("config") == to_dict(cfg):  # fitted already with these settings: nothing to redo
+            model.load_state_dict(state["model"])
+            log.info("features model already fitted with this config: %s", last)
+            return TrainResult(FINISHED, model, run.run_dir, cfg.train.max_epochs,
+                               best_metric=state.get("best_metric", -1.0), checkpoint=last)
+        log.info("%s was fitted with another config: fitting again", last)
+    start = time.perf_counter()
+    store = data.train_set.store
+    fit_feature_classifier(model, store.array[data.train_set.rows], data.train_set.labels, c=cfg.model.feature_c,
+                           seed=cfg.train.seed)
+    log.info("features: logistic regressions on %d cells x %d features in %.1f s", len(data.train_set),
+             store.array.shape[1], time.perf_counter() - start)
+    scores = {}
+    if data.val_set is not None:
+        scores = data.validate(model, data.val_set, torch.device("cpu"))
+        log.info("validation: %s", ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
+    best = scores.get(VAL_METRIC["features"], -1.0)
+    if run.info.is_main:
+        metrics = MetricsLog(run.run_dir, True, False)
+        metrics.write("val", 0, {"epoch": cfg.train.max_epochs, **scores})
+        state = {"model": model.state_dict(), "epoch": cfg.train.max_epochs, "step_in_epoch": 0, "global_step": 0,
+                 "best_metric": best, "config": to_dict(cfg)}
+        save_checkpoint(run.run_dir / BEST, state)
+        save_checkpoint(last, state)
+    return TrainResult(FINISHED, model, run.run_dir, cfg.train.max_epochs, best_metric=best, checkpoint=last)
+
+
+def resume_or_load(run: Run, model, optimizer, scheduler) -> Progress:
+    """Resume from RUN_DIR/last.pt when there is one (and train.resume): weights, optimiser,
+    schedule, step and RNG; otherwise start at step 0 from what ``build_family_model`` loaded
+    (``model.weights``). One command serves a first start and a requeue."""
+    last = run.run_dir / LAST
+    if not (run.cfg.train.resume and last.is_file()):
+        return Progress()
+    state = load_checkpoint(last)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])  # rank 0's state: proposal sampling continues exactly as it would have
+    progress = Progress(state["epoch"], state["step_in_epoch"], state["global_step"], state.get("best_metric", -1.0))
+    log.info("resumed from %s at epoch %d, step %d (global step %d)", last, progress.epoch, progress.step_in_epoch,
+             progress.global_step)
+    return progress
+
+
+def checkpoint_state(cfg: Config, model, optimizer, scheduler, progress: Progress) -> dict:
+    """Everything ``resume_or_load`` needs to continue exactly where ``progress`` stands."""
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
+            "global_step": progress.global_step, "best_metric": progress.best, "rng": rng_state(),
+            "config": to_dict(cfg)}
+
+
+class StopSignals:
+    """SIGUSR1/SIGTERM (a scheduler's warning before the time limit) noted, acted on after the
+    current step: never save a half-updated model. The handlers a notebook or test had are put
+    back on exit."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum, _frame) -> None:
+        self.signal = signum
+
+    def agree(self, info: DistInfo, device: torch.device) -> int | None:
+        """Every rank learns whether any rank was signalled, so all stop at the same step (or DDP hangs)."""
+        if info.distributed:
+            flag = torch.tensor([self.signal or 0], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.signal = int(flag) or None
+        return self.signal
+
+
+def end_of_epoch(run: Run, data: Data, model, progress: Progress, metrics: "MetricsLog", save: Callable[[Path], None]):
+    """Validation when due (every ``val_every_epochs`` and after the last epoch; rank 0), best.pt
+    when it improves, last.pt always, epoch_NNNN.pt every ``save_every_epochs``."""
+    cfg, epoch = run.cfg, progress.epoch
+    if run.info.is_main and data.val_set is not None and (epoch % cfg.train.val_every_epochs == 0
+                                                          or epoch == cfg.train.max_epochs):
+        scores = data.validate(unwrap(model), data.val_set, run.device)
+        metrics.write("val", progress.global_step, {"epoch": epoch, **scores})
+        log.info("validation after epoch %d: %s", epoch,
+                 ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
+        if scores[VAL_METRIC[cfg.model.family]] > progress.best:
+            progress.best = scores[VAL_METRIC[cfg.model.family]]
+            save(run.run_dir / BEST)
+    if run.info.is_main:
+        save(run.run_dir / LAST)
+        if epoch % cfg.train.save_every_epochs == 0:
+            save(run.run_dir / f"epoch_{epoch:04d}.pt")
+    barrier(run.info)
+
+
+def train(cfg: Config, progress: bool = True) -> TrainResult:
+    """Run (or resume) the training described by ``cfg``; see the module docstring.
+
+    ``cfg.data.image_size`` left unset is filled in with the prepared set's size. Returns a
+    TrainResult; a SIGUSR1/SIGTERM ends it early with status PREEMPTED after saving last.pt.
+    """
+    run = start_run(cfg)
     try:
-        last = run_dir / LAST
-        if cfg.train.resume and last.is_file():
-            state = load_checkpoint(last)
-            if state.get("config") == to_dict(cfg):  # fitted already with these settings: nothing to redo
-                model = build_family_model(cfg)
-                model.load_state_dict(state["model"])
-                log.info("features model already fitted with this config: %s", last)
-                return model
-            log.info("%s was fitted with another config: fitting again", last)
-        store = build_store(prepared, "features", progress=progress)
-        labels = read_cell_labels(prepared, cfg.data.labels)
-        train_set = CellDataset(store, store.select(train_folds)[: cfg.data.max_train_images], labels)
-        model = build_family_model(cfg)
-        start = time.perf_counter()
-        fit_feature_classifier(model, store.array[train_set.rows], train_set.labels, c=cfg.model.feature_c,
-                               seed=cfg.train.seed)
-        log.info("features: logistic regressions on %d cells x %d features in %.1f s", len(train_set),
-                 store.array.shape[1], time.perf_counter() - start)
-        scores = {}
-        if val_folds:
-            val_set = CellDataset(store, store.select(val_folds)[: cfg.data.max_val_images], labels)
-            scores = evaluate_cells(model, val_set, torch.device("cpu"), _truth_labels(prepared))
-            log.info("validation: %s", ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
-        if info.is_main:
-            metrics = MetricsLog(run_dir, True, False)
-            metrics.write("val", 0, {"epoch": cfg.train.max_epochs, **scores})
-            state = {"model": model.state_dict(), "epoch": cfg.train.max_epochs, "step_in_epoch": 0, "global_step": 0,
-                     "best_metric": scores.get("cell_AP", -1.0), "config": to_dict(cfg)}
-            save_checkpoint(run_dir / BEST, state)
-            save_checkpoint(run_dir / LAST, state)
-        return model
+        train_folds, val_folds = split_folds(cfg, run.prepared)
+        data = build_data(cfg, run.prepared, train_folds, val_folds, progress and run.info.is_main)
+        if len(data.train_set) == 0:
+            what = "images with cells" if cfg.model.family == "maskrcnn" else "cells"
+            raise ValueError(f"no training {what} in {run.prepared.root} folds {train_folds}")
+        if cfg.model.family == "features":  # fitted in one go by scikit-learn: no loop, no optimiser
+            return fit_features(run, data)
+        return fit(run, data, progress)
     finally:
-        if log_handler is not None:
-            logging.getLogger("hpa_scc").removeHandler(log_handler)
-            log_handler.close()
+        end_run(run)
 
 
-def _prepared_meta(cfg: Config, prepared: Path) -> dict:
-    """The prepared set's prepare.json; sets ``cfg.data.image_size`` to its size when unset (the
-    prepared set owns the training size) and refuses a different one."""
-    meta_path = prepared / "prepare.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: data.prepared_dir must be the output of "
-                                f"'python dataset.py DATA_DIR {prepared} --size {cfg.data.image_size or 512}'")
-    meta = json.loads(meta_path.read_text())
-    if cfg.data.image_size is None:
-        cfg.data.image_size = int(meta["size"])
-    elif meta["size"] != cfg.data.image_size:
-        raise ValueError(f"{prepared} was prepared at {meta['size']} px but data.image_size is {cfg.data.image_size}; "
-                         f"leave data.image_size out (it follows the prepared set) or prepare again with "
-                         f"--size {cfg.data.image_size}")
-    return meta
-
-
-def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
-    """Run (or resume) the training described by ``cfg``; returns the trained (unwrapped) model.
-    ``cfg.data.image_size`` left unset is filled in with the prepared set's size."""
-    device = pick_device(cfg.train.device)
-    info = init_distributed(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(info.local_rank)
-        device = torch.device("cuda", info.local_rank)
-    prepared = Path(cfg.data.prepared_dir)
-    meta = _prepared_meta(cfg, prepared)  # before config.yaml is written: it records the resolved size
-    run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_handler = _setup_logging(run_dir, info)
-    if info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-    random.seed(cfg.train.seed + info.rank)
-    np.random.seed(cfg.train.seed + info.rank)
-    torch.manual_seed(cfg.train.seed + info.rank)
-
-    # data: the validation fold validates, the others train
-    n_folds = max(int(meta.get("folds", 1)), 1)
-    train_folds = [f for f in range(n_folds) if f != cfg.data.val_fold] or [0]
-    val_folds = [cfg.data.val_fold] if n_folds > 1 and cfg.data.val_fold >= 0 else []
-    if cfg.data.val_fold >= n_folds:
-        raise ValueError(f"data.val_fold={cfg.data.val_fold} but {prepared} has {n_folds} folds (0-{n_folds - 1}); "
-                         "set data.val_fold=-1 to train on every fold without validation")
-    if cfg.model.family == "features":  # fitted in one go by scikit-learn: no loop, no optimiser
-        return _fit_features(cfg, prepared, train_folds, val_folds, run_dir, info, log_handler, progress and info.is_main)
-    train_set, val_set, collate_fn, validate = _datasets(cfg, prepared, train_folds, val_folds, progress and info.is_main)
-    if len(train_set) == 0:
-        raise ValueError(f"no training images with cells in {prepared} folds {train_folds}")
-    sampler = EpochSampler(len(train_set), seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
-    train_loader = make_loader(train_set, cfg.train.images_per_gpu, cfg.data.workers, device, sampler=sampler,
-                               collate_fn=collate_fn)
+def fit(run: Run, data: Data, show_progress: bool = True) -> TrainResult:
+    """The loop of the gradient-trained families: epochs of ``train_one_epoch``, each followed by
+    ``end_of_epoch``; a stop signal saves last.pt at the current step and ends with PREEMPTED."""
+    cfg, info, device = run.cfg, run.info, run.device
+    sampler = EpochSampler(len(data.train_set), seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
+    train_loader = make_loader(data.train_set, cfg.train.images_per_gpu, cfg.data.workers, device, sampler=sampler,
+                               collate_fn=data.collate_fn)
     steps_per_epoch = math.ceil(sampler.per_rank / cfg.train.images_per_gpu / cfg.train.accumulate_steps)
     if cfg.train.max_iters_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_iters_per_epoch)
@@ -326,107 +450,67 @@ def train(cfg: Config, progress: bool = True) -> torch.nn.Module:
     use_fast_path(model, device, channels_last=cfg.train.channels_last, tf32=cfg.train.tf32, compile=cfg.train.compile)
     optimizer = build_optimizer(cfg, model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
-    start_epoch, start_step, global_step, best = 0, 0, 0, -1.0
-    last = run_dir / LAST
-    if cfg.train.resume and last.is_file():
-        state = load_checkpoint(last)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        best = state.get("best_metric", -1.0)
-        set_rng_state(state["rng"])  # rank 0's state: proposal sampling continues exactly as it would have
-        log.info("resumed from %s at epoch %d, step %d (global step %d)", last, start_epoch, start_step, global_step)
+    state = resume_or_load(run, model, optimizer, scheduler)
     if info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     effective_batch = cfg.train.images_per_gpu * info.world_size * cfg.train.accumulate_steps
     unit = "images" if cfg.model.family == "maskrcnn" else "cells"
     log.info("%s %s, %d train / %d val %s, %d ranks x %d %s x %d accumulation = %d per step, lr %g, "
-             "%d steps per epoch, device %s", cfg.model.family, cfg.model.backbone, len(train_set), len(val_set or []),
-             unit, info.world_size,
-             cfg.train.images_per_gpu, unit, cfg.train.accumulate_steps, effective_batch, cfg.optim.lr, steps_per_epoch, device)
-    metrics = MetricsLog(run_dir, info.is_main, cfg.train.tensorboard)
+             "%d steps per epoch, device %s", cfg.model.family, cfg.model.backbone, len(data.train_set),
+             len(data.val_set or []), unit, info.world_size, cfg.train.images_per_gpu, unit,
+             cfg.train.accumulate_steps, effective_batch, cfg.optim.lr, steps_per_epoch, device)
+    metrics = MetricsLog(run.run_dir, info.is_main, cfg.train.tensorboard)
+
+    def save(path: Path) -> None:
+        save_checkpoint(path, checkpoint_state(cfg, model, optimizer, scheduler, state))
 
     # On a GPU every host read of a loss stalls the queue: read (and check) them only when logging.
     sync_every = cfg.train.log_every_iters if device.type == "cuda" else 1
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signum  # acted on after the current step: never save a half-updated model
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-
-    def state_dict(epoch: int, step_in_epoch: int) -> dict:
-        return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "global_step": global_step, "best_metric": best, "rng": rng_state(), "config": to_dict(cfg)}
-
     try:
-        for epoch in range(start_epoch, cfg.train.max_epochs):
-            skip_steps = start_step if epoch == start_epoch else 0
-            sampler.set_epoch(epoch, skip=skip_steps * cfg.train.images_per_gpu * cfg.train.accumulate_steps)
-            train_set.set_epoch(epoch)
-            bar = tqdm(total=steps_per_epoch, initial=skip_steps, desc=f"epoch {epoch + 1}/{cfg.train.max_epochs}",
-                       disable=not (info.is_main and progress), unit="step", leave=False)
-            steps_done = skip_steps
+        with StopSignals() as stop:
+            while state.epoch < cfg.train.max_epochs:
+                epoch, skip_steps = state.epoch, state.step_in_epoch
+                sampler.set_epoch(epoch, skip=skip_steps * cfg.train.images_per_gpu * cfg.train.accumulate_steps)
+                data.train_set.set_epoch(epoch)
+                bar = tqdm(total=steps_per_epoch, initial=skip_steps, desc=f"epoch {epoch + 1}/{cfg.train.max_epochs}",
+                           disable=not (info.is_main and show_progress), unit="step", leave=False)
 
-            def on_step(step: int, losses: dict | None) -> bool:
-                # losses is None between reads (every sync_every steps): reading them would stall the GPU
-                nonlocal global_step, steps_done
-                global_step += 1
-                steps_done = skip_steps + step
-                bar.update(1)
-                if losses is not None:
-                    bar.set_postfix(loss=f"{losses['loss']:.3f}")
-                    if sync_every > 1 or global_step % cfg.train.log_every_iters == 0:
-                        metrics.write("train", global_step, {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                                                             **losses})
-                if info.distributed and losses is not None:  # every rank stops at the same step, or DDP would hang
-                    flag = torch.tensor([0 if stop["signal"] is None else stop["signal"]], device=device)
-                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                    stop["signal"] = int(flag) or None
-                return stop["signal"] is not None or steps_done >= steps_per_epoch
+                def on_step(step: int, losses: dict | None) -> bool:
+                    # losses is None between reads (every sync_every steps): reading them would stall the GPU
+                    state.global_step += 1
+                    state.step_in_epoch = skip_steps + step
+                    bar.update(1)
+                    if losses is not None:
+                        bar.set_postfix(loss=f"{losses['loss']:.3f}")
+                        if sync_every > 1 or state.global_step % cfg.train.log_every_iters == 0:
+                            metrics.write("train", state.global_step,
+                                          {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **losses})
+                        stop.agree(info, device)
+                    return stop.signal is not None or state.step_in_epoch >= steps_per_epoch
 
-            means = train_one_epoch(model, optimizer, scheduler, train_loader, device,
-                                    accumulate_steps=cfg.train.accumulate_steps,
-                                    clip_grad_norm=cfg.optim.clip_grad_norm, amp=cfg.train.amp,
-                                    sync_every=sync_every, on_step=on_step)
-            bar.close()
-            means = mean_across_ranks(means, info)
-            if stop["signal"] is not None:
-                if info.is_main:
-                    save_checkpoint(last, state_dict(epoch, steps_done))
-                    log.warning("signal %d: saved %s at epoch %d step %d; exit %d to requeue", stop["signal"], last,
-                                epoch, steps_done, EXIT_REQUEUE)
-                barrier(info)
-                metrics.close()
-                cleanup(info)
-                raise Preempted(stop["signal"], last, epoch, steps_done)
-            metrics.write("epoch", global_step, {"epoch": epoch + 1, **{f"mean_{k}": v for k, v in means.items()}})
-            log.info("epoch %d/%d: %s", epoch + 1, cfg.train.max_epochs,
-                     ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
-            if info.is_main and val_set is not None and ((epoch + 1) % cfg.train.val_every_epochs == 0
-                                                         or epoch + 1 == cfg.train.max_epochs):
-                scores = validate(unwrap(model), val_set, device)
-                metrics.write("val", global_step, {"epoch": epoch + 1, **scores})
-                log.info("validation after epoch %d: %s", epoch + 1,
-                         ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
-                if scores[VAL_METRIC[cfg.model.family]] > best:
-                    best = scores[VAL_METRIC[cfg.model.family]]
-                    save_checkpoint(run_dir / BEST, state_dict(epoch + 1, 0))
-            if info.is_main:
-                save_checkpoint(last, state_dict(epoch + 1, 0))
-                if (epoch + 1) % cfg.train.save_every_epochs == 0:
-                    save_checkpoint(run_dir / f"epoch_{epoch + 1:04d}.pt", state_dict(epoch + 1, 0))
-            barrier(info)
-        log.info("done: %s", run_dir)
+                means = train_one_epoch(model, optimizer, scheduler, train_loader, device,
+                                        accumulate_steps=cfg.train.accumulate_steps,
+                                        clip_grad_norm=cfg.optim.clip_grad_norm, amp=cfg.train.amp,
+                                        sync_every=sync_every, on_step=on_step)
+                bar.close()
+                means = mean_across_ranks(means, info)
+                if stop.signal is not None:
+                    last = run.run_dir / LAST
+                    if info.is_main:
+                        save(last)
+                        log.warning("signal %d: saved %s at epoch %d step %d; run the same command to resume", stop.signal,
+                                    last, epoch, state.step_in_epoch)
+                    barrier(info)
+                    return TrainResult(PREEMPTED, unwrap(model), run.run_dir, epoch, state.step_in_epoch,
+                                       state.global_step, state.best, stop.signal, last)
+                state.epoch, state.step_in_epoch = epoch + 1, 0
+                metrics.write("epoch", state.global_step, {"epoch": epoch + 1, **{f"mean_{k}": v for k, v in means.items()}})
+                log.info("epoch %d/%d: %s", epoch + 1, cfg.train.max_epochs,
+                         ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+                end_of_epoch(run, data, model, state, metrics, save)
+        log.info("done: %s", run.run_dir)
+        return TrainResult(FINISHED, unwrap(model), run.run_dir, state.epoch, 0, state.global_step, state.best,
+                           checkpoint=run.run_dir / LAST)
     finally:
         metrics.close()
-        for sig, handler in previous.items():  # a notebook or test process keeps its own handlers
-            signal.signal(sig, handler)
-        if log_handler is not None:
-            logging.getLogger("hpa_scc").removeHandler(log_handler)
-            log_handler.close()
-    cleanup(info)
-    return unwrap(model)

@@ -35,15 +35,14 @@ import cv2
 import numpy as np
 import torch
 import torchvision
-from pycocotools import mask as coco_mask
 from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from hpa_scc.data.cache import cache_path
 from hpa_scc.constants import NUM_CLASSES
+from hpa_scc.data.prepared import PreparedSet, cells_of, label_image
 from hpa_scc.utils.fileio import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -92,64 +91,17 @@ def cell_crops(image: np.ndarray, cells: np.ndarray, cell_ids, crop_size: int, c
     return out
 
 
-def label_image(annotations: list[dict], size: tuple[int, int]) -> np.ndarray:
-    """int32 [H, W] from a prepared image's COCO annotations (cell_id where its RLE mask is)."""
-    out = np.zeros(size, np.int32)
-    seen = set()
-    for ann in annotations:
-        if ann["cell_id"] in seen:  # per_label files repeat a cell per label
-            continue
-        seen.add(ann["cell_id"])
-        out[coco_mask.decode(ann["segmentation"]).astype(bool)] = ann["cell_id"]
-    return out
-
-
-def _fold_coco(prepared: Path, fold_labels: str = "image") -> list[tuple[int, dict]]:
-    """(fold, COCO dict) of every fold of a prepared set, whichever layout it was written in."""
-    from hpa_scc.data.instances import labels_folder
-
-    for layout in ("multilabel", "per_label"):
-        base = prepared / labels_folder(fold_labels) / layout
-        files = sorted(base.glob("fold*.json"), key=lambda p: int(p.stem[4:]))
-        if not files and (base / "all.json").is_file():
-            files = [base / "all.json"]
-        if files:
-            return [(0 if p.stem == "all" else int(p.stem[4:]), json.loads(p.read_text())) for p in files]
-    raise FileNotFoundError(f"no COCO files under {prepared / labels_folder(fold_labels)}; build the set with "
-                            f"'python dataset.py DATA_DIR {prepared}'")
-
-
 def cell_table(prepared: str | os.PathLike) -> list[dict]:
     """Every image of a prepared set with its fold and cell annotations (one per cell), fold order."""
     images = []
-    for fold, coco in _fold_coco(Path(prepared)):
-        by_image: dict[int, dict[int, dict]] = {}
-        for ann in coco["annotations"]:
-            by_image.setdefault(ann["image_id"], {}).setdefault(ann["cell_id"], ann)
+    for fold, coco in PreparedSet(prepared).fold_cocos():
+        by_image = cells_of(coco)
         for img in coco["images"]:
             cells = by_image.get(img["id"], {})
             if cells:
                 images.append({"image_name": img["image_name"], "fold": fold, "height": img["height"],
                                "width": img["width"], "cells": [cells[c] for c in sorted(cells)]})
     return images
-
-
-def read_cell_labels(prepared: str | os.PathLike, labels: str = "image") -> dict[tuple[str, int], np.ndarray]:
-    """{(image name, cell id): float32 [19] label vector} of every cell, from coco[_truth|_NAME]/.
-
-    Label vectors may be soft (a refinement round can write scores in [0, 1]).
-    """
-    out: dict[tuple[str, int], np.ndarray] = {}
-    for _fold, coco in _fold_coco(Path(prepared), labels):
-        names = {img["id"]: img["image_name"] for img in coco["images"]}
-        for ann in coco["annotations"]:
-            key = (names[ann["image_id"]], ann["cell_id"])
-            vec = out.setdefault(key, np.zeros(NUM_CLASSES, np.float32))
-            if "label_vector" in ann:
-                vec[:] = np.maximum(vec, np.asarray(ann["label_vector"], np.float32))
-            else:
-                vec[ann["category_id"] - 1] = 1.0
-    return out
 
 
 class CellStore:
@@ -216,12 +168,7 @@ def build_store(prepared: str | os.PathLike, kind: str, crop_size: int = 64, pro
         row = 0
         out = None
         for img in tqdm(table, desc=f"cell {kind}", disable=not progress, unit="image"):
-            path = cache_path(prepared / "cache", img["image_name"])
-            try:
-                pixels = np.array(np.load(path, mmap_mode="r"))
-            except (OSError, ValueError) as exc:
-                raise OSError(f"cannot read {path} (image {img['image_name']}): {exc}; re-run prepare to rebuild "
-                              "it") from None
+            pixels = np.array(PreparedSet(prepared).read_image(img["image_name"]))
             cells = label_image(img["cells"], pixels.shape[1:])
             ids = [ann["cell_id"] for ann in img["cells"]]
             values = (cell_crops(pixels, cells, ids, crop_size) if kind == "crops"

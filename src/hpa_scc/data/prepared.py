@@ -1,0 +1,225 @@
+"""The prepared set: the folder ``prepare`` writes, and the one owner of every fact about it.
+
+    ps = PreparedSet("runs/demo/prepared")
+    ps.size                                   # 256: the training size (prepare --size); models follow it
+    ps.layouts("image")                       # ("multilabel", "per_label"): what each head can train on
+    ps.coco_path("multilabel", fold=1)        # coco/multilabel/fold1.json
+    ps.read_folds("multilabel", [1, 2])       # one COCO dict of folds 1 and 2
+    ps.read_image("r0001")                    # uint8 [C, size, size] from the cache (memory-mapped)
+    ps.true_cell_labels()                     # synthetic sets: {(image, cell): [labels]}, else None
+
+What lies in the folder (``hpa_scc.apps.prepare`` writes it):
+    prepare.json                          the settings: size, segmenter, layout, folds, seed
+    segmentation/<ID>_{cells,nuclei}.png  full-size label images
+    cache/<ID>.npy                        the images at ``size`` (uint8 [C, size, size])
+    folds.csv                             ID,Label,fold
+    coco[_truth|_NAME]/<layout>/fold<K>.json (all.json for one fold): cells with their labels:
+                                          coco/ the image's labels (weak), coco_truth/ a synthetic
+                                          set's true labels, coco_NAME/ a refinement round's
+Train, refine, predict's checks and the benchmarks ask this object instead of re-deriving paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as coco_mask
+
+from hpa_scc.constants import NUM_CLASSES
+from hpa_scc.data.cache import cache_path
+from hpa_scc.data.images import read_labels
+from hpa_scc.weak.targets import LAYOUTS, label_of
+
+PREPARE_JSON = "prepare.json"
+
+
+def labels_folder(labels: str) -> str:
+    """Which cell labels -> the prepared set's COCO folder name.
+
+    ``image``: every cell inherits its image's labels (coco/, what real data allows); ``truth``:
+    a synthetic set's true cell labels (coco_truth/, the oracle); any other NAME: coco_NAME/,
+    e.g. the labels a refinement round wrote (``refined_r1``).
+    """
+    if not labels or "/" in labels or labels.startswith("."):
+        raise ValueError(f"data.labels must be 'image', 'truth' or a name like 'refined_r1', got {labels!r}")
+    return {"image": "coco", "truth": "coco_truth"}.get(labels, f"coco_{labels}")
+
+
+def label_image(annotations: list[dict], shape: tuple[int, int]) -> np.ndarray:
+    """int32 [H, W] from one image's COCO annotations: ``cell_id`` where its RLE mask is
+    (per_label files repeat a cell once per label; the first copy is drawn)."""
+    out = np.zeros(shape, np.int32)
+    seen = set()
+    for ann in annotations:
+        if ann["cell_id"] in seen:
+            continue
+        seen.add(ann["cell_id"])
+        out[coco_mask.decode(ann["segmentation"]).astype(bool)] = ann["cell_id"]
+    return out
+
+
+def cells_of(coco: dict) -> dict[int, dict[int, dict]]:
+    """{image id: {cell id: its first annotation}} (per_label files repeat a cell once per label)."""
+    out: dict[int, dict[int, dict]] = {}
+    for ann in coco["annotations"]:
+        out.setdefault(ann["image_id"], {}).setdefault(ann["cell_id"], ann)
+    return out
+
+
+def cell_labels(coco: dict) -> dict[int, dict[int, list[int]]]:
+    """{image id: {cell id: sorted class indices}} of a COCO dict of either layout."""
+    out: dict[int, dict[int, set[int]]] = {}
+    for ann in coco["annotations"]:
+        labels = out.setdefault(ann["image_id"], {}).setdefault(ann["cell_id"], set())
+        if "label_vector" in ann:
+            labels.update(i for i, v in enumerate(ann["label_vector"]) if v)
+        else:
+            labels.add(label_of(ann["category_id"]))
+    return {i: {c: sorted(v) for c, v in cells.items()} for i, cells in out.items()}
+
+
+class PreparedSet:
+    """A prepared folder; every path and setting of it is read here (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __fspath__(self) -> str:  # a PreparedSet goes wherever a path to it does
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"PreparedSet({str(self.root)!r})"
+
+    @cached_property
+    def settings(self) -> dict:
+        """prepare.json: what the set was prepared with."""
+        path = self.root / PREPARE_JSON
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {self.root} is not a prepared set; make it with "
+                                    f"'python dataset.py DATA_DIR {self.root} --size 512' (python -m hpa_scc prepare)")
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); prepare the set again into a new folder") from None
+
+    @property
+    def size(self) -> int:
+        """The side in px of every cached image and COCO mask: the training size."""
+        return int(self.settings["size"])
+
+    @property
+    def n_folds(self) -> int:
+        return max(int(self.settings.get("folds", 1)), 1)
+
+    def check_size(self, size: int | None, what: str, fix: str | None = None) -> int:
+        """The set's size; ``size`` (None: take the set's) must equal it, else an error naming ``what``."""
+        if size is not None and int(size) != self.size:
+            fix = fix or f"leave {what} out (it follows the prepared set) or prepare again with --size {size}"
+            raise ValueError(f"{self.root} was prepared at {self.size} px but {what} is {size}; {fix}")
+        return self.size
+
+    # --- COCO folds -------------------------------------------------------------------------
+    def labels_dir(self, labels: str = "image") -> Path:
+        return self.root / labels_folder(labels)
+
+    def has_labels(self, labels: str) -> bool:
+        return self.labels_dir(labels).is_dir()
+
+    def layouts(self, labels: str = "image") -> tuple[str, ...]:
+        """The COCO layouts written for ``labels``, in LAYOUTS order."""
+        return tuple(lay for lay in LAYOUTS if (self.labels_dir(labels) / lay).is_dir())
+
+    def coco_path(self, layout: str, fold: int, labels: str = "image") -> Path:
+        """coco[_truth|_NAME]/<layout>/fold<K>.json (all.json, fold 0, when the set has one fold)."""
+        base = self.labels_dir(labels) / layout
+        path = base / f"fold{fold}.json"
+        if not path.is_file() and (base / "all.json").is_file() and fold == 0:
+            return base / "all.json"
+        if not path.is_file():
+            hint = {"image": f"build it with 'python dataset.py DATA_DIR {self.root}' (both layouts unless --layout "
+                              f"names one; a set prepared with --layout holds that one only: prepare it again into "
+                              f"another OUT_DIR, or train the head of the layout it holds, model.head=softmax for "
+                              f"per_label)",
+                    "truth": "only synthetic sets (with masks/ and cells.csv) have true cell labels"}.get(
+                labels, "write it with a refinement round (bench/weak_supervision.py, hpa_scc.apps.refine)")
+            raise FileNotFoundError(f"{path} not found; {hint} (and check data.val_fold against the number of folds)")
+        return path
+
+    def fold_files(self, layout: str, labels: str = "image") -> list[tuple[int, Path]]:
+        """(fold, path) of every COCO file of one label folder and layout, in fold order."""
+        base = self.labels_dir(labels) / layout
+        if (base / "all.json").is_file():
+            return [(0, base / "all.json")]
+        files = sorted(base.glob("fold*.json"), key=lambda p: int(p.stem[4:]))
+        if not files:
+            raise FileNotFoundError(f"no COCO files in {base}; build them with 'python dataset.py DATA_DIR {self.root}'")
+        return [(int(p.stem[4:]), p) for p in files]
+
+    def read_folds(self, layout: str, folds: list[int], labels: str = "image") -> dict:
+        """The COCO files of several folds merged into one COCO dict (ids are unique across folds)."""
+        merged: dict = {"images": [], "annotations": []}
+        for fold in folds:
+            data = json.loads(self.coco_path(layout, fold, labels).read_text())
+            merged["images"] += data["images"]
+            merged["annotations"] += data["annotations"]
+            merged["categories"] = data["categories"]
+            merged["info"] = data["info"]
+        return merged
+
+    def fold_cocos(self, labels: str = "image", layout: str | None = None) -> list[tuple[int, dict]]:
+        """(fold, COCO dict) of every fold, in ``layout`` or else the first layout the set has
+        (the cells are the same in every layout)."""
+        layouts = (layout,) if layout else self.layouts(labels)
+        if not layouts:
+            raise FileNotFoundError(f"no COCO files under {self.labels_dir(labels)}; build the set with "
+                                    f"'python dataset.py DATA_DIR {self.root}'")
+        return [(fold, json.loads(path.read_text())) for fold, path in self.fold_files(layouts[0], labels)]
+
+    def label_vectors(self, labels: str = "image") -> dict[tuple[str, int], np.ndarray]:
+        """{(image name, cell id): float32 [19] label vector} of every cell, from coco[_truth|_NAME]/.
+
+        Label vectors may be soft (a refinement round can write scores in [0, 1]).
+        """
+        out: dict[tuple[str, int], np.ndarray] = {}
+        for _fold, coco in self.fold_cocos(labels):
+            names = {img["id"]: img["image_name"] for img in coco["images"]}
+            for ann in coco["annotations"]:
+                key = (names[ann["image_id"]], ann["cell_id"])
+                vec = out.setdefault(key, np.zeros(NUM_CLASSES, np.float32))
+                if "label_vector" in ann:
+                    vec[:] = np.maximum(vec, np.asarray(ann["label_vector"], np.float32))
+                else:
+                    vec[label_of(ann["category_id"])] = 1.0
+        return out
+
+    def true_cell_labels(self) -> dict[tuple[str, int], list[int]] | None:
+        """{(image name, cell id): true labels} from coco_truth/ (synthetic sets only), else None."""
+        if not self.layouts("truth"):
+            return None
+        out = {}
+        for _, coco in self.fold_cocos("truth"):
+            names = {img["id"]: img["image_name"] for img in coco["images"]}
+            out.update({(names[i], c): labels for i, cells in cell_labels(coco).items() for c, labels in cells.items()})
+        return out
+
+    # --- pixels -----------------------------------------------------------------------------
+    def image_path(self, image_id: str) -> Path:
+        return cache_path(self.root / "cache", image_id)
+
+    def read_image(self, image_id: str) -> np.ndarray:
+        """uint8 [C, size, size], memory-mapped; a missing or unreadable file names the fix."""
+        path = self.image_path(image_id)
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise OSError(f"cannot read {path} (image {image_id}): {exc}; re-run prepare on the same folder to "
+                          f"rebuild it") from None
+
+    def segmentation(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(nuclei, cells) uint16 [H, W] full-size label images of one image."""
+        folder = self.root / "segmentation"
+        return read_labels(folder / f"{image_id}_nuclei.png"), read_labels(folder / f"{image_id}_cells.png")
