@@ -3,23 +3,53 @@
     python detectron_code/main.py --backbone resnet101 [key=value ...]
     python detectron_code/main.py --backbone resnext101 model.weights=model_final_2d9806.pkl
     torchrun --nproc-per-node 4 detectron_code/main.py --backbone resnet101
+    python detectron_code/main.py --config-path resnext101     # print the config file and stop
 
 Built on torchvision's Mask R-CNN, which has detectron2's architecture; detectron2 model-zoo
 checkpoints load through model.weights. The same as
 ``python -m hpa_scc train configs/<backbone>_fpn.yaml [key=value ...]``.
+
+This file owns the backbone -> config table; detectron_code/run-model.sbatch asks it through
+``--config-path`` (which needs only the standard library, so any python3 on the login node can
+answer before the job enters its container).
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
-
-from hpa_scc.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BACKBONES = {"resnet101": "resnet101_fpn.yaml", "resnext101": "resnext101_32x8d_fpn.yaml"}
 
+
+def config_path(backbone: str, array_task: str | None = None) -> Path:
+    """The config of a backbone; ``both`` picks by array task (0: resnet101, 1: resnext101)."""
+    if backbone == "both":
+        names = list(BACKBONES)
+        task = int(array_task or 0)
+        if not 0 <= task < len(names):
+            raise ValueError(f"'both' runs as --array=0-{len(names) - 1}; array task {task} has no backbone")
+        backbone = names[task]
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone '{backbone}': use {', '.join(BACKBONES)} or both (with --array=0-1)")
+    return CONFIGS / BACKBONES[backbone]
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", choices=sorted(BACKBONES), default="resnet101")
+    parser.add_argument("--backbone", default="resnet101", help=f"{', '.join(BACKBONES)} (default: resnet101)")
+    parser.add_argument("--config-path", metavar="BACKBONE",
+                        help="print the config file of BACKBONE ('both': by SLURM_ARRAY_TASK_ID) and exit")
     args, overrides = parser.parse_known_args()
-    sys.exit(main(["train", str(CONFIGS / BACKBONES[args.backbone]), *overrides]))
+    try:
+        config = config_path(args.config_path or args.backbone, os.environ.get("SLURM_ARRAY_TASK_ID"))
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+    if args.config_path:
+        print(config)
+        sys.exit(0)
+    from hpa_scc.cli import main  # only now: --config-path must answer without the package installed
+
+    sys.exit(main(["train", str(config), *overrides]))

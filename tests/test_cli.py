@@ -56,6 +56,12 @@ def test_cache_strict_exit_code(kaggle_dir, tmp_path):
     assert "2 images written" in proc.stdout and "img0_red.png" in proc.stdout
 
 
+def test_demo_checks_its_training_config_before_any_work(tmp_path):
+    out = tmp_path / "demo"
+    proc = run("demo", "--out", out, "-q", "optim.lr=fast", check_rc=1)
+    assert "optim.lr" in proc.stderr and not out.exists()  # nothing synthesised, prepared or segmented
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"

@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +59,22 @@ def test_sbatch_headers():
     proc = subprocess.run(["bash", str(REPO / "detectron_code" / "run-model.sbatch"), "vgg16"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "use resnet101, resnext101" in proc.stderr
+
+
+def test_one_backbone_table_for_the_fpn_runs():
+    """detectron_code/main.py owns backbone -> config; the sbatch file asks it and names no config."""
+    main = REPO / "detectron_code" / "main.py"
+    ask = lambda name, task=None: subprocess.run(  # noqa: E731
+        [sys.executable, str(main), "--config-path", name], capture_output=True, text=True,
+        env={**os.environ, **({"SLURM_ARRAY_TASK_ID": task} if task else {})})
+    assert ask("resnet101").stdout.strip() == str(REPO / "configs" / "resnet101_fpn.yaml")
+    assert ask("both", "1").stdout.strip() == str(REPO / "configs" / "resnext101_32x8d_fpn.yaml")
+    assert ask("both", "0").stdout.strip() == str(REPO / "configs" / "resnet101_fpn.yaml")
+    wrong = ask("both", "2")
+    assert wrong.returncode == 2 and "array task 2 has no backbone" in wrong.stderr
+    for name in ("resnet101_fpn.yaml", "resnext101_32x8d_fpn.yaml"):
+        assert (REPO / "configs" / name).is_file()
+        assert name not in (REPO / "detectron_code" / "run-model.sbatch").read_text()
 
 
 @pytest.mark.slow

@@ -1,10 +1,10 @@
-"""The evaluation notebooks run end to end on a tiny run and draw their figures.
+"""The evaluation notebook runs end to end on a tiny run and draws its figures.
 
-They are executed with nbclient in a kernel of this interpreter, parameters passed through the
-environment variables their first cell reads. Both notebooks use one tiny DenseNet121 run (a
-ResNeXt101 run costs about a minute more on CPU and exercises no other notebook code: the model
-is the run folder's business). The DenseNet notebook predicts (its PRED_DIR is empty); the
-ResNeXt notebook gets a PRED_DIR that already holds predictions and must use them as they are.
+It is executed with nbclient in a kernel of this interpreter, parameters passed through the
+environment variables its first cell reads, on one tiny DenseNet121 run (any backbone's run is
+the same to it: the model is the run folder's business). It runs twice: first with an empty
+PRED_DIR, which it fills by predicting; then with that PRED_DIR, whose predictions it must use
+as they are.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from nbclient import NotebookClient
 from conftest import make_tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ("Densenet-Eval.ipynb", "Resnext101-Eval.ipynb")
+NOTEBOOKS = ("Evaluate.ipynb",)
 # jupyter_client starts these argv[0] names as sys.executable (KernelManager.format_kernel_cmd)
 PYTHON_NAMES = {"python", f"python{sys.version_info[0]}", "python%d.%d" % sys.version_info[:2]}
 
@@ -80,7 +80,7 @@ def test_notebooks_execute_and_draw(run, kernel_env, tmp_path, monkeypatch):
     monkeypatch.setenv("HPA_DATA_DIR", str(run / "set"))
     monkeypatch.setenv("HPA_N_IMAGES", "2")
     pred = tmp_path / "pred"
-    for name in NOTEBOOKS:  # the first predicts into the empty PRED_DIR, the second finds its predictions
+    for name in NOTEBOOKS * 2:  # the first run predicts into the empty PRED_DIR, the second finds its predictions
         monkeypatch.setenv("HPA_PRED_DIR", str(pred))
         before = (pred / "submission.csv").stat().st_mtime_ns if (pred / "submission.csv").exists() else None
         nb = execute(name, tmp_path)

@@ -7,7 +7,6 @@ tests and the notebooks run the same code.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -69,12 +68,20 @@ def _add_cache(sub) -> None:
     p.add_argument("out_dir", type=Path, help="cache folder (created)")
     p.add_argument("--size", type=int, default=512, help="cached width and height in px (default: 512)")
     p.add_argument("--channels", choices=["rgby", "rgb"], default="rgby", help="channels to keep (default: rgby)")
-    p.add_argument("--labels", type=Path, default=None, help="ID,Label table (default: DATA_DIR/train.csv if present)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="parallel processes (default: min(8, cores))")
+    _add_labels(p)
+    _add_workers(p, most=8)
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any input failed")
     _add_shard_args(p)
     p.set_defaults(func=_run_cache)
+
+
+def _add_labels(p) -> None:
+    p.add_argument("--labels", type=Path, default=None, help="ID,Label table (default: DATA_DIR/train.csv if present)")
+
+
+def _add_workers(p, most: int, what: str = "parallel processes") -> None:
+    p.add_argument("--workers", type=int, default=min(most, os.cpu_count() or 1),
+                   help=f"{what} (default: min({most}, cores))")
 
 
 def _add_shard_args(p) -> None:
@@ -162,8 +169,8 @@ def _add_segment(sub) -> None:
     p.add_argument("data_dir", type=Path, help="folder with the images")
     p.add_argument("out_dir", type=Path, help="folder for the label images (created)")
     _add_segmenter_args(p)
-    p.add_argument("--labels", type=Path, default=None, help="ID,Label table (default: DATA_DIR/train.csv if present)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
+    _add_labels(p)
+    _add_workers(p, most=4)
     _add_shard_args(p)
     p.set_defaults(func=_run_segment)
 
@@ -202,8 +209,8 @@ def _add_prepare(sub) -> None:
     p.add_argument("--min-cell-area", type=int, default=0, dest="min_cell_area_px",
                    help="drop cells smaller than this, in px at full size (default: 0)")
     p.add_argument("--drop-border-cells", action="store_true", help="drop cells cut by the image border")
-    p.add_argument("--labels", type=Path, default=None, help="ID,Label table (default: DATA_DIR/train.csv)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
+    _add_labels(p)
+    _add_workers(p, most=4)
     _add_shard_args(p)
     p.set_defaults(func=_run_prepare)
 
@@ -331,11 +338,10 @@ def _add_predict(sub) -> None:
     p.add_argument("--image-fusion", type=float, default=0.0, metavar="W",
                    help="blend each cell's confidences with its image's score (the best cell per class): "
                         "conf^(1-W) x image^W (default: 0, off)")
-    p.add_argument("--labels", type=Path, default=None, help="ID,Label table (default: DATA_DIR/train.csv if present)")
+    _add_labels(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     g = p.add_argument_group("speed")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="processes that read, segment and encode images while the model runs (default: min(8, cores))")
+    _add_workers(g, most=8, what="processes that read, segment and encode images while the model runs")
     g.add_argument("--batch-size", type=int, default=8, help="images per model forward pass (default: 8)")
     p.set_defaults(func=_run_predict)
 
@@ -502,71 +508,24 @@ def _run_merge_tables(args) -> int:
     return 0
 
 
-def _demo_cell_model(args, prepared: Path) -> Path:
-    """Demo step 5: the per-cell features model, refined: fitted on folds 1-2, it narrows every
-    training cell's image labels (relative rule), then it is refitted on every fold and label."""
-    from hpa_scc.config import load_config
-    from hpa_scc.apps.refine import RELATIVE_RULE, refine_prepared
-    from hpa_scc.engine.train import train
-
-    configs = Path(__file__).resolve().parents[2] / "configs"
-    common = [f"data.prepared_dir={prepared}"]  # the training size follows the prepared set
-    print("\n[5/6] per-cell features + logistic regressions on image labels, refined once (seconds)")
-    first = args.out / "features"
-    train(load_config(configs / "cell_features.yaml", common + [f"train.run_dir={first}"]), progress=False)
-    report = refine_prepared(first, prepared, name="features_r1", held_out_folds=[0], threshold=0.0,
-                             relative=RELATIVE_RULE, min_f1=0.0, progress=False)
-    print(report.summary())
-    refined = args.out / "features-refined"
-    train(load_config(configs / "cell_features.yaml", common + [f"train.run_dir={refined}", "data.val_fold=-1",
-                                                              "data.labels=features_r1"]), progress=False)
-    return refined
-
-
-def _demo_predict(args, run_dir: Path, cell_run: Path | None = None) -> None:
-    """Demo step 6: a held-out synthetic test set, predicted and scored next to both baselines."""
-    from hpa_scc.evaluation.metric import evaluate_files
-    from hpa_scc.apps.predict import predict_folder
-    from hpa_scc.data.synth import write_synth_set
-    from hpa_scc.apps.visualize import plot_pr_curves
-
-    test = args.out / "test-synthetic"
-    n_test = max(args.images // 3, 2)
-    print(f"\n[6/6] predict a held-out synthetic set ({n_test} images, seed {args.seed + 1}) and score it")
-    write_synth_set(test, n_test, size=args.size, seed=args.seed + 1, workers=args.workers, progress=False)
-    runs = {"Mask R-CNN (segmenter cells)": {"run_dir": run_dir},
-            **({"per-cell features, refined": {"run_dir": cell_run, "name": "features-refined"}} if cell_run else {}),
-            "baseline: image labels on every cell": {"run_dir": None, "baseline": "image-labels"},
-            "baseline: the truth (sanity check)": {"run_dir": None, "baseline": "truth"}}
-    print(f"{'':<40}{'mAP@0.6':>10}")
-    for name, options in runs.items():
-        out = args.out / "predict" / (options.pop("name", None) or options.get("baseline") or "model")
-        submission = predict_folder(data_dir=test, out_dir=out, progress=not args.quiet, **options)
-        result = evaluate_files(test / "solution.csv", submission, out / "metrics.json")
-        plot_pr_curves(result, out / "pr_curves.png")
-        print(f"{name:<40}{result.mAP:>10.4f}")
-    from hpa_scc.apps.visualize import visualize_main
-
-    figures = visualize_main(args.out / "predict" / "model", test, args.out / "figures", run_dir=run_dir,
-                             solution=test / "solution.csv", n=4)
-    print(f"submissions, cells.csv, metrics.json and PR curves under {args.out / 'predict'}; "
-          f"{len(figures['overlays'])} overlays, per-class AP and training curves under {args.out / 'figures'}")
-
-
 def _add_demo(sub) -> None:
+    from hpa_scc.apps.demo import DemoOptions
+
     p = sub.add_parser(
         "demo", help="the main job on built-in synthetic data (no downloads, no GPU)",
         description="Generate a synthetic HPA set, build the pseudo-labelled training set from it (builtin "
                     "segmentation, cache, COCO per fold), score the segmentation against the synthetic truth, train "
                     "Mask R-CNN and the per-cell features model on image labels, and score both on a held-out "
                     "synthetic set, printing each step's summary. Everything goes under OUT (default: runs/demo); re-running resumes.")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
-    p.add_argument("--images", type=int, default=24, help="synthetic images (default: 24)")
-    p.add_argument("--size", type=int, default=512, help="synthetic image size in px (default: 512)")
-    p.add_argument("--train-size", type=int, default=256, help="training size in px (default: 256)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
-    p.add_argument("--train-config", type=Path, default=Path(__file__).resolve().parents[2] / "configs" / "cpu_demo.yaml",
+    d = DemoOptions()
+    p.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
+    p.add_argument("--images", type=int, default=d.images, help=f"synthetic images (default: {d.images})")
+    p.add_argument("--size", type=int, default=d.size, help=f"synthetic image size in px (default: {d.size})")
+    p.add_argument("--train-size", type=int, default=d.train_size,
+                   help=f"size of the prepared set, which training follows, in px (default: {d.train_size})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    p.add_argument("--workers", type=int, default=d.workers, help=f"parallel processes (default: {d.workers})")
+    p.add_argument("--train-config", type=Path, default=d.train_config,
                    help="training config of step 4 (default: configs/cpu_demo.yaml)")
     p.add_argument("--no-train", action="store_true", help="stop after the training set is built")
     p.add_argument("train_overrides", nargs="*", metavar="key=value", help="overrides for the training config")
@@ -574,43 +533,12 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from hpa_scc.apps.prepare import prepare_dataset
-    from hpa_scc.data.images import read_labels
-    from hpa_scc.segment.quality import mask_ap
-    from hpa_scc.data.synth import format_summary, write_synth_set
+    from hpa_scc.apps.demo import DemoOptions, run_demo
 
-    data, prepared = args.out / "synthetic", args.out / "prepared"
-    steps = 3 if args.no_train else 6
-    print(f"[1/{steps}] synthetic HPA set -> {data}")
-    summary = write_synth_set(data, args.images, size=args.size, seed=args.seed, workers=args.workers,
-                              progress=not args.quiet)
-    print(format_summary(summary))
-    print(f"\n[2/{steps}] training set: builtin segmentation, {args.train_size}px cache, COCO in 3 folds -> {prepared}")
-    report = prepare_dataset(data, prepared, size=args.train_size, segmenter="builtin", n_folds=3, seed=args.seed,
-                             workers=args.workers, progress=not args.quiet)
-    print(report.summary())
-    print(f"\n[3/{steps}] builtin segmentation against the synthetic truth")
-    ids = [p.stem for p in sorted((data / "masks").glob("*.png"))]
-    done = [i for i in ids if (prepared / "segmentation" / f"{i}_cells.png").is_file()]
-    preds = [read_labels(prepared / "segmentation" / f"{i}_cells.png") for i in done]
-    trues = [read_labels(data / "masks" / f"{i}.png") for i in done]
-    n_pred, n_true = sum(int(len(set(p.ravel()) - {0})) for p in preds), sum(int(t.max()) for t in trues)
-    print(f"cells found {n_pred}, true cells {n_true}, mask AP at IoU 0.6: {mask_ap(preds, trues, iou=0.6):.3f}")
-    if not args.no_train:
-        from hpa_scc.config import load_config
-        from hpa_scc.engine.train import train
-
-        cfg = load_config(args.train_config, [f"data.prepared_dir={prepared}",
-                                              f"train.run_dir={args.out / 'train'}", *args.train_overrides])
-        print(f"\n[4/6] {cfg.model.backbone} Mask R-CNN, {cfg.train.max_epochs} epochs on CPU -> {cfg.train.run_dir}")
-        train(cfg, progress=not args.quiet)
-        lines = (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()
-        aps = [json.loads(line)["segm_AP"] for line in lines if '"kind": "val"' in line]
-        if aps:
-            print("validation (fold 0) COCO mask AP per epoch: " + ", ".join(f"{ap:.4f}" for ap in aps))
-        _demo_predict(args, Path(cfg.train.run_dir), _demo_cell_model(args, prepared))
-    print(f"\ndone: {args.out}")
-    return 0 if not report.failures else 1
+    return run_demo(DemoOptions(out=args.out, images=args.images, size=args.size, train_size=args.train_size,
+                                seed=args.seed, workers=args.workers, train_config=args.train_config,
+                                train_overrides=args.train_overrides, no_train=args.no_train,
+                                progress=not args.quiet))
 
 
 def build_parser() -> argparse.ArgumentParser:

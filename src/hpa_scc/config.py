@@ -20,6 +20,9 @@ from pathlib import Path
 
 import yaml
 
+# The repository's configs/ folder (the package is installed editable, in the container too).
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
 
 @dataclass
 class ModelConfig:
@@ -31,7 +34,7 @@ class ModelConfig:
     in_channels: int = 4  # 4 = RGBY; 3 = RGB, as the original implementation
     # multilabel: one instance per cell, 19 sigmoid scores (BCE), so a cell learns all its labels.
     # softmax: 19 classes + background on the per_label layout, the original implementation's head,
-    # kept for fidelity only: a cell's copies share one mask and all train as its first label (models.py).
+    # kept for fidelity only: a cell's copies share one mask and all train as its first label (models/detector.py).
     head: str = "multilabel"
     # Initial weights, from local files only: null (random init), "imagenet" (torch hub cache),
     # or a path: a torchvision state dict, a project checkpoint, or a detectron2 model-zoo .pkl.
@@ -61,7 +64,7 @@ class DataConfig:
     # load_config. An explicit value must be that one too: a key kept to name the files, not a choice.
     layout: str | None = None
     # Cell labels to train on: image (each cell inherits its image's labels: weak supervision),
-    # truth (a synthetic set's true cell labels: the oracle), or NAME for coco_NAME/ (refine.py).
+    # truth (a synthetic set's true cell labels: the oracle), or NAME for coco_NAME/ (apps/refine.py).
     labels: str = "image"
     val_fold: int = 0  # this fold validates, the others train; -1: every fold trains, no validation
     # Training size in px. null: the prepared set's size (prepare --size), which owns the fact;

@@ -1,9 +1,11 @@
-"""Training-time image datasets: the fast cached one, and the original-style PNG one.
+"""Whole-image datasets for pipelines of one's own: the cache, and the original-style PNGs.
 
-``CachedImages`` serves samples from a cache made by ``python -m hpa_scc cache``: each sample
-is one memory-mapped ``.npy`` read, no decoding and no resizing. ``PngImages`` is the original
-implementation's way (decode four full-size PNGs with OpenCV and resize, per sample), kept as the
-baseline that ``bench/loader.py`` measures against.
+Training in this project reads cells, not images (``data/instances.py`` over a prepared set);
+these two serve a user who wants image-level samples (an image classifier over the cache made by
+``python -m hpa_scc cache``), and ``bench/loader.py``, which measures one against the other.
+``CachedImages``: each sample is one memory-mapped ``.npy`` read, no decoding and no resizing.
+``PngImages``: the original implementation's way (decode four full-size PNGs with OpenCV and
+resize, per sample), the baseline of that benchmark.
 
 Both return ``(image, target)`` with ``image`` a uint8 tensor [C, S, S] and ``target`` a dict
 with ``image_id`` and ``labels`` (float multi-hot [19]); normalisation happens on the device.

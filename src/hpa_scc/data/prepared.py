@@ -219,6 +219,9 @@ class PreparedSet:
             raise OSError(f"cannot read {path} (image {image_id}): {exc}; re-run prepare on the same folder to "
                           f"rebuild it") from None
 
+    def is_segmented(self, image_id: str) -> bool:
+        return (self.root / "segmentation" / f"{image_id}_cells.png").is_file()
+
     def segmentation(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(nuclei, cells) uint16 [H, W] full-size label images of one image."""
         folder = self.root / "segmentation"

@@ -1,0 +1,140 @@
+"""The main job on built-in synthetic data, end to end (``python -m hpa_scc demo``).
+
+Six steps, each a call into the package the other commands make too: a synthetic HPA set;
+the training set built from it (builtin segmentation, cache, COCO per fold); the segmentation
+scored against the synthetic truth; Mask R-CNN trained on image labels; the per-cell features
+model fitted, its labels refined once and refitted; a held-out synthetic set predicted by both
+models and both baselines and scored with the competition metric. Everything goes under one
+folder and every step resumes, so a re-run skips finished work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpa_scc.config import CONFIGS_DIR, Config, load_config
+
+
+@dataclass
+class DemoOptions:
+    out: Path = Path("runs/demo")
+    images: int = 24
+    size: int = 512          # synthetic image size
+    train_size: int = 256    # the prepared set's size, which training follows
+    seed: int = 0
+    workers: int = min(2, os.cpu_count() or 1)
+    train_config: Path = CONFIGS_DIR / "cpu_demo.yaml"
+    train_overrides: list[str] = field(default_factory=list)
+    no_train: bool = False
+    progress: bool = True
+
+
+def train_config(options: DemoOptions) -> Config:
+    """Step 4's config; loaded before any work so that a bad file or override stops the demo at once."""
+    return load_config(options.train_config, [f"data.prepared_dir={options.out / 'prepared'}",
+                                              f"train.run_dir={options.out / 'train'}", *options.train_overrides])
+
+
+def run_demo(options: DemoOptions) -> int:
+    """Run the demo; 0 when every image was prepared, 1 when some failed (listed by prepare)."""
+    from hpa_scc.apps.prepare import prepare_dataset
+    from hpa_scc.data.synth import format_summary, write_synth_set
+
+    cfg = None if options.no_train else train_config(options)
+    data, prepared = options.out / "synthetic", options.out / "prepared"
+    steps = 3 if options.no_train else 6
+    print(f"[1/{steps}] synthetic HPA set -> {data}")
+    summary = write_synth_set(data, options.images, size=options.size, seed=options.seed, workers=options.workers,
+                              progress=options.progress)
+    print(format_summary(summary))
+    print(f"\n[2/{steps}] training set: builtin segmentation, {options.train_size}px cache, COCO in 3 folds "
+          f"-> {prepared}")
+    report = prepare_dataset(data, prepared, size=options.train_size, segmenter="builtin", n_folds=3,
+                             seed=options.seed, workers=options.workers, progress=options.progress)
+    print(report.summary())
+    print(f"\n[3/{steps}] builtin segmentation against the synthetic truth")
+    print(segmentation_quality(data, prepared))
+    if cfg is not None:
+        run_dir = train_detector(cfg, options.progress)
+        predict_and_score(options, run_dir, train_cell_model(options.out, prepared))
+    print(f"\ndone: {options.out}")
+    return 0 if not report.failures else 1
+
+
+def segmentation_quality(data: Path, prepared: Path) -> str:
+    """Step 3: cells found vs true cells, and the mask AP at IoU 0.6 of the prepared segmentation."""
+    from hpa_scc.data.images import read_labels
+    from hpa_scc.data.prepared import PreparedSet
+    from hpa_scc.segment.quality import mask_ap
+
+    pset = PreparedSet(prepared)
+    ids = [p.stem for p in sorted((data / "masks").glob("*.png"))]
+    done = [i for i in ids if pset.is_segmented(i)]
+    preds = [pset.segmentation(i)[1] for i in done]
+    trues = [read_labels(data / "masks" / f"{i}.png") for i in done]
+    n_pred, n_true = sum(int(len(set(p.ravel()) - {0})) for p in preds), sum(int(t.max()) for t in trues)
+    return f"cells found {n_pred}, true cells {n_true}, mask AP at IoU 0.6: {mask_ap(preds, trues, iou=0.6):.3f}"
+
+
+def train_detector(cfg: Config, progress: bool) -> Path:
+    """Step 4: Mask R-CNN on the pseudo-masks with image labels; prints the validation AP per epoch."""
+    from hpa_scc.engine.train import train
+
+    print(f"\n[4/6] {cfg.model.backbone} Mask R-CNN, {cfg.train.max_epochs} epochs on CPU -> {cfg.train.run_dir}")
+    train(cfg, progress=progress)
+    lines = (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()
+    aps = [json.loads(line)["segm_AP"] for line in lines if '"kind": "val"' in line]
+    if aps:
+        print("validation (fold 0) COCO mask AP per epoch: " + ", ".join(f"{ap:.4f}" for ap in aps))
+    return Path(cfg.train.run_dir)
+
+
+def train_cell_model(out: Path, prepared: Path) -> Path:
+    """Step 5: the per-cell features model, refined: fitted on folds 1-2, it narrows every
+    training cell's image labels (relative rule), then it is refitted on every fold and label."""
+    from hpa_scc.apps.refine import RELATIVE_RULE, refine_prepared
+    from hpa_scc.engine.train import train
+
+    common = [f"data.prepared_dir={prepared}"]  # the training size follows the prepared set
+    print("\n[5/6] per-cell features + logistic regressions on image labels, refined once (seconds)")
+    first = out / "features"
+    train(load_config(CONFIGS_DIR / "cell_features.yaml", common + [f"train.run_dir={first}"]), progress=False)
+    report = refine_prepared(first, prepared, name="features_r1", held_out_folds=[0], threshold=0.0,
+                             relative=RELATIVE_RULE, min_f1=0.0, progress=False)
+    print(report.summary())
+    refined = out / "features-refined"
+    train(load_config(CONFIGS_DIR / "cell_features.yaml", common + [f"train.run_dir={refined}", "data.val_fold=-1",
+                                                               "data.labels=features_r1"]), progress=False)
+    return refined
+
+
+def predict_and_score(options: DemoOptions, run_dir: Path, cell_run: Path | None = None) -> None:
+    """Step 6: a held-out synthetic test set, predicted and scored next to both baselines."""
+    from hpa_scc.apps.predict import predict_folder
+    from hpa_scc.apps.visualize import plot_pr_curves, visualize_main
+    from hpa_scc.data.synth import write_synth_set
+    from hpa_scc.evaluation.metric import evaluate_files
+
+    out = options.out
+    test = out / "test-synthetic"
+    n_test = max(options.images // 3, 2)
+    print(f"\n[6/6] predict a held-out synthetic set ({n_test} images, seed {options.seed + 1}) and score it")
+    write_synth_set(test, n_test, size=options.size, seed=options.seed + 1, workers=options.workers, progress=False)
+    runs = {"Mask R-CNN (segmenter cells)": {"run_dir": run_dir},
+            **({"per-cell features, refined": {"run_dir": cell_run, "name": "features-refined"}} if cell_run else {}),
+            "baseline: image labels on every cell": {"run_dir": None, "baseline": "image-labels"},
+            "baseline: the truth (sanity check)": {"run_dir": None, "baseline": "truth"}}
+    print(f"{'':<40}{'mAP@0.6':>10}")
+    for name, kwargs in runs.items():
+        pred = out / "predict" / (kwargs.pop("name", None) or kwargs.get("baseline") or "model")
+        submission = predict_folder(data_dir=test, out_dir=pred, progress=options.progress, **kwargs)
+        result = evaluate_files(test / "solution.csv", submission, pred / "metrics.json")
+        plot_pr_curves(result, pred / "pr_curves.png")
+        print(f"{name:<40}{result.mAP:>10.4f}")
+    figures = visualize_main(out / "predict" / "model", test, out / "figures", run_dir=run_dir,
+                             solution=test / "solution.csv", n=4)
+    print(f"submissions, cells.csv, metrics.json and PR curves under {out / 'predict'}; "
+          f"{len(figures['overlays'])} overlays, per-class AP and training curves under {out / 'figures'}")
