@@ -113,6 +113,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_every_iters: int = 20  # on CUDA also how often losses are read back (a host sync) and checked
     tensorboard: bool = True
+    # How long a collective may wait, in minutes, before the process group gives up. Validation
+    # runs on rank 0 while the others wait at a barrier, so this must cover one validation pass
+    # (a full Kaggle fold at 512 px: minutes on one GPU; cap it with data.max_val_images).
+    dist_timeout_min: int = 60
 
 
 @dataclass

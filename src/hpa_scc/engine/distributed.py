@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -36,8 +37,9 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group if the environment asks for one; NCCL on CUDA, else gloo."""
+def init_distributed(device: torch.device, timeout_min: int = 60) -> DistInfo:
+    """Join the process group if the environment asks for one; NCCL on CUDA, else gloo.
+    ``timeout_min`` bounds every collective (see train.dist_timeout_min)."""
     info = DistInfo(rank=_env_int("RANK", "SLURM_PROCID", default=0),
                     world_size=_env_int("WORLD_SIZE", "SLURM_NTASKS", default=1),
                     local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID", default=0))
@@ -45,7 +47,8 @@ def init_distributed(device: torch.device) -> DistInfo:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
+                                timeout=timedelta(minutes=timeout_min))
     return info
 
 
@@ -54,14 +57,29 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
-    """Average a dict of floats over all ranks (identity for one process)."""
+def collective_device(device: torch.device) -> torch.device:
+    """Where a collective's tensor must live: NCCL reduces only CUDA tensors, gloo CPU ones."""
+    return device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def mean_across_ranks(values: dict[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:
+    """Average a dict of floats over all ranks (identity for one process); ``device`` is the
+    rank's training device (the tensor goes there under NCCL)."""
     if not info.distributed or not values:
         return values
     keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=collective_device(device))
     dist.all_reduce(tensor)
     return {k: float(v) / info.world_size for k, v in zip(keys, tensor, strict=True)}
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` for one process)."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def cleanup(info: DistInfo) -> None:

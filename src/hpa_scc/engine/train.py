@@ -26,8 +26,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import signal
+import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,13 +42,16 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from hpa_scc.utils.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+from hpa_scc.utils.checkpoint import (BEST, LAST, PREEMPTED_FILE, load_checkpoint, rng_state, save_checkpoint,
+                                     set_rng_state, unwrap, weights_digest)
 from hpa_scc.config import Config, save_config, to_dict
-from hpa_scc.engine.distributed import DistInfo, barrier, cleanup, init_distributed, mean_across_ranks
+from hpa_scc.engine.distributed import (DistInfo, barrier, cleanup, gather_objects, init_distributed,
+                                       mean_across_ranks)
 from hpa_scc.engine.loop import evaluate, train_one_epoch, use_fast_path
 from hpa_scc.models.cells import build_family_model
 from hpa_scc.data.instances import CellInstances, collate, shadowed_instances, shadowed_warning
 from hpa_scc.data.prepared import PreparedSet
+from hpa_scc.utils.fileio import write_text_atomic
 
 log = logging.getLogger("hpa_scc.engine.train")
 
@@ -224,7 +230,7 @@ def start_run(cfg: Config) -> Run:
     """Device and ranks; the training size from the prepared set (before config.yaml records it);
     the run folder with its config.yaml and train.log; seeds (``seed + rank``)."""
     device = pick_device(cfg.train.device)
-    info = init_distributed(device)
+    info = init_distributed(device, cfg.train.dist_timeout_min)
     if device.type == "cuda":
         torch.cuda.set_device(info.local_rank)
         device = torch.device("cuda", info.local_rank)
@@ -349,18 +355,37 @@ def resume_or_load(run: Run, model, optimizer, scheduler) -> Progress:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])  # rank 0's state: proposal sampling continues exactly as it would have
+    restore_rng(state, run)
     progress = Progress(state["epoch"], state["step_in_epoch"], state["global_step"], state.get("best_metric", -1.0))
     log.info("resumed from %s at epoch %d, step %d (global step %d)", last, progress.epoch, progress.step_in_epoch,
              progress.global_step)
     return progress
 
 
-def checkpoint_state(cfg: Config, model, optimizer, scheduler, progress: Progress) -> dict:
-    """Everything ``resume_or_load`` needs to continue exactly where ``progress`` stands."""
+def restore_rng(state: dict, run: Run) -> None:
+    """Each rank takes back its own generators (ranks were seeded ``seed + rank``), so proposal
+    sampling and augmentation continue exactly as they would have. A checkpoint written by
+    another number of ranks cannot say what a rank's state was: each rank is re-seeded from
+    ``seed + rank`` and the global step, and the log says so."""
+    saved = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # a dict: one rank's, older runs
+    if len(saved) == run.info.world_size:
+        set_rng_state(saved[run.info.rank])
+        return
+    seed = run.cfg.train.seed + run.info.rank + 1_000_003 * state["global_step"]
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if run.info.is_main:
+        log.warning("last.pt was written by %d rank(s), this run has %d: random generators re-seeded, so the "
+                    "resumed run will not repeat the uninterrupted one exactly", len(saved), run.info.world_size)
+
+
+def checkpoint_state(cfg: Config, model, optimizer, scheduler, progress: Progress, rngs: list[dict]) -> dict:
+    """Everything ``resume_or_load`` needs to continue exactly where ``progress`` stands;
+    ``rngs`` holds every rank's generators in rank order (``gather_objects(rng_state())``)."""
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
-            "global_step": progress.global_step, "best_metric": progress.best, "rng": rng_state(),
+            "global_step": progress.global_step, "best_metric": progress.best, "rng": rngs,
             "config": to_dict(cfg)}
 
 
@@ -395,10 +420,12 @@ class StopSignals:
         return self.signal
 
 
-def end_of_epoch(run: Run, data: Data, model, progress: Progress, metrics: "MetricsLog", save: Callable[[Path], None]):
+def end_of_epoch(run: Run, data: Data, model, progress: Progress, metrics: "MetricsLog",
+                 save: Callable[[Path, list], None]):
     """Validation when due (every ``val_every_epochs`` and after the last epoch; rank 0), best.pt
     when it improves, last.pt always, epoch_NNNN.pt every ``save_every_epochs``."""
     cfg, epoch = run.cfg, progress.epoch
+    rngs = gather_objects(rng_state(), run.info)  # every rank's, before rank 0 saves
     if run.info.is_main and data.val_set is not None and (epoch % cfg.train.val_every_epochs == 0
                                                           or epoch == cfg.train.max_epochs):
         scores = data.validate(unwrap(model), data.val_set, run.device)
@@ -407,11 +434,11 @@ def end_of_epoch(run: Run, data: Data, model, progress: Progress, metrics: "Metr
                  ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
         if scores[VAL_METRIC[cfg.model.family]] > progress.best:
             progress.best = scores[VAL_METRIC[cfg.model.family]]
-            save(run.run_dir / BEST)
+            save(run.run_dir / BEST, rngs)
     if run.info.is_main:
-        save(run.run_dir / LAST)
+        save(run.run_dir / LAST, rngs)
         if epoch % cfg.train.save_every_epochs == 0:
-            save(run.run_dir / f"epoch_{epoch:04d}.pt")
+            save(run.run_dir / f"epoch_{epoch:04d}.pt", rngs)
     barrier(run.info)
 
 
@@ -435,6 +462,13 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
         end_run(run)
 
 
+def report_weights(info: DistInfo, model, global_step: int) -> None:
+    """Under DDP every rank prints its weights' digest at the end: the job log shows they agree."""
+    if info.distributed:
+        print(f"rank {info.rank}/{info.world_size} done at global step {global_step}: weights "
+              f"{weights_digest(model)}", file=sys.stderr, flush=True)
+
+
 def fit(run: Run, data: Data, show_progress: bool = True) -> TrainResult:
     """The loop of the gradient-trained families: epochs of ``train_one_epoch``, each followed by
     ``end_of_epoch``; a stop signal saves last.pt at the current step and ends with PREEMPTED."""
@@ -454,6 +488,9 @@ def fit(run: Run, data: Data, show_progress: bool = True) -> TrainResult:
     if info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    if info.distributed:  # one line per rank in the job's log: every rank is there, on its node and device
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # SLURM's node name where there is one
+        print(f"rank {info.rank}/{info.world_size} on {node}: device {device}", file=sys.stderr, flush=True)
     effective_batch = cfg.train.images_per_gpu * info.world_size * cfg.train.accumulate_steps
     unit = "images" if cfg.model.family == "maskrcnn" else "cells"
     log.info("%s %s, %d train / %d val %s, %d ranks x %d %s x %d accumulation = %d per step, lr %g, "
@@ -462,8 +499,8 @@ def fit(run: Run, data: Data, show_progress: bool = True) -> TrainResult:
              cfg.train.accumulate_steps, effective_batch, cfg.optim.lr, steps_per_epoch, device)
     metrics = MetricsLog(run.run_dir, info.is_main, cfg.train.tensorboard)
 
-    def save(path: Path) -> None:
-        save_checkpoint(path, checkpoint_state(cfg, model, optimizer, scheduler, state))
+    def save(path: Path, rngs: list[dict]) -> None:
+        save_checkpoint(path, checkpoint_state(cfg, model, optimizer, scheduler, state, rngs))
 
     # On a GPU every host read of a loss stalls the queue: read (and check) them only when logging.
     sync_every = cfg.train.log_every_iters if device.type == "cuda" else 1
@@ -494,14 +531,20 @@ def fit(run: Run, data: Data, show_progress: bool = True) -> TrainResult:
                                         clip_grad_norm=cfg.optim.clip_grad_norm, amp=cfg.train.amp,
                                         sync_every=sync_every, on_step=on_step)
                 bar.close()
-                means = mean_across_ranks(means, info)
+                means = mean_across_ranks(means, info, device)
                 if stop.signal is not None:
                     last = run.run_dir / LAST
+                    rngs = gather_objects(rng_state(), info)
                     if info.is_main:
-                        save(last)
+                        save(last, rngs)
+                        # the batch script's proof that the trainer saved, whatever the launcher's exit status
+                        write_text_atomic(run.run_dir / PREEMPTED_FILE, json.dumps(
+                            {"signal": stop.signal, "epoch": epoch, "step_in_epoch": state.step_in_epoch,
+                             "global_step": state.global_step}) + "\n")
                         log.warning("signal %d: saved %s at epoch %d step %d; run the same command to resume", stop.signal,
                                     last, epoch, state.step_in_epoch)
                     barrier(info)
+                    report_weights(info, model, state.global_step)
                     return TrainResult(PREEMPTED, unwrap(model), run.run_dir, epoch, state.step_in_epoch,
                                        state.global_step, state.best, stop.signal, last)
                 state.epoch, state.step_in_epoch = epoch + 1, 0
@@ -510,6 +553,7 @@ def fit(run: Run, data: Data, show_progress: bool = True) -> TrainResult:
                          ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
                 end_of_epoch(run, data, model, state, metrics, save)
         log.info("done: %s", run.run_dir)
+        report_weights(info, model, state.global_step)
         return TrainResult(FINISHED, unwrap(model), run.run_dir, state.epoch, 0, state.global_step, state.best,
                            checkpoint=run.run_dir / LAST)
     finally:

@@ -7,6 +7,7 @@ writes is the name it reads (a test kills a run and resumes it through this path
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -18,6 +19,9 @@ from hpa_scc.utils.fileio import atomic_path
 
 LAST = "last.pt"
 BEST = "best.pt"
+# Written by rank 0 after it saved last.pt on a stop signal; the batch script reads it (a launcher
+# such as torchrun may exit 1 although the workers saved and exited 75).
+PREEMPTED_FILE = "preempted.json"
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -25,14 +29,30 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short hash of the model's parameters: equal on every rank of a correct DDP run. (Buffers
+    are left out: BatchNorm running statistics are each rank's own after its last forward.)"""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(unwrap(model).named_parameters()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's generators; with CUDA also its current GPU's (proposal sampling runs there)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
