@@ -41,7 +41,7 @@ def test_missing_data_folder_is_one_clear_line(tmp_path):
 
 def test_split_command(tmp_path, capsys):
     table = tmp_path / "labels.csv"
-    table.write_text("ID,Label\n" + "".join(f"i{i},{i % 19}|{(i * 7) % 19}\n" for i in range(60)))
+    table.write_text("ID,Label\n" + "".join(f"i{i},{i % 18}|{(i * 7) % 18}\n" for i in range(60)))
     assert main(["split", str(table), "--folds", "3", "--seed", "0", "--out", str(tmp_path / "f.csv")]) == 0
     out = capsys.readouterr().out
     assert "60 images in 3 folds" in out and "Mitotic spindle" in out
@@ -93,3 +93,32 @@ def test_demo_end_to_end(tmp_path):
         assert {r["fold"] for r in csv.DictReader(fh)} == {"0", "1", "2"}
     again = run("demo", "--out", out, "--images", "6", "--size", "256", "--train-size", "64", "-q", "--no-train")
     assert "0 images done now, 6 already done" in again.stdout  # resumed, nothing redone
+
+
+@pytest.mark.parametrize("args,message", [
+    (["synth", "{t}/big", "--size", "100000", "--images", "1"], "--size 100000: synthetic images are 64 to 4096 px"),
+    (["synth", "{t}/zero", "--images", "0"], "--images 0: a synthetic set needs at least 1 image"),
+    (["prepare", "{t}/set", "{t}/p0", "--folds", "0"], "--folds 0: use 1"),
+    (["predict", "-", "{t}/set", "--out", "{t}/pred", "--baseline", "truth", "--batch-size", "0"],
+     "--batch-size 0 / --workers"),
+    (["visualize", "{t}/pred", "{t}/set", "--out", "{t}/v", "--images", "-1"], "--images -1"),
+])
+def test_out_of_range_numbers_are_refused_before_any_work(tmp_path, args, message):
+    from hpa_scc.data.synth import write_synth_set
+
+    write_synth_set(tmp_path / "set", 1, size=64, progress=False)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = run(*[a.format(t=tmp_path) for a in args], check_rc=1)
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize("args,name", [(["synth", "{f}", "--images", "1"], "OUT_DIR"),
+                                        (["predict", "-", "{t}", "--out", "{f}", "--baseline", "truth"], "--out"),
+                                        (["demo", "--out", "{f}", "--no-train"], "--out")])
+def test_an_output_folder_that_is_a_file_names_the_argument(tmp_path, args, name):
+    existing = tmp_path / "outfile"
+    existing.write_text("keep me")
+    proc = run(*[a.format(f=existing, t=tmp_path) for a in args], check_rc=1)
+    assert f"{name} {existing} is a file" in proc.stderr and "Errno" not in proc.stderr
+    assert existing.read_text() == "keep me"

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -35,6 +37,12 @@ def test_every_shipped_config_loads():
     ("model.pixel_mean=[0.5, 0.5, 0.5]", "3 values for model.in_channels=4"),
     ("train.amp=maybe", "expected bool"),
     ("optim", "is not key=value"),
+    ("optim.lr=-0.01", "optim.lr must be > 0, got -0.01"),
+    ("optim.lr=0", "optim.lr must be > 0, got 0.0"),
+    ("optim.momentum=-1", "optim.momentum must be in .0, 1., got -1.0"),
+    ("data.hflip_prob=2", "data.hflip_prob must be in .0, 1., got 2.0"),
+    ("optim.warmup_factor=0", "optim.warmup_factor must be in .0, 1., got 0.0"),
+    ("train.dist_timeout_min=0", "train.dist_timeout_min must be >= 1, got 0"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -66,3 +74,14 @@ def test_layout_follows_the_head():
     assert load_config(None, ["model.head=softmax", "data.layout=per_label"]).data.layout == "per_label"
     with pytest.raises(ConfigError, match="'softmax' trains on the 'per_label' layout"):
         load_config(None, ["model.head=softmax", "data.layout=multilabel"])
+
+
+def test_a_bad_value_stops_train_before_the_run_folder_exists(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "hpa_scc", "train", "configs/smoke.yaml", f"train.run_dir={run}",
+                           "optim.lr=-0.01"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 1 and "optim.lr must be > 0, got -0.01" in proc.stderr
+    assert not run.exists()

@@ -33,7 +33,9 @@ def test_parse_and_format_round_trip():
 
 
 @pytest.mark.parametrize("text, fragment", [("8|19", "unknown label 19"), ("-1", "unknown label -1"),
-                                            ("8|x", "'x'"), ("", "empty label string")])
+                                            ("8|x", "'x'"), ("", "empty label string"),
+                                            ("18|3", "combine Negative (18) with other classes"),
+                                            ("3|18", "keep 18 alone or drop it")])
 def test_bad_labels_name_the_row(text, fragment):
     with pytest.raises(LabelError) as err:
         parse_labels(text, where="train.csv line 7 (ID abc)")

@@ -111,6 +111,14 @@ def test_bad_label_table_names_the_line(tmp_path):
         read_label_table(path)
 
 
+@pytest.mark.parametrize("header", ["\ufeffID,Label", "ID , Label", "\ufeff ID ,Label "])
+def test_a_table_as_spreadsheets_write_it(tmp_path, header):
+    """A UTF-8 byte-order mark and spaces around the header's names (Excel, LibreOffice)."""
+    path = tmp_path / "train.csv"
+    path.write_text(f"{header}\na,0|1\nb,18\n", encoding="utf-8")
+    assert read_label_table(path) == {"a": (0, 1), "b": (18,)}
+
+
 def test_empty_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no HPA images"):
         find_images(tmp_path)

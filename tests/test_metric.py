@@ -292,3 +292,41 @@ def test_pr_plot_with_a_class_never_detected(tmp_path):
     assert result.per_class_ap[0] == 1.0 and result.per_class_ap[5] == 0.0 and result.mAP == 0.5
     plot_pr_curves(result, tmp_path / "pr.png")
     assert (tmp_path / "pr.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("mask_size,declared", [((128, 128), (2048, 2048)), ((20, 20), (10, 10))])
+def test_a_mask_encoded_at_another_size_is_an_error_naming_the_image(tmp_path, mask_size, declared):
+    """A 128 px mask declared 2048 px hung pycocotools (it reads past the runs); a larger one was scored."""
+    m = np.zeros(mask_size, bool)
+    m[:5, :5] = True
+    text = encode_mask(m)
+    truth = [SubmissionRow("img7", declared[1], declared[0], [(0, 1.0, text)])]
+    pred = [SubmissionRow("img7", declared[1], declared[0], [(0, 0.9, text)])]
+    write_submission(tmp_path / "solution.csv", truth)
+    write_submission(tmp_path / "submission.csv", pred)
+    area = mask_size[0] * mask_size[1]
+    with pytest.raises(ValueError, match=rf"img7.*covers {area} pixels but the row declares "
+                                         rf"{declared[0]}x{declared[1]}.*original size"):
+        evaluate_files(tmp_path / "solution.csv", tmp_path / "submission.csv")
+
+
+def test_garbage_rle_counts_are_an_error():
+    import base64
+    import zlib
+
+    text = base64.b64encode(zlib.compress(b"\x01\x02 not rle")).decode()
+    with pytest.raises(ValueError, match="image a.*not valid COCO RLE.*outside COCO's alphabet"):
+        evaluate([row("a", (0, 1, A))], [row("a", (0, 0.9, text))])
+
+
+def test_rle_runs_read_as_pycocotools_does():
+    from pycocotools import mask as coco_mask
+
+    from hpa_scc.evaluation.submission import rle_runs
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        h, w = rng.integers(1, 200, 2)
+        m = rng.random((h, w)) < rng.random()
+        runs = rle_runs(coco_mask.encode(np.asfortranarray(m.astype(np.uint8)))["counts"])
+        assert sum(runs) == h * w and sum(runs[1::2]) == m.sum()

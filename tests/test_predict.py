@@ -109,3 +109,18 @@ def test_model_cells_merge_overlapping_detections_of_different_classes():
     assert labels.shape == (16, 16) and labels.max() == 2
     assert conf.shape == (2, 19) and conf[0, 0] == pytest.approx(0.9) and conf[0, 5] == pytest.approx(0.6)
     assert conf[1, 2] == pytest.approx(0.7) and (labels == 1).sum() == 64  # pasted back at twice the size
+
+
+def test_a_missing_checkpoint_says_what_the_run_holds(run, tmp_path):
+    from hpa_scc.engine.inference import load_run
+
+    held = sorted(p.name for p in (run / "run").glob("*.pt"))
+    assert "last.pt" in held
+    with pytest.raises(FileNotFoundError, match=rf"no checkpoint .*nope.pt; .* holds {', '.join(held)}: pass one "
+                                                r"with --checkpoint"):
+        load_run(run / "run", "nope.pt")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((run / "run" / "config.yaml").read_text())
+    with pytest.raises(FileNotFoundError, match=r"best.pt \(nor last.pt.*holds no checkpoint yet: train first"):
+        load_run(empty)

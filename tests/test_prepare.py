@@ -89,6 +89,9 @@ def test_segment_folder_writes_full_size_uint16_and_resumes(synth, tmp_path):
         assert (out / f"{path.stem}_nuclei.png").is_file()
     again = segment_folder(synth, out, segmenter="precomputed", segmenter_options={"folder": masks}, progress=False)
     assert (again.written, again.skipped_existing) == (0, 6)
+    # another segmenter into the same folder is refused, never mixed with the masks already there
+    with pytest.raises(ValueError, match=r"'segmenter': 'precomputed'.*not.*'segmenter': 'builtin'.*another OUT_DIR"):
+        segment_folder(synth, out, segmenter="builtin", progress=False)
 
 
 def test_prepare_writes_coco_that_decodes_to_the_label_images(synth, tmp_path):

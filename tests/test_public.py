@@ -230,9 +230,9 @@ def test_download_mixed_table(hpa, mixed, tmp_path):
     assert [(r["ID"], r["Label"], r["source"], r["Cellline"]) for r in rows] == [
         (ids["good_a"], "0|16", "hpa_public", "U-2 OS"),
         (ids["good_b"], "9", "hpa_public", "A549"),
-        (ids["slow"], "12|18", "hpa_public", "HeLa"),
+        (ids["slow"], "12", "hpa_public", "HeLa"),  # "Centriolar satellite,No staining": Negative left out
     ]
-    assert report.table.no_class == 1 and report.table.from_label_idx == 1
+    assert report.table.no_class == 1 and report.table.from_label_idx == 1 and report.table.negative_dropped == 1
     assert report.table.unknown_names == Counter({"Midbody": 2, "Cytokinetic bridge": 1})
     assert (report.downloaded, report.skipped_existing, report.complete) == (3, 0, 3)
     assert "Midbody (2)" in report.summary() and "failures.csv" in report.summary()
@@ -251,7 +251,7 @@ def test_download_mixed_table(hpa, mixed, tmp_path):
     # The folder is a DATA_DIR in the Kaggle layout.
     records = find_images(out)
     assert [(r.image_id, r.labels) for r in records] == [(ids["good_a"], (0, 16)), (ids["good_b"], (9,)),
-                                                         (ids["slow"], (12, 18))]
+                                                         (ids["slow"], (12,))]
     np.testing.assert_array_equal(read_image(records[0].folder, ids["good_a"]), to_uint8(planes["good_a"]))
 
 
@@ -460,7 +460,7 @@ def test_cli_strict_exit_code(hpa, tmp_path, capsys):
 
 def test_merge_tables_feeds_split(tmp_path, capsys):
     kaggle = tmp_path / "train.csv"
-    kaggle.write_text("ID,Label\n" + "".join(f"k{i},{i % 19}|{(i * 5) % 19}\n" for i in range(30)) + "k30,13|13\n")
+    kaggle.write_text("ID,Label\n" + "".join(f"k{i},{i % 18}|{(i * 5) % 18}\n" for i in range(30)) + "k30,13|13\n")
     public = tmp_path / "public.csv"
     public.write_text("ID,Label,source,Cellline,Image\n"
                       + "".join(f"1_{i}_A1_1,{(i * 3) % 19},hpa_public,HeLa,https://h/1/{i}_A1_1\n" for i in range(20)))
@@ -476,6 +476,11 @@ def test_merge_tables_feeds_split(tmp_path, capsys):
     assert main(["split", str(merged), "--folds", "3", "--out", str(folds)]) == 0
     assert "51 images in 3 folds" in capsys.readouterr().out
     assert len(read_csv(folds)) == 51
+
+    before = kaggle.read_text()
+    with pytest.raises(ValueError, match="is one of the input tables; it would be overwritten"):
+        merge_tables(kaggle, public, tmp_path / "." / "train.csv", keep_first=True)
+    assert kaggle.read_text() == before
 
     public.write_text("ID,Label\nk3,5\nk4,6\nnew,7\n")  # two ids already in the Kaggle table
     assert main(["merge-tables", str(kaggle), str(public), "--out", str(merged)]) == 1

@@ -541,6 +541,20 @@ def _run_demo(args) -> int:
                                 progress=not args.quiet))
 
 
+# Commands whose --out is a file (a CSV or JSON), not a folder.
+FILE_OUTPUTS = {"split", "evaluate", "merge-tables"}
+
+
+def _output_folder_that_is_a_file(args) -> str | None:
+    """An output folder given as the path of an existing file: say which argument, before any work."""
+    for dest, name in (("out_dir", "OUT_DIR"), ("out", "--out")):
+        path = getattr(args, dest, None)
+        if path is not None and args.command not in FILE_OUTPUTS and Path(path).is_file():
+            return (f"{name} {path} is a file, but {args.command} writes a folder there; give a folder that does "
+                    f"not exist yet (or an earlier output folder of the same command to resume it)")
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hpa_scc",
@@ -567,6 +581,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    folder = _output_folder_that_is_a_file(args)
+    if folder:
+        print(f"error: {folder}", file=sys.stderr)
+        return 1
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, OSError, ImportError, RuntimeError) as exc:

@@ -232,6 +232,33 @@ HEAD_LAYOUT = {"softmax": "per_label", "multilabel": "multilabel"}
 BACKBONE_NAMES = ("densenet121", "densenet121_fpn", "resnet101_fpn", "resnext101_32x8d_fpn")
 
 
+# Numeric keys and what they may be (None, where a key allows it, is not checked): checked when a
+# config is loaded, so a bad value stops a run before its folder is made.
+RANGES = (
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.warmup_iters", lambda v: v >= 0, ">= 0"),
+    ("optim.warmup_factor", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("optim.step_gamma", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("optim.clip_grad_norm", lambda v: v > 0, "> 0 (null: no clipping)"),
+    ("data.hflip_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("data.vflip_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("data.workers", lambda v: v >= 0, ">= 0"),
+    ("data.image_size", lambda v: v >= 1, ">= 1"),
+    ("data.crop_size", lambda v: v >= 1, ">= 1"),
+    ("model.box_score_thresh", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("model.feature_c", lambda v: v > 0, "> 0"),
+    ("train.max_epochs", lambda v: v >= 1, ">= 1"),
+    ("train.images_per_gpu", lambda v: v >= 1, ">= 1"),
+    ("train.accumulate_steps", lambda v: v >= 1, ">= 1"),
+    ("train.log_every_iters", lambda v: v >= 1, ">= 1"),
+    ("train.val_every_epochs", lambda v: v >= 1, ">= 1"),
+    ("train.save_every_epochs", lambda v: v >= 1, ">= 1"),
+    ("train.dist_timeout_min", lambda v: v >= 1, ">= 1"),
+)
+
+
 def validate(cfg: Config) -> None:
     """Checks across keys, with the fix in the message; fills ``data.layout`` when null (the head's layout)."""
     choices = {"model.backbone": (cfg.model.backbone, BACKBONE_NAMES),
@@ -263,11 +290,11 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.model, key)
         if value is not None and len(value) != cfg.model.in_channels:
             raise ConfigError(f"model.{key} has {len(value)} values for model.in_channels={cfg.model.in_channels}")
-    for key, value in (("train.images_per_gpu", cfg.train.images_per_gpu), ("train.max_epochs", cfg.train.max_epochs),
-                       ("train.accumulate_steps", cfg.train.accumulate_steps), ("data.image_size", cfg.data.image_size),
-                       ("data.crop_size", cfg.data.crop_size)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, ok, allowed in RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key} must be {allowed}, got {value}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -82,6 +82,9 @@ def parse_labels(text: str, *, where: str = "") -> list[int]:
         check_label(idx, where=where)
         if idx not in out:
             out.append(idx)
+    if NEGATIVE in out and len(out) > 1:
+        raise LabelError(f"labels {text!r}{at} combine Negative ({NEGATIVE}) with other classes; Negative means "
+                         f"none of the others: keep {NEGATIVE} alone or drop it")
     return out
 
 

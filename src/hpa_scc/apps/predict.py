@@ -97,6 +97,8 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
         raise ValueError(f"unknown --cells {cells!r}; choose one of {list(CELL_MODES)}")
     if baseline is not None and baseline not in BASELINES:
         raise ValueError(f"unknown --baseline {baseline!r}; choose one of {list(BASELINES)}")
+    if batch_size < 1 or workers < 1:
+        raise ValueError(f"--batch-size {batch_size} / --workers {workers}: each must be at least 1")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out_dir / "predict.log")

@@ -108,6 +108,10 @@ def segment_folder(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
     check_shard(shard)
     out_dir.mkdir(parents=True, exist_ok=True)
     build_segmenter(segmenter, **(segmenter_options or {}))  # fail now, not in every worker
+    # Label images made by another segmenter are never mixed in: another one into this folder is refused.
+    check_settings(out_dir, {"segmenter": segmenter,
+                             "segmenter_options": {k: str(v) for k, v in (segmenter_options or {}).items()}},
+                   "segment.json")
     records = select_shard(find_images(data_dir, labels_csv), shard)
     report = StepReport("segment", out_dir, failures_file=f"failures{shard_suffix(shard)}.csv")
     settings = {"out_dir": str(out_dir)}
@@ -259,6 +263,8 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
         raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUT_CHOICES)}")
     if size < 16:
         raise ValueError(f"--size {size} is too small; use at least 16 px (512 is the usual training size)")
+    if n_folds < 1:
+        raise ValueError(f"--folds {n_folds}: use 1 (one file all.json) or more (5 is the usual)")
     check_shard(shard)
     if merge_only and shard is not None:
         raise ValueError("--merge gathers every shard; give it without --shard")

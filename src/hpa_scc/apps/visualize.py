@@ -475,6 +475,8 @@ def visualize_main(pred_dir: str | os.PathLike, data_dir: str | os.PathLike, out
       ``pr_curves`` (pr_curves.png). ``compare`` {series name: submission.csv or a prediction
       folder} adds other submissions (e.g. a baseline) as bars beside ``name``'s.
     """
+    if n < 0:
+        raise ValueError(f"--images {n}: the number of overlays is 0 or more")
     from hpa_scc.evaluation.metric import evaluate_files
 
     pred_dir, out_dir = Path(pred_dir), Path(out_dir)

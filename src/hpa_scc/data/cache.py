@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from hpa_scc.constants import format_labels, parse_labels
-from hpa_scc.utils.fileio import atomic_path, write_npy_atomic, write_text_atomic
+from hpa_scc.utils.fileio import atomic_path, file_mode, write_npy_atomic, write_text_atomic
 from hpa_scc.data.images import ImageReadError, ImageRecord, channel_names, find_images, read_image, resize
 from hpa_scc.utils.pool import run_pool, single_threaded_opencv, write_failures
 from hpa_scc.data.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
@@ -91,6 +91,7 @@ def check_settings(out_dir: Path, settings: dict, name: str = "cache.json") -> N
     if not meta.is_file():
         meta.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=meta.parent)
+        os.fchmod(fd, file_mode())
         try:
             with os.fdopen(fd, "w") as fh:
                 fh.write(json.dumps(settings, indent=2) + "\n")

@@ -14,6 +14,7 @@ implementation divided by 255, which clips every value above 255 to white.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import os
@@ -169,14 +170,20 @@ def scan_folder(folder: str | os.PathLike) -> dict[str, set[str]]:
     return found
 
 
+def table_rows(fh) -> csv.DictReader:
+    """A CSV reader as spreadsheets write tables: a UTF-8 byte-order mark is dropped (open the file
+    with ``encoding="utf-8-sig"``) and the header's names are stripped (``ID , Label``)."""
+    reader = csv.DictReader(fh)
+    reader.fieldnames = [name.strip() for name in reader.fieldnames or ()]
+    return reader
+
+
 def read_label_table(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """``ID,Label`` CSV (Kaggle train.csv) -> {ID: labels}; bad rows raise naming file and row."""
-    import csv
-
     path = Path(path)
     table: dict[str, tuple[int, ...]] = {}
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = table_rows(fh)
         missing = {"ID", "Label"} - set(reader.fieldnames or ())
         if missing:
             raise LabelError(f"{path}: missing column(s) {sorted(missing)}; expected a header 'ID,Label'")

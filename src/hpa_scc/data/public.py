@@ -70,13 +70,14 @@ from hpa_scc import __version__
 from hpa_scc.constants import (
     CHANNELS,
     CLASS_NAMES,
+    NEGATIVE,
     LabelError,
     check_label,
     format_labels,
     parse_labels,
 )
 from hpa_scc.utils.fileio import atomic_path, write_png_atomic
-from hpa_scc.data.images import ImageReadError, read_label_table, resize, to_uint8
+from hpa_scc.data.images import ImageReadError, read_label_table, resize, table_rows, to_uint8
 from hpa_scc.utils.pool import write_failures
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,7 @@ class TableReport:
     from_label_idx: int = 0  # rows labelled from Label_idx (their names gave no class)
     no_class: int = 0  # rows dropped: no name of the 19 classes and no Label_idx
     duplicates: int = 0  # rows dropped: their image id was listed before
+    negative_dropped: int = 0  # rows whose "No staining" came with other locations: Negative left out
     dropped_by: dict[str, int] = field(default_factory=dict)  # filter -> rows it dropped
     selected: int = 0
 
@@ -192,6 +194,9 @@ class TableReport:
             lines.append(f"  {self.no_class} rows skipped: no location among the 19 classes")
         if self.duplicates:
             lines.append(f"  {self.duplicates} rows skipped: image id listed twice (first row kept)")
+        if self.negative_dropped:
+            lines.append(f"  {self.negative_dropped} rows name 'No staining' with other locations: "
+                         "labelled with the others (Negative excludes every other class)")
         for name, n in self.dropped_by.items():
             lines.append(f"  {n} rows dropped by {name}")
         if self.unknown_names:
@@ -253,6 +258,9 @@ def read_public_table(path: str | os.PathLike) -> tuple[list[PublicImage], Table
                 raise ValueError(f"{where}: empty Image (URL prefix)")
             classes, unknown = map_location_names(row.get("Label") or "")
             report.unknown_names.update(unknown)
+            if NEGATIVE in classes and len(classes) > 1:  # HPA's names allow it, the 19 classes do not
+                classes = [c for c in classes if c != NEGATIVE]
+                report.negative_dropped += 1
             if not classes and (row.get("Label_idx") or "").strip():
                 classes = _parse_label_idx(row["Label_idx"], where)
                 report.from_label_idx += bool(classes)
@@ -605,8 +613,8 @@ def _read_source_table(path: Path, default_source: str) -> list[tuple[str, tuple
     """(ID, labels, source, Cellline) per row of an ID,Label table; ``source``/``Cellline`` columns if present."""
     table = read_label_table(path)  # checks the columns, the labels and repeated ids, naming file and line
     extra: dict[str, tuple[str, str]] = {}
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        for row in table_rows(fh):
             extra[(row["ID"] or "").strip()] = ((row.get("source") or "").strip() or default_source,
                                                (row.get("Cellline") or "").strip())
     return [(image_id, labels, *extra[image_id]) for image_id, labels in table.items()]
@@ -623,6 +631,9 @@ def merge_tables(kaggle_csv: str | os.PathLike, public_csv: str | os.PathLike, o
     for path in (kaggle_csv, public_csv):
         if not Path(path).is_file():
             raise FileNotFoundError(f"label table {path} not found")
+        if Path(out_csv).resolve() == Path(path).resolve():
+            raise ValueError(f"--out {out_csv} is one of the input tables; it would be overwritten: "
+                             "write the merged table to a new file")
     first = _read_source_table(Path(kaggle_csv), KAGGLE_SOURCE)
     second = _read_source_table(Path(public_csv), SOURCE)
     ids = {row[0] for row in first}

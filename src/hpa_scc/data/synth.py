@@ -59,6 +59,7 @@ SYNTH_VERSION = 1
 
 REF_SIZE = 512  # lengths below are px at this size; they scale with size / REF_SIZE
 MIN_SIZE = 64  # below this a nucleus is a few pixels and the patterns lose their meaning
+MAX_SIZE = 4096  # the largest real HPA images are 3072 px; one 4096 px image needs ~1 GiB while drawn
 
 # --- labels ---------------------------------------------------------------------------------
 # Number of labels per image: real Kaggle shares of 1, 2, 3 and 4 labels.
@@ -903,10 +904,11 @@ def write_synth_set(out_dir, n_images: int, *, size: int = 512, seed: int = 0, w
     Resumable: images whose record OUT/meta/<ID>.json exists are skipped; the tables are rebuilt
     from all records in the folder. Returns a summary dict (see ``format_summary``).
     """
-    if n_images < 0:
-        raise ValueError(f"n_images must be >= 0, got {n_images}")
-    if size < MIN_SIZE:
-        raise ValueError(f"synthetic image size {size} px is too small; use at least {MIN_SIZE}")
+    if n_images < 1:
+        raise ValueError(f"--images {n_images}: a synthetic set needs at least 1 image")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError(f"--size {size}: synthetic images are {MIN_SIZE} to {MAX_SIZE} px (real HPA images are "
+                         f"1728 to 3072 px; 512 is the usual)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_params(out, size, seed)

@@ -50,7 +50,12 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: st
     if not path.is_file() and checkpoint == "best.pt":
         path = run_dir / "last.pt"  # a run without validation has no best.pt
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint {run_dir / checkpoint} (nor last.pt); train first or pass --checkpoint")
+        there = sorted(p.name for p in run_dir.glob("*.pt"))
+        fallback = " (nor last.pt, the fallback of best.pt)" if checkpoint == "best.pt" else ""
+        raise FileNotFoundError(
+            f"no checkpoint {run_dir / checkpoint}{fallback}; "
+            + (f"{run_dir} holds {', '.join(there)}: pass one with --checkpoint" if there
+               else f"{run_dir} holds no checkpoint yet: train first (python -m hpa_scc train ...)"))
     cfg.model.weights = None  # the checkpoint below is the whole model
     model = build_family_model(cfg)
     model.load_state_dict(load_checkpoint(path)["model"])

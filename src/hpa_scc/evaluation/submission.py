@@ -88,14 +88,50 @@ def encode_label_image(cells: np.ndarray) -> list[EncodedCell]:
     return out
 
 
+def rle_runs(counts: bytes) -> list[int]:
+    """COCO's compressed RLE counts -> the run lengths (background first), read as pycocotools
+    reads them (6 bits a character, the last runs delta-coded against the one two before)."""
+    runs: list[int] = []
+    pos, n = 0, len(counts)
+    while pos < n:
+        value, shift, more = 0, 0, True
+        while more:
+            if pos >= n:
+                raise ValueError("the RLE counts end inside a number")
+            c = counts[pos] - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"the RLE counts hold a byte {counts[pos]!r} outside COCO's alphabet")
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            pos += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
 def mask_rle(text: str, height: int, width: int, where: str = "") -> dict:
     """The competition's mask text -> a COCO RLE dict (compressed counts), no pixel decoded.
-    ``where`` (e.g. the image ID) prefixes the error of a text that is not base64 zlib RLE."""
+    ``where`` (e.g. the image ID) prefixes the error of a text that is not base64 zlib RLE, or
+    whose runs do not cover exactly ``height x width`` pixels: pycocotools would read past the
+    end of a shorter mask (a 128 px mask declared 2048 px hung the metric) and score a longer one."""
+    prefix = f"{where}: " if where else ""
     try:
         counts = zlib.decompress(base64.b64decode(text, validate=True))
     except (binascii.Error, zlib.error, ValueError) as exc:
-        prefix = f"{where}: " if where else ""
         raise ValueError(f"{prefix}mask {text[:24]!r}... is not base64 zlib-compressed RLE: {exc}") from None
+    try:
+        runs = rle_runs(counts)
+    except ValueError as exc:
+        raise ValueError(f"{prefix}mask {text[:24]!r}... is not valid COCO RLE: {exc}") from None
+    if any(r < 0 for r in runs) or sum(runs) != height * width:
+        covered = sum(runs) if all(r >= 0 for r in runs) else "a negative number of"
+        raise ValueError(f"{prefix}mask {text[:24]!r}... covers {covered} pixels but the row declares "
+                         f"{height}x{width} = {height * width}; encode each mask at the image's original size "
+                         f"(the row's ImageHeight x ImageWidth)")
     return {"size": [int(height), int(width)], "counts": counts}
 
 
@@ -154,7 +190,7 @@ def read_submission(path: str | os.PathLike) -> list[SubmissionRow]:
     rows = []
     # A row holds every cell x label of an image: far past csv's default 128 KiB field limit.
     csv.field_size_limit(2**31 - 1)
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # a spreadsheet's byte-order mark is not the header
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None or tuple(h.strip() for h in header) != HEADER:
