@@ -124,3 +124,15 @@ def test_a_missing_checkpoint_says_what_the_run_holds(run, tmp_path):
     (empty / "config.yaml").write_text((run / "run" / "config.yaml").read_text())
     with pytest.raises(FileNotFoundError, match=r"best.pt \(nor last.pt.*holds no checkpoint yet: train first"):
         load_run(empty)
+
+
+def test_other_models_or_baselines_into_the_same_out_are_refused(run, tmp_path):
+    """Per-image records of an earlier run are reused only for the same model and settings."""
+    out = tmp_path / "p"
+    first = predict_folder(None, run / "set", out, baseline="image-labels", progress=False)
+    before = first.read_text()
+    with pytest.raises(ValueError, match=r"was made with .*'mode': 'image-labels'.*not .*'mode': 'truth'.*another OUT"):
+        predict_folder(None, run / "set", out, baseline="truth", progress=False)
+    with pytest.raises(ValueError, match=r"was made with .*'models': \[\].*use another OUT"):
+        predict_folder(run / "run", run / "set", out, progress=False)
+    assert first.read_text() == before  # the earlier submission is untouched
