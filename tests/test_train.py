@@ -1,6 +1,7 @@
 """The training system end to end at 128 px on CPU: run folder, resume, signals, DDP, NaN stop."""
 
 import json
+import logging
 import os
 import re
 import signal
@@ -185,3 +186,18 @@ def test_a_signal_in_process_returns_preempted_after_saving_and_keeps_the_caller
     state = torch.load(run / "last.pt", weights_only=False)
     assert state["epoch"] == result.epoch == 0 and state["step_in_epoch"] == result.step_in_epoch >= 1
     assert signal.getsignal(signal.SIGUSR1) is before  # the caller's handler is back
+
+
+def test_resume_refuses_other_settings_and_allows_more_epochs(prepared, tmp_path, caplog):
+    run = tmp_path / "run"
+    assert train(load_config(None, overrides(prepared, run, "train.max_epochs=1")), progress=False).status == FINISHED
+    saved = (run / "config.yaml").read_text()
+    for change, key in (("optim.lr=0.02", "optim.lr: 0.002 -> 0.02"), ("data.val_fold=1", "data.val_fold: 0 -> 1"),
+                        ("model.backbone=resnet101_fpn", "model.backbone: 'densenet121' -> 'resnet101_fpn'")):
+        with pytest.raises(ValueError, match=rf"started with other settings \({key}\).*another train.run_dir"):
+            train(load_config(None, overrides(prepared, run, "train.max_epochs=1", change)), progress=False)
+        assert (run / "config.yaml").read_text() == saved  # nothing touched
+    with caplog.at_level(logging.INFO, logger="hpa_scc"):
+        result = train(load_config(None, overrides(prepared, run, "train.max_epochs=2")), progress=False)
+    assert result.status == FINISHED and result.epoch == 2
+    assert "resuming with changed settings: train.max_epochs 1 -> 2" in (run / "train.log").read_text()

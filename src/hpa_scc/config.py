@@ -306,3 +306,34 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     from hpa_scc.utils.fileio import write_text_atomic
 
     write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# What may differ when a run folder is resumed: how long it runs, how it logs and saves, how fast
+# it loads, where it computes. Everything else (model, data, folds, optimiser, batch) would make
+# the resumed run another experiment than the one its last.pt belongs to.
+RESUMABLE_CHANGES = ("train.max_epochs", "train.log_every_iters", "train.tensorboard", "train.val_every_epochs",
+                     "train.save_every_epochs", "train.device", "train.dist_timeout_min", "train.compile",
+                     "train.max_iters_per_epoch", "train.run_dir", "train.resume", "data.workers",
+                     "data.max_val_images", "model.weights")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(saved: dict, cfg: Config) -> tuple[dict, dict]:
+    """(allowed, refused) differences {key: (saved, now)} between a run folder's config.yaml and
+    ``cfg``, split by ``RESUMABLE_CHANGES``. model.weights is allowed: a resumed run loads last.pt."""
+    old, new = _flat(saved), _flat(to_dict(cfg))
+    for tree in (old, new):  # one folder, however it is written
+        if tree.get("data.prepared_dir"):
+            tree["data.prepared_dir"] = os.path.realpath(tree["data.prepared_dir"])
+    diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    allowed = {k: v for k, v in diff.items() if k in RESUMABLE_CHANGES}
+    return allowed, {k: v for k, v in diff.items() if k not in RESUMABLE_CHANGES}

@@ -39,12 +39,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from hpa_scc.utils.checkpoint import (BEST, LAST, PREEMPTED_FILE, load_checkpoint, rng_state, save_checkpoint,
                                      set_rng_state, unwrap, weights_digest)
-from hpa_scc.config import Config, save_config, to_dict
+from hpa_scc.config import RESUMABLE_CHANGES, Config, resume_changes, save_config, to_dict
 from hpa_scc.engine.distributed import (DistInfo, barrier, cleanup, gather_objects, init_distributed,
                                        mean_across_ranks)
 from hpa_scc.engine.loop import evaluate, train_one_epoch, use_fast_path
@@ -237,14 +238,34 @@ def start_run(cfg: Config) -> Run:
     prepared = PreparedSet(cfg.data.prepared_dir)
     cfg.data.image_size = prepared.check_size(cfg.data.image_size, "data.image_size")
     run_dir = Path(cfg.train.run_dir)
+    allowed = check_resume(cfg, run_dir)  # before anything in the folder is touched
     run_dir.mkdir(parents=True, exist_ok=True)
     log_handler = _setup_logging(run_dir, info)
+    if allowed and info.is_main:
+        log.info("resuming with changed settings: %s", ", ".join(f"{k} {a} -> {b}" for k, (a, b) in allowed.items()))
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
     random.seed(cfg.train.seed + info.rank)
     np.random.seed(cfg.train.seed + info.rank)
     torch.manual_seed(cfg.train.seed + info.rank)
     return Run(cfg, device, info, prepared, run_dir, log_handler)
+
+
+def check_resume(cfg: Config, run_dir: Path) -> dict:
+    """A run folder with last.pt is resumed only with the settings it was started with, but for
+    RESUMABLE_CHANGES (more epochs, logging, loaders): returns those, refuses the others naming
+    each key, before config.yaml is overwritten."""
+    saved_path = run_dir / "config.yaml"
+    if not (cfg.train.resume and (run_dir / LAST).is_file() and saved_path.is_file()):
+        return {}
+    allowed, refused = resume_changes(yaml.safe_load(saved_path.read_text()) or {}, cfg)
+    if refused:
+        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ValueError(f"{run_dir} holds a run started with other settings ({lines}); resuming it with these "
+                         f"would mix two experiments. Use another train.run_dir, put the settings back, or set "
+                         f"train.resume=false to start this folder over. (A resume may change: "
+                         f"{', '.join(RESUMABLE_CHANGES)})")
+    return allowed
 
 
 def end_run(run: Run) -> None:
