@@ -75,14 +75,22 @@ def channel_path(folder: str | os.PathLike, image_id: str, channel: str) -> Path
 
 def _decode(path: Path) -> np.ndarray:
     name = path.name.lower()
-    try:
-        if name.endswith((".tif.gz", ".tiff.gz")):
-            with gzip.open(path, "rb") as fh:
-                return tifffile.imread(io.BytesIO(fh.read()))
-        if name.endswith((".tif", ".tiff")):
-            return tifffile.imread(path)
-    except Exception as exc:  # tifffile/gzip raise many kinds
-        raise ImageReadError(f"cannot read {path}: {exc} (file corrupt or truncated? re-download or re-export it)") from None
+    if name.endswith((".tif.gz", ".tiff.gz", ".tif", ".tiff")):
+        try:
+            if name.endswith(".gz"):
+                with gzip.open(path, "rb") as fh:
+                    array = tifffile.imread(io.BytesIO(fh.read()))
+            else:
+                array = tifffile.imread(path)
+        except Exception as exc:  # tifffile/gzip raise many kinds
+            raise ImageReadError(f"cannot read {path}: {exc} (file corrupt or truncated? re-download or "
+                                 "re-export it)") from None
+        # A stack (pages x H x W) is not a channel: read as colour it came out as a 4-pixel-wide image.
+        if array.ndim > 2 and not (array.ndim == 3 and array.shape[2] in (3, 4) and array.shape[0] > 4):
+            raise ImageReadError(f"{path} holds {array.shape[0]} planes of {'x'.join(map(str, array.shape[1:]))} "
+                                 "(a multi-page TIFF or stack); a channel file holds one plane: save each channel "
+                                 "as its own <ID>_<channel>.tif")
+        return array
     data = np.fromfile(path, dtype=np.uint8)
     array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if array is None:
