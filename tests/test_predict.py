@@ -51,8 +51,15 @@ def test_worker_pool_and_batches_give_the_same_records_and_log_a_corrupt_image(r
     shutil.copytree(run / "set", data)
     broken = sorted((data / "train").glob("*_green.png"))[1]
     broken.write_bytes(b"not a png")
-    one = predict_folder(run / "run", data, tmp_path / "serial", workers=1, batch_size=1, progress=False)
-    pool = predict_folder(run / "run", data, tmp_path / "pool", workers=2, batch_size=3, progress=False)
+    with pytest.raises(ValueError, match=rf"1 of 4 images could not be predicted \(e.g. "
+                                         rf"{broken.name.removesuffix('_green.png')}.*--allow-missing"):
+        predict_folder(run / "run", data, tmp_path / "serial", workers=1, batch_size=1, progress=False)
+    assert not (tmp_path / "serial" / "submission.csv").exists()  # no submission that lacks an ID
+    assert len(list((tmp_path / "serial" / "records").glob("*.json"))) == 3  # finished images are kept
+    one = predict_folder(run / "run", data, tmp_path / "serial", workers=1, batch_size=1, allow_missing=True,
+                         progress=False)
+    pool = predict_folder(run / "run", data, tmp_path / "pool", workers=2, batch_size=3, allow_missing=True,
+                          progress=False)
     rows_one, rows_pool = read_submission(one), read_submission(pool)
     assert [r.image_id for r in rows_one] == [r.image_id for r in rows_pool] and len(rows_one) == 3
     for a, b in zip(rows_one, rows_pool, strict=True):
@@ -136,3 +143,12 @@ def test_other_models_or_baselines_into_the_same_out_are_refused(run, tmp_path):
     with pytest.raises(ValueError, match=r"was made with .*'models': \[\].*use another OUT"):
         predict_folder(run / "run", run / "set", out, progress=False)
     assert first.read_text() == before  # the earlier submission is untouched
+
+
+def test_image_labels_baseline_needs_labels(run, tmp_path):
+    import shutil
+
+    data = tmp_path / "test"
+    shutil.copytree(run / "set" / "train", data)  # channel files only: no table, no labels
+    with pytest.raises(ValueError, match=r"image-labels baseline .* image\(s\) of .* have none.*--labels"):
+        predict_folder(None, data, tmp_path / "p", baseline="image-labels", progress=False)

@@ -175,6 +175,20 @@ def test_corrupt_image_and_image_without_cells_are_logged_and_skipped(synth_copy
         assert sorted(names) == sorted(set(ids) - {ids[1], ids[2]})
         assert f"coco/{layout}/: 2 COCO file(s)" in report.summary()
     assert "2 skipped" in report.summary()
+    # --strict: the same run through the CLI exits 1 (the finished images are kept)
+    from hpa_scc.cli import main
+
+    assert main(["prepare", str(synth_copy), str(out), "--size", "64", "--segmenter", "precomputed", "--masks",
+                 str(masks), "--folds", "2", "-q", "--strict"]) == 1
+
+
+def test_zero_usable_images_is_an_error(synth_copy, tmp_path):
+    for path in (synth_copy / "train").glob("*_red.png"):
+        path.write_bytes(b"not a png")
+    out = tmp_path / "prep"
+    with pytest.raises(ValueError, match=r"no image of .* could be prepared: all 6 failed \(e.g. .*red.png"):
+        prepare_dataset(synth_copy, out, size=64, n_folds=2, progress=False)
+    assert not (out / "coco").exists() and (out / "failures.csv").is_file()
 
 
 def test_other_settings_into_the_same_folder_fail(synth, tmp_path):

@@ -209,6 +209,8 @@ def _add_prepare(sub) -> None:
     p.add_argument("--min-cell-area", type=int, default=0, dest="min_cell_area_px",
                    help="drop cells smaller than this, in px at full size (default: 0)")
     p.add_argument("--drop-border-cells", action="store_true", help="drop cells cut by the image border")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 if any image failed (the others are still prepared)")
     _add_labels(p)
     _add_workers(p, most=4)
     _add_shard_args(p)
@@ -225,7 +227,7 @@ def _run_prepare(args) -> int:
                              labels_csv=args.labels, progress=not args.quiet,
                              shard=None if args.merge else _shard(args), merge_only=args.merge)
     print(report.summary())
-    return 0
+    return 1 if (args.strict and report.failures) else 0
 
 
 def _add_train(sub) -> None:
@@ -343,6 +345,9 @@ def _add_predict(sub) -> None:
     g = p.add_argument_group("speed")
     _add_workers(g, most=8, what="processes that read, segment and encode images while the model runs")
     g.add_argument("--batch-size", type=int, default=8, help="images per model forward pass (default: 8)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="write the submission even if some images could not be predicted (they are left out and "
+                        "listed in OUT/failures.csv); without it that is an error and no submission is written")
     p.set_defaults(func=_run_predict)
 
 
@@ -356,7 +361,7 @@ def _run_predict(args) -> int:
                           segmenter_options=_segmenter_options(args), checkpoint=args.checkpoint, tta=args.tta,
                           baseline=args.baseline, labels_csv=args.labels, device=args.device, workers=args.workers,
                           batch_size=args.batch_size, image_fusion=args.image_fusion, ensemble=args.ensemble,
-                          cell_scoring=args.cell_scoring,
+                          cell_scoring=args.cell_scoring, allow_missing=args.allow_missing,
                           progress=not args.quiet)
     print(f"wrote {path}")
     return 0

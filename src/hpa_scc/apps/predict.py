@@ -83,7 +83,7 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                    checkpoint: str = "best.pt", tta: bool = False, baseline: str | None = None,
                    labels_csv: str | os.PathLike | None = None, device: str = "auto", workers: int = 1,
                    batch_size: int = 8, image_fusion: float = 0.0, ensemble: list | tuple = (),
-                   cell_scoring: str = "auto", progress: bool = True) -> Path:
+                   cell_scoring: str = "auto", allow_missing: bool = False, progress: bool = True) -> Path:
     """Predict every image of ``data_dir``; returns the path of submission.csv (see module docstring).
 
     The CPU work (read four channels, segment, encode every cell once, resize for the model) runs
@@ -92,6 +92,10 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
 
     ``ensemble``: more run folders whose models score the same segmenter cells; a cell's
     confidences are the mean of all the models' (e.g. a cell-level model with a detector).
+
+    An image that cannot be predicted (unreadable, ...) is listed in failures.csv; a submission
+    must hold every ID, so then no submission.csv is written and the call fails naming them
+    (finished images are kept: fix the inputs and run again), unless ``allow_missing``.
     """
     if cells not in CELL_MODES:
         raise ValueError(f"unknown --cells {cells!r}; choose one of {list(CELL_MODES)}")
@@ -119,6 +123,10 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
             raise ValueError(f"the models of an ensemble must share one image size, got {sorted(sizes)} "
                              f"({', '.join(m.run_dir for m in members)})")
         mode = baseline or cells
+        unlabelled = [r.image_id for r in records if not r.labels]
+        if baseline == "image-labels" and unlabelled:
+            raise ValueError(f"the image-labels baseline gives each cell its image's labels, and {len(unlabelled)} "
+                             f"image(s) of {data_dir} have none (e.g. {unlabelled[0]}): give a table with --labels")
         truth = read_true_cell_labels(data_dir) if baseline == "truth" else None
         # The per-image records of an earlier run are reused only for the same models and settings:
         # another model, checkpoint or option into the same OUT is refused, never mixed in.
@@ -163,6 +171,17 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
         ordered = [results[rec.image_id] for rec in records if rec.image_id in results]
         write_failures(out_dir / "failures.csv", failures)
         submission = out_dir / "submission.csv"
+        if failures and not allow_missing:
+            failures.sort()
+            submission.unlink(missing_ok=True)  # never leave a submission that lacks these IDs
+            raise ValueError(
+                f"{len(failures)} of {len(records)} images could not be predicted (e.g. {failures[0][0]}: "
+                f"{failures[0][1]}); all are listed in {out_dir / 'failures.csv'}. A submission needs every ID: fix "
+                f"them and run again (the {len(ordered)} finished images are kept), or pass --allow-missing to "
+                f"write the submission without them")
+        if failures:
+            log.warning("%d image(s) left out of the submission (--allow-missing): %s", len(failures),
+                        ", ".join(i for i, _ in failures[:10]))
         write_submission(submission, [to_row(r) for r in ordered])
         with atomic_path(out_dir / "cells.csv", ".csv") as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.writer(fh)

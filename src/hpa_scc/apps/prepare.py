@@ -314,6 +314,10 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     if shard is not None:
         report.extra.append(_merge_hint("prepare", out_dir, shard))
         return report
+    if not results:  # empty COCO files would only fail later, in train, far from the cause
+        raise ValueError(f"no image of {data_dir} could be prepared: all {len(report.failures)} failed (e.g. "
+                         f"{report.failures[0][0]}: {report.failures[0][1]}); see {out_dir / report.failures_file}"
+                         if report.failures else f"{data_dir} holds no image to prepare")
     _write_coco(data_dir, out_dir, records, results, report, size=size, segmenter=segmenter, n_folds=n_folds,
                 seed=seed, layout=layout)
     return report
