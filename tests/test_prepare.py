@@ -18,6 +18,7 @@ from pycocotools.coco import COCO
 
 from conftest import true_masks_folder
 from hpa_scc.data.images import read_image
+from hpa_scc.constants import CLASS_NAMES
 from hpa_scc.apps.prepare import prepare_dataset, segment_folder
 from hpa_scc.segment import build_segmenter
 from hpa_scc.data.images import read_labels
@@ -226,3 +227,28 @@ def test_killed_prepare_resumes_without_duplicates_or_partial_files(tmp_path):
     assert len(names) == len(set(names)) == 12
     ann_ids = [a["id"] for a in json.loads((tmp_path / "prep" / "coco" / "per_label" / "fold0.json").read_text())["annotations"]]
     assert len(ann_ids) == len(set(ann_ids))
+
+
+def test_a_changed_table_relabels_and_a_truncated_array_is_redone(synth_copy, tmp_path):
+    out = tmp_path / "prep"
+    prepare_dataset(synth_copy, out, size=64, n_folds=2, progress=False)
+    table = synth_copy / "train.csv"
+    rows = table.read_text().splitlines()
+    first_id = rows[1].split(",")[0]
+    rows[1] = f"{first_id},7"  # a corrected label
+    table.write_text("\n".join(rows) + "\n")
+    npy = out / "cache" / "images" / f"{rows[2].split(',')[0]}.npy"
+    npy.write_bytes(npy.read_bytes()[:100])  # a job killed mid-copy, a full disk
+    report = prepare_dataset(synth_copy, out, size=64, n_folds=2, progress=False)
+    assert report.written == 1 and report.skipped_existing == 5  # the truncated one redone, the others reused
+    assert "1 finished image(s) relabelled" in report.summary()
+    assert np.load(npy).shape == (4, 64, 64)
+    assert json.loads((out / "records" / f"{first_id}.json").read_text())["labels"] == [7]
+    per_label = [a for f in (0, 1) for a in json.loads((out / "coco" / "per_label" / f"fold{f}.json").read_text())
+                 ["annotations"]]
+    coco = {i["id"]: i["image_name"] for f in (0, 1)
+            for i in json.loads((out / "coco" / "per_label" / f"fold{f}.json").read_text())["images"]}
+    categories = {c["id"]: c["name"] for c in json.loads((out / "coco" / "per_label" / "fold0.json").read_text())
+                  ["categories"]}
+    labels_of_first = {categories[a["category_id"]] for a in per_label if coco.get(a["image_id"]) == first_id}
+    assert labels_of_first == {CLASS_NAMES[7]}  # COCO files carry the corrected label

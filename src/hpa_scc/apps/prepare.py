@@ -173,18 +173,37 @@ def encode_cells(cells_small: np.ndarray, cell_ids: list[int]) -> list[dict]:
     return out
 
 
+RELABELLED = "_relabelled"  # marks a reused record whose labels were updated from the table (not saved)
+
+
+def _cached_image_ok(npy: Path, size: int) -> bool:
+    """A finished image's cached array is readable and whole (a truncated .npy is redone, not reused)."""
+    try:
+        array = np.load(npy, mmap_mode="r")
+        return array.ndim == 3 and array.shape[1:] == (size, size) and npy.stat().st_size >= array.nbytes
+    except (OSError, ValueError, EOFError):
+        return False
+
+
 def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
     """Worker: one image -> its record (cells at the training size), written last."""
     s = worker_settings()
     out = Path(s["out_dir"])
     record_path = out / "records" / f"{record.image_id}.json"
-    if record_path.is_file():
+    npy = cache_path(out / "cache", record.image_id)
+    if record_path.is_file() and _cached_image_ok(npy, s["size"]):
         try:
-            return record.image_id, json.loads(record_path.read_text()), None
+            result = json.loads(record_path.read_text())
         except json.JSONDecodeError:
-            pass  # damaged: redo this image
+            result = None  # damaged: redo this image
+        if result is not None:
+            labels = list(record.labels) if record.labels else None
+            if result.get("labels") != labels:  # the table changed: a record's labels follow it
+                result["labels"] = labels
+                write_text_atomic(record_path, json.dumps(result, separators=(",", ":")))
+                result = {**result, RELABELLED: True}
+            return record.image_id, result, None
     try:
-        npy = cache_path(out / "cache", record.image_id)
         image = read_image(record.folder, record.image_id)
         nuclei, cells, _ = segment_one(record, worker_segmenter(), out / "segmentation", image)
         size = s["size"]
@@ -295,8 +314,10 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     todo = select_shard(records, shard)
     suffix = shard_suffix(shard)
     report = StepReport("prepare", out_dir, failures_file=f"failures{suffix}.csv")
-    done = {r.image_id for r in todo if (out_dir / "records" / f"{r.image_id}.json").is_file()}
+    done = {r.image_id for r in todo if (out_dir / "records" / f"{r.image_id}.json").is_file()
+            and _cached_image_ok(cache_path(out_dir / "cache", r.image_id), size)}
     results: dict[str, dict] = {}
+    relabelled = 0
     try:
         for image_id, result, error in run_pool(_prepare_job, todo, workers=workers, initializer=init_worker,
                                                 initargs=(segmenter, segmenter_options or {}, settings),
@@ -305,10 +326,13 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
                 report.failures.append((image_id, error))
                 log.warning("skipped %s: %s", image_id, error)
             else:
+                relabelled += bool(result.pop(RELABELLED, False))
                 results[image_id] = result
     finally:
         report.failures.sort()
         _write_logs(out_dir, todo, results, report.failures, suffix)
+    if relabelled:
+        report.extra.append(f"  {relabelled} finished image(s) relabelled: their labels changed in the table")
     report.skipped_existing = len(done & results.keys())
     report.written = len(results) - report.skipped_existing
     if shard is not None:
