@@ -79,3 +79,45 @@ def test_cached_and_png_loaders_agree(kaggle_dir, tmp_path):
 def test_rgb_cache(kaggle_dir, tmp_path):
     build_cache(kaggle_dir, tmp_path / "c", size=16, channels="rgb", progress=False)
     assert np.load(cache_path(tmp_path / "c", "img0")).shape == (3, 16, 16)
+
+
+def test_an_empty_cache_file_is_redone_not_a_traceback(kaggle_dir, tmp_path):
+    out = tmp_path / "cache"
+    build_cache(kaggle_dir, out, size=32, progress=False)
+    cache_path(out, "img1").write_bytes(b"")  # zero bytes: np.load raised EOFError
+    report = build_cache(kaggle_dir, out, size=32, progress=False)
+    assert (report.written, report.skipped_existing) == (1, 2)
+    assert np.load(cache_path(out, "img1")).shape == (4, 32, 32)
+
+
+def test_a_cache_killed_with_sigkill_resumes(tmp_path):
+    """SIGKILL (a time limit, the OOM killer) runs no finally: what finished must still count."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import write_channels
+
+    rng = np.random.default_rng(1)
+    data = tmp_path / "data"
+    rows = ["ID,Label"]
+    for i in range(24):  # incompressible 1024 px planes: slow enough to kill in the middle
+        write_channels(data / "train", f"big{i:02d}", rng.integers(0, 256, (4, 1024, 1024), dtype=np.uint8))
+        rows.append(f"big{i:02d},{i % 18}")
+    (data / "train.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "hpa_scc", "cache", str(data), str(out), "--size", "64",
+                             "--workers", "1", "-q"], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "records").glob("*.json"))) < 2:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "index.csv").exists()  # the run's end never came
+    finished = [p.stem for p in (out / "records").glob("*.json")]
+    assert 2 <= len(finished) < 24
+    report = build_cache(data, out, size=64, progress=False)
+    assert report.skipped_existing >= len(finished) and report.written == 24 - report.skipped_existing
+    assert [e.image_id for e in read_cache_index(out)] == [f"big{i:02d}" for i in range(24)]

@@ -42,8 +42,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as coco_mask
 
-from hpa_scc.data.cache import cache_path, cache_settings, check_settings, write_index
-from hpa_scc.constants import CLASS_NAMES, format_labels
+from hpa_scc.data.cache import cache_path, cache_settings, check_settings, is_cached, write_index
+from hpa_scc.constants import CHANNELS, CLASS_NAMES, format_labels
 from hpa_scc.utils.fileio import atomic_path, write_npy_atomic, write_text_atomic
 from hpa_scc.data.folds import assign_folds
 from hpa_scc.data.images import ImageReadError, ImageRecord, find_images, read_image, resize
@@ -176,22 +176,13 @@ def encode_cells(cells_small: np.ndarray, cell_ids: list[int]) -> list[dict]:
 RELABELLED = "_relabelled"  # marks a reused record whose labels were updated from the table (not saved)
 
 
-def _cached_image_ok(npy: Path, size: int) -> bool:
-    """A finished image's cached array is readable and whole (a truncated .npy is redone, not reused)."""
-    try:
-        array = np.load(npy, mmap_mode="r")
-        return array.ndim == 3 and array.shape[1:] == (size, size) and npy.stat().st_size >= array.nbytes
-    except (OSError, ValueError, EOFError):
-        return False
-
-
 def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
     """Worker: one image -> its record (cells at the training size), written last."""
     s = worker_settings()
     out = Path(s["out_dir"])
     record_path = out / "records" / f"{record.image_id}.json"
     npy = cache_path(out / "cache", record.image_id)
-    if record_path.is_file() and _cached_image_ok(npy, s["size"]):
+    if record_path.is_file() and is_cached(npy, (len(CHANNELS), s["size"], s["size"])):
         try:
             result = json.loads(record_path.read_text())
         except json.JSONDecodeError:
@@ -315,7 +306,7 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     suffix = shard_suffix(shard)
     report = StepReport("prepare", out_dir, failures_file=f"failures{suffix}.csv")
     done = {r.image_id for r in todo if (out_dir / "records" / f"{r.image_id}.json").is_file()
-            and _cached_image_ok(cache_path(out_dir / "cache", r.image_id), size)}
+            and is_cached(cache_path(out_dir / "cache", r.image_id), (len(CHANNELS), size, size))}
     results: dict[str, dict] = {}
     relabelled = 0
     try:

@@ -66,13 +66,28 @@ def cache_path(out_dir: str | os.PathLike, image_id: str) -> Path:
     return Path(out_dir) / "images" / f"{image_id}.npy"
 
 
-def _is_cached(path: Path, shape: tuple[int, ...]) -> bool:
-    """True if ``path`` is a finished cache file of this shape (reads the header only)."""
+def is_cached(path: Path, shape: tuple[int, ...]) -> bool:
+    """True if ``path`` is a whole cache file of this shape (reads the header only): a missing,
+    empty, truncated or damaged file is not, and is redone by whoever asks."""
     try:
         array = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):
         return False
-    return array.shape == shape and array.dtype == np.uint8
+    return array.shape == shape and array.dtype == np.uint8 and path.stat().st_size >= array.nbytes
+
+
+def _size_record(out_dir: str | os.PathLike, image_id: str) -> Path:
+    """Each cached image's original (H, W), written after its .npy: a killed run (SIGKILL, a time
+    limit) leaves no index.csv, and the next one still knows what is finished."""
+    return Path(out_dir) / "records" / f"{image_id}.json"
+
+
+def _read_size_record(out_dir: Path, image_id: str) -> tuple[int, int] | None:
+    try:
+        record = json.loads(_size_record(out_dir, image_id).read_text())
+        return int(record["height"]), int(record["width"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def cache_settings(size: int, channels: str = "rgby") -> dict:
@@ -119,6 +134,8 @@ def _cache_one(job: tuple[ImageRecord, str, int, str]) -> tuple[str, tuple[int, 
         full = read_image(record.folder, record.image_id, channels=channels)
         small = np.stack([resize(plane, size) for plane in full])
         write_npy_atomic(cache_path(out_dir, record.image_id), small)
+        write_text_atomic(_size_record(out_dir, record.image_id),
+                          json.dumps({"height": int(full.shape[1]), "width": int(full.shape[2])}))
         return record.image_id, full.shape[1:], None
     except (ImageReadError, OSError, ValueError) as exc:
         return record.image_id, None, str(exc)
@@ -148,8 +165,9 @@ def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size
     sizes: dict[str, tuple[int, int]] = {}
     todo = []
     for rec in records:
-        if rec.image_id in old_index and _is_cached(cache_path(out_dir, rec.image_id), (n_channels, size, size)):
-            sizes[rec.image_id] = old_index[rec.image_id]
+        known = old_index.get(rec.image_id) or _read_size_record(out_dir, rec.image_id)
+        if known and is_cached(cache_path(out_dir, rec.image_id), (n_channels, size, size)):
+            sizes[rec.image_id] = known
             report.skipped_existing += 1
         else:
             todo.append((rec, str(out_dir), size, channels))
@@ -195,7 +213,7 @@ def merge_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         known.update(_read_index(part))
     finished, failures, seen = gather_shards(
         out_dir, [r.image_id for r in records],
-        lambda image_id: image_id in known and _is_cached(cache_path(out_dir, image_id), shape))
+        lambda image_id: image_id in known and is_cached(cache_path(out_dir, image_id), shape))
     sizes = {image_id: known[image_id] for image_id in finished}
     write_index(out_dir / "index.csv", records, sizes)
     write_failures(out_dir / "failures.csv", failures)
