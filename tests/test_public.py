@@ -508,3 +508,21 @@ def test_downloaded_folder_merges_and_caches(hpa, tmp_path, kaggle_dir):
     cache = build_cache(out, tmp_path / "cache", size=16, progress=False)
     assert (cache.written, cache.failures) == (3, [])
     assert os.path.isfile(tmp_path / "cache" / "images" / "9_0_A1_1.npy")
+
+
+@pytest.mark.parametrize("size", [None, 32])
+def test_a_rerun_checks_channel_sizes_as_a_first_run_does(hpa, tmp_path, size):
+    """The first run writes red, then refuses a larger green; the rerun must not write that green
+    beside the red and call the image complete (with --size the PNGs alone could not tell)."""
+    path = "/50000/95_A1_1"
+    add_image(hpa, path, seed=3)
+    hpa.files[f"{path}_green.tif.gz"] = tif_gz(planes_for(4, size=48)[0])
+    table = write_table(tmp_path / "t.tsv", [(hpa.url + path, "Nucleoplasm", "U-2 OS", "False", "")])
+    options = DownloadOptions(**{**FAST.__dict__, "size": size})
+    out = tmp_path / "public"
+    for attempt in (1, 2):
+        report = download_public(table, out, options=options, workers=1, progress=False)
+        assert report.complete == 0 and len(report.failures) == 1, attempt
+        assert "channel sizes differ: red 40x40, green 48x48" in report.failures[0][2], attempt
+        assert not channel_png(out, "50000_95_A1_1", "green").exists()
+        assert [r["ID"] for r in read_csv(out / "train.csv")] == []

@@ -44,10 +44,12 @@ four PNGs exist makes no request at all.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import http.client
 import io
+import json
 import logging
 import os
 import threading
@@ -76,7 +78,7 @@ from hpa_scc.constants import (
     format_labels,
     parse_labels,
 )
-from hpa_scc.utils.fileio import atomic_path, write_png_atomic
+from hpa_scc.utils.fileio import atomic_path, write_png_atomic, write_text_atomic
 from hpa_scc.data.images import ImageReadError, read_label_table, resize, table_rows, to_uint8
 from hpa_scc.utils.pool import write_failures
 
@@ -454,7 +456,15 @@ def download_image(image: PublicImage, out_dir: str | os.PathLike, options: Down
     are written as they arrive, so a retried image fetches only what is missing.
     """
     url = None
+    # The original size of each channel written so far, kept until the image is complete: a rerun
+    # compares the channels it fetches with those already on disk, as one run compares all four
+    # (the PNGs may be resized by --size, so their own size cannot tell).
+    partial = Path(out_dir) / "partial" / f"{image.image_id}.json"
     shapes: dict[str, tuple[int, ...]] = {}
+    if partial.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            shapes = {c: tuple(s) for c, s in json.loads(partial.read_text()).items()
+                      if channel_png(out_dir, image.image_id, c).is_file()}
     try:
         for channel in CHANNELS:
             target = channel_png(out_dir, image.image_id, channel)
@@ -462,11 +472,13 @@ def download_image(image: PublicImage, out_dir: str | os.PathLike, options: Down
                 continue
             url = channel_url(image.url_prefix, channel, options.base_url)
             array = fetch_channel(url, options, stop)
-            shapes[channel] = array.shape
+            shapes[channel] = tuple(array.shape)
             if len(set(shapes.values())) > 1:
                 raise DownloadError("channel sizes differ: " + ", ".join(f"{c} {s[1]}x{s[0]}" for c, s in shapes.items()),
                                     permanent=True)
             write_png_atomic(target, convert(array, bits=options.bits, size=options.size))
+            write_text_atomic(partial, json.dumps(shapes))
+        partial.unlink(missing_ok=True)
         return image.image_id, None, None
     except Interrupted:
         return image.image_id, "interrupted", url
