@@ -126,7 +126,7 @@ def test_empty_folder_is_a_clear_error(tmp_path):
 
 def test_a_multi_page_tiff_is_not_read_as_one_channel(tmp_path):
     stack = np.random.default_rng(0).integers(0, 65535, (4, 32, 48), dtype=np.uint16)
-    tifffile.imwrite(tmp_path / "a_red.tif", stack)  # four pages, as a microscope exports a stack
+    tifffile.imwrite(tmp_path / "a_red.tif", stack, photometric="minisblack")  # four pages, as a microscope exports a stack
     with pytest.raises(ImageReadError, match=r"a_red.tif holds 4 planes of 32x48 \(a multi-page TIFF"):
         read_channel(tmp_path / "a_red.tif")
     colour = np.zeros((32, 48, 3), np.uint8)
