@@ -330,3 +330,25 @@ def test_rle_runs_read_as_pycocotools_does():
         m = rng.random((h, w)) < rng.random()
         runs = rle_runs(coco_mask.encode(np.asfortranarray(m.astype(np.uint8)))["counts"])
         assert sum(runs) == h * w and sum(runs[1::2]) == m.sum()
+
+
+def test_the_vectorised_check_agrees_with_the_reader_one_mask_at_a_time():
+    """check_rles reads all masks of a row at once; it must accept exactly what rle_runs accepts."""
+    from pycocotools import mask as coco_mask
+
+    from hpa_scc.evaluation.submission import _run_totals, check_rles, rle_runs
+
+    rng = np.random.default_rng(1)
+    rles = []
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 120, 2))
+        m = rng.random((h, w)) < rng.random()
+        rles.append(coco_mask.encode(np.asfortranarray(m.astype(np.uint8))))
+    totals, smallest = _run_totals([r["counts"] for r in rles])
+    assert totals.tolist() == [sum(rle_runs(r["counts"])) for r in rles]
+    assert smallest.tolist() == [min(rle_runs(r["counts"])) for r in rles]
+    texts = [f"m{i}" for i in range(len(rles))]
+    check_rles(rles, texts, "image x")  # all whole: no error
+    short = dict(rles[17], size=[rles[17]["size"][0] + 1, rles[17]["size"][1]])
+    with pytest.raises(ValueError, match=r"image x: mask 'm17'... covers"):
+        check_rles(rles[:17] + [short] + rles[18:], texts, "image x")

@@ -41,7 +41,7 @@ from pycocotools import mask as coco_mask
 
 from hpa_scc.constants import CLASS_NAMES, NUM_CLASSES
 from hpa_scc.utils.fileio import write_text_atomic
-from hpa_scc.evaluation.submission import SubmissionRow, mask_rle, read_submission
+from hpa_scc.evaluation.submission import SubmissionRow, check_rles, mask_rle, read_submission
 
 IOU_THRESHOLD = 0.6  # the competition's mask IoU for a match
 
@@ -108,7 +108,8 @@ class _ImageMasks:
         ordered = list(dict.fromkeys(text for _, _, text in row.predictions))  # each string parsed once
         if not ordered:
             return
-        rles = [mask_rle(t, row.height, row.width, where) for t in ordered]
+        rles = [mask_rle(t, row.height, row.width, where, check=False) for t in ordered]
+        check_rles(rles, ordered, where)  # all the row's masks in one pass
         try:
             areas = np.atleast_1d(coco_mask.area(rles))
         except Exception as exc:  # pycocotools raises bare Exceptions on bad RLE
