@@ -35,6 +35,7 @@ import csv
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,11 +174,9 @@ def encode_cells(cells_small: np.ndarray, cell_ids: list[int]) -> list[dict]:
     return out
 
 
-RELABELLED = "_relabelled"  # marks a reused record whose labels were updated from the table (not saved)
-
-
-def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
-    """Worker: one image -> its record (cells at the training size), written last."""
+def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None, str]:
+    """Worker: one image -> (id, its record (cells at the training size, written last), error,
+    how: "new", "reused" or "relabelled" (reused, with the labels the table has now))."""
     s = worker_settings()
     out = Path(s["out_dir"])
     record_path = out / "records" / f"{record.image_id}.json"
@@ -189,11 +188,11 @@ def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
             result = None  # damaged: redo this image
         if result is not None:
             labels = list(record.labels) if record.labels else None
-            if result.get("labels") != labels:  # the table changed: a record's labels follow it
-                result["labels"] = labels
-                write_text_atomic(record_path, json.dumps(result, separators=(",", ":")))
-                result = {**result, RELABELLED: True}
-            return record.image_id, result, None
+            if result.get("labels") == labels:
+                return record.image_id, result, None, "reused"
+            result["labels"] = labels  # the table changed: a record's labels follow it
+            write_text_atomic(record_path, json.dumps(result, separators=(",", ":")))
+            return record.image_id, result, None, "relabelled"
     try:
         image = read_image(record.folder, record.image_id)
         nuclei, cells, _ = segment_one(record, worker_segmenter(), out / "segmentation", image)
@@ -221,9 +220,9 @@ def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
             result["true_labels"] = {str(k): v[0] for k, v in transferred.items()}
             result["true_cell"] = {str(k): v[1] for k, v in transferred.items()}
         write_text_atomic(record_path, json.dumps(result, separators=(",", ":")))
-        return record.image_id, result, None
+        return record.image_id, result, None, "new"
     except (ImageReadError, OSError, ValueError) as exc:
-        return record.image_id, None, str(exc)
+        return record.image_id, None, str(exc), "new"
 
 
 def coco_file(records: list[dict], layout: str, *, truth: bool = False, description: str = "") -> dict:
@@ -305,27 +304,26 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     todo = select_shard(records, shard)
     suffix = shard_suffix(shard)
     report = StepReport("prepare", out_dir, failures_file=f"failures{suffix}.csv")
-    done = {r.image_id for r in todo if (out_dir / "records" / f"{r.image_id}.json").is_file()
-            and is_cached(cache_path(out_dir / "cache", r.image_id), (len(CHANNELS), size, size))}
     results: dict[str, dict] = {}
-    relabelled = 0
+    how_done: Counter = Counter()
     try:
-        for image_id, result, error in run_pool(_prepare_job, todo, workers=workers, initializer=init_worker,
+        for image_id, result, error, how in run_pool(_prepare_job, todo, workers=workers, initializer=init_worker,
                                                 initargs=(segmenter, segmenter_options or {}, settings),
                                                 desc=f"prepare {size}px", progress=progress):
             if error:
                 report.failures.append((image_id, error))
                 log.warning("skipped %s: %s", image_id, error)
             else:
-                relabelled += bool(result.pop(RELABELLED, False))
+                how_done[how] += 1
                 results[image_id] = result
     finally:
         report.failures.sort()
         _write_logs(out_dir, todo, results, report.failures, suffix)
-    if relabelled:
-        report.extra.append(f"  {relabelled} finished image(s) relabelled: their labels changed in the table")
-    report.skipped_existing = len(done & results.keys())
-    report.written = len(results) - report.skipped_existing
+    if how_done["relabelled"]:
+        report.extra.append(f"  {how_done['relabelled']} finished image(s) relabelled: their labels changed in the "
+                            "table")
+    report.skipped_existing = how_done["reused"] + how_done["relabelled"]
+    report.written = how_done["new"]
     if shard is not None:
         report.extra.append(_merge_hint("prepare", out_dir, shard))
         return report
