@@ -83,27 +83,27 @@ def job(nodes: int, tasks: int, gpus: int | None, **extra) -> dict:
 TRAIN = ["-m", "hpa_scc", "train", str(REPO / "configs" / "smoke.yaml")]
 TORCHRUN_SIGNALS = ["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
 
-# (name, environment, expected launcher, the start of its arguments, processes per node / ranks)
+# (name, environment, expected launcher, the start of its arguments)
 TOPOLOGIES = [
-    ("cpu, outside slurm", {}, "python", TRAIN, None),
-    ("1 node x 1 gpu", job(1, 1, 1), "python", TRAIN, None),
+    ("cpu, outside slurm", {}, "python", TRAIN),
+    ("1 node x 1 gpu", job(1, 1, 1), "python", TRAIN),
     ("1 node x 4 gpus, one task", job(1, 1, 4), "python",
-     ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "4", *TORCHRUN_SIGNALS], None),
-    ("1 node x 4 tasks", job(1, 4, 4), "srun", ["--kill-on-bad-exit=1", "BIN/python", *TRAIN], None),
+     ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "4", *TORCHRUN_SIGNALS]),
+    ("1 node x 4 tasks", job(1, 4, 4), "srun", ["--kill-on-bad-exit=1", "BIN/python", *TRAIN]),
     ("2 nodes x 4 gpus, one task each", job(2, 2, 4), "srun",
      ["--ntasks-per-node=1", "--ntasks=2", "--kill-on-bad-exit=1", "BIN/python", "-m", "torch.distributed.run",
-      "--nnodes", "2", "--nproc-per-node", "4", *TORCHRUN_SIGNALS], None),
-    ("2 nodes x 1 gpu", job(2, 2, 1), "srun", ["--kill-on-bad-exit=1", "BIN/python", *TRAIN], None),
-    ("2 nodes x 4 tasks", job(2, 8, 4), "srun", ["--kill-on-bad-exit=1", "BIN/python", *TRAIN], None),
+      "--nnodes", "2", "--nproc-per-node", "4", *TORCHRUN_SIGNALS]),
+    ("2 nodes x 1 gpu", job(2, 2, 1), "srun", ["--kill-on-bad-exit=1", "BIN/python", *TRAIN]),
+    ("2 nodes x 4 tasks", job(2, 8, 4), "srun", ["--kill-on-bad-exit=1", "BIN/python", *TRAIN]),
     ("cpu, NPROC=2", job(1, 1, 0, NPROC="2"), "python",
-     ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"], None),
+     ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]),
     ("gpus without GRES", {**job(1, 1, None), "CUDA_VISIBLE_DEVICES": "0,1"}, "python",
-     ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"], None),
+     ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]),
 ]
 
 
-@pytest.mark.parametrize("name,env,tool,start,_", TOPOLOGIES, ids=[t[0] for t in TOPOLOGIES])
-def test_launch_decision(tmp_path, bin_dir, name, env, tool, start, _):
+@pytest.mark.parametrize("name,env,tool,start", TOPOLOGIES, ids=[t[0] for t in TOPOLOGIES])
+def test_launch_decision(tmp_path, bin_dir, name, env, tool, start):
     proc, records = launch(tmp_path, bin_dir, env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(records) == 1 and records[0]["tool"] == tool, records
@@ -164,3 +164,14 @@ def test_signal_requeues_only_when_the_trainer_saved(tmp_path, bin_dir, marker):
         assert [r["args"] for r in requeues] == [["requeue", "7"]]
     else:
         assert proc.returncode == 1 and not requeues, out
+
+
+def test_gpus_the_job_was_not_given_are_named(tmp_path, bin_dir):
+    """A site that hands out GPUs without GRES: SLURM says 0, nvidia-smi sees some -> a warning, CPU."""
+    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'GPU 0: NVIDIA H100'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    proc, records = launch(tmp_path, bin_dir, job(1, 1, 0))
+    assert proc.returncode == 0 and "SLURM gave none to the job" in proc.stderr and "set GPUS=N" in proc.stderr
+    assert "train.device=cpu" in records[0]["args"]
+    proc, records = launch(tmp_path, bin_dir, {**job(1, 1, 0), "GPUS": "2"})
+    assert "train.device=cuda" in records[0]["args"] and "--nproc-per-node" in records[0]["args"]
