@@ -90,6 +90,10 @@ def test_errors_name_the_folder_and_the_fix(prepared, tmp_path):
     assert prepared.check_size(None, "data.image_size") == prepared.check_size(64, "data.image_size") == 64
     with pytest.raises(OSError, match=r"cannot read .*nope.npy \(image nope\).*re-run prepare"):
         prepared.read_image("nope")
+    prepared.image_path("zero").write_bytes(b"")  # a copy cut short at zero bytes: EOFError in numpy
+    with pytest.raises(OSError, match=r"cannot read .*zero.npy \(image zero\).*re-run prepare"):
+        prepared.read_image("zero")
+    prepared.image_path("zero").unlink()
 
 
 def test_the_training_size_follows_the_prepared_set(prepared, tmp_path):

@@ -11,7 +11,7 @@
 What lies in the folder (``hpa_scc.apps.prepare`` writes it):
     prepare.json                          the settings: size, segmenter, layout, folds, seed
     segmentation/<ID>_{cells,nuclei}.png  full-size label images
-    cache/<ID>.npy                        the images at ``size`` (uint8 [C, size, size])
+    cache/images/<ID>.npy                 the images at ``size`` (uint8 [C, size, size])
     folds.csv                             ID,Label,fold
     coco[_truth|_NAME]/<layout>/fold<K>.json (all.json for one fold): cells with their labels:
                                           coco/ the image's labels (weak), coco_truth/ a synthetic
@@ -215,7 +215,7 @@ class PreparedSet:
         path = self.image_path(image_id)
         try:
             return np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: a zero-byte file
             raise OSError(f"cannot read {path} (image {image_id}): {exc}; re-run prepare on the same folder to "
                           f"rebuild it") from None
 
