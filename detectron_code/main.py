@@ -3,11 +3,15 @@
     python detectron_code/main.py --backbone resnet101 [key=value ...]
     python detectron_code/main.py --backbone resnext101 model.weights=model_final_2d9806.pkl
     torchrun --nproc-per-node 4 detectron_code/main.py --backbone resnet101
+    python detectron_code/main.py --engine detectron2 --backbone resnet101 [key=value ...]
     python detectron_code/main.py --config-path resnext101     # print the config file and stop
+    python detectron_code/main.py --engine-overrides detectron2  # print the engine's overrides and stop
 
-Built on torchvision's Mask R-CNN, which has detectron2's architecture; detectron2 model-zoo
-checkpoints load through model.weights. The same as
-``python -m hpa_scc train configs/<backbone>_fpn.yaml [key=value ...]``.
+Engines (``--engine``): ``torchvision`` (the default): this package's loop on torchvision's Mask
+R-CNN, which has detectron2's architecture; detectron2 model-zoo checkpoints load through
+model.weights. ``detectron2``: detectron2's own DefaultTrainer on the same prepared set and config
+(``hpa_scc.engine.d2train``; install it with ``bash scripts/setup.sh --detectron2``). Either is
+the same as ``python -m hpa_scc train configs/<backbone>_fpn.yaml [ENGINE OVERRIDES] [key=value ...]``.
 
 This file owns the backbone -> config table; detectron_code/run-model.sbatch asks it through
 ``--config-path`` (which needs only the standard library, so any python3 on the login node can
@@ -21,6 +25,9 @@ from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BACKBONES = {"resnet101": "resnet101_fpn.yaml", "resnext101": "resnext101_32x8d_fpn.yaml"}
+# engine -> the config overrides that select it (detectron2 trains its softmax head on per_label);
+# user overrides come after these, so they win.
+ENGINES = {"torchvision": [], "detectron2": ["model.engine=detectron2", "model.head=softmax"]}
 
 
 def config_path(backbone: str, array_task: str | None = None) -> Path:
@@ -39,9 +46,16 @@ def config_path(backbone: str, array_task: str | None = None) -> Path:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet101", help=f"{', '.join(BACKBONES)} (default: resnet101)")
+    parser.add_argument("--engine", default="torchvision", choices=list(ENGINES),
+                        help="training library (default: torchvision)")
+    parser.add_argument("--engine-overrides", metavar="ENGINE", choices=list(ENGINES),
+                        help="print ENGINE's config overrides, one a line, and exit (run-model.sbatch asks)")
     parser.add_argument("--config-path", metavar="BACKBONE",
                         help="print the config file of BACKBONE ('both': by SLURM_ARRAY_TASK_ID) and exit")
     args, overrides = parser.parse_known_args()
+    if args.engine_overrides:
+        print("\n".join(ENGINES[args.engine_overrides]))
+        sys.exit(0)
     try:
         config = config_path(args.config_path or args.backbone, os.environ.get("SLURM_ARRAY_TASK_ID"))
     except ValueError as exc:
@@ -52,4 +66,4 @@ if __name__ == "__main__":
         sys.exit(0)
     from hpa_scc.cli import main  # only now: --config-path must answer without the package installed
 
-    sys.exit(main(["train", str(config), *overrides]))
+    sys.exit(main(["train", str(config), *ENGINES[args.engine], *overrides]))

@@ -30,6 +30,10 @@ class ModelConfig:
     # (backbone resnet18 | resnet34 | resnet50 | densenet121 | efficientnet_b0, hpa_scc.models.cells);
     # features: per-cell intensity/texture features + logistic regressions (the non-deep baseline).
     family: str = "maskrcnn"
+    # Which library trains and runs the detector: torchvision (this package's loop) or detectron2
+    # (its DefaultTrainer on the same prepared set; resnet101_fpn / resnext101_32x8d_fpn with the
+    # softmax head only, as the original implementation: hpa_scc.engine.d2train).
+    engine: str = "torchvision"
     backbone: str = "densenet121"  # one of BACKBONE_NAMES
     in_channels: int = 4  # 4 = RGBY; 3 = RGB, as the original implementation
     # multilabel: one instance per cell, 19 sigmoid scores (BCE), so a cell learns all its labels.
@@ -230,6 +234,9 @@ FAMILY_BACKBONES = {"maskrcnn": None, "cell": ("resnet18", "resnet34", "resnet50
 HEAD_LAYOUT = {"softmax": "per_label", "multilabel": "multilabel"}
 # The detection backbones (models.BACKBONES builds them; a test keeps the two lists equal).
 BACKBONE_NAMES = ("densenet121", "densenet121_fpn", "resnet101_fpn", "resnext101_32x8d_fpn")
+ENGINES = ("torchvision", "detectron2")
+# detectron2 builds these from its model zoo (hpa_scc.models.d2model.ZOO_CONFIGS).
+D2_BACKBONES = ("resnet101_fpn", "resnext101_32x8d_fpn")
 
 
 # Numeric keys and what they may be (None, where a key allows it, is not checked): checked when a
@@ -264,6 +271,7 @@ def validate(cfg: Config) -> None:
     choices = {"model.backbone": (cfg.model.backbone, BACKBONE_NAMES),
                "model.head": (cfg.model.head, tuple(HEAD_LAYOUT)),
                "model.in_channels": (cfg.model.in_channels, (3, 4)),
+               "model.engine": (cfg.model.engine, ENGINES),
                "data.layout": (cfg.data.layout, (None, *HEAD_LAYOUT.values())),
                "optim.name": (cfg.optim.name, ("sgd", "adamw")),
                "optim.schedule": (cfg.optim.schedule, ("cosine", "step")),
@@ -279,6 +287,13 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r}; choose one of {list(allowed)}")
+    if cfg.model.engine == "detectron2":
+        if cfg.model.family != "maskrcnn" or cfg.model.backbone not in D2_BACKBONES:
+            raise ConfigError(f"model.engine=detectron2 trains the Mask R-CNN backbones {list(D2_BACKBONES)}, "
+                              f"not {cfg.model.family} {cfg.model.backbone!r}")
+        if cfg.model.head != "softmax":
+            raise ConfigError("model.engine=detectron2 trains detectron2's own softmax head on the per_label layout: "
+                              "set model.head=softmax (detectron_code/main.py --engine detectron2 does)")
     expected_layout = HEAD_LAYOUT.get(cfg.model.head)  # checked above for the detector only
     if cfg.data.layout is None:
         cfg.data.layout = expected_layout or HEAD_LAYOUT[ModelConfig.head]

@@ -46,6 +46,15 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: st
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if cfg.model.engine == "detectron2":  # detectron2's own network behind the torchvision interface
+        from hpa_scc.models.d2model import load_d2_run
+
+        model, path = load_d2_run(run_dir, cfg, checkpoint)
+        model.to(dev).eval()
+        log.info("loaded %s (detectron2 %s, %d px)", path, cfg.model.backbone, cfg.data.image_size)
+        return LoadedModel(model, cfg.data.image_size, cfg.model.in_channels, cfg.model.head, dev, cfg.model.family,
+                           cfg.data.crop_size, str(run_dir), str(path))
     path = run_dir / checkpoint
     if not path.is_file() and checkpoint == "best.pt":
         path = run_dir / "last.pt"  # a run without validation has no best.pt
@@ -59,7 +68,6 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: st
     cfg.model.weights = None  # the checkpoint below is the whole model
     model = build_family_model(cfg)
     model.load_state_dict(load_checkpoint(path)["model"])
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     model.to(dev).eval()
     log.info("loaded %s (%s %s, %s head, %d px)", path, cfg.model.family, cfg.model.backbone, cfg.model.head,
              cfg.data.image_size)

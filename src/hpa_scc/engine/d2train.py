@@ -1,0 +1,370 @@
+"""detectron2 as the training engine: its DefaultTrainer on the project's prepared set and config.
+
+    python detectron_code/main.py --engine detectron2 --backbone resnet101 data.prepared_dir=data/prepared512
+    python -m hpa_scc train configs/resnet101_fpn.yaml model.engine=detectron2 model.head=softmax   # the same
+    torchrun --nproc-per-node 4 detectron_code/main.py --engine detectron2 --backbone resnext101
+
+What it does, in order (``train_d2``):
+
+1. the project config (``hpa_scc.config``) is resolved as the torchvision engine resolves it: the
+   training size from the prepared set, the folds from ``split_folds`` (``data.val_fold``
+   validates, the others train); a run folder that already holds a detectron2 checkpoint is
+   resumed only with ``RESUMABLE_CHANGES``;
+2. the run folder gets ``config.yaml`` (the project's) and ``d2_config.yaml`` (detectron2's,
+   ``hpa_scc.models.d2model.build_d2_config``: the backbone's model-zoo config, 19 classes, the
+   prepared size, 3/4 input channels, solver from ``optim``/``train``);
+3. the per_label COCO folds are registered in detectron2's DatasetCatalog (``register_folds``),
+   one record per image with its cells' RLE masks; ``NpyMapper`` reads the prepared cache's
+   uint8 [C, S, S] arrays (detectron2's DatasetMapper reads image files of 3 channels only) and
+   flips / transposes them (the 8 symmetries of the square, as ``data.rot90`` + flips);
+4. detectron2's ``DefaultTrainer`` trains with ``OUTPUT_DIR`` = the run folder, after
+   ``resume_or_load(resume=True)``: a rerun continues from the folder's ``last_checkpoint``,
+   else starts from ``model.weights`` (a model-zoo .pkl, its stem made RGB(Y) first), else random init.
+   Checkpoints: ``model_NNNNNNN.pth`` every ``save_every_epochs`` and ``model_final.pth``;
+   metrics in detectron2's ``metrics.json``.
+
+Processes: under torchrun (or srun) each process joins the group the environment describes;
+otherwise ``num_gpus`` > 1 (``GPUS`` env, else every visible GPU with ``train.device`` cuda)
+spawns through detectron2's own ``launch``; one process otherwise. On SIGUSR1/SIGTERM the
+trainer saves a checkpoint after the current step, writes ``preempted.json`` and returns
+``"preempted"`` (exit 75 from the CLI: scripts/slurm_train.sh requeues).
+
+Not done by this engine: validation during training (score the run with ``predict`` /
+``evaluate``, as the README shows) and the multilabel head (detectron2's softmax head on the
+per_label layout only, the original implementation's; its limits are in models/detector.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from hpa_scc.config import Config, resume_changes, RESUMABLE_CHANGES, save_config
+from hpa_scc.data.prepared import PreparedSet
+from hpa_scc.models.d2model import (CONVERTED_WEIGHTS, D2_CONFIG, build_d2_config, convert_zoo_weights,
+                                    require_detectron2)
+
+log = logging.getLogger(__name__)
+
+TRAIN_NAME, VAL_NAME = "hpa_scc_train", "hpa_scc_val"
+PREEMPTED_JSON = "preempted.json"
+LAST_POINTER = "last_checkpoint"  # detectron2's Checkpointer names its newest file here
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+def fold_records(prepared: PreparedSet, layout: str, folds: list[int], labels: str = "image",
+                 max_images: int | None = None) -> list[dict]:
+    """detectron2 dataset dicts of some COCO folds: one per image, its annotations in detectron2's form.
+
+    ``category_id`` becomes 0-based (detectron2's classes are 0..18; COCO's are 1..19);
+    ``segmentation`` stays the COCO RLE (``INPUT.MASK_FORMAT`` bitmask decodes it).
+    """
+    from detectron2.structures import BoxMode
+
+    coco = prepared.read_folds(layout, folds, labels)
+    by_image: dict[int, list[dict]] = {}
+    for ann in coco["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    size = prepared.size
+    records = []
+    for img in coco["images"]:
+        anns = [{"bbox": [float(v) for v in ann["bbox"]], "bbox_mode": BoxMode.XYWH_ABS,
+                 "category_id": int(ann["category_id"]) - 1, "segmentation": ann["segmentation"],
+                 "iscrowd": int(ann.get("iscrowd", 0))} for ann in by_image.get(img["id"], [])]
+        records.append({"file_name": str(prepared.image_path(img["image_name"])), "image_name": img["image_name"],
+                        "image_id": img["id"], "height": size, "width": size, "annotations": anns})
+    return records[:max_images] if max_images else records
+
+
+def register_folds(name: str, prepared: PreparedSet, layout: str, folds: list[int], labels: str = "image",
+                   max_images: int | None = None) -> None:
+    """Register (or re-register) ``name`` in detectron2's DatasetCatalog/MetadataCatalog."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from hpa_scc.constants import CLASS_NAMES
+
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: fold_records(prepared, layout, folds, labels, max_images))
+    MetadataCatalog.get(name).set(thing_classes=list(CLASS_NAMES), prepared_dir=str(prepared.root), folds=list(folds))
+
+
+def _transforms():
+    """The transpose transform/augmentation, built on first use (detectron2 is imported lazily)."""
+    from detectron2.data import transforms as T
+
+    class TransposeTransform(T.Transform):
+        """Swap x and y: with the two flips it gives every rotation by 90 degrees."""
+
+        def apply_image(self, img: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(np.swapaxes(img, 0, 1))
+
+        def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+            return coords[:, ::-1].copy()
+
+        def inverse(self):
+            return self
+
+    class RandomTranspose(T.Augmentation):
+        def __init__(self, prob: float):
+            super().__init__()
+            self.prob = prob
+
+        def get_transform(self, image):
+            return TransposeTransform() if self._rand_range() < self.prob else T.NoOpTransform()
+
+    return T, RandomTranspose
+
+
+class NpyMapper:
+    """A dataset dict -> detectron2's model input: ``image`` uint8 [C, S, S] from the prepared cache,
+    ``instances`` with gt boxes, classes and bitmasks (augmented when ``is_train``)."""
+
+    def __init__(self, prepared_dir: str, in_channels: int, is_train: bool, hflip_prob: float = 0.5,
+                 vflip_prob: float = 0.5, rot90: bool = True):
+        T, RandomTranspose = _transforms()
+        self.prepared = PreparedSet(prepared_dir)
+        self.in_channels = in_channels
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList([
+            T.RandomFlip(prob=hflip_prob, horizontal=True, vertical=False),
+            T.RandomFlip(prob=vflip_prob, horizontal=False, vertical=True),
+            RandomTranspose(0.5 if rot90 else 0.0)] if is_train else [])
+
+    def __call__(self, record: dict) -> dict:
+        from detectron2.data import detection_utils as utils
+        from detectron2.data import transforms as T
+
+        record = copy.deepcopy(record)
+        try:
+            image = np.array(self.prepared.read_image(record["image_name"])[: self.in_channels]).transpose(1, 2, 0)
+        except OSError as exc:
+            raise OSError(f"image {record['image_name']}: {exc}") from None
+        aug = T.AugInput(image)
+        transforms = self.augmentations(aug)
+        image = aug.image
+        shape = image.shape[:2]
+        annos = [utils.transform_instance_annotations(a, transforms, shape)
+                 for a in record.pop("annotations", []) if not a.get("iscrowd", 0)]
+        instances = utils.annotations_to_instances(annos, shape, mask_format="bitmask")
+        record["instances"] = utils.filter_empty_instances(instances)
+        record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer
+
+def _trainer_class():
+    """DefaultTrainer with the .npy mapper and the project's writers (built lazily: detectron2 is optional)."""
+    from detectron2.data import build_detection_test_loader, build_detection_train_loader
+    from detectron2.engine import DefaultTrainer, HookBase
+    from detectron2.utils import comm
+    from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+
+    class StopOnSignal(HookBase):
+        """Save after the step in which SIGUSR1/SIGTERM arrived, then end training (all ranks agree)."""
+
+        def __init__(self, run_dir: Path):
+            self.run_dir = run_dir
+            self.signalled = False
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
+                signal.signal(sig, self._note)
+
+        def _note(self, signum, _frame):
+            self.signalled = True
+
+        def after_step(self):
+            flag = torch.tensor([int(self.signalled)])
+            if comm.get_world_size() > 1:  # one rank signalled: all stop after this step, or DDP would hang
+                flag = flag.to(self.trainer.cfg.MODEL.DEVICE)
+                torch.distributed.all_reduce(flag)
+            if not flag.item():
+                return
+            it = self.trainer.iter
+            self.trainer.checkpointer.save(f"model_{it:07d}", iteration=it)
+            if comm.is_main_process():
+                (self.run_dir / PREEMPTED_JSON).write_text(json.dumps({"iteration": it}) + "\n")
+            log.info("signal: saved iteration %d in %s; run the same command to resume", it, self.run_dir)
+            raise _Preempted()
+
+    class HPATrainer(DefaultTrainer):
+        @classmethod
+        def build_train_loader(cls, cfg):
+            return build_detection_train_loader(cfg, mapper=NpyMapper(
+                cfg.HPA.PREPARED_DIR, cfg.HPA.IN_CHANNELS, True, cfg.HPA.HFLIP_PROB, cfg.HPA.VFLIP_PROB, cfg.HPA.ROT90))
+
+        @classmethod
+        def build_test_loader(cls, cfg, dataset_name):
+            return build_detection_test_loader(cfg, dataset_name, mapper=NpyMapper(
+                cfg.HPA.PREPARED_DIR, cfg.HPA.IN_CHANNELS, False))
+
+        def build_writers(self):
+            writers = [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
+            if self.cfg.HPA.TENSORBOARD:
+                writers.append(TensorboardXWriter(self.cfg.OUTPUT_DIR))
+            return writers
+
+        def build_hooks(self):
+            return super().build_hooks() + [StopOnSignal(Path(self.cfg.OUTPUT_DIR))]
+
+    return HPATrainer
+
+
+class _Preempted(BaseException):
+    """Raised by the signal hook to leave detectron2's loop (BaseException: its loop re-raises Exception with a traceback log)."""
+
+
+def add_project_keys(d2cfg, cfg: Config) -> None:
+    """The keys our mapper and writers read from detectron2's config, under ``HPA``."""
+    from detectron2.config import CfgNode
+
+    d2cfg.HPA = CfgNode({"PREPARED_DIR": str(Path(cfg.data.prepared_dir).resolve()), "IN_CHANNELS": cfg.model.in_channels,
+                         "HFLIP_PROB": cfg.data.hflip_prob, "VFLIP_PROB": cfg.data.vflip_prob, "ROT90": cfg.data.rot90,
+                         "LAYOUT": cfg.data.layout, "LABELS": cfg.data.labels,
+                         "TRAIN_FOLDS": [], "VAL_FOLDS": [], "MAX_TRAIN_IMAGES": cfg.data.max_train_images or 0,
+                         "TENSORBOARD": cfg.train.tensorboard})
+
+
+def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True):
+    """Resolve ``cfg`` against its prepared set and run folder; return detectron2's config.
+
+    With ``write`` (rank 0) the run folder gets config.yaml, d2_config.yaml and, for a .pkl
+    ``model.weights``, its RGB(Y) conversion.
+    """
+    from hpa_scc.engine.train import split_folds  # the torchvision engine's fold rule, shared
+
+    require_detectron2()
+    prepared = PreparedSet(cfg.data.prepared_dir)
+    cfg.data.image_size = prepared.check_size(cfg.data.image_size, "data.image_size")
+    run_dir = Path(cfg.train.run_dir)
+    check_d2_resume(cfg, run_dir)
+    train_folds, val_folds = split_folds(cfg, prepared)
+    n_train = len(fold_records(prepared, cfg.data.layout, train_folds, cfg.data.labels, cfg.data.max_train_images))
+
+    weights = ""
+    if cfg.model.weights == "imagenet":
+        raise ValueError("the detectron2 engine starts from a model-zoo .pkl or random init; model.weights=imagenet "
+                         "is the torchvision engine's")
+    if cfg.model.weights:
+        source = Path(cfg.model.weights)
+        if not source.is_file():
+            raise FileNotFoundError(f"model.weights: {source} not found")
+        weights = str(run_dir / CONVERTED_WEIGHTS) if source.suffix == ".pkl" else str(source)
+    d2cfg = build_d2_config(cfg, num_gpus=num_gpus, n_train_images=n_train, weights=weights)
+    add_project_keys(d2cfg, cfg)
+    d2cfg.HPA.TRAIN_FOLDS, d2cfg.HPA.VAL_FOLDS = list(train_folds), list(val_folds)
+    d2cfg.DATASETS.TRAIN = (TRAIN_NAME,)
+    d2cfg.DATASETS.TEST = ()  # scored afterwards by predict / evaluate
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if weights.endswith(CONVERTED_WEIGHTS) and not (run_dir / CONVERTED_WEIGHTS).is_file():
+            convert_zoo_weights(cfg.model.weights, cfg.model.in_channels, run_dir / CONVERTED_WEIGHTS)
+        save_config(cfg, run_dir / "config.yaml")
+        from hpa_scc.utils.fileio import write_text_atomic
+
+        write_text_atomic(run_dir / D2_CONFIG, d2cfg.dump())
+        (run_dir / PREEMPTED_JSON).unlink(missing_ok=True)
+    log.info("detectron2 %s: %d training images (folds %s), %d iterations of %d images -> %s", cfg.model.backbone,
+             n_train, train_folds, d2cfg.SOLVER.MAX_ITER, d2cfg.SOLVER.IMS_PER_BATCH, run_dir)
+    return d2cfg
+
+
+def check_d2_resume(cfg: Config, run_dir: Path) -> None:
+    """A folder with a detectron2 checkpoint resumes only with RESUMABLE_CHANGES (as the torchvision engine)."""
+    saved = run_dir / "config.yaml"
+    if not (cfg.train.resume and (run_dir / LAST_POINTER).is_file() and saved.is_file()):
+        return
+    allowed, refused = resume_changes(yaml.safe_load(saved.read_text()) or {}, cfg)
+    if refused:
+        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ValueError(f"{run_dir} holds a detectron2 run started with other settings ({lines}); use another "
+                         f"train.run_dir or put them back (a resume may change: {', '.join(RESUMABLE_CHANGES)})")
+    if allowed:
+        log.info("resuming with changed settings: %s", ", ".join(f"{k} {a} -> {b}" for k, (a, b) in allowed.items()))
+
+
+def _worker(d2cfg, resume: bool) -> str:
+    """One process's training (each spawned process registers the datasets itself)."""
+    from detectron2.utils import comm
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger(output=d2cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="detectron2")
+    prepared = PreparedSet(d2cfg.HPA.PREPARED_DIR)
+    register_folds(TRAIN_NAME, prepared, d2cfg.HPA.LAYOUT, list(d2cfg.HPA.TRAIN_FOLDS), d2cfg.HPA.LABELS,
+                   d2cfg.HPA.MAX_TRAIN_IMAGES or None)
+    if d2cfg.HPA.VAL_FOLDS:
+        register_folds(VAL_NAME, prepared, d2cfg.HPA.LAYOUT, list(d2cfg.HPA.VAL_FOLDS), d2cfg.HPA.LABELS)
+    trainer = _trainer_class()(d2cfg)
+    # resume=True: the folder's last_checkpoint if there is one, else MODEL.WEIGHTS (or random init)
+    trainer.resume_or_load(resume=resume)
+    try:
+        trainer.train()
+    except _Preempted:
+        return "preempted"
+    return "done"
+
+
+def _torchrun_group(device: str) -> bool:
+    """Join the process group torchrun/srun describe (with detectron2's per-machine group); False when there is none."""
+    from datetime import timedelta
+
+    from detectron2.utils import comm
+
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    if world <= 1:
+        return False
+    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+    local = int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or world)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
+                                             timeout=timedelta(minutes=60))
+    if device == "cuda":
+        torch.cuda.set_device(local)
+    comm.create_local_process_group(per_machine)
+    return True
+
+
+def default_num_gpus(cfg: Config) -> int:
+    """GPUs for detectron2's launch: $GPUS, else every visible GPU when training on cuda, else 0 (CPU)."""
+    if os.environ.get("GPUS", "").strip():
+        return int(os.environ["GPUS"])
+    wants_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    return torch.cuda.device_count() if wants_cuda else 0
+
+
+def train_d2(cfg: Config, num_gpus: int | None = None) -> str:
+    """Train ``cfg`` with detectron2 (module docstring); returns ``"done"`` or ``"preempted"``."""
+    require_detectron2()
+    from detectron2.engine import launch
+
+    device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    under_launcher = _torchrun_group(device)
+    if under_launcher:
+        world = torch.distributed.get_world_size()
+        d2cfg = prepare_d2_run(cfg, num_gpus=world, write=torch.distributed.get_rank() == 0)
+        torch.distributed.barrier()  # the files exist before any rank reads them
+        return _worker(d2cfg, cfg.train.resume)
+    num_gpus = default_num_gpus(cfg) if num_gpus is None else num_gpus
+    d2cfg = prepare_d2_run(cfg, num_gpus=max(num_gpus, 1))
+    if num_gpus > 1:
+        launch(_worker, num_gpus, args=(d2cfg, cfg.train.resume))
+        return "preempted" if (Path(cfg.train.run_dir) / PREEMPTED_JSON).is_file() else "done"
+    return _worker(d2cfg, cfg.train.resume)
+
+
+__all__ = ["train_d2", "prepare_d2_run", "register_folds", "fold_records", "NpyMapper", "default_num_gpus"]
