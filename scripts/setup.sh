@@ -1,8 +1,27 @@
 #!/usr/bin/env bash
 # Create .venv and install the project into it. Idempotent: a second run with unchanged
-# requirements.txt/pyproject.toml does nothing. Usage: bash scripts/setup.sh
+# requirements does nothing.
+#   bash scripts/setup.sh                              # the project (what the README's commands need)
+#   bash scripts/setup.sh --hpacellseg --detectron2    # plus the optional upstream packages
+# The optional packages are not on PyPI. They come from a folder of wheels when there is one
+# (HPA_SCC_WHEELS, default ../shared/wheels beside the checkout: what CI uses), else they are
+# built from GitHub at the commits pinned below (HPA_SCC_WHEELS=github forces that).
+# Each is installed with --no-deps, its PyPI dependencies from requirements-<name>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+HPACELLSEG_COMMIT=7b6dbc635253f08d392c96269e03149e2fb785c2   # CellProfiling/HPA-Cell-Segmentation
+PYTORCH_ZOO_COMMIT=e7f30cd9d2e900439f98d250ac309caf03a166b4  # haoxusci/pytorch_zoo
+DETECTRON2_COMMIT=02b5c4e295e990042a714712c21dc79b731e8833   # facebookresearch/detectron2
+
+extras=()
+for arg in "$@"; do
+    case $arg in
+        --hpacellseg|--detectron2) extras+=("${arg#--}") ;;
+        -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "error: unknown option $arg (use --hpacellseg, --detectron2 or none)" >&2; exit 2 ;;
+    esac
+done
 
 PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -10,12 +29,69 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
     exit 1
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip install --quiet)
 
 stamp=.venv/.hpa_scc-installed
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setting up .venv (first time: a few minutes, torch is large)"
-    .venv/bin/python -m pip install --quiet -r requirements.txt
-    .venv/bin/python -m pip install --quiet --no-deps -e .
+    "${PIP[@]}" -r requirements.txt
+    "${PIP[@]}" --no-deps -e .
     echo "$want" > "$stamp"
 fi
+[ ${#extras[@]} -eq 0 ] && exit 0
+
+WHEELS=${HPA_SCC_WHEELS:-}
+if [ -z "$WHEELS" ] && [ -d ../shared/wheels ]; then WHEELS=$(cd ../shared/wheels && pwd); fi
+[ -n "$WHEELS" ] || WHEELS=github
+
+wheel() {  # the one wheel of package $1 in $WHEELS, or an error that says what to do
+    local found=("$WHEELS"/"$1"-*.whl)
+    if [ ! -f "${found[0]}" ]; then
+        echo "error: no $1 wheel in $WHEELS; put one there, or set HPA_SCC_WHEELS=github to build from GitHub" >&2
+        exit 1
+    fi
+    echo "${found[0]}"
+}
+
+github_pytorch_zoo() {
+    # Upstream's setup.py calls setuptools.setup without importing setuptools, which fails in
+    # any PEP 517 build; the package itself is fine, so add the import and build the copy.
+    local tmp; tmp=$(mktemp -d)
+    .venv/bin/python - "$tmp" "$PYTORCH_ZOO_COMMIT" <<'PY'
+import io, sys, urllib.request, zipfile
+from pathlib import Path
+tmp, commit = Path(sys.argv[1]), sys.argv[2]
+url = f"https://github.com/haoxusci/pytorch_zoo/archive/{commit}.zip"
+zipfile.ZipFile(io.BytesIO(urllib.request.urlopen(url, timeout=120).read())).extractall(tmp)
+setup = next(tmp.glob("*/setup.py"))
+text = setup.read_text()
+if "import setuptools" not in text:
+    setup.write_text("import setuptools\n" + text)
+print(setup.parent)
+PY
+    "${PIP[@]}" --no-deps "$(ls -d "$tmp"/*/)"
+    rm -rf "$tmp"
+}
+
+for extra in "${extras[@]}"; do
+    stamp=.venv/.hpa_scc-$extra
+    if [ "$WHEELS" = github ]; then source_id=github; else source_id=$(sha256sum "$WHEELS"/*.whl | sort); fi
+    want=$(printf '%s\n%s\n' "$(cat "requirements-$extra.txt")" "$source_id" | sha256sum | cut -d' ' -f1)
+    [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && continue
+    echo "installing $extra (from ${WHEELS})"
+    "${PIP[@]}" -r "requirements-$extra.txt"
+    case $extra:$WHEELS in
+        hpacellseg:github)
+            "${PIP[@]}" --no-deps "https://github.com/CellProfiling/HPA-Cell-Segmentation/archive/$HPACELLSEG_COMMIT.zip"
+            github_pytorch_zoo ;;
+        hpacellseg:*) "${PIP[@]}" --no-deps "$(wheel hpacellseg)" "$(wheel pytorch_zoo)" ;;
+        # Compiles detectron2's C++/CUDA operators against the installed torch (minutes).
+        detectron2:github)
+            "${PIP[@]}" --no-deps --no-build-isolation "https://github.com/facebookresearch/detectron2/archive/$DETECTRON2_COMMIT.zip" ;;
+        detectron2:*) "${PIP[@]}" --no-deps "$(wheel detectron2)" ;;
+    esac
+    module=$([ "$extra" = hpacellseg ] && echo "hpacellseg.cellsegmentator, pytorch_zoo.unet" || echo "detectron2.model_zoo, detectron2.engine")
+    .venv/bin/python -c "import $module" 2>/dev/null || { echo "error: $extra installed but 'import $module' fails" >&2; exit 1; }
+    echo "$want" > "$stamp"
+done

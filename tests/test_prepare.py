@@ -2,7 +2,6 @@
 the cells must be exact and the builtin one end to end."""
 
 import csv
-import importlib.util
 import json
 import shutil
 import signal
@@ -38,16 +37,17 @@ def test_unknown_segmenter_lists_the_choices():
         build_segmenter("cellpose")
 
 
-def test_hpacellseg_missing_says_how_to_install(tmp_path):
-    if importlib.util.find_spec("hpacellseg") is not None:
-        pytest.skip("hpacellseg is installed here; this test is about its absence")
+def test_hpacellseg_missing_says_how_to_install(tmp_path, monkeypatch):
+    """Without the upstream package (hidden here if it is installed) the error says how to get it."""
+    monkeypatch.setitem(sys.modules, "hpacellseg", None)  # 'import hpacellseg' raises ImportError
     with pytest.raises(ImportError) as err:
         build_segmenter("hpacellseg", nuclei_model=tmp_path / "n.pth", cell_model=tmp_path / "c.pth")
     text = str(err.value)
-    assert "pip install" in text and "HPA-Cell-Segmentation" in text and "--segmenter builtin" in text
-    assert "dpn_unet_nuclei_v1.pth" in text
-    proc = subprocess.run([sys.executable, "-m", "hpa_scc", "segment", str(tmp_path), str(tmp_path / "o"),
-                           "--segmenter", "hpacellseg"], capture_output=True, text=True)
+    assert "bash scripts/setup.sh --hpacellseg" in text and "HPA-Cell-Segmentation" in text
+    assert "--segmenter builtin" in text and "dpn_unet_nuclei_v1.pth" in text
+    hide = ("import sys; sys.modules['hpacellseg'] = None; from hpa_scc.cli import main; "
+            f"sys.exit(main(['segment', {str(tmp_path)!r}, {str(tmp_path / 'o')!r}, '--segmenter', 'hpacellseg']))")
+    proc = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True)
     assert proc.returncode == 1 and "--segmenter builtin" in proc.stderr and "Traceback" not in proc.stderr
 
 

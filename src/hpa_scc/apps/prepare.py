@@ -49,7 +49,7 @@ from hpa_scc.utils.fileio import atomic_path, write_npy_atomic, write_text_atomi
 from hpa_scc.data.folds import assign_folds
 from hpa_scc.data.images import ImageReadError, ImageRecord, find_images, read_image, resize
 from hpa_scc.utils.pool import run_pool, write_failures
-from hpa_scc.segment import build_segmenter
+from hpa_scc.segment import check_segmenter
 from hpa_scc.segment.folder import init_worker, seg_paths, segment_one, worker_segmenter, worker_settings
 from hpa_scc.data.images import read_labels
 from hpa_scc.data.synth import is_synthetic, read_true_cell_labels
@@ -108,7 +108,7 @@ def segment_folder(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
     out_dir = Path(out_dir)
     check_shard(shard)
     out_dir.mkdir(parents=True, exist_ok=True)
-    build_segmenter(segmenter, **(segmenter_options or {}))  # fail now, not in every worker
+    check_segmenter(segmenter, **(segmenter_options or {}))  # fail now, not in every worker
     # Label images made by another segmenter are never mixed in: another one into this folder is refused.
     check_settings(out_dir, {"segmenter": segmenter,
                              "segmenter_options": {k: str(v) for k, v in (segmenter_options or {}).items()}},
@@ -287,7 +287,7 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
         raise FileNotFoundError(f"nothing to merge: {out_dir / 'prepare.json'} not found; run the shards first "
                                 "(the same command with --shard I/N instead of --merge)")
     if not merge_only:
-        build_segmenter(segmenter, **(segmenter_options or {}))  # fail now, not in every worker
+        check_segmenter(segmenter, **(segmenter_options or {}))  # fail now, not in every worker
     out_dir.mkdir(parents=True, exist_ok=True)
     check_settings(out_dir, {"format": PREPARE_FORMAT, "size": size, "segmenter": segmenter, "layout": layout,
                              "min_cell_area_px": min_cell_area_px, "drop_border_cells": drop_border_cells,

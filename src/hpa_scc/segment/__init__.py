@@ -2,7 +2,9 @@
 
 Every back-end is a callable ``segmenter(image, image_id) -> (nuclei, cells)`` with ``image``
 uint8 [4, H, W] (R, G, B, Y) and both outputs uint16 [H, W] label images at the input's full
-size, 0 background, and matching ids: cell k contains nucleus k.
+size, 0 background, and matching ids: nucleus k lies inside cell k (a cell may have no nucleus:
+hpacellseg keeps cells whose nucleus its filters dropped). A back-end that fails on one image
+raises ``ValueError`` (e.g. ``hpacellseg.SegmentationError``), so the step logs and skips it.
 
     from hpa_scc.segment import build_segmenter
     segmenter = build_segmenter("builtin")
@@ -10,7 +12,8 @@ size, 0 background, and matching ids: cell k contains nucleus k.
 
 Back-ends (``--segmenter``):
     builtin      no weights: classical nuclei + seeded-watershed cells (scikit-image/OpenCV/SciPy)
-    hpacellseg   HPA-Cell-Segmentation with local weight files (--nuclei-model, --cell-model)
+    hpacellseg   HPA-Cell-Segmentation with local weight files (--nuclei-model, --cell-model);
+                 install with: bash scripts/setup.sh --hpacellseg
     precomputed  label images from a folder (.npz with arr_0, as the original stored them, or .png)
 """
 
@@ -53,3 +56,17 @@ def build_segmenter(name: str, **options) -> Segmenter:
     if name not in SEGMENTERS:
         raise ValueError(f"unknown segmenter {name!r}; choose one of {sorted(SEGMENTERS)}")
     return SEGMENTERS[name](**{k: v for k, v in options.items() if v is not None})
+
+
+def check_segmenter(name: str, **options) -> None:
+    """Fail now, in the parent of a pool, if ``build_segmenter`` would fail in every worker.
+
+    hpacellseg only checks its package and files: building it loads 1.1 GB of models, which each
+    worker does once; the cheap back-ends are simply built.
+    """
+    if name == "hpacellseg":
+        from hpa_scc.segment.hpacellseg import HpaCellSegmenter
+
+        HpaCellSegmenter.check(**{k: v for k, v in options.items() if k != "device"})
+    else:
+        build_segmenter(name, **options)
