@@ -3,6 +3,7 @@
 # requirements does nothing.
 #   bash scripts/setup.sh                              # the project (what the README's commands need)
 #   bash scripts/setup.sh --hpacellseg --detectron2    # plus the optional upstream packages
+#   bash scripts/setup.sh --system --hpacellseg        # into $PYTHON itself, no .venv (containers)
 # The optional packages are not on PyPI. They come from a folder of wheels when there is one
 # (HPA_SCC_WHEELS, default ../shared/wheels beside the checkout: what CI uses), else they are
 # built from GitHub at the commits pinned below (HPA_SCC_WHEELS=github forces that).
@@ -15,11 +16,13 @@ PYTORCH_ZOO_COMMIT=e7f30cd9d2e900439f98d250ac309caf03a166b4  # haoxusci/pytorch_
 DETECTRON2_COMMIT=02b5c4e295e990042a714712c21dc79b731e8833   # facebookresearch/detectron2
 
 extras=()
+system=
 for arg in "$@"; do
     case $arg in
         --hpacellseg|--detectron2) extras+=("${arg#--}") ;;
+        --system) system=1 ;;
         -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "error: unknown option $arg (use --hpacellseg, --detectron2 or none)" >&2; exit 2 ;;
+        *) echo "error: unknown option $arg (use --hpacellseg, --detectron2, --system or none)" >&2; exit 2 ;;
     esac
 done
 
@@ -28,14 +31,22 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
     echo "error: $PYTHON is not Python 3.11+; set PYTHON=/path/to/python3.11" >&2
     exit 1
 fi
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-PIP=(.venv/bin/python -m pip install --quiet)
+if [ -n "$system" ]; then
+    PY=$PYTHON
+    stamps=$(mktemp -d)  # a container build installs once: nothing to remember
+else
+    [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+    PY=.venv/bin/python
+    stamps=.venv
+fi
+PIP=("$PY" -m pip install --quiet)
 
-stamp=.venv/.hpa_scc-installed
+stamp=$stamps/.hpa_scc-installed
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "setting up .venv (first time: a few minutes, torch is large)"
+    echo "installing the project into $([ -n "$system" ] && echo "$PY" || echo .venv) (first time: a few minutes, torch is large)"
     "${PIP[@]}" -r requirements.txt
+    # editable, so the package finds configs/ beside it, as in a checkout
     "${PIP[@]}" --no-deps -e .
     echo "$want" > "$stamp"
 fi
@@ -45,20 +56,27 @@ WHEELS=${HPA_SCC_WHEELS:-}
 if [ -z "$WHEELS" ] && [ -d ../shared/wheels ]; then WHEELS=$(cd ../shared/wheels && pwd); fi
 [ -n "$WHEELS" ] || WHEELS=github
 
-wheel() {  # the one wheel of package $1 in $WHEELS, or an error that says what to do
+wheel() {  # the one wheel of package $1 in $WHEELS (checked by need_wheels first)
     local found=("$WHEELS"/"$1"-*.whl)
-    if [ ! -f "${found[0]}" ]; then
-        echo "error: no $1 wheel in $WHEELS; put one there, or set HPA_SCC_WHEELS=github to build from GitHub" >&2
-        exit 1
-    fi
     echo "${found[0]}"
+}
+
+need_wheels() {  # in this shell, so that the error ends the script
+    local name found
+    for name in "$@"; do
+        found=("$WHEELS"/"$name"-*.whl)
+        if [ ! -f "${found[0]}" ]; then
+            echo "error: no $name wheel in $WHEELS; put one there, or set HPA_SCC_WHEELS=github to build from GitHub" >&2
+            exit 1
+        fi
+    done
 }
 
 github_pytorch_zoo() {
     # Upstream's setup.py calls setuptools.setup without importing setuptools, which fails in
     # any PEP 517 build; the package itself is fine, so add the import and build the copy.
     local tmp; tmp=$(mktemp -d)
-    .venv/bin/python - "$tmp" "$PYTORCH_ZOO_COMMIT" <<'PY'
+    "$PY" - "$tmp" "$PYTORCH_ZOO_COMMIT" <<'PY'
 import io, sys, urllib.request, zipfile
 from pathlib import Path
 tmp, commit = Path(sys.argv[1]), sys.argv[2]
@@ -75,8 +93,14 @@ PY
 }
 
 for extra in "${extras[@]}"; do
-    stamp=.venv/.hpa_scc-$extra
-    if [ "$WHEELS" = github ]; then source_id=github; else source_id=$(sha256sum "$WHEELS"/*.whl | sort); fi
+    stamp=$stamps/.hpa_scc-$extra
+    source_id=github
+    if [ "$WHEELS" != github ]; then
+        case $extra in
+            hpacellseg) need_wheels hpacellseg pytorch_zoo; source_id=$(sha256sum "$(wheel hpacellseg)" "$(wheel pytorch_zoo)") ;;
+            detectron2) need_wheels detectron2; source_id=$(sha256sum "$(wheel detectron2)") ;;
+        esac
+    fi
     want=$(printf '%s\n%s\n' "$(cat "requirements-$extra.txt")" "$source_id" | sha256sum | cut -d' ' -f1)
     [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && continue
     echo "installing $extra (from ${WHEELS})"
@@ -92,6 +116,6 @@ for extra in "${extras[@]}"; do
         detectron2:*) "${PIP[@]}" --no-deps "$(wheel detectron2)" ;;
     esac
     module=$([ "$extra" = hpacellseg ] && echo "hpacellseg.cellsegmentator, pytorch_zoo.unet" || echo "detectron2.model_zoo, detectron2.engine")
-    .venv/bin/python -c "import $module" 2>/dev/null || { echo "error: $extra installed but 'import $module' fails" >&2; exit 1; }
+    "$PY" -c "import $module" 2>/dev/null || { echo "error: $extra installed but 'import $module' fails" >&2; exit 1; }
     echo "$want" > "$stamp"
 done

@@ -36,18 +36,40 @@ def definition_sections(text: str) -> tuple[dict[str, str], dict[str, str]]:
 
 def test_singularity_definition():
     header, sections = definition_sections((REPO / "Singularity.def").read_text())
-    assert header["Bootstrap"] == "docker"
-    assert re.fullmatch(r"pytorch/pytorch:2\.1[1-4]\.\d+-cuda[\d.]+-cudnn\d+-runtime", header["From"]), header["From"]
-    assert {"files", "post", "runscript", "test", "environment", "help"} <= set(sections)
-    # it installs exactly requirements.txt, then the package without other dependencies
-    assert "requirements.txt /opt/hpa-scc/requirements.txt" in sections["files"]
-    installs = [line.strip() for line in sections["post"].splitlines() if "pip install" in line]
-    assert installs == ["python -m pip install --no-cache-dir -r /opt/hpa-scc/requirements.txt",
-                        "python -m pip install --no-cache-dir --no-deps -e /opt/hpa-scc"]
+    assert header["Bootstrap"] == "docker" and header["From"] == "{{ BASE }}"
+    assert {"arguments", "files", "post", "runscript", "test", "environment", "help"} <= set(sections)
+    args = dict(line.strip().split("=", 1) for line in sections["arguments"].splitlines() if line.strip())
+    assert re.fullmatch(r"pytorch/pytorch:2\.1[1-4]\.\d+-cuda[\d.]+-cudnn\d+-runtime", args["BASE"]), args["BASE"]
+    assert args["EXTRAS"] == "--hpacellseg"  # hpacellseg in the image; detectron2 on request
+    # the one set-up script of the README, into the image's python, from GitHub
+    post = [line.strip() for line in sections["post"].splitlines()]
+    assert "cd /opt/hpa-scc && PYTHON=python HPA_SCC_WHEELS=github bash scripts/setup.sh --system {{ EXTRAS }}" in post
+    assert not [line for line in post if "pip install" in line]
+    copied = [line.split()[0] for line in sections["files"].splitlines() if line.strip()]
+    for path in copied:
+        assert (REPO / path).exists(), path
+    assert {"requirements.txt", "requirements-hpacellseg.txt", "scripts/setup.sh", "src", "configs"} <= set(copied)
     assert 'exec python -m hpa_scc "$@"' in sections["runscript"]
-    assert "python -m hpa_scc --version" in sections["test"]
-    for path in ("requirements.txt", "pyproject.toml", "src", "configs"):
-        assert (REPO / path).exists()
+    assert "python -m hpa_scc --version" in sections["test"] and "import hpacellseg" in sections["test"]
+    assert "cuda12.6" in sections["help"]  # the build for V100/P100 nodes is documented
+
+
+def test_setup_script_options(tmp_path):
+    """setup.sh: --help, an unknown option, a wheel folder without the wheel (before any install),
+    and --system into a given interpreter (here the venv's own, where all is installed already)."""
+    setup = REPO / "scripts" / "setup.sh"
+    run = lambda *args, **env: subprocess.run(["bash", str(setup), *args], capture_output=True, text=True,  # noqa: E731
+                                              env={**os.environ, **env}, timeout=600)
+    shown = run("--help")
+    assert shown.returncode == 0 and "--hpacellseg --detectron2" in shown.stdout and "set -e" not in shown.stdout
+    wrong = run("--cellpose")
+    assert wrong.returncode == 2 and "unknown option --cellpose" in wrong.stderr
+    empty = run("--hpacellseg", HPA_SCC_WHEELS=str(tmp_path))
+    assert empty.returncode == 1
+    assert f"no hpacellseg wheel in {tmp_path}; put one there, or set HPA_SCC_WHEELS=github" in empty.stderr
+    system = run("--system", PYTHON=sys.executable)
+    assert system.returncode == 0, system.stderr
+    assert f"installing the project into {sys.executable}" in system.stdout
 
 
 def test_sbatch_headers():
@@ -103,3 +125,21 @@ def test_sbatch_script_trains_checkpoints_on_usr1_and_resumes(tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     final = torch.load(run / "last.pt", weights_only=False)
     assert final["epoch"] == 2 and final["global_step"] == 8
+
+
+def test_prepare_sbatch_wants_a_gpu_for_hpacellseg(tmp_path):
+    """prepare.sbatch outside a scheduler: hpacellseg without a GPU in the job stops with the
+    sbatch line to use; with a GPU (or HPA_SCC_ALLOW_CPU=1), or with the builtin segmenter, it
+    runs prepare (which here stops on the missing data folder, naming it)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS")}
+    run = lambda *args, **env: subprocess.run(  # noqa: E731
+        ["bash", str(REPO / "prepare.sbatch"), str(tmp_path / "none"), str(tmp_path / "out"), *args],
+        capture_output=True, text=True, env={**base, **env}, timeout=120)
+    refused = run("--segmenter", "hpacellseg")
+    assert refused.returncode == 2 and "submit it with 'sbatch --gpus=1 prepare.sbatch ...'" in refused.stderr
+    assert run("--segmenter=hpacellseg").returncode == 2
+    for args, env in ((("--segmenter", "hpacellseg"), {"SLURM_GPUS_ON_NODE": "1"}),
+                      (("--segmenter", "hpacellseg"), {"HPA_SCC_ALLOW_CPU": "1"}),
+                      (("--segmenter", "builtin"), {})):
+        ran = run(*args, **env)
+        assert ran.returncode == 1 and f"data folder {tmp_path / 'none'} does not exist" in ran.stderr, ran.stderr

@@ -210,8 +210,9 @@ def test_prepare_job_array_merges_to_the_unsharded_dataset(prepared, tmp_path):
     whole = tmp_path / "whole"
     prepare_dataset(data, whole, size=64, n_folds=2, progress=False)
     sharded = tmp_path / "sharded"
-    array = submit("--array=0-1", f"--output={tmp_path}/%A_%a.out", "prepare.sbatch", str(data), str(sharded), *options)
-    merge = submit(f"--dependency=afterok:{array}", f"--output={tmp_path}/merge.out", "prepare.sbatch", str(data),
+    # --mem: the script asks 32G, more than this machine's nodes have
+    array = submit("--array=0-1", "--mem=1G", f"--output={tmp_path}/%A_%a.out", "prepare.sbatch", str(data), str(sharded), *options)
+    merge = submit(f"--dependency=afterok:{array}", "--mem=1G", f"--output={tmp_path}/merge.out", "prepare.sbatch", str(data),
                    str(sharded), *options, "--merge")
     info = wait(merge)
     assert info["JobState"] == "COMPLETED", (tmp_path / "merge.out").read_text()
