@@ -1,0 +1,254 @@
+"""The detectron2 engine: its config from ours, the datasets it reads, a real run through
+detectron_code/main.py (resumed, then scored by predict/evaluate), the sbatch's --engine, and
+parity of the same zoo-format weights in detectron2 and in our torchvision model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("detectron2", reason="detectron2 is not installed; install with: bash scripts/setup.sh --detectron2")
+
+from hpa_scc.config import ConfigError, load_config  # noqa: E402
+from hpa_scc.data.prepared import PreparedSet  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN = REPO / "detectron_code" / "main.py"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """root/set: 4 synthetic images at 256 px (with solution.csv); root/prepared at 128 px, 2 folds."""
+    from hpa_scc.apps.prepare import prepare_dataset
+    from hpa_scc.data.synth import write_synth_set
+
+    root = tmp_path_factory.mktemp("d2")
+    write_synth_set(root / "set", 4, size=256, seed=31, progress=False)
+    prepare_dataset(root / "set", root / "prepared", size=128, n_folds=2, progress=False)
+    return root
+
+
+def d2_overrides(tiny: Path, run: Path, *extra: str) -> list[str]:
+    return ["model.engine=detectron2", "model.head=softmax", f"data.prepared_dir={tiny / 'prepared'}",
+            f"train.run_dir={run}", "data.workers=0", "train.device=cpu", "train.tensorboard=false", *extra]
+
+
+def test_config_follows_the_project_config(tiny, tmp_path):
+    from hpa_scc.engine.d2train import prepare_d2_run
+    from hpa_scc.models.d2model import build_d2_model
+
+    cfg = load_config(REPO / "configs" / "resnet101_fpn.yaml", d2_overrides(
+        tiny, tmp_path / "run", "train.images_per_gpu=1", "train.max_epochs=3", "optim.lr=0.005",
+        "optim.schedule=step", "optim.step_milestones=[2]", "train.save_every_epochs=2", "optim.clip_grad_norm=5.0"))
+    d2 = prepare_d2_run(cfg, num_gpus=1, write=False)
+    n_train = len(PreparedSet(tiny / "prepared").read_folds("per_label", [1])["images"])  # val_fold 0 validates
+    assert cfg.data.image_size == 128 and n_train == 2
+    assert d2.MODEL.ROI_HEADS.NUM_CLASSES == 19
+    assert d2.MODEL.PIXEL_MEAN == pytest.approx([0.485 * 255, 0.456 * 255, 0.406 * 255, 0.485 * 255])
+    assert len(d2.MODEL.PIXEL_STD) == 4
+    assert tuple(d2.INPUT.MIN_SIZE_TRAIN) == (128,) and d2.INPUT.MAX_SIZE_TRAIN == 128 and d2.INPUT.MIN_SIZE_TEST == 128
+    assert d2.SOLVER.IMS_PER_BATCH == 1 and d2.SOLVER.BASE_LR == 0.005
+    assert d2.SOLVER.MAX_ITER == 3 * n_train  # 3 epochs of 2 one-image steps
+    assert tuple(d2.SOLVER.STEPS) == (2 * n_train,) and d2.SOLVER.LR_SCHEDULER_NAME == "WarmupMultiStepLR"
+    assert d2.SOLVER.CHECKPOINT_PERIOD == 2 * n_train and d2.SOLVER.CLIP_GRADIENTS.CLIP_VALUE == 5.0
+    assert d2.MODEL.DEVICE == "cpu" and d2.OUTPUT_DIR == str(tmp_path / "run")
+    assert d2.MODEL.WEIGHTS == "" and d2.MODEL.BACKBONE.FREEZE_AT == 0 and d2.MODEL.RESNETS.NORM == "BN"
+    assert d2.MODEL.RESNETS.DEPTH == 101 and d2.DATASETS.TRAIN == ("hpa_scc_train",)
+    assert list(d2.HPA.TRAIN_FOLDS) == [1] and list(d2.HPA.VAL_FOLDS) == [0]
+    assert not (tmp_path / "run").exists()  # write=False touches nothing
+    model = build_d2_model(d2)
+    assert model.backbone.bottom_up.stem.conv1.weight.shape[1] == 4  # a 4-channel stem
+    assert model.roi_heads.box_predictor.cls_score.out_features == 20  # 19 + background
+
+    x101 = prepare_d2_run(load_config(REPO / "configs" / "resnext101_32x8d_fpn.yaml",
+                                      d2_overrides(tiny, tmp_path / "x", "model.in_channels=3")), write=False)
+    assert x101.MODEL.RESNETS.NUM_GROUPS == 32 and len(x101.MODEL.PIXEL_MEAN) == 3 and x101.SOLVER.IMS_PER_BATCH == 2
+    with pytest.raises(ConfigError, match="model.head=softmax"):
+        load_config(None, ["model.engine=detectron2", "model.backbone=resnet101_fpn"])
+    with pytest.raises(ConfigError, match="resnet101_fpn"):
+        load_config(None, ["model.engine=detectron2", "model.head=softmax"])  # densenet121
+
+
+def test_folds_are_registered_and_mapped_from_the_npy_cache(tiny):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from hpa_scc.engine.d2train import NpyMapper, register_folds
+
+    prepared = PreparedSet(tiny / "prepared")
+    coco = prepared.read_folds("per_label", [0, 1])
+    register_folds("hpa_test_all", prepared, "per_label", [0, 1])
+    records = DatasetCatalog.get("hpa_test_all")
+    assert len(records) == len(coco["images"]) == 4
+    assert sum(len(r["annotations"]) for r in records) == len(coco["annotations"])
+    first = coco["annotations"][0]
+    rec = next(r for r in records if r["image_id"] == first["image_id"])
+    assert rec["height"] == rec["width"] == 128 and Path(rec["file_name"]).suffix == ".npy"
+    assert rec["annotations"][0]["category_id"] == first["category_id"] - 1
+    assert rec["annotations"][0]["bbox"] == pytest.approx(first["bbox"])
+    assert MetadataCatalog.get("hpa_test_all").thing_classes[0] == "Nucleoplasm"
+
+    plain = NpyMapper(str(prepared.root), 4, is_train=False)(rec)
+    assert plain["image"].shape == (4, 128, 128) and plain["image"].dtype == torch.uint8
+    assert torch.equal(plain["image"], torch.from_numpy(np.array(prepared.read_image(rec["image_name"]))))
+    assert len(plain["instances"]) == len(rec["annotations"])
+    assert plain["instances"].gt_masks.tensor.shape[1:] == (128, 128)
+    assert plain["instances"].gt_classes.tolist() == [a["category_id"] for a in rec["annotations"]]
+    # every flip + the transpose: the image and its masks move together (mask pixels stay on the same values)
+    moved = NpyMapper(str(prepared.root), 3, is_train=True, hflip_prob=1.0, vflip_prob=1.0, rot90=True)(rec)
+    assert moved["image"].shape == (3, 128, 128)
+    areas = lambda out: sorted(out["instances"].gt_masks.tensor.sum((1, 2)).tolist())  # noqa: E731
+    assert areas(moved) == areas(plain)
+    mask0 = moved["instances"].gt_masks.tensor[0]
+    assert mask0.sum() > 0 and moved["instances"].gt_boxes.tensor[0].tolist() != plain["instances"].gt_boxes.tensor[0].tolist()
+
+
+def run_main(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(MAIN), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_main_trains_resumes_and_predict_evaluate_score_the_run(tiny, tmp_path):
+    run = tmp_path / "run"
+    common = ["--engine", "detectron2", "--backbone", "resnet101", *d2_overrides(tiny, run)[2:],
+              "train.images_per_gpu=1", "train.max_iters_per_epoch=2", "optim.warmup_iters=1"]
+    run_main(*common, "train.max_epochs=1", cwd=tmp_path)
+    assert (run / "last_checkpoint").read_text().strip() == "model_final.pth"
+    assert {"config.yaml", "d2_config.yaml", "model_0000001.pth", "model_final.pth", "metrics.json"} <= \
+        {p.name for p in run.iterdir()}
+    saved = load_config(run / "config.yaml")
+    assert (saved.model.engine, saved.model.head, saved.data.image_size) == ("detectron2", "softmax", 128)
+    first = [json.loads(line)["iteration"] for line in (run / "metrics.json").read_text().splitlines()]
+    assert first[-1] == 1  # 2 iterations: 0, 1
+
+    second = run_main(*common, "train.max_epochs=2", cwd=tmp_path)  # one more epoch: resumes at iteration 2
+    assert "Starting training from iteration 2" in second.stdout + second.stderr
+    iterations = [json.loads(line)["iteration"] for line in (run / "metrics.json").read_text().splitlines()]
+    assert iterations[len(first):] == [3] and (run / "model_0000003.pth").is_file()
+    state = torch.load(run / "model_final.pth", map_location="cpu", weights_only=False)
+    assert state["iteration"] == 3
+
+    for cells in ("segmenter", "model"):
+        out = tmp_path / f"pred-{cells}"
+        proc = subprocess.run([sys.executable, "-m", "hpa_scc", "predict", str(run), str(tiny / "set"), "--out", str(out),
+                               "--cells", cells, "--device", "cpu", "-q"], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = (out / "submission.csv").read_text().splitlines()
+        assert rows[0] == "ID,ImageWidth,ImageHeight,PredictionString" and len(rows) == 5
+        assert json.loads((out / "predict.json").read_text())["models"][0]["checkpoint"] == "model_final.pth"
+        metrics = out / "metrics.json"
+        proc = subprocess.run([sys.executable, "-m", "hpa_scc", "evaluate", "--solution", str(tiny / "set" / "solution.csv"),
+                               "--submission", str(out / "submission.csv"), "--out", str(metrics), "-q"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        score = float(proc.stdout.strip().splitlines()[-1].split()[-1])
+        assert 0.0 <= score <= 1.0 and json.loads(metrics.read_text())["mAP"] == pytest.approx(score, abs=1e-5)
+
+
+def test_sbatch_passes_the_engine_through(tmp_path):
+    """run-model.sbatch --engine detectron2 (or HPA_SCC_ENGINE) hands main.py's overrides to slurm_train.sh."""
+    (tmp_path / "detectron_code").mkdir()
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(MAIN, tmp_path / "detectron_code" / "main.py")
+    (tmp_path / "scripts" / "slurm_train.sh").write_text('printf "%s\\n" "$@"\n')  # stand-in: shows its arguments
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {"HPA_SCC_REPO": str(tmp_path)}
+    sbatch = str(REPO / "detectron_code" / "run-model.sbatch")
+    config = str(tmp_path / "configs" / "resnet101_fpn.yaml")
+    out = subprocess.run(["bash", sbatch, "resnet101", "--engine", "detectron2", "optim.lr=0.1"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [config, "model.engine=detectron2", "model.head=softmax", "optim.lr=0.1"]
+    out = subprocess.run(["bash", sbatch, "resnet101", "optim.lr=0.1"], env=env | {"HPA_SCC_ENGINE": "detectron2"},
+                         capture_output=True, text=True)
+    assert out.stdout.splitlines()[1:3] == ["model.engine=detectron2", "model.head=softmax"]
+    out = subprocess.run(["bash", sbatch, "resnet101", "optim.lr=0.1"], env=env, capture_output=True, text=True)
+    assert out.stdout.splitlines() == [config, "optim.lr=0.1"]  # torchvision: no engine overrides
+    out = subprocess.run(["bash", sbatch, "resnet101", "--engine", "mmdet"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "invalid choice: 'mmdet'" in out.stderr
+
+
+def zoo_format_r101(path: Path, cfg) -> torch.nn.Module:
+    """A detectron2 R101-FPN (FrozenBN, as the zoo's) with random weights, saved at ``path`` as a zoo .pkl (BGR stem).
+
+    The FrozenBN statistics are random but tame (the last BN of each block x 0.2) so that 101
+    layers of random convolutions keep activations of order 1, and the classifier is spread
+    (std 0.05) so detections are ranked by more than noise.
+    """
+    from hpa_scc.models.d2model import build_d2_config, build_d2_model
+
+    d2cfg = build_d2_config(cfg, weights=str(path))  # "pretrained": FrozenBN, zoo statistics
+    d2cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    model = build_d2_model(d2cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("norm.running_var"):
+                buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
+            elif name.endswith("norm.running_mean"):
+                buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
+            elif name.endswith("norm.weight"):
+                scale = 0.2 if "conv3" in name else (1 / 60 if "stem" in name else 1.0)  # caffe inputs are 0..255
+                buf.copy_((torch.rand(buf.shape, generator=g) * 0.5 + 0.5) * scale)
+            elif name.endswith("norm.bias"):
+                buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
+        model.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.05, generator=g)
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    stem = "backbone.bottom_up.stem.conv1.weight"
+    state[stem] = state[stem][:, ::-1].copy()  # the model is fed RGB; a zoo file's stem is BGR
+    with open(path, "wb") as fh:
+        pickle.dump({"model": state, "__author__": "test"}, fh)
+    return model
+
+
+def test_same_weights_give_the_same_features_and_close_detections(tmp_path):
+    """detectron2's R101-FPN and our torchvision one from the same zoo-format weights (d2import):
+    backbone + FPN equal to float precision; detections close, not equal (ROIAlign, anchors:
+    see hpa_scc.models.d2model)."""
+    from torchvision.ops import box_iou
+
+    from hpa_scc.data.synth import generate_image
+    from hpa_scc.models.d2model import D2Detector
+    from hpa_scc.models.detector import build_model
+
+    weights = tmp_path / "r101.pkl"
+    cfg = load_config(None, ["model.engine=detectron2", "model.head=softmax", "model.backbone=resnet101_fpn",
+                             "model.in_channels=3", "data.image_size=128", f"model.weights={weights}",
+                             "model.keep_predictors=true"])
+    weights.touch()
+    d2 = zoo_format_r101(weights, cfg)
+    tv = build_model(cfg.model, image_size=128).eval()  # reads the .pkl through d2import
+    image = torch.from_numpy(generate_image(0, size=128, seed=3).image[:3].astype(np.float32) / 255)
+    with torch.no_grad():
+        normalised = (image * 255 - d2.pixel_mean) / d2.pixel_std
+        assert torch.allclose(tv.transform.normalize(image), normalised, atol=1e-4)  # the same input statistics
+        ours, theirs = tv.backbone(normalised[None]), d2.backbone(normalised[None])
+        for tv_name, d2_name in zip(["0", "1", "2", "3", "pool"], ["p2", "p3", "p4", "p5", "p6"]):
+            scale = theirs[d2_name].abs().max()
+            assert 0.5 < scale < 100  # tame activations: the comparison means something
+            assert (ours[tv_name] - theirs[d2_name]).abs().max() <= 1e-5 * scale
+        det_d2 = D2Detector(d2).eval()([image])[0]
+        det_tv = tv([image])[0]
+    assert len(det_d2["scores"]) == len(det_tv["scores"]) == 100  # both fill box_detections_per_img
+    assert det_d2["masks"].shape == det_tv["masks"].shape == (100, 1, 128, 128)
+    assert 0 <= det_d2["masks"].min() and det_d2["masks"].max() <= 1
+    # Top detections: the same class, scores within 0.01, boxes overlapping (IoU >= 0.5; ~0.7 on
+    # average): RoIs pooled half a pixel apart with other sampling, and nearly tied random-weight
+    # scores, reorder boxes that overlap each other.
+    top = 20
+    assert det_d2["labels"][0] == det_tv["labels"][0]
+    assert (det_d2["scores"][:top] - det_tv["scores"][:top]).abs().max() < 0.01
+    iou = box_iou(det_d2["boxes"][:top], det_tv["boxes"])
+    same_class = det_d2["labels"][:top, None] == det_tv["labels"][None, :]
+    best = torch.where(same_class, iou, torch.zeros_like(iou)).amax(1)
+    assert best.min() >= 0.5 and best.mean() >= 0.6, best
