@@ -2,13 +2,12 @@
 
 Skipped when they are not installed (``bash scripts/setup.sh --hpacellseg``; CI installs them
 from ../shared/wheels). The weight files are pytorch_zoo ``DPNUnet`` models with random
-weights, saved whole as Zenodo's are (about 0.56 GB each, built once per session); their
-last layer is set to a constant "inside a cell" so that every image has cells to check.
+weights, saved whole as Zenodo's are (``random_dpn_unet``: about 0.56 GB each, built once per
+session); their last layer says "inside a cell" everywhere, so that every image has cells to check.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import sys
@@ -32,31 +31,10 @@ from hpa_scc.segment import hpacellseg as backend  # noqa: E402
 SAMPLES = ("5c27f04c-bb99-11e8-b2b9-ac1f6b6435d0", "94e33c64-bb9b-11e8-b2b9-ac1f6b6435d0")
 
 
-def dpn_unet(inside: bool = False) -> torch.nn.Module:
-    """pytorch_zoo's DPNUnet as hpacellseg's weight files hold it, random weights (no download:
-    the ImageNet encoder it would fetch is switched off while it is built)."""
-    from pytorch_zoo import abstract_model, dpn
-    from pytorch_zoo.unet import DPNUnet
-
-    saved = abstract_model.encoder_params["dpn92"]
-    abstract_model.encoder_params["dpn92"] = dict(saved, init_op=functools.partial(dpn.dpn92, pretrained=None),
-                                                  url=None)
-    try:
-        torch.manual_seed(0)
-        model = DPNUnet(3, 3, "dpn92").eval()
-    finally:
-        abstract_model.encoder_params["dpn92"] = saved
-    if inside:  # classes (background, border, inside): "inside" everywhere
-        with torch.no_grad():
-            model.final[0].weight.zero_()
-            model.final[0].bias.copy_(torch.tensor([-4.0, -4.0, 4.0]))
-    return model
-
-
 @pytest.fixture(scope="session")
 def weights(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("hpacellseg-weights")
-    model = dpn_unet(inside=True)
+    model = backend.random_dpn_unet(inside=True)
     paths = folder / "dpn_unet_nuclei_v1.pth", folder / "dpn_unet_cell_3ch_v1.pth"
     for path in paths:
         torch.save(model, path)  # a whole pickled module, as upstream's files
@@ -112,7 +90,7 @@ def test_same_predictions_as_upstream_where_upstream_works(hpa_sample, monkeypat
 
     from skimage import transform
 
-    model = dpn_unet()
+    model = backend.random_dpn_unet()
     image = read_image(hpa_sample / "train", SAMPLES[0])[:, 512:768, 512:768]  # 256 px of a real field
     upstream = hpacellseg.CellSegmentator(model, model, scale_factor=0.25, device="cpu", padding=True,
                                           multi_channel_model=True)
@@ -231,3 +209,14 @@ def test_segment_and_prepare_commands_on_real_images(real_images, weights, tmp_p
     assert {ann["image_id"] for ann in coco["annotations"]} == {img["id"] for img in coco["images"]}
     assert json.loads((out / "prepare.json").read_text())["segmenter"] == "hpacellseg"
     assert read_labels(out / "segmentation" / f"{SAMPLES[1]}_cells.png").shape == (384, 512)
+
+
+def test_speed_bench_prints_its_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "segment_hpacellseg.py"),
+                           "--size", "256", "--repeats", "1", "--device", "cpu", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "repeat 0: networks" in done.stdout and "256 px" in done.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["networks_s"] > 0 and rows[0]["label_cell_s"] >= 0

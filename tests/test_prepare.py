@@ -39,7 +39,8 @@ def test_unknown_segmenter_lists_the_choices():
 
 def test_hpacellseg_missing_says_how_to_install(tmp_path, monkeypatch):
     """Without the upstream package (hidden here if it is installed) the error says how to get it."""
-    monkeypatch.setitem(sys.modules, "hpacellseg", None)  # 'import hpacellseg' raises ImportError
+    for name in ("hpacellseg", "hpacellseg.cellsegmentator", "hpacellseg.utils"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing it raises ImportError, loaded or not
     with pytest.raises(ImportError) as err:
         build_segmenter("hpacellseg", nuclei_model=tmp_path / "n.pth", cell_model=tmp_path / "c.pth")
     text = str(err.value)

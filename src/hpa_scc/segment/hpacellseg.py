@@ -93,6 +93,32 @@ def load_model(source, device: str):
     return model.to(device).eval()
 
 
+def random_dpn_unet(seed: int = 0, inside: bool = False):
+    """A pytorch_zoo ``DPNUnet`` built as hpacellseg's weight files hold it, with random weights:
+    for tests and benchmarks without the Zenodo files (its ImageNet encoder, which pytorch_zoo
+    would download, is switched off while it is built). ``inside``: the last layer says "inside
+    a cell" everywhere (classes: background, border, inside), so every image has cells."""
+    import functools
+
+    import torch
+    from pytorch_zoo import abstract_model, dpn
+    from pytorch_zoo.unet import DPNUnet
+
+    saved = abstract_model.encoder_params["dpn92"]
+    abstract_model.encoder_params["dpn92"] = dict(saved, init_op=functools.partial(dpn.dpn92, pretrained=None),
+                                                  url=None)
+    try:
+        torch.manual_seed(seed)
+        model = DPNUnet(3, 3, "dpn92").eval()
+    finally:
+        abstract_model.encoder_params["dpn92"] = saved
+    if inside:
+        with torch.no_grad():
+            model.final[0].weight.zero_()
+            model.final[0].bias.copy_(torch.tensor([-4.0, -4.0, 4.0]))
+    return model
+
+
 def rescale(image: np.ndarray, factor: float) -> np.ndarray:
     """float64 [h, w, C] in [0, 1]: ``transform.rescale(image, factor, multichannel=True)`` as
     upstream meant it, with the argument's current name (finding 2)."""
@@ -167,14 +193,17 @@ class HpaCellSegmenter:
         cells = util.img_as_ubyte(restore(pred, scaled, shape))  # upstream: resize, then to uint8
         return nuclei, cells
 
+    def label(self, nuclei_pred: np.ndarray, cell_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Upstream's ``label_cell``: predictions -> (nuclei, cells) label images."""
+        with warnings.catch_warnings():
+            # upstream passes min_size/area_threshold, deprecated in scikit-image 0.26 (same
+            # result until their removal in 2.0), several times per call: noise in every log
+            warnings.filterwarnings("ignore", category=FutureWarning, message="Parameter `(min_size|area_threshold)`")
+            return self._label_cell(nuclei_pred, cell_pred)
+
     def __call__(self, image: np.ndarray, image_id: str = "") -> tuple[np.ndarray, np.ndarray]:
         try:
-            nuclei_pred, cell_pred = self.predictions(image)
-            with warnings.catch_warnings():
-                # upstream passes min_size/area_threshold, deprecated in scikit-image 0.26 (same
-                # result until their removal in 2.0), once per call: noise in every log
-                warnings.filterwarnings("ignore", category=FutureWarning, message="Parameter `(min_size|area_threshold)`")
-                nuclei, cells = self._label_cell(nuclei_pred, cell_pred)
+            nuclei, cells = self.label(*self.predictions(image))
         except (ValueError, TypeError, RuntimeError, IndexError) as exc:
             # Upstream code raising on one image (an odd size, an out-of-memory GPU) skips that
             # image, logged in failures.csv, instead of ending the whole run.
