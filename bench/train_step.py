@@ -17,6 +17,17 @@ so no weights are needed. Modes:
 
 On CPU both modes are plain fp32 (the fast path is CUDA-only). The first ``--warmup`` steps
 (cudnn autotuning, compilation) are not timed. Prints one row per backbone and mode.
+
+Engines (``--engine``): ``torchvision`` (the default, as above), ``detectron2`` (its
+GeneralizedRCNN from ``hpa_scc.models.d2model``, the model ``hpa_scc.engine.d2train`` trains, on
+the same synthetic images as detectron2 inputs: uint8 images, Instances with the cells' boxes,
+first labels and bitmasks; a step is its forward with losses, backward, clipping and SGD, as
+DefaultTrainer's; inference through the ``D2Detector`` adapter ``predict`` uses; fast mode on a
+GPU adds bf16 autocast, TF32 and cudnn.benchmark), or ``both``, side by side. detectron2 builds
+the FPN backbones only (resnet101_fpn, resnext101_32x8d_fpn) with its softmax head; its rows
+say ``detectron2`` in the engine column.
+
+    .venv/bin/python bench/train_step.py --engine both --backbones resnet101_fpn --size 256 --batch 2 --steps 3
 """
 
 from __future__ import annotations
@@ -101,6 +112,82 @@ def measure(backbone: str, mode: str, args, device: torch.device, batch) -> dict
             "peak_gpu_gib": None if peak is None else round(peak, 2)}
 
 
+D2_BACKBONES = ["resnet101_fpn", "resnext101_32x8d_fpn"]  # what detectron2's model zoo builds
+
+
+def d2_inputs(batch, device: torch.device) -> list[dict]:
+    """A torchvision (images, targets) batch (softmax labels 1..19) as detectron2's training inputs, on ``device``."""
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    inputs = []
+    for image, target in zip(*batch):
+        inst = Instances(tuple(image.shape[-2:]))
+        inst.gt_boxes = Boxes(target["boxes"].to(device))
+        inst.gt_classes = (target["labels"] - 1).to(device)  # detectron2 classes are 0-based
+        inst.gt_masks = BitMasks(target["masks"].to(device).bool())
+        inputs.append({"image": image.to(device, non_blocking=True), "instances": inst})
+    return inputs
+
+
+def measure_d2(backbone: str, mode: str, args, device: torch.device, batch) -> dict:
+    """detectron2's training step and inference on ``batch`` (made with the softmax head's labels)."""
+    from hpa_scc.config import load_config
+    from hpa_scc.models.d2model import D2Detector, build_d2_config, build_d2_model
+
+    fast = mode == "fast" and device.type == "cuda"
+    cfg = load_config(None, ["model.engine=detectron2", "model.head=softmax", f"model.backbone={backbone}",
+                             f"model.in_channels={args.channels}", f"data.image_size={args.size}",
+                             f"train.device={device.type}"])
+    torch.manual_seed(0)
+    model = build_d2_model(build_d2_config(cfg)).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = fast
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step():
+        inputs = d2_inputs(batch, device)  # the host -> device copy is part of a step, as in training
+        with autocast(device, fast):
+            losses = model(inputs)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        optimizer.step()
+        if not fast:
+            loss.item()  # losses read back every step, as the plain torchvision mode
+
+    from detectron2.utils.events import EventStorage
+
+    model.train()
+    with EventStorage(0):  # detectron2's losses log into the trainer's event storage
+        for _ in range(args.warmup):
+            step()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync(device)
+    train_rate = args.batch * args.steps / (time.perf_counter() - start)
+
+    detector = D2Detector(model).eval()
+    with torch.no_grad():
+        for i in range(args.warmup + args.steps):
+            if i == args.warmup:
+                sync(device)
+                start = time.perf_counter()
+            images = [im.to(device, non_blocking=True).float().div_(255.0) for im in batch[0]]
+            with autocast(device, fast):
+                detector(images)
+        sync(device)
+    infer_rate = args.batch * args.steps / (time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"backbone": backbone, "engine": "detectron2", "mode": mode, "train_images_per_s": round(train_rate, 2),
+            "infer_images_per_s": round(infer_rate, 2), "peak_gpu_gib": None if peak is None else round(peak, 2)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=BACKBONES, choices=BACKBONES)
@@ -113,6 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
     parser.add_argument("--mode", choices=["fast", "plain", "both"], default="fast")
     parser.add_argument("--compile", action="store_true", help="fast mode also compiles the backbone")
+    parser.add_argument("--engine", choices=["torchvision", "detectron2", "both"], default="torchvision",
+                        help="whose training step: this package's torchvision loop (default), detectron2's model "
+                             f"({', '.join(D2_BACKBONES)} only), or both side by side")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -121,24 +211,43 @@ def main(argv: list[str] | None = None) -> dict:
              else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     print(f"{where}; {args.size} px, batch {args.batch}, {args.channels} channels, {args.head} head, "
           f"torch {torch.__version__}")
-    print(f"{'backbone':<24}{'mode':<14}{'train img/s':>12}{'infer img/s':>12}{'peak GiB':>10}")
+    print(f"{'backbone':<24}{'engine':<13}{'mode':<14}{'train img/s':>12}{'infer img/s':>12}{'peak GiB':>10}")
     batch = make_batch(args.batch, args.size, args.channels, pin=device.type == "cuda", head=args.head)
+    engines = ["torchvision", "detectron2"] if args.engine == "both" else [args.engine]
+    # detectron2 trains its softmax head: its batch carries each cell's first label
+    d2_batch = make_batch(args.batch, args.size, args.channels, pin=device.type == "cuda", head="softmax") \
+        if "detectron2" in engines else None
     modes = ["plain", "fast"] if args.mode == "both" else [args.mode]
     rows = []
     for backbone in args.backbones:
-        for mode in modes:
-            row = measure(backbone, mode, args, device, batch)
-            rows.append(row)
-            peak = "-" if row["peak_gpu_gib"] is None else f"{row['peak_gpu_gib']:.2f}"
-            print(f"{backbone:<24}{row['mode']:<14}{row['train_images_per_s']:>12.2f}"
-                  f"{row['infer_images_per_s']:>12.2f}{peak:>10}", flush=True)
-        if len(modes) == 2:
-            plain, fast = rows[-2], rows[-1]
-            ratio = fast["train_images_per_s"] / plain["train_images_per_s"]
-            fast["train_speedup_vs_plain"] = round(ratio, 2)
-            print(f"{'':<24}{'fast/plain':<14}{ratio:>11.2f}x"
-                  f"{fast['infer_images_per_s'] / plain['infer_images_per_s']:>11.2f}x", flush=True)
+        for engine in engines:
+            if engine == "detectron2" and backbone not in D2_BACKBONES:
+                print(f"{backbone:<24}{engine:<13}{'-':<14}  (detectron2 builds {', '.join(D2_BACKBONES)} only)")
+                continue
+            for mode in modes:
+                if engine == "torchvision":
+                    row = measure(backbone, mode, args, device, batch)
+                    row["engine"] = engine
+                else:
+                    row = measure_d2(backbone, mode, args, device, d2_batch)
+                rows.append(row)
+                peak = "-" if row["peak_gpu_gib"] is None else f"{row['peak_gpu_gib']:.2f}"
+                print(f"{backbone:<24}{engine:<13}{row['mode']:<14}{row['train_images_per_s']:>12.2f}"
+                      f"{row['infer_images_per_s']:>12.2f}{peak:>10}", flush=True)
+            if len(modes) == 2:
+                plain, fast = rows[-2], rows[-1]
+                ratio = fast["train_images_per_s"] / plain["train_images_per_s"]
+                fast["train_speedup_vs_plain"] = round(ratio, 2)
+                print(f"{'':<37}{'fast/plain':<14}{ratio:>11.2f}x"
+                      f"{fast['infer_images_per_s'] / plain['infer_images_per_s']:>11.2f}x", flush=True)
+        if len(engines) == 2 and len(rows) >= 2 * len(modes) and rows[-1]["engine"] == "detectron2":
+            tv, d2 = rows[-1 - len(modes)], rows[-1]  # the last mode of each engine
+            ratio = d2["train_images_per_s"] / tv["train_images_per_s"]
+            d2["train_ratio_vs_torchvision"] = round(ratio, 2)
+            print(f"{'':<24}{'d2/tv':<13}{d2['mode']:<14}{ratio:>11.2f}x"
+                  f"{d2['infer_images_per_s'] / tv['infer_images_per_s']:>11.2f}x", flush=True)
     figures = {"device": where, "torch": torch.__version__, "size": args.size, "batch": args.batch, "head": args.head,
+               "engine": args.engine,
                "steps": args.steps, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     if args.json:
         with open(args.json, "w") as fh:

@@ -116,3 +116,16 @@ def test_weak_supervision_refuses_unknown_methods_before_training(tmp_path, caps
     err = capsys.readouterr().err
     assert "unknown method 'cells'" in err and "unknown backbone 'resnet50'" in err
     assert not (tmp_path / "weak").exists()  # nothing prepared or trained
+
+
+def test_train_step_times_both_engines_side_by_side():
+    pytest.importorskip("detectron2", reason="detectron2 is not installed; install with: bash scripts/setup.sh --detectron2")
+    figures = load("train_step").main(["--size", "128", "--batch", "1", "--steps", "1", "--warmup", "0",
+                                       "--mode", "plain", "--engine", "both",
+                                       "--backbones", "resnet101_fpn", "densenet121"])
+    tv, d2, dense = figures["rows"]  # densenet121 has no detectron2 row (the zoo builds the FPN ResNets only)
+    assert [(r["backbone"], r["engine"]) for r in figures["rows"]] == [
+        ("resnet101_fpn", "torchvision"), ("resnet101_fpn", "detectron2"), ("densenet121", "torchvision")]
+    assert d2["train_images_per_s"] > 0 and d2["infer_images_per_s"] > 0 and figures["engine"] == "both"
+    assert d2["train_ratio_vs_torchvision"] == pytest.approx(d2["train_images_per_s"] / tv["train_images_per_s"],
+                                                             rel=0.02)
