@@ -60,7 +60,8 @@ def test_config_follows_the_project_config(tiny, tmp_path):
     assert d2.SOLVER.IMS_PER_BATCH == 1 and d2.SOLVER.BASE_LR == 0.005
     assert d2.SOLVER.MAX_ITER == 3 * n_train  # 3 epochs of 2 one-image steps
     assert tuple(d2.SOLVER.STEPS) == (2 * n_train,) and d2.SOLVER.LR_SCHEDULER_NAME == "WarmupMultiStepLR"
-    assert d2.SOLVER.CHECKPOINT_PERIOD == 2 * n_train and d2.SOLVER.CLIP_GRADIENTS.CLIP_VALUE == 5.0
+    assert d2.SOLVER.CHECKPOINT_PERIOD == 2 * n_train
+    assert d2.HPA.CLIP_GRAD_NORM == 5.0 and not d2.SOLVER.CLIP_GRADIENTS.ENABLED  # one global norm, by our trainer
     assert d2.MODEL.DEVICE == "cpu" and d2.OUTPUT_DIR == str(tmp_path / "run")
     assert d2.MODEL.WEIGHTS == "" and d2.MODEL.BACKBONE.FREEZE_AT == 0 and d2.MODEL.RESNETS.NORM == "BN"
     assert d2.MODEL.RESNETS.DEPTH == 101 and d2.DATASETS.TRAIN == ("hpa_scc_train",)

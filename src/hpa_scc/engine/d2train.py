@@ -210,6 +210,22 @@ def _trainer_class():
             return build_detection_test_loader(cfg, dataset_name, mapper=NpyMapper(
                 cfg.HPA.PREPARED_DIR, cfg.HPA.IN_CHANNELS, False))
 
+        @classmethod
+        def build_optimizer(cls, cfg, model):
+            optimizer = super().build_optimizer(cfg, model)
+            max_norm = cfg.HPA.CLIP_GRAD_NORM
+            if max_norm > 0:  # one norm over all gradients, as the torchvision engine (models/d2model.py says why)
+                base = type(optimizer)
+
+                class FullModelClipped(base):
+                    def step(self, closure=None):
+                        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+                        torch.nn.utils.clip_grad_norm_(params, max_norm)
+                        return super().step(closure)
+
+                optimizer.__class__ = FullModelClipped
+            return optimizer
+
         def build_writers(self):
             writers = [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
             if self.cfg.HPA.TENSORBOARD:
@@ -234,7 +250,8 @@ def add_project_keys(d2cfg, cfg: Config) -> None:
                          "HFLIP_PROB": cfg.data.hflip_prob, "VFLIP_PROB": cfg.data.vflip_prob, "ROT90": cfg.data.rot90,
                          "LAYOUT": cfg.data.layout, "LABELS": cfg.data.labels,
                          "TRAIN_FOLDS": [], "VAL_FOLDS": [], "MAX_TRAIN_IMAGES": cfg.data.max_train_images or 0,
-                         "TENSORBOARD": cfg.train.tensorboard})
+                         "TENSORBOARD": cfg.train.tensorboard,
+                         "CLIP_GRAD_NORM": cfg.optim.clip_grad_norm or 0.0})  # 0: none
 
 
 def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True):
@@ -362,7 +379,7 @@ def train_d2(cfg: Config, num_gpus: int | None = None) -> str:
     num_gpus = default_num_gpus(cfg) if num_gpus is None else num_gpus
     d2cfg = prepare_d2_run(cfg, num_gpus=max(num_gpus, 1))
     if num_gpus > 1:
-        launch(_worker, num_gpus, args=(d2cfg, cfg.train.resume))
+        launch(_worker, num_gpus, dist_url="auto", args=(d2cfg, cfg.train.resume))  # a free local port
         return "preempted" if (Path(cfg.train.run_dir) / PREEMPTED_JSON).is_file() else "done"
     return _worker(d2cfg, cfg.train.resume)
 

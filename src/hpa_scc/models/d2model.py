@@ -165,13 +165,10 @@ def build_d2_config(cfg: Config, num_gpus: int = 1, n_train_images: int | None =
         d2.SOLVER.STEPS = tuple(m * ipe for m in optim.step_milestones)
         d2.SOLVER.GAMMA = optim.step_gamma
     d2.SOLVER.CHECKPOINT_PERIOD = train.save_every_epochs * ipe
-    d2.SOLVER.CLIP_GRADIENTS.ENABLED = optim.clip_grad_norm is not None
-    if optim.clip_grad_norm is not None:
-        # detectron2 0.6 clips each parameter's gradient norm ("norm"); the torchvision engine clips
-        # the norm of all of them together, so the same value clips less here
-        d2.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "norm"
-        d2.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = optim.clip_grad_norm
-        d2.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+    # detectron2 0.6 clips each parameter's gradient on its own ("value"/"norm"), which barely
+    # clips at optim.clip_grad_norm (it let a 32-step CPU run diverge); the torchvision engine
+    # clips the norm of all gradients together. d2train's trainer does that (HPA.CLIP_GRAD_NORM).
+    d2.SOLVER.CLIP_GRADIENTS.ENABLED = False
     device = train.device if train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     d2.MODEL.DEVICE = device
     d2.SOLVER.AMP.ENABLED = bool(train.amp and device == "cuda")
