@@ -253,3 +253,13 @@ def test_same_weights_give_the_same_features_and_close_detections(tmp_path):
     same_class = det_d2["labels"][:top, None] == det_tv["labels"][None, :]
     best = torch.where(same_class, iou, torch.zeros_like(iou)).amax(1)
     assert best.min() >= 0.5 and best.mean() >= 0.6, best
+
+
+def test_several_processes_on_cpu_are_refused_before_anything_is_written(tiny, tmp_path):
+    """detectron2 0.6 wraps the model in DDP with a GPU device id: CPU runs are one process."""
+    from hpa_scc.engine.d2train import train_d2
+
+    cfg = load_config(REPO / "configs" / "resnet101_fpn.yaml", d2_overrides(tiny, tmp_path / "run"))
+    with pytest.raises(ValueError, match="several processes on GPUs only; on CPU run one process \\(got 2"):
+        train_d2(cfg, num_gpus=2)
+    assert not (tmp_path / "run").exists()

@@ -370,13 +370,19 @@ def train_d2(cfg: Config, num_gpus: int | None = None) -> str:
     from detectron2.engine import launch
 
     device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    num_gpus = default_num_gpus(cfg) if num_gpus is None else num_gpus
+    processes = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    if device == "cpu" and max(processes, num_gpus) > 1:
+        # detectron2 0.6's DefaultTrainer wraps the model in DDP with device_ids=[local rank], which
+        # torch refuses for a CPU model
+        raise ValueError(f"the detectron2 engine trains several processes on GPUs only; on CPU run one process "
+                         f"(got {max(processes, num_gpus)}: unset GPUS / run without torchrun, or train.device=cuda)")
     under_launcher = _torchrun_group(device)
     if under_launcher:
         world = torch.distributed.get_world_size()
         d2cfg = prepare_d2_run(cfg, num_gpus=world, write=torch.distributed.get_rank() == 0)
         torch.distributed.barrier()  # the files exist before any rank reads them
         return _worker(d2cfg, cfg.train.resume)
-    num_gpus = default_num_gpus(cfg) if num_gpus is None else num_gpus
     d2cfg = prepare_d2_run(cfg, num_gpus=max(num_gpus, 1))
     if num_gpus > 1:
         launch(_worker, num_gpus, dist_url="auto", args=(d2cfg, cfg.train.resume))  # a free local port

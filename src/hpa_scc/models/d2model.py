@@ -148,7 +148,9 @@ def build_d2_config(cfg: Config, num_gpus: int = 1, n_train_images: int | None =
         # From random init every stage trains, with BatchNorm (FrozenBN of identity statistics
         # would leave a 101-layer net unnormalised), as the torchvision engine does.
         d2.MODEL.BACKBONE.FREEZE_AT = 0
-        d2.MODEL.RESNETS.NORM = "BN" if num_gpus <= 1 else "SyncBN"
+        # SyncBN across GPUs (torch's SyncBatchNorm trains on CUDA only)
+        multi_gpu = num_gpus > 1 and (train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available()))
+        d2.MODEL.RESNETS.NORM = "SyncBN" if multi_gpu else "BN"
 
     ipe = iters_per_epoch(n_train_images or 1, cfg, num_gpus)
     d2.SOLVER.IMS_PER_BATCH = train.images_per_gpu * max(num_gpus, 1)
