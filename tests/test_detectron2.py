@@ -263,3 +263,32 @@ def test_several_processes_on_cpu_are_refused_before_anything_is_written(tiny, t
     with pytest.raises(ValueError, match="several processes on GPUs only; on CPU run one process \\(got 2"):
         train_d2(cfg, num_gpus=2)
     assert not (tmp_path / "run").exists()
+
+
+def test_usr1_saves_a_checkpoint_exits_75_and_the_rerun_resumes(tiny, tmp_path):
+    """What scripts/slurm_train.sh relies on: SIGUSR1 -> a checkpoint after the current step,
+    preempted.json, exit 75; the same command again starts from that checkpoint."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, str(MAIN), "--engine", "detectron2", "--backbone", "resnet101", *d2_overrides(tiny, run)[2:],
+            "train.images_per_gpu=1", "train.max_epochs=50", "optim.warmup_iters=1"]  # 100 steps: far from done
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        deadline = time.time() + 300
+        while not ((run / "log.txt").is_file() and "Starting training" in (run / "log.txt").read_text()):
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=300) == 75
+    finally:
+        proc.kill() if proc.poll() is None else None
+    saved = json.loads((run / "preempted.json").read_text())["iteration"]
+    pointer = (run / "last_checkpoint").read_text().strip()
+    assert pointer == f"model_{saved:07d}.pth" and (run / pointer).is_file() and saved < 99
+    again = subprocess.run(args[:-2] + ["train.max_epochs=1", "optim.warmup_iters=1"], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=600)  # fewer epochs: resumes past the end and stops at once
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Starting training from iteration {saved + 1}" in again.stdout + again.stderr
+    assert not (run / "preempted.json").exists()  # a new start clears the old signal's record
