@@ -5,7 +5,6 @@ parity of the same zoo-format weights in detectron2 and in our torchvision model
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import shutil
