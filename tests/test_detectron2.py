@@ -138,6 +138,16 @@ def test_main_trains_resumes_and_predict_evaluate_score_the_run(tiny, tmp_path):
     state = torch.load(run / "model_final.pth", map_location="cpu", weights_only=False)
     assert state["iteration"] == 3
 
+    # the notebook's training curves read detectron2's metrics.json in the project's form
+    from hpa_scc.apps import visualize
+
+    rows = visualize.read_metrics(run)
+    assert [r["step"] for r in rows] == iterations and all(r["kind"] == "train" for r in rows)
+    assert {"loss", "loss_cls", "loss_mask"} <= set(rows[-1])
+    assert rows[-1]["loss"] == pytest.approx(json.loads((run / "metrics.json").read_text().splitlines()[-1])["total_loss"])
+    visualize.plot_training_curves(run, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
     for cells in ("segmenter", "model"):
         out = tmp_path / f"pred-{cells}"
         proc = subprocess.run([sys.executable, "-m", "hpa_scc", "predict", str(run), str(tiny / "set"), "--out", str(out),

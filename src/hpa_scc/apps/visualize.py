@@ -310,8 +310,16 @@ def prediction_overlays(pred_dir: str | os.PathLike, data_dir: str | os.PathLike
 # --- training curves ---------------------------------------------------------------------------
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The JSON lines of RUN_DIR/metrics.jsonl (a half-written last line of a live run is skipped)."""
+    """The JSON lines of RUN_DIR/metrics.jsonl (a half-written last line of a live run is skipped).
+
+    A detectron2-engine run logs detectron2's ``metrics.json`` instead: its rows come back in
+    this project's form (``kind`` "train", ``step`` = iteration, ``loss`` = total_loss, the
+    ``loss_*`` terms as they are).
+    """
     path = Path(run_dir) / "metrics.jsonl"
+    d2_path = Path(run_dir) / "metrics.json"
+    if not path.is_file() and d2_path.is_file():
+        path = d2_path
     if not path.is_file():
         raise FileNotFoundError(f"no {path}; is {run_dir} a training run folder?")
     rows = []
@@ -320,6 +328,10 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue
+    if path == d2_path:
+        rows = [{"kind": "train", "step": r["iteration"], "loss": r["total_loss"],
+                 **{k: v for k, v in r.items() if k.startswith("loss_")}}
+                for r in rows if "iteration" in r and "total_loss" in r]
     return rows
 
 
