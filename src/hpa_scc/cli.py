@@ -165,7 +165,7 @@ def _add_segment(sub) -> None:
         "segment", help="segment every cell and nucleus of a data set",
         description="Segment every image of DATA_DIR (Kaggle layout or <ID>_<channel>.<ext> files) and write "
                     "OUT_DIR/<ID>_cells.png and OUT_DIR/<ID>_nuclei.png: uint16 label images at full size, "
-                    "0 background, cell k contains nucleus k. Resumable; failures in OUT_DIR/failures.csv.")
+                    "0 background, nucleus k inside cell k (a cell may have none). Resumable; failures in OUT_DIR/failures.csv.")
     p.add_argument("data_dir", type=Path, help="folder with the images")
     p.add_argument("out_dir", type=Path, help="folder for the label images (created)")
     _add_segmenter_args(p)
