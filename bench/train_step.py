@@ -76,6 +76,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def time_inference(model, batch, device: torch.device, fast: bool, args) -> tuple[float, float | None]:
+    """(images/s of ``model`` in eval mode on ``batch``'s images, peak GPU GiB or None): the same
+    timing for either engine (a detectron2 model behind ``D2Detector``)."""
+    with torch.no_grad():
+        for step in range(args.warmup + args.steps):
+            if step == args.warmup:
+                sync(device)
+                start = time.perf_counter()
+            images = [im.to(device, non_blocking=True).float().div_(255.0) for im in batch[0]]
+            with autocast(device, fast):
+                model(images)
+        sync(device)
+    infer_rate = args.batch * args.steps / (time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return infer_rate, peak
+
+
 def measure(backbone: str, mode: str, args, device: torch.device, batch) -> dict:
     fast = mode == "fast" and device.type == "cuda"
     torch.manual_seed(0)
@@ -95,18 +112,7 @@ def measure(backbone: str, mode: str, args, device: torch.device, batch) -> dict
     sync(device)
     train_rate = args.batch * args.steps / (time.perf_counter() - start)
 
-    model.eval()
-    with torch.no_grad():
-        for step in range(args.warmup + args.steps):
-            if step == args.warmup:
-                sync(device)
-                start = time.perf_counter()
-            images = [im.to(device, non_blocking=True).float().div_(255.0) for im in batch[0]]
-            with autocast(device, fast):
-                model(images)
-        sync(device)
-    infer_rate = args.batch * args.steps / (time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    infer_rate, peak = time_inference(model.eval(), batch, device, fast, args)
     return {"backbone": backbone, "mode": mode + ("+compile" if fast and args.compile else ""),
             "train_images_per_s": round(train_rate, 2), "infer_images_per_s": round(infer_rate, 2),
             "peak_gpu_gib": None if peak is None else round(peak, 2)}
@@ -172,18 +178,7 @@ def measure_d2(backbone: str, mode: str, args, device: torch.device, batch) -> d
         sync(device)
     train_rate = args.batch * args.steps / (time.perf_counter() - start)
 
-    detector = D2Detector(model).eval()
-    with torch.no_grad():
-        for i in range(args.warmup + args.steps):
-            if i == args.warmup:
-                sync(device)
-                start = time.perf_counter()
-            images = [im.to(device, non_blocking=True).float().div_(255.0) for im in batch[0]]
-            with autocast(device, fast):
-                detector(images)
-        sync(device)
-    infer_rate = args.batch * args.steps / (time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    infer_rate, peak = time_inference(D2Detector(model).eval(), batch, device, fast, args)
     return {"backbone": backbone, "engine": "detectron2", "mode": mode, "train_images_per_s": round(train_rate, 2),
             "infer_images_per_s": round(infer_rate, 2), "peak_gpu_gib": None if peak is None else round(peak, 2)}
 
