@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import cv2
@@ -82,3 +84,27 @@ def synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "set"
     write_synth_set(out, 6, size=128, seed=5, progress=False)
     return out
+
+
+# jupyter_client starts these argv[0] names as sys.executable (KernelManager.format_kernel_cmd)
+PYTHON_NAMES = {"python", f"python{sys.version_info[0]}", "python%d.%d" % sys.version_info[:2]}
+
+
+@pytest.fixture(scope="module")
+def kernel_env(tmp_path_factory):
+    """Make kernel "python3" this interpreter: as installed if it already is, else a temporary spec."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    argv0 = spec.argv[0]
+    if argv0 in PYTHON_NAMES or os.path.realpath(argv0) == os.path.realpath(sys.executable):
+        yield
+        return
+    folder = tmp_path_factory.mktemp("jupyter") / "kernels" / "python3"
+    folder.mkdir(parents=True)
+    (folder / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (tests)", "language": "python"}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(folder.parents[1]))  # searched before the user and system folders
+        yield

@@ -301,3 +301,24 @@ def test_usr1_saves_a_checkpoint_exits_75_and_the_rerun_resumes(tiny, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"Starting training from iteration {saved + 1}" in again.stdout + again.stderr
     assert not (run / "preempted.json").exists()  # a new start clears the old signal's record
+
+
+@pytest.mark.slow
+def test_the_evaluation_notebook_runs_on_a_detectron2_run(tiny, tmp_path, monkeypatch, kernel_env):
+    """notebooks/Evaluate.ipynb takes a detectron2 run folder as any other: it predicts, scores
+    and draws all its figures (the training curves from detectron2's metrics.json)."""
+    from test_notebooks import NOTEBOOKS, execute, figures
+
+    run = tmp_path / "run"
+    run_main("--engine", "detectron2", "--backbone", "resnet101", *d2_overrides(tiny, run)[2:], "train.images_per_gpu=1",
+             "train.max_iters_per_epoch=2", "optim.warmup_iters=1", "train.max_epochs=1", cwd=tmp_path)
+    monkeypatch.setenv("HPA_RUN_DIR", str(run))
+    monkeypatch.setenv("HPA_DATA_DIR", str(tiny / "set"))
+    monkeypatch.setenv("HPA_N_IMAGES", "2")
+    monkeypatch.setenv("HPA_PRED_DIR", str(tmp_path / "pred"))
+    nb = execute(NOTEBOOKS[0], tmp_path)
+    errors = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs if out.output_type == "error"]
+    assert not errors, errors
+    assert figures(nb) == 5
+    assert json.loads((tmp_path / "pred" / "predict.json").read_text())["models"][0]["checkpoint"] == "model_final.pth"
+    assert json.loads((tmp_path / "pred" / "eval.json").read_text())["mAP"] is not None
