@@ -107,3 +107,21 @@ def test_the_training_size_follows_the_prepared_set(prepared, tmp_path):
     assert cfg.data.image_size == 64 and run.prepared.size == 64
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved.data.image_size == 64  # the run folder records the resolved size
+
+
+def test_a_started_run_removes_the_checkpoint_a_killed_job_left_half_written(prepared, tmp_path):
+    """SIGKILL during torch.save leaves .last.pt.<random>.tmp.pt (GBs for a FPN model); the next start sweeps it."""
+    import os
+    import time
+
+    from hpa_scc.engine.train import end_run, start_run
+    from hpa_scc.utils.fileio import STALE_TEMP_S
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    half = run_dir / ".last.pt.q7x2k9ab.tmp.pt"
+    half.write_bytes(b"\0" * 1024)
+    then = time.time() - STALE_TEMP_S - 1
+    os.utime(half, (then, then))
+    end_run(start_run(load_config(None, [f"data.prepared_dir={prepared.root}", f"train.run_dir={run_dir}"])))
+    assert not half.exists() and (run_dir / "config.yaml").is_file()

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import true_masks_folder
-from hpa_scc.data.cache import build_cache, check_settings, merge_cache
+from hpa_scc.data.cache import build_cache, merge_cache
+from hpa_scc.utils.fileio import check_settings
 from hpa_scc.apps.prepare import merge_failures, merge_prepared, prepare_dataset, segment_folder
 from hpa_scc.data.shard import default_shard, parse_shard, select_shard, shard_of
 

@@ -43,9 +43,9 @@ import cv2
 import numpy as np
 from pycocotools import mask as coco_mask
 
-from hpa_scc.data.cache import cache_path, cache_settings, check_settings, is_cached, write_index
+from hpa_scc.data.cache import cache_path, cache_settings, is_cached, write_index
 from hpa_scc.constants import CHANNELS, CLASS_NAMES, format_labels
-from hpa_scc.utils.fileio import atomic_path, write_npy_atomic, write_text_atomic
+from hpa_scc.utils.fileio import atomic_path, check_settings, write_npy_atomic, write_text_atomic
 from hpa_scc.data.folds import assign_folds
 from hpa_scc.data.images import ImageReadError, ImageRecord, find_images, read_image, resize
 from hpa_scc.utils.pool import run_pool, write_failures

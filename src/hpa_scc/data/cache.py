@@ -21,19 +21,17 @@ index-shard<I>of<N>.csv and failures-shard<I>of<N>.csv instead of index.csv and 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from hpa_scc.constants import format_labels, parse_labels
-from hpa_scc.utils.fileio import atomic_path, file_mode, write_npy_atomic, write_text_atomic
+from hpa_scc.utils.fileio import atomic_path, check_settings, write_npy_atomic, write_text_atomic
 from hpa_scc.data.images import ImageReadError, ImageRecord, channel_names, find_images, read_image, resize
 from hpa_scc.utils.pool import run_pool, single_threaded_opencv, write_failures
 from hpa_scc.data.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
@@ -93,38 +91,6 @@ def _read_size_record(out_dir: Path, image_id: str) -> tuple[int, int] | None:
 def cache_settings(size: int, channels: str = "rgby") -> dict:
     """What cache.json records; every writer of a cache (cache, prepare) checks against it."""
     return {"format": CACHE_FORMAT, "size": size, "channels": channels}
-
-
-def check_settings(out_dir: Path, settings: dict, name: str = "cache.json") -> None:
-    """Record ``settings`` in ``out_dir/name``, or fail if the folder was made with others.
-
-    Safe when several processes (the tasks of a job array) start on one folder at once: the file
-    is created by a hard link from a finished temporary file, which fails if the name exists, so
-    the first writer wins and every other one compares its settings with the winner's.
-    """
-    meta = Path(out_dir) / name
-    if not meta.is_file():
-        meta.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=meta.parent)
-        os.fchmod(fd, file_mode())
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(json.dumps(settings, indent=2) + "\n")
-            try:
-                os.link(tmp, meta)  # atomic create-if-absent
-            except FileExistsError:
-                pass  # another process was first: compare with its settings below
-            except OSError:  # a file system without hard links: last writer wins
-                write_text_atomic(meta, json.dumps(settings, indent=2) + "\n")
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-    old = json.loads(meta.read_text())
-    if {k: old.get(k) for k in settings} != settings:
-        raise ValueError(
-            f"{out_dir} was made with {old}, not {settings}; "
-            "use another OUT_DIR (or delete this one) to run with other settings"
-        )
 
 
 def _cache_one(job: tuple[ImageRecord, str, int, str]) -> tuple[str, tuple[int, int] | None, str | None]:

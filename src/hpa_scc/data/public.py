@@ -526,7 +526,7 @@ def download_public(table: str | os.PathLike, out_dir: str | os.PathLike, *, lab
     to interrupt a run). On Ctrl-C the workers stop, train.csv and failures.csv are written for
     what is finished, and KeyboardInterrupt propagates.
     """
-    from hpa_scc.data.cache import check_settings
+    from hpa_scc.utils.fileio import check_settings
 
     options = options or DownloadOptions()
     if options.bits not in ("native", "8"):

@@ -52,7 +52,7 @@ from hpa_scc.engine.loop import evaluate, train_one_epoch, use_fast_path
 from hpa_scc.models.cells import build_family_model
 from hpa_scc.data.instances import CellInstances, collate, shadowed_instances, shadowed_warning
 from hpa_scc.data.prepared import PreparedSet
-from hpa_scc.utils.fileio import write_text_atomic
+from hpa_scc.utils.fileio import sweep_stale_temps, write_text_atomic
 
 log = logging.getLogger("hpa_scc.engine.train")
 
@@ -245,6 +245,7 @@ def start_run(cfg: Config) -> Run:
         log.info("resuming with changed settings: %s", ", ".join(f"{k} {a} -> {b}" for k, (a, b) in allowed.items()))
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
+        sweep_stale_temps(run_dir)  # a checkpoint half-written when the job was killed
     random.seed(cfg.train.seed + info.rank)
     np.random.seed(cfg.train.seed + info.rank)
     torch.manual_seed(cfg.train.seed + info.rank)

@@ -2,19 +2,34 @@
 
 Each writer writes to a temporary file in the destination folder, then renames it over the
 target (``os.replace`` is atomic on one file system), so a crash leaves either the old file or
-none, never a truncated one.
+none, never a truncated one. A writer killed outright (SIGKILL, out of memory, a node lost)
+runs no cleanup and leaves its ``.NAME.XXXXXXXX.tmp*`` file behind: ``check_settings``, which
+every resumable step calls on its folder before work, sweeps those once they are stale.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import re
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+# What atomic_path and check_settings name their temporary files: "." + target name + "." +
+# mkstemp's 8 random characters + ".tmp" + an optional suffix. Nothing else is ever swept.
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+# A writer touches its file all the time it writes (the slowest, a checkpoint, takes seconds),
+# so one unchanged for an hour belongs to a dead process, even with array tasks in one folder.
+STALE_TEMP_S = 3600.0
 
 
 def _umask() -> int:
@@ -68,3 +83,59 @@ def write_png_atomic(path: str | os.PathLike, array: np.ndarray, compression: in
 def write_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_path(path, ".npy") as tmp:
         np.save(tmp, array)
+
+
+def check_settings(out_dir: Path, settings: dict, name: str = "cache.json") -> None:
+    """Record ``settings`` in ``out_dir/name``, or fail if the folder was made with others.
+
+    Safe when several processes (the tasks of a job array) start on one folder at once: the file
+    is created by a hard link from a finished temporary file, which fails if the name exists, so
+    the first writer wins and every other one compares its settings with the winner's.
+    When the settings match (a resumed step), stale temporary files that killed writers left in
+    the folder are removed (``sweep_stale_temps``).
+    """
+    meta = Path(out_dir) / name
+    if not meta.is_file():
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=meta.parent)
+        os.fchmod(fd, file_mode())
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(settings, indent=2) + "\n")
+            try:
+                os.link(tmp, meta)  # atomic create-if-absent
+            except FileExistsError:
+                pass  # another process was first: compare with its settings below
+            except OSError:  # a file system without hard links: last writer wins
+                write_text_atomic(meta, json.dumps(settings, indent=2) + "\n")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    old = json.loads(meta.read_text())
+    if {k: old.get(k) for k in settings} != settings:
+        raise ValueError(
+            f"{out_dir} was made with {old}, not {settings}; "
+            "use another OUT_DIR (or delete this one) to run with other settings"
+        )
+    sweep_stale_temps(meta.parent)
+
+
+def sweep_stale_temps(folder: str | os.PathLike, *, older_than_s: float = STALE_TEMP_S) -> list[Path]:
+    """Delete the temporary files of atomic writers that died in ``folder`` (and below): names
+    of TEMP_NAME's form, unchanged for ``older_than_s`` seconds. Returns what was removed."""
+    folder = Path(folder)
+    limit = time.time() - older_than_s
+    removed = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if not TEMP_NAME.match(name):
+                continue
+            path = Path(root) / name
+            with contextlib.suppress(FileNotFoundError):  # another task may sweep it first
+                if path.stat().st_mtime < limit:
+                    path.unlink()
+                    removed.append(path)
+    if removed:
+        log.info("removed %d temporary file(s) that killed writers left in %s (e.g. %s)",
+                 len(removed), folder, removed[0].name)
+    return sorted(removed)
