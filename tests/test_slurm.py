@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from hpa_scc.apps.prepare import prepare_dataset
 from hpa_scc.data.synth import write_synth_set
@@ -105,6 +106,27 @@ def test_detectron_sbatch_completes(prepared, tmp_path):
     assert saved["config"]["model"]["backbone"] == "resnet101_fpn" and saved["global_step"] == 1
 
 
+def test_both_backbones_as_an_array_job_with_the_detectron2_engine(prepared, tmp_path):
+    """The README's `sbatch --array=0-1 detectron_code/run-model.sbatch both`, with --engine
+    detectron2: task 0 trains ResNet101-FPN, task 1 ResNeXt101-FPN, each in its own run folder
+    (%a in an override is the array task), both under detectron2's trainer."""
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (bash scripts/setup.sh --detectron2)")
+    jid = submit("--array=0-1", f"--output={tmp_path}/%A_%a.out", "detectron_code/run-model.sbatch", "both",
+                 "--engine", "detectron2", f"train.run_dir={tmp_path}/both-%a",
+                 *tiny(prepared, "train.max_epochs=1", "train.max_iters_per_epoch=1", "optim.warmup_iters=1"))
+    backbones = {}
+    for task in (0, 1):
+        info = wait(f"{jid}_{task}", timeout=600)
+        log = tmp_path / f"{jid}_{task}.out"
+        assert info["JobState"] == "COMPLETED", log.read_text()[-4000:]
+        run = tmp_path / f"both-{task}"
+        assert (run / "last_checkpoint").read_text().strip() == "model_final.pth", sorted(p.name for p in run.iterdir())
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert saved["model"]["engine"] == "detectron2"
+        backbones[task] = saved["model"]["backbone"]
+    assert backbones == {0: "resnet101_fpn", 1: "resnext101_32x8d_fpn"}
+
+
 def preempt_and_resume(jid: str, run: Path, out: Path) -> tuple[dict, str]:
     """USR1 to the batch shell once training logs; wait for the requeue and the second run's end;
     returns (job info, job log)."""
@@ -143,7 +165,7 @@ def check_resumed(run: Path, epochs: int) -> None:
 def rank_lines(log: str, world: int) -> dict[int, str]:
     """Each rank's 'done' line -> its weights digest; asserts every rank started and finished."""
     started = {int(r) for r, w in re.findall(r"^rank (\d+)/(\d+) on \S+: device", log, re.M) if int(w) == world}
-    done = {int(r): d for r, d in re.findall(rf"^rank (\d+)/{world} done at global step \d+: weights (\w+)", log, re.M)}
+    done = {int(r): d for r, d in re.findall(rf"^rank (\d+)/{world} done at global step \d+: weights ([0-9a-f]{{16}})$", log, re.M)}
     assert started == set(range(world)) and set(done) == set(range(world)), log
     return done
 

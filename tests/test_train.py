@@ -131,7 +131,7 @@ def test_ddp_two_ranks_end_with_the_same_weights(prepared, tmp_path):
     assert start["global_step"] == 1  # ~4 training images over 2 ranks x 2 images: one step
     # every rank's generators, in rank order (ranks are seeded seed + rank: they differ)
     assert len(start["rng"]) == 2 and not torch.equal(start["rng"][0]["torch"], start["rng"][1]["torch"])
-    digests = re.findall(r"rank (\d)/2 done at global step 1: weights (\w+)", proc.stderr)
+    digests = re.findall(r"rank (\d)/2 done at global step 1: weights ([0-9a-f]{16})$", proc.stderr, re.M)
     assert sorted(r for r, _ in digests) == ["0", "1"] and len({d for _, d in digests}) == 1, proc.stderr[-2000:]
     log = (run / "train.log").read_text()
     assert "2 ranks x 2 images x 1 accumulation = 4 per step" in log

@@ -487,8 +487,15 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
 def report_weights(info: DistInfo, model, global_step: int) -> None:
     """Under DDP every rank prints its weights' digest at the end: the job log shows they agree."""
     if info.distributed:
-        print(f"rank {info.rank}/{info.world_size} done at global step {global_step}: weights "
-              f"{weights_digest(model)}", file=sys.stderr, flush=True)
+        rank_line(f"rank {info.rank}/{info.world_size} done at global step {global_step}: weights "
+                  f"{weights_digest(model)}")
+
+
+def rank_line(text: str) -> None:
+    """One line to stderr in one write: the ranks share the job log, and print's separate write of
+    the newline let two ranks' lines run together ("...a1rank 1/2 done", seen in CI)."""
+    sys.stderr.flush()  # what print and tqdm buffered comes first
+    os.write(sys.stderr.fileno(), (text + "\n").encode())
 
 
 def fit(run: Run, data: Data, show_progress: bool = True) -> TrainResult:
@@ -512,7 +519,7 @@ def fit(run: Run, data: Data, show_progress: bool = True) -> TrainResult:
 
     if info.distributed:  # one line per rank in the job's log: every rank is there, on its node and device
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # SLURM's node name where there is one
-        print(f"rank {info.rank}/{info.world_size} on {node}: device {device}", file=sys.stderr, flush=True)
+        rank_line(f"rank {info.rank}/{info.world_size} on {node}: device {device}")
     effective_batch = cfg.train.images_per_gpu * info.world_size * cfg.train.accumulate_steps
     unit = "images" if cfg.model.family == "maskrcnn" else "cells"
     log.info("%s %s, %d train / %d val %s, %d ranks x %d %s x %d accumulation = %d per step, lr %g, "
