@@ -6,7 +6,8 @@
 #   bash scripts/setup.sh --system --hpacellseg        # into $PYTHON itself, no .venv (containers)
 # The optional packages are not on PyPI. They come from a folder of wheels when there is one
 # (HPA_SCC_WHEELS, default ../shared/wheels beside the checkout: what CI uses), else they are
-# built from GitHub at the commits pinned below (HPA_SCC_WHEELS=github forces that).
+# built from GitHub at the commits pinned below (HPA_SCC_WHEELS=github forces that;
+# HPA_SCC_GITHUB=URL reads GitHub's archive URLs from a mirror or a file:// copy instead).
 # Each is installed with --no-deps, its PyPI dependencies from requirements-<name>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ cd "$(dirname "$0")/.."
 HPACELLSEG_COMMIT=7b6dbc635253f08d392c96269e03149e2fb785c2   # CellProfiling/HPA-Cell-Segmentation
 PYTORCH_ZOO_COMMIT=e7f30cd9d2e900439f98d250ac309caf03a166b4  # haoxusci/pytorch_zoo
 DETECTRON2_COMMIT=02b5c4e295e990042a714712c21dc79b731e8833   # facebookresearch/detectron2
+GITHUB=${HPA_SCC_GITHUB:-https://github.com}
 
 extras=()
 system=
@@ -21,7 +23,7 @@ for arg in "$@"; do
     case $arg in
         --hpacellseg|--detectron2) extras+=("${arg#--}") ;;
         --system) system=1 ;;
-        -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "error: unknown option $arg (use --hpacellseg, --detectron2, --system or none)" >&2; exit 2 ;;
     esac
 done
@@ -76,11 +78,10 @@ github_pytorch_zoo() {
     # Upstream's setup.py calls setuptools.setup without importing setuptools, which fails in
     # any PEP 517 build; the package itself is fine, so add the import and build the copy.
     local tmp; tmp=$(mktemp -d)
-    "$PY" - "$tmp" "$PYTORCH_ZOO_COMMIT" <<'PY'
+    "$PY" - "$tmp" "$GITHUB/haoxusci/pytorch_zoo/archive/$PYTORCH_ZOO_COMMIT.zip" <<'PY'
 import io, sys, urllib.request, zipfile
 from pathlib import Path
-tmp, commit = Path(sys.argv[1]), sys.argv[2]
-url = f"https://github.com/haoxusci/pytorch_zoo/archive/{commit}.zip"
+tmp, url = Path(sys.argv[1]), sys.argv[2]
 zipfile.ZipFile(io.BytesIO(urllib.request.urlopen(url, timeout=120).read())).extractall(tmp)
 setup = next(tmp.glob("*/setup.py"))
 text = setup.read_text()
@@ -94,7 +95,7 @@ PY
 
 for extra in "${extras[@]}"; do
     stamp=$stamps/.hpa_scc-$extra
-    source_id=github
+    source_id="github $GITHUB"
     if [ "$WHEELS" != github ]; then
         case $extra in
             hpacellseg) need_wheels hpacellseg pytorch_zoo; source_id=$(sha256sum "$(wheel hpacellseg)" "$(wheel pytorch_zoo)") ;;
@@ -107,12 +108,12 @@ for extra in "${extras[@]}"; do
     "${PIP[@]}" -r "requirements-$extra.txt"
     case $extra:$WHEELS in
         hpacellseg:github)
-            "${PIP[@]}" --no-deps "https://github.com/CellProfiling/HPA-Cell-Segmentation/archive/$HPACELLSEG_COMMIT.zip"
+            "${PIP[@]}" --no-deps "$GITHUB/CellProfiling/HPA-Cell-Segmentation/archive/$HPACELLSEG_COMMIT.zip"
             github_pytorch_zoo ;;
         hpacellseg:*) "${PIP[@]}" --no-deps "$(wheel hpacellseg)" "$(wheel pytorch_zoo)" ;;
         # Compiles detectron2's C++/CUDA operators against the installed torch (minutes).
         detectron2:github)
-            "${PIP[@]}" --no-deps --no-build-isolation "https://github.com/facebookresearch/detectron2/archive/$DETECTRON2_COMMIT.zip" ;;
+            "${PIP[@]}" --no-deps --no-build-isolation "$GITHUB/facebookresearch/detectron2/archive/$DETECTRON2_COMMIT.zip" ;;
         detectron2:*) "${PIP[@]}" --no-deps "$(wheel detectron2)" ;;
     esac
     module=$([ "$extra" = hpacellseg ] && echo "hpacellseg.cellsegmentator, pytorch_zoo.unet" || echo "detectron2.model_zoo, detectron2.engine")

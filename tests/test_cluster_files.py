@@ -143,3 +143,60 @@ def test_prepare_sbatch_wants_a_gpu_for_hpacellseg(tmp_path):
                       (("--segmenter", "builtin"), {})):
         ran = run(*args, **env)
         assert ran.returncode == 1 and f"data folder {tmp_path / 'none'} does not exist" in ran.stderr, ran.stderr
+
+
+def github_archive(gh: Path, repo: str, commit: str, wheel: Path, setup_py: str) -> None:
+    """GitHub's archive of ``repo`` at ``commit`` (one top folder REPO-COMMIT/), made from the
+    package files of ``wheel`` (the upstream sources, unmodified) and ``setup_py``."""
+    import zipfile
+
+    top = f"{repo.split('/')[1]}-{commit}"
+    archive = gh / repo / "archive" / f"{commit}.zip"
+    archive.parent.mkdir(parents=True)
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(archive, "w") as out:
+        for name in src.namelist():
+            if ".dist-info/" not in name:
+                out.writestr(f"{top}/{name}", src.read(name))
+        out.writestr(f"{top}/setup.py", setup_py)
+
+
+@pytest.mark.slow
+def test_setup_installs_hpacellseg_from_github_archives(tmp_path):
+    """The users' path (HPA_SCC_WHEELS=github), with GitHub's archive URLs served from a file://
+    copy (HPA_SCC_GITHUB): hpacellseg and pytorch_zoo built from the archives at the pinned
+    commits, pytorch_zoo's setup.py (no 'import setuptools', as upstream) patched, into a fresh
+    interpreter (--system, as in the container). detectron2's archive is not tried: it compiles
+    for minutes."""
+    wheels = REPO.parent / "shared" / "wheels"
+    if not list(wheels.glob("hpacellseg-*.whl")):
+        pytest.skip(f"no hpacellseg wheel in {wheels} to make the archives from")
+    script = (REPO / "scripts" / "setup.sh").read_text()
+    commit = lambda name: re.search(rf"^{name}_COMMIT=(\w+)", script, re.M)[1]  # noqa: E731
+    gh = tmp_path / "gh"
+    github_archive(gh, "CellProfiling/HPA-Cell-Segmentation", commit("HPACELLSEG"), next(wheels.glob("hpacellseg-*.whl")),
+                   "import setuptools\nsetuptools.setup(name='hpacellseg', version='0.1.8', packages=['hpacellseg'],\n"
+                   "                 package_data={'hpacellseg': ['VERSION']})\n")
+    github_archive(gh, "haoxusci/pytorch_zoo", commit("PYTORCH_ZOO"), next(wheels.glob("pytorch_zoo-*.whl")),
+                   "from setuptools import find_packages\n\n"  # upstream's bug: setuptools itself never imported
+                   "setuptools.setup(name='pytorch_zoo', version='0.0.0', packages=find_packages())\n")
+    # A fresh interpreter that sees this venv's packages (torch and the rest: no reinstall) behind its own.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    own = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                              capture_output=True, text=True, check=True).stdout.strip())
+    import sysconfig
+    (own / "hpa-scc-test.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "setup.sh"), "--system", "--hpacellseg"], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "PYTHON": str(venv / "bin" / "python"),
+                                                       "HPA_SCC_WHEELS": "github", "HPA_SCC_GITHUB": gh.as_uri()})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "installing hpacellseg (from github)" in proc.stdout
+    # installed into the fresh interpreter itself, from the archives (not found in this venv behind it)
+    assert (own / "hpacellseg" / "cellsegmentator.py").is_file() and (own / "hpacellseg" / "VERSION").is_file()
+    assert (own / "pytorch_zoo" / "unet.py").is_file()
+    assert {p.name.split("-")[0] for p in own.glob("*.dist-info")} >= {"hpacellseg", "pytorch_zoo"}
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import hpacellseg, pytorch_zoo.unet; "
+                            "print('AT', hpacellseg.__file__); print('AT', pytorch_zoo.unet.__file__)"],
+                           capture_output=True, text=True, timeout=300)
+    found = [line.split(" ", 1)[1] for line in where.stdout.splitlines() if line.startswith("AT ")]  # pytorch_zoo prints too
+    assert where.returncode == 0 and len(found) == 2 and all(f.startswith(f"{own}/") for f in found), (own, where.stdout)
