@@ -1,10 +1,12 @@
 """The CLI through its real entry points (``python -m hpa_scc`` and ``hpa-scc``)."""
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import yaml
@@ -80,6 +82,9 @@ def test_demo_end_to_end(tmp_path):
     assert {"last.pt", "best.pt", "metrics.jsonl", "config.yaml"} <= {p.name for p in (out / "train").iterdir()}
     ap = float(proc.stdout.split("mask AP at IoU 0.6: ")[1].split()[0])
     assert 0.5 < ap <= 1.0
+    found, true = map(int, re.search(r"cells found (\d+), true cells (\d+)", proc.stdout).groups())
+    assert true == sum(int(cv2.imread(str(p), cv2.IMREAD_UNCHANGED).max()) for p in (out / "synthetic" / "masks").glob("*.png"))
+    assert 0.7 * true <= found <= 1.3 * true
     with open(out / "synthetic" / "train.csv") as fh:
         ids = [r["ID"] for r in csv.DictReader(fh)]
     assert len(ids) == 6

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from hpa_scc.config import CONFIGS_DIR, Config, load_config
 
 
@@ -73,9 +75,9 @@ def segmentation_quality(data: Path, prepared: Path) -> str:
     pset = PreparedSet(prepared)
     ids = [p.stem for p in sorted((data / "masks").glob("*.png"))]
     done = [i for i in ids if pset.is_segmented(i)]
-    preds = [pset.segmentation(i)[1] for i in done]
+    preds = [pset.cells(i) for i in done]
     trues = [read_labels(data / "masks" / f"{i}.png") for i in done]
-    n_pred, n_true = sum(int(len(set(p.ravel()) - {0})) for p in preds), sum(int(t.max()) for t in trues)
+    n_pred, n_true = sum(int(np.count_nonzero(np.unique(p))) for p in preds), sum(int(t.max()) for t in trues)
     return f"cells found {n_pred}, true cells {n_true}, mask AP at IoU 0.6: {mask_ap(preds, trues, iou=0.6):.3f}"
 
 

@@ -224,5 +224,8 @@ class PreparedSet:
 
     def segmentation(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(nuclei, cells) uint16 [H, W] full-size label images of one image."""
-        folder = self.root / "segmentation"
-        return read_labels(folder / f"{image_id}_nuclei.png"), read_labels(folder / f"{image_id}_cells.png")
+        return read_labels(self.root / "segmentation" / f"{image_id}_nuclei.png"), self.cells(image_id)
+
+    def cells(self, image_id: str) -> np.ndarray:
+        """The uint16 [H, W] full-size cell label image alone (half the reading of ``segmentation``)."""
+        return read_labels(self.root / "segmentation" / f"{image_id}_cells.png")
