@@ -70,6 +70,11 @@ def test_demo_end_to_end(tmp_path):
     tiny = ["train.max_epochs=1", "train.max_iters_per_epoch=1", "data.max_val_images=1", "data.workers=0"]
     proc = run("demo", "--out", out, "--images", "6", "--size", "256", "--train-size", "64", "-q", *tiny)
     assert "[4/6] densenet121 Mask R-CNN" in proc.stdout and f"done: {out}" in proc.stdout
+    # the console holds the steps' summaries; the commands' INFO lines went to demo.log
+    assert " INFO " not in proc.stderr and not proc.stderr.startswith("INFO"), proc.stderr[-2000:]
+    log = (out / "demo.log").read_text()
+    assert "INFO hpa_scc.apps.predict: 8 images predicted" not in log  # 6 // 3 = 2 test images
+    assert "INFO hpa_scc.apps.predict: 2 images predicted, 0 skipped" in log and "INFO hpa_scc.apps.refine:" in log
     assert "features_r1: threshold 0.00, relative 0.25" in proc.stdout
     features_line = next(line for line in proc.stdout.splitlines() if line.startswith("per-cell features, refined"))
     assert 0.0 < float(features_line.split()[-1]) <= 1.0

@@ -5,12 +5,16 @@ the training set built from it (builtin segmentation, cache, COCO per fold); the
 scored against the synthetic truth; Mask R-CNN trained on image labels; the per-cell features
 model fitted, its labels refined once and refitted; a held-out synthetic set predicted by both
 models and both baselines and scored with the competition metric. Everything goes under one
-folder and every step resumes, so a re-run skips finished work.
+folder and every step resumes, so a re-run skips finished work. The console shows the steps'
+summaries (and any warning); the commands' own INFO lines go to OUT/demo.log, where they do not
+break up the tables.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +44,40 @@ def train_config(options: DemoOptions) -> Config:
                                               f"train.run_dir={options.out / 'train'}", *options.train_overrides])
 
 
+@contextlib.contextmanager
+def info_to_file(path: Path):
+    """INFO lines of the package to ``path`` (appended: a resumed demo keeps the first run's);
+    the console handlers see warnings and errors only until the block ends."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package, root = logging.getLogger("hpa_scc"), logging.getLogger()
+    saved = package.level, [(h, h.level) for h in root.handlers]
+    package.setLevel(logging.INFO)
+    for h, level in saved[1]:
+        h.setLevel(max(level, logging.WARNING))
+    package.addHandler(handler)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        handler.close()
+        package.setLevel(saved[0])
+        for h, level in saved[1]:
+            h.setLevel(level)
+
+
 def run_demo(options: DemoOptions) -> int:
     """Run the demo; 0 when every image was prepared, 1 when some failed (listed by prepare)."""
+    cfg = None if options.no_train else train_config(options)  # before anything is written
+    with info_to_file(options.out / "demo.log"):
+        return _run_steps(options, cfg)
+
+
+def _run_steps(options: DemoOptions, cfg: Config | None) -> int:
     from hpa_scc.apps.prepare import prepare_dataset
     from hpa_scc.data.synth import format_summary, write_synth_set
 
-    cfg = None if options.no_train else train_config(options)
     data, prepared = options.out / "synthetic", options.out / "prepared"
     steps = 3 if options.no_train else 6
     print(f"[1/{steps}] synthetic HPA set -> {data}")
@@ -62,7 +94,7 @@ def run_demo(options: DemoOptions) -> int:
     if cfg is not None:
         run_dir = train_detector(cfg, options.progress)
         predict_and_score(options, run_dir, train_cell_model(options.out, prepared))
-    print(f"\ndone: {options.out}")
+    print(f"\ndone: {options.out} (every command's log lines: {options.out / 'demo.log'})")
     return 0 if not report.failures else 1
 
 
