@@ -322,3 +322,101 @@ def test_the_evaluation_notebook_runs_on_a_detectron2_run(tiny, tmp_path, monkey
     assert figures(nb) == 5
     assert json.loads((tmp_path / "pred" / "predict.json").read_text())["models"][0]["checkpoint"] == "model_final.pth"
     assert json.loads((tmp_path / "pred" / "eval.json").read_text())["mAP"] is not None
+
+
+def fake_zoo_pkl(path: Path, seed: int, **shapes: tuple) -> dict[str, np.ndarray]:
+    """A zoo-format .pkl (detectron2 names, BGR stem) holding a few tensors of the given shapes."""
+    rng = np.random.default_rng(seed)
+    state = {"backbone.bottom_up.stem.conv1.weight": rng.normal(size=(64, 3, 7, 7)).astype(np.float32)}
+    state |= {k.replace("__", "."): rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    with open(path, "wb") as fh:
+        pickle.dump({"model": state, "__author__": "test"}, fh)
+    return state
+
+
+def test_a_fresh_start_converts_the_weights_it_is_given_and_starts_the_folder_over(tiny, tmp_path):
+    """A conversion left by an earlier start (another file, another channel count) is never reused,
+    and a fresh start (train.resume=false) clears the earlier run's checkpoints and metrics."""
+    from hpa_scc.engine.d2train import prepare_d2_run
+    from hpa_scc.models.d2import import load_detectron2_checkpoint
+
+    run = tmp_path / "run"
+    a, b = tmp_path / "a.pkl", tmp_path / "b.pkl"
+    fake_zoo_pkl(a, 0)
+    stem_b = fake_zoo_pkl(b, 1)["backbone.bottom_up.stem.conv1.weight"]
+    cfg = lambda *extra: load_config(REPO / "configs" / "resnet101_fpn.yaml", d2_overrides(tiny, run, *extra))  # noqa: E731
+    prepare_d2_run(cfg(f"model.weights={a}"))
+    converted = run / "init_weights_rgb.pkl"
+    assert load_detectron2_checkpoint(converted)["backbone.bottom_up.stem.conv1.weight"].shape == (64, 4, 7, 7)
+    prepare_d2_run(cfg(f"model.weights={b}", "model.in_channels=3"))  # no checkpoint yet: a fresh start again
+    stem = load_detectron2_checkpoint(converted)["backbone.bottom_up.stem.conv1.weight"]
+    assert stem.shape == (64, 3, 7, 7) and np.allclose(stem, stem_b[:, ::-1])  # b's, BGR -> RGB
+    # an earlier run's files in the folder: kept by a resume, cleared by train.resume=false
+    old = ["model_0000001.pth", "model_final.pth", "last_checkpoint", "metrics.json"]
+    for name in old:
+        (run / name).write_text("model_final.pth" if name == "last_checkpoint" else "x")
+    prepare_d2_run(cfg(f"model.weights={b}", "model.in_channels=3"))
+    assert all((run / name).exists() for name in old)
+    prepare_d2_run(cfg(f"model.weights={b}", "model.in_channels=3", "train.resume=false"))
+    assert not any((run / name).exists() for name in old) and converted.is_file()
+
+
+def test_weights_that_do_not_fit_or_cannot_be_read_are_refused(tiny, tmp_path):
+    from hpa_scc.engine.d2train import prepare_d2_run
+    from hpa_scc.models.d2model import check_weights_fit
+
+    cfg = lambda weights: load_config(REPO / "configs" / "resnet101_fpn.yaml", d2_overrides(  # noqa: E731
+        tiny, tmp_path / "run", f"model.weights={weights}"))
+    (tmp_path / "empty.pkl").write_bytes(b"")
+    (tmp_path / "text.pkl").write_text("not a pickle\n")
+    (tmp_path / "text.pth").write_text("not a checkpoint\n")
+    torch.save({"model": {"backbone.body.conv1.weight": torch.zeros(1)}, "config": {"model": {}}}, tmp_path / "best.pt")
+    (tmp_path / "wdir").mkdir()
+    for name, message in [("empty.pkl", "empty.pkl is not a readable detectron2 .pkl (EOFError"),
+                          ("text.pkl", "text.pkl is not a readable detectron2 .pkl"),
+                          ("text.pth", "text.pth is not a readable detectron2 .pth"),
+                          ("best.pt", "best.pt is a torchvision-engine checkpoint"),
+                          ("wdir", "wdir is a folder; give the .pkl or .pth file itself")]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+            prepare_d2_run(cfg(tmp_path / name))
+
+    # shapes outside the class predictors must fit; the predictors (COCO's 80 classes) may not
+    model = torch.nn.ModuleDict({"backbone": torch.nn.Conv2d(4, 8, 3), "roi_heads": torch.nn.ModuleDict(
+        {"box_predictor": torch.nn.Linear(8, 20)})})
+    own = {k: v.numpy() for k, v in model.state_dict().items()}
+    coco = {**own, "roi_heads.box_predictor.weight": np.zeros((81, 8), np.float32)}
+    check_weights_fit(model, coco, "coco.pkl", "resnet101_fpn")
+    with pytest.raises(ValueError, match=r"other\.pkl: 1 of 2 tensors do not fit the resnext101_32x8d_fpn model .*"
+                                         r"backbone\.weight: \(8, 3, 3, 3\) vs \(8, 4, 3, 3\)"):
+        check_weights_fit(model, {**coco, "backbone.weight": np.zeros((8, 3, 3, 3), np.float32)}, "other.pkl",
+                          "resnext101_32x8d_fpn")
+
+
+def test_an_r101_file_does_not_start_the_x101_model(tiny, tmp_path):
+    """detectron2 would only warn and train a mostly random network: main.py stops with the reason."""
+    weights = tmp_path / "r101.pkl"
+    fake_zoo_pkl(weights, 0, backbone__bottom_up__res2__0__conv1__weight=(64, 64, 1, 1))  # R101's; X101's is 256 wide
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(MAIN), "--engine", "detectron2", "--backbone", "resnext101",
+                           *d2_overrides(tiny, run)[2:], f"model.weights={weights}", "train.images_per_gpu=1",
+                           "train.max_iters_per_epoch=1", "train.max_epochs=1"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "do not fit the resnext101_32x8d_fpn model" in proc.stderr and "res2.0.conv1.weight: (64, 64, 1, 1) vs (256, 64, 1, 1)" \
+        in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not list(run.glob("model_*.pth"))
+
+
+def test_the_two_engines_do_not_share_a_run_folder(tiny, tmp_path):
+    from hpa_scc.engine.d2train import prepare_d2_run
+    from hpa_scc.engine.train import check_resume
+
+    tv, d2 = tmp_path / "tv", tmp_path / "d2"
+    tv.mkdir()
+    (tv / "last.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"tv holds a torchvision-engine run \(last\.pt\).*use another train\.run_dir"):
+        prepare_d2_run(load_config(REPO / "configs" / "resnet101_fpn.yaml", d2_overrides(tiny, tv)))
+    d2.mkdir()
+    (d2 / "last_checkpoint").write_text("model_final.pth")
+    with pytest.raises(ValueError, match=r"d2 holds a detectron2-engine run \(last_checkpoint\).*use another train\.run_dir"):
+        check_resume(load_config(REPO / "configs" / "resnet101_fpn.yaml", [f"train.run_dir={d2}"]), d2)

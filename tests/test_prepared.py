@@ -109,8 +109,9 @@ def test_the_training_size_follows_the_prepared_set(prepared, tmp_path):
     assert saved.data.image_size == 64  # the run folder records the resolved size
 
 
-def test_a_started_run_removes_the_checkpoint_a_killed_job_left_half_written(prepared, tmp_path):
-    """SIGKILL during torch.save leaves .last.pt.<random>.tmp.pt (GBs for a FPN model); the next start sweeps it."""
+def test_a_fresh_start_sweeps_a_half_checkpoint_and_the_earlier_metrics(prepared, tmp_path):
+    """SIGKILL during torch.save leaves .last.pt.<random>.tmp.pt (GBs for a FPN model); the next start sweeps it.
+    Without last.pt the run starts over, so the earlier run's metrics.jsonl goes too."""
     import os
     import time
 
@@ -123,5 +124,7 @@ def test_a_started_run_removes_the_checkpoint_a_killed_job_left_half_written(pre
     half.write_bytes(b"\0" * 1024)
     then = time.time() - STALE_TEMP_S - 1
     os.utime(half, (then, then))
+    (run_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')  # a run that died before its first checkpoint
     end_run(start_run(load_config(None, [f"data.prepared_dir={prepared.root}", f"train.run_dir={run_dir}"])))
     assert not half.exists() and (run_dir / "config.yaml").is_file()
+    assert not (run_dir / "metrics.jsonl").exists()  # a fresh start: its steps 1, 2, ... would repeat those

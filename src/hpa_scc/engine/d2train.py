@@ -49,8 +49,8 @@ import yaml
 
 from hpa_scc.config import Config, resume_changes, RESUMABLE_CHANGES, save_config
 from hpa_scc.data.prepared import PreparedSet
-from hpa_scc.models.d2model import (CONVERTED_WEIGHTS, D2_CONFIG, build_d2_config, convert_zoo_weights,
-                                    require_detectron2)
+from hpa_scc.models.d2model import (CONVERTED_WEIGHTS, D2_CONFIG, build_d2_config, check_weights_fit,
+                                    convert_zoo_weights, read_d2_weights, require_detectron2)
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +247,7 @@ def add_project_keys(d2cfg, cfg: Config) -> None:
     from detectron2.config import CfgNode
 
     d2cfg.HPA = CfgNode({"PREPARED_DIR": str(Path(cfg.data.prepared_dir).resolve()), "IN_CHANNELS": cfg.model.in_channels,
+                         "BACKBONE": cfg.model.backbone,
                          "HFLIP_PROB": cfg.data.hflip_prob, "VFLIP_PROB": cfg.data.vflip_prob, "ROT90": cfg.data.rot90,
                          "LAYOUT": cfg.data.layout, "LABELS": cfg.data.labels,
                          "TRAIN_FOLDS": [], "VAL_FOLDS": [], "MAX_TRAIN_IMAGES": cfg.data.max_train_images or 0,
@@ -270,14 +271,19 @@ def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True):
     train_folds, val_folds = split_folds(cfg, prepared)
     n_train = len(fold_records(prepared, cfg.data.layout, train_folds, cfg.data.labels, cfg.data.max_train_images))
 
+    fresh = not (cfg.train.resume and (run_dir / LAST_POINTER).is_file())  # else the checkpoint is loaded
     weights = ""
     if cfg.model.weights == "imagenet":
         raise ValueError("the detectron2 engine starts from a model-zoo .pkl or random init; model.weights=imagenet "
                          "is the torchvision engine's")
     if cfg.model.weights:
         source = Path(cfg.model.weights)
+        if source.is_dir():
+            raise ValueError(f"model.weights: {source} is a folder; give the .pkl or .pth file itself")
         if not source.is_file():
             raise FileNotFoundError(f"model.weights: {source} not found")
+        if fresh and source.suffix != ".pkl":
+            read_d2_weights(source)  # a clear error now, not a traceback from inside detectron2
         weights = str(run_dir / CONVERTED_WEIGHTS) if source.suffix == ".pkl" else str(source)
     d2cfg = build_d2_config(cfg, num_gpus=num_gpus, n_train_images=n_train, weights=weights)
     add_project_keys(d2cfg, cfg)
@@ -286,8 +292,13 @@ def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True):
     d2cfg.DATASETS.TEST = ()  # scored afterwards by predict / evaluate
     if write:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if weights.endswith(CONVERTED_WEIGHTS) and not (run_dir / CONVERTED_WEIGHTS).is_file():
-            convert_zoo_weights(cfg.model.weights, cfg.model.in_channels, run_dir / CONVERTED_WEIGHTS)
+        if fresh:
+            start_over(run_dir)
+            # converted anew at every fresh start: a conversion left by an earlier start (another
+            # file, another channel count) is never what this one asked for
+            (run_dir / CONVERTED_WEIGHTS).unlink(missing_ok=True)
+            if weights.endswith(CONVERTED_WEIGHTS):
+                convert_zoo_weights(cfg.model.weights, cfg.model.in_channels, run_dir / CONVERTED_WEIGHTS)
         save_config(cfg, run_dir / "config.yaml")
         from hpa_scc.utils.fileio import write_text_atomic
 
@@ -298,8 +309,25 @@ def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True):
     return d2cfg
 
 
+def start_over(run_dir: Path) -> None:
+    """A fresh start (``train.resume=false``, or no checkpoint yet) in a folder that holds an
+    earlier detectron2 run: its checkpoints and metrics.json go, so that the new run's metrics are
+    not appended to the old ones and no older ``model_NNNNNNN.pth`` is taken for this run's."""
+    old = [p for p in [*run_dir.glob("model_*.pth"), run_dir / LAST_POINTER, run_dir / "metrics.json"] if p.is_file()]
+    if old:
+        log.warning("starting %s over (train.resume=false): removing the earlier run's %s", run_dir,
+                    ", ".join(sorted(p.name for p in old)))
+        for path in old:
+            path.unlink()
+
+
 def check_d2_resume(cfg: Config, run_dir: Path) -> None:
-    """A folder with a detectron2 checkpoint resumes only with RESUMABLE_CHANGES (as the torchvision engine)."""
+    """A folder with a detectron2 checkpoint resumes only with RESUMABLE_CHANGES (as the torchvision engine);
+    a folder of the torchvision engine's is refused (two runs would mix in it)."""
+    other = [name for name in ("last.pt", "best.pt") if (run_dir / name).is_file()]
+    if other:
+        raise ValueError(f"{run_dir} holds a torchvision-engine run ({', '.join(other)}); a detectron2 run there "
+                         "would mix with it: use another train.run_dir")
     saved = run_dir / "config.yaml"
     if not (cfg.train.resume and (run_dir / LAST_POINTER).is_file() and saved.is_file()):
         return
@@ -307,7 +335,8 @@ def check_d2_resume(cfg: Config, run_dir: Path) -> None:
     if refused:
         lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise ValueError(f"{run_dir} holds a detectron2 run started with other settings ({lines}); use another "
-                         f"train.run_dir or put them back (a resume may change: {', '.join(RESUMABLE_CHANGES)})")
+                         f"train.run_dir, put them back, or set train.resume=false to start this folder over "
+                         f"(a resume may change: {', '.join(RESUMABLE_CHANGES)})")
     if allowed:
         log.info("resuming with changed settings: %s", ", ".join(f"{k} {a} -> {b}" for k, (a, b) in allowed.items()))
 
@@ -324,6 +353,9 @@ def _worker(d2cfg, resume: bool) -> str:
     if d2cfg.HPA.VAL_FOLDS:
         register_folds(VAL_NAME, prepared, d2cfg.HPA.LAYOUT, list(d2cfg.HPA.VAL_FOLDS), d2cfg.HPA.LABELS)
     trainer = _trainer_class()(d2cfg)
+    if d2cfg.MODEL.WEIGHTS and not (resume and trainer.checkpointer.has_checkpoint()):
+        model = getattr(trainer.model, "module", trainer.model)  # DDP wraps it
+        check_weights_fit(model, read_d2_weights(d2cfg.MODEL.WEIGHTS), d2cfg.MODEL.WEIGHTS, d2cfg.HPA.BACKBONE)
     # resume=True: the folder's last_checkpoint if there is one, else MODEL.WEIGHTS (or random init)
     trainer.resume_or_load(resume=resume)
     try:

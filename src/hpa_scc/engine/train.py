@@ -246,6 +246,11 @@ def start_run(cfg: Config) -> Run:
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
         sweep_stale_temps(run_dir)  # a checkpoint half-written when the job was killed
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and not (cfg.train.resume and (run_dir / LAST).is_file()):
+            # a fresh start counts steps from 1 again: the earlier run's lines would mix with them
+            log.warning("starting %s over: the earlier run's metrics.jsonl is replaced", run_dir)
+            metrics.unlink()
     random.seed(cfg.train.seed + info.rank)
     np.random.seed(cfg.train.seed + info.rank)
     torch.manual_seed(cfg.train.seed + info.rank)
@@ -256,6 +261,10 @@ def check_resume(cfg: Config, run_dir: Path) -> dict:
     """A run folder with last.pt is resumed only with the settings it was started with, but for
     RESUMABLE_CHANGES (more epochs, logging, loaders): returns those, refuses the others naming
     each key, before config.yaml is overwritten."""
+    other = [name for name in ("last_checkpoint", "model_final.pth") if (run_dir / name).is_file()]
+    if other:
+        raise ValueError(f"{run_dir} holds a detectron2-engine run ({', '.join(other)}); a torchvision run there "
+                         "would mix with it: use another train.run_dir")
     saved_path = run_dir / "config.yaml"
     if not (cfg.train.resume and (run_dir / LAST).is_file() and saved_path.is_file()):
         return {}

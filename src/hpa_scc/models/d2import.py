@@ -80,8 +80,15 @@ def load_detectron2_checkpoint(path: str | PathLike) -> dict[str, np.ndarray]:
     Model-zoo pickles were written by Python 2 or 3; ``latin1`` decodes both. A bare
     ``{name: array}`` pickle is accepted too.
     """
-    with open(path, "rb") as fh:
-        data = pickle.load(fh, encoding="latin1")
+    try:
+        with open(path, "rb") as fh:
+            data = pickle.load(fh, encoding="latin1")
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder; give the .pkl file itself") from None
+    except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, AttributeError, ImportError, IndexError,
+            KeyError, TypeError, ValueError) as exc:  # what pickle raises on a file that is not one
+        raise ValueError(f"{path} is not a readable detectron2 .pkl ({type(exc).__name__}: {exc}); give a "
+                         "model-zoo file such as model_final_f10217.pkl, downloaded again if it was cut short") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a pickled dict, got {type(data).__name__}")
     if "blobs" in data and "model" not in data:

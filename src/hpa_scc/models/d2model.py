@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from hpa_scc.config import Config
+from hpa_scc.utils.fileio import atomic_path
 from hpa_scc.constants import NUM_CLASSES
 
 log = logging.getLogger(__name__)
@@ -203,11 +204,56 @@ def convert_zoo_weights(path: str | os.PathLike, in_channels: int, out_path: str
         state[key] = adapt_stem(stem, in_channels).numpy()
     state.pop("pixel_mean", None)  # the config's PIXEL_MEAN/STD hold the statistics
     state.pop("pixel_std", None)
-    tmp = Path(f"{out_path}.tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_path(out_path) as tmp, open(tmp, "wb") as fh:
         pickle.dump({"model": state, "__author__": f"hpa_scc from {Path(path).name}", "matching_heuristics": True}, fh)
-    os.replace(tmp, out_path)
     return str(out_path)
+
+
+# detectron2's class-specific layers: another class count (COCO's 80) is expected not to fit.
+D2_PREDICTOR_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_head.predictor.")
+
+
+def read_d2_weights(path: str | os.PathLike) -> dict[str, np.ndarray | torch.Tensor]:
+    """The state dict of a file detectron2 starts from: a zoo .pkl, or a detectron2 .pth
+    (``{"model": state}``, as its trainer saves); a clear error for anything else."""
+    from hpa_scc.models.d2import import load_detectron2_checkpoint
+
+    path = Path(path)
+    if path.suffix == ".pkl":
+        return load_detectron2_checkpoint(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)  # detectron2 itself loads them so
+    except Exception as exc:  # torch raises many kinds on a file that is not a checkpoint
+        raise ValueError(f"model.weights {path} is not a readable detectron2 .pth ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]}); give a detectron2 checkpoint or a model-zoo .pkl") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        raise ValueError(f"model.weights {path} is a torchvision-engine checkpoint (best.pt/last.pt); it cannot "
+                         "start the detectron2 engine: give a detectron2 .pth or a model-zoo .pkl, or train with "
+                         "the torchvision engine")
+    state = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"model.weights {path} holds no detectron2 'model' state dict; give a detectron2 .pth "
+                         "(model_final.pth of a run) or a model-zoo .pkl")
+    return state
+
+
+def check_weights_fit(model: nn.Module, state: dict, path: str | os.PathLike, backbone: str) -> None:
+    """Refuse weights whose tensors do not fit ``model`` outside the class predictors.
+
+    detectron2 only warns and leaves such tensors at random init, so an R101 file given to the
+    X101 model (or a 3-channel stem to a 4-channel model) would train a mostly random network
+    with exit code 0. Files with other names (Caffe2-style ImageNet backbones, matched by
+    detectron2's heuristics) share no keys and are left to detectron2.
+    """
+    own = model.state_dict()
+    shared = [k for k in state if k in own and not k.startswith(D2_PREDICTOR_PREFIXES)]
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shared
+             if tuple(state[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ValueError(f"model.weights {path}: {len(wrong)} of {len(shared)} tensors do not fit the {backbone} "
+                         f"model (weights of another backbone or channel count?), e.g. {wrong[:3]}; give the zoo "
+                         "file of this backbone")
+    log.info("model.weights %s: %d tensors fit the %s model (class predictors aside)", path, len(shared), backbone)
 
 
 class D2Detector(nn.Module):
@@ -275,4 +321,4 @@ def load_d2_run(run_dir: str | os.PathLike, cfg: Config, checkpoint: str) -> tup
 
 
 __all__ = ["ZOO_CONFIGS", "D2_CONFIG", "build_d2_config", "build_d2_model", "convert_zoo_weights", "D2Detector",
-           "load_d2_run", "pixel_stats_0_255", "iters_per_epoch", "require_detectron2"]
+           "read_d2_weights", "check_weights_fit", "load_d2_run", "pixel_stats_0_255", "iters_per_epoch", "require_detectron2"]
