@@ -3,6 +3,7 @@ lab), and what a killed writer leaves is swept when its step resumes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -104,3 +105,33 @@ def test_sweep_names_only_what_it_removed(tmp_path):
     assert sweep_stale_temps(tmp_path) == [old]
     assert sweep_stale_temps(tmp_path, older_than_s=0) == [young]
     assert sweep_stale_temps(tmp_path) == [] and list(tmp_path.iterdir()) == []
+
+
+def test_other_settings_name_what_changed_and_a_folder_without_results_takes_them(tmp_path):
+    check_settings(tmp_path, {"size": 512, "models": [{"checkpoint": "best.pt", "mtime_ns": 1}]}, "predict.json")
+    (tmp_path / "failures.csv").write_text("ID,error\na,bad model file\n")  # a run that made nothing
+    (tmp_path / "predict.log").write_text("...")
+    (tmp_path / "records").mkdir()
+    check_settings(tmp_path, {"size": 256, "models": [{"checkpoint": "best.pt", "mtime_ns": 1}]}, "predict.json")
+    assert json.loads((tmp_path / "predict.json").read_text())["size"] == 256  # taken: nothing to mix with
+    (tmp_path / "records" / "a.json").write_text("{}")  # now a result
+    with pytest.raises(ValueError) as refused:
+        check_settings(tmp_path, {"size": 256, "models": [{"checkpoint": "best.pt", "mtime_ns": 2}]}, "predict.json")
+    assert str(refused.value) == (f"{tmp_path} was made with other settings (models[0].mtime_ns: 1 -> 2; all in "
+                                  f"{tmp_path / 'predict.json'}); use another OUT_DIR to run with these (or delete this one)")
+    assert json.loads((tmp_path / "predict.json").read_text())["models"][0]["mtime_ns"] == 1
+
+
+def test_a_segment_run_that_made_nothing_does_not_lock_its_folder(tmp_path):
+    """Every image failed (here: a mask folder without the masks): the same folder takes another segmenter."""
+    write_synth_set(tmp_path / "s", 2, size=64, seed=0, progress=False)
+    (tmp_path / "no-masks").mkdir()
+    out = tmp_path / "seg"
+    failed = segment_folder(tmp_path / "s", out, segmenter="precomputed", segmenter_options={"folder": tmp_path / "no-masks"},
+                            progress=False)
+    assert (failed.written, len(failed.failures)) == (0, 2) and (out / "failures.csv").is_file()
+    assert segment_folder(tmp_path / "s", out, progress=False).written == 2  # builtin now
+    assert json.loads((out / "segment.json").read_text())["segmenter"] == "builtin"
+    with pytest.raises(ValueError, match=r"segmenter: 'builtin' -> 'precomputed'"):  # now it holds results
+        segment_folder(tmp_path / "s", out, segmenter="precomputed", segmenter_options={"folder": tmp_path / "no-masks"},
+                       progress=False)

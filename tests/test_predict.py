@@ -138,9 +138,9 @@ def test_other_models_or_baselines_into_the_same_out_are_refused(run, tmp_path):
     out = tmp_path / "p"
     first = predict_folder(None, run / "set", out, baseline="image-labels", progress=False)
     before = first.read_text()
-    with pytest.raises(ValueError, match=r"was made with .*'mode': 'image-labels'.*not .*'mode': 'truth'.*another OUT"):
+    with pytest.raises(ValueError, match=r"was made with other settings \(mode: 'image-labels' -> 'truth';.*another OUT"):
         predict_folder(None, run / "set", out, baseline="truth", progress=False)
-    with pytest.raises(ValueError, match=r"was made with .*'models': \[\].*use another OUT"):
+    with pytest.raises(ValueError, match=r"was made with other settings \(.*models: \[\] -> \[\{.*use another OUT"):
         predict_folder(run / "run", run / "set", out, progress=False)
     assert first.read_text() == before  # the earlier submission is untouched
 

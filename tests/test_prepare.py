@@ -92,7 +92,7 @@ def test_segment_folder_writes_full_size_uint16_and_resumes(synth, tmp_path):
     again = segment_folder(synth, out, segmenter="precomputed", segmenter_options={"folder": masks}, progress=False)
     assert (again.written, again.skipped_existing) == (0, 6)
     # another segmenter into the same folder is refused, never mixed with the masks already there
-    with pytest.raises(ValueError, match=r"'segmenter': 'precomputed'.*not.*'segmenter': 'builtin'.*another OUT_DIR"):
+    with pytest.raises(ValueError, match=r"other settings \(segmenter: 'precomputed' -> 'builtin'.*another OUT_DIR"):
         segment_folder(synth, out, segmenter="builtin", progress=False)
 
 
@@ -197,9 +197,9 @@ def test_other_settings_into_the_same_folder_fail(synth, tmp_path):
     masks = true_masks_folder(synth, tmp_path / "truth")
     opts = {"segmenter": "precomputed", "segmenter_options": {"folder": masks}, "progress": False}
     prepare_dataset(synth, tmp_path / "p", size=32, n_folds=2, **opts)
-    with pytest.raises(ValueError, match="'size': 32"):
+    with pytest.raises(ValueError, match=r"size: 32 -> "):
         prepare_dataset(synth, tmp_path / "p", size=48, n_folds=2, **opts)
-    with pytest.raises(ValueError, match="'layout': 'both'"):  # the layouts are a setting too
+    with pytest.raises(ValueError, match=r"layout: 'both' -> 'multilabel'"):  # the layouts are a setting too
         prepare_dataset(synth, tmp_path / "p", size=32, n_folds=2, layout="multilabel", **opts)
     with pytest.raises(ValueError, match="unknown layout 'all'; choose one of"):
         prepare_dataset(synth, tmp_path / "q", size=32, n_folds=2, layout="all", **opts)

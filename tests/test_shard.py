@@ -101,7 +101,7 @@ def test_every_id_in_exactly_one_shard_whatever_the_order_or_the_set():
 def test_settings_file_created_by_concurrent_shards(tmp_path):
     check_settings(tmp_path / "a", {"size": 64})
     check_settings(tmp_path / "a", {"size": 64})  # the same settings again: fine
-    with pytest.raises(ValueError, match="'size': 64"):
+    with pytest.raises(ValueError, match=r"size: 64 -> 32"):
         check_settings(tmp_path / "a", {"size": 32})
     # Many writers at once: the same settings all pass; of different ones exactly one wins.
     for trial in range(5):
@@ -201,7 +201,7 @@ def test_out_of_range_shard_and_merge_without_shards_are_clear_errors(synth, tmp
     with pytest.raises(ValueError, match="without --shard"):
         prepare_dataset(synth, tmp_path / "p", merge_only=True, shard=(0, 2), **opts)
     prepare_dataset(synth, tmp_path / "p", shard=(0, 2), **opts)
-    with pytest.raises(ValueError, match="'size': 64"):  # a shard with other settings is refused
+    with pytest.raises(ValueError, match=r"size: 64 -> "):  # a shard with other settings is refused
         prepare_dataset(synth, tmp_path / "p", shard=(1, 2), **{**opts, "size": 32})
 
 

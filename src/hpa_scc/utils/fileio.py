@@ -112,12 +112,47 @@ def check_settings(out_dir: Path, settings: dict, name: str = "cache.json") -> N
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
     old = json.loads(meta.read_text())
-    if {k: old.get(k) for k in settings} != settings:
-        raise ValueError(
-            f"{out_dir} was made with {old}, not {settings}; "
-            "use another OUT_DIR (or delete this one) to run with other settings"
-        )
+    changed = list(differences({k: old.get(k) for k in settings}, settings))
+    if changed and list(meta.parent.glob("failures*.csv")) and not holds_results(meta.parent):
+        # An earlier run that ended having made nothing (every image failed: a bad model file, say)
+        # has nothing to mix with. Without its failure list the folder may be a sibling array
+        # task's that has only just started: then the first writer's settings stand.
+        log.info("%s holds no results of its earlier settings; recording the new ones in %s", out_dir, meta.name)
+        write_text_atomic(meta, json.dumps(settings, indent=2) + "\n")
+    elif changed:
+        raise ValueError(f"{out_dir} was made with other settings ({'; '.join(changed[:4])}"
+                         f"{f'; {len(changed) - 4} more' if len(changed) > 4 else ''}; all in {meta}); use another "
+                         "OUT_DIR to run with these (or delete this one)")
     sweep_stale_temps(meta.parent)
+
+
+# What a step writes besides its results: settings records, failure lists, logs.
+NOT_RESULTS = re.compile(r"^(cache|prepare|segment|predict|download)\.json$|^failures.*\.csv$|\.log$")
+
+
+def holds_results(folder: Path) -> bool:
+    """Whether ``folder`` holds any file but settings records, failure lists, logs and temporary files."""
+    for _, _, files in os.walk(folder):
+        if any(not NOT_RESULTS.search(name) and not TEMP_NAME.match(name) for name in files):
+            return True
+    return False
+
+
+def differences(old, new, where: str = "") -> Iterator[str]:
+    """'key: old -> new' for every leaf where two JSON-like values differ (dicts by key, lists by index)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            yield from differences(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            yield from differences(a, b, f"{where}[{i}]")
+    elif old != new:
+        yield f"{where}: {_short(old)} -> {_short(new)}"
+
+
+def _short(value, limit: int = 100) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def sweep_stale_temps(folder: str | os.PathLike, *, older_than_s: float = STALE_TEMP_S) -> list[Path]:
