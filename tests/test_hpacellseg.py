@@ -78,8 +78,15 @@ def test_bad_weight_files_name_the_file(tmp_path, weights):
     torch.save({"w": torch.zeros(1)}, state)
     with pytest.raises(ValueError, match="holds a dict, not a model"):
         backend.load_model(state, "cpu")
-    with pytest.raises(FileNotFoundError, match=r"--cell-model .*missing\.pth: weight file not found"):
+    with pytest.raises(FileNotFoundError, match=r"--cell-model .*missing\.pth: weight file not found; download"):
         check_segmenter("hpacellseg", nuclei_model=weights[0], cell_model=tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match=r"--nuclei-model .* is a folder; give the weight file itself "
+                                                r"\(dpn_unet_nuclei_v1\.pth\)"):
+        check_segmenter("hpacellseg", nuclei_model=tmp_path, cell_model=weights[1])
+    with pytest.raises(FileNotFoundError) as missing:  # both flags named; the packages are installed: no install hint
+        check_segmenter("hpacellseg")
+    assert str(missing.value).startswith("the hpacellseg back-end needs --nuclei-model and --cell-model: download")
+    assert "setup.sh" not in str(missing.value)
 
 
 def test_same_predictions_as_upstream_where_upstream_works(hpa_sample, monkeypatch):

@@ -33,6 +33,8 @@ nucleus k, when there is one, lies inside cell k.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import warnings
@@ -49,6 +51,9 @@ INSTALL_HINT = (
     "https://zenodo.org/record/4665863, then pass --nuclei-model and --cell-model.\n"
     "Or use --segmenter builtin, which needs no weights."
 )
+WEIGHT_FILES = {"--nuclei-model": "dpn_unet_nuclei_v1.pth", "--cell-model": "dpn_unet_cell_3ch_v1.pth"}
+WEIGHTS_HINT = ("download dpn_unet_nuclei_v1.pth and dpn_unet_cell_3ch_v1.pth from https://zenodo.org/record/4665863 "
+                "and pass them with --nuclei-model and --cell-model (or use --segmenter builtin, which needs no weights)")
 SCALE_FACTOR = 0.25  # what the weights were trained at and every team ran
 PAD = 32  # upstream pads 32 px of reflection on the top/left and up to the next multiple of 32
 
@@ -59,9 +64,12 @@ class SegmentationError(ValueError):
 
 def _import_upstream():
     try:
-        from hpacellseg.cellsegmentator import NORMALIZE
-        from hpacellseg.utils import label_cell
-        from pytorch_zoo.unet import DPNUnet  # the weight files unpickle its classes
+        # pytorch_zoo prints "please compile abn" on import (its optional in-place BatchNorm
+        # extension, which the DPN U-Nets do not use): noise that reads like an error in every log
+        with contextlib.redirect_stdout(io.StringIO()):
+            from hpacellseg.cellsegmentator import NORMALIZE
+            from hpacellseg.utils import label_cell
+            from pytorch_zoo.unet import DPNUnet  # the weight files unpickle its classes
     except ImportError as exc:
         raise ImportError(f"{exc}\n{INSTALL_HINT}") from None
     del DPNUnet  # imported only to fail here, with the hint, rather than in torch.load
@@ -160,12 +168,16 @@ class HpaCellSegmenter:
     def check(nuclei_model=None, cell_model=None) -> None:
         """What the parent of a pool checks before starting workers: upstream importable, both
         weights given (a file or a module). Loads nothing."""
-        _import_upstream()
-        for flag, source in (("--nuclei-model", nuclei_model), ("--cell-model", cell_model)):
-            if source is None:
-                raise FileNotFoundError(f"the hpacellseg back-end needs {flag}.\n{INSTALL_HINT}")
+        _import_upstream()  # the install hint, if the packages are missing
+        given = {"--nuclei-model": nuclei_model, "--cell-model": cell_model}
+        missing = [flag for flag, source in given.items() if source is None]
+        if missing:
+            raise FileNotFoundError(f"the hpacellseg back-end needs {' and '.join(missing)}: {WEIGHTS_HINT}")
+        for flag, source in given.items():
+            if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+                raise FileNotFoundError(f"{flag} {source} is a folder; give the weight file itself ({WEIGHT_FILES[flag]})")
             if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
-                raise FileNotFoundError(f"{flag} {source}: weight file not found.\n{INSTALL_HINT}")
+                raise FileNotFoundError(f"{flag} {source}: weight file not found; {WEIGHTS_HINT}")
 
     def predict(self, model, rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         """uint8 [H, W, 3] -> (the model's softmax, float32 [3, h', w'] at scale 0.25 and padded;
