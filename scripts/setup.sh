@@ -6,10 +6,12 @@
 #   bash scripts/setup.sh --system --hpacellseg        # into $PYTHON itself, no .venv (containers)
 # The optional packages are not on PyPI. They come from a folder of wheels when there is one
 # (HPA_SCC_WHEELS, default ../shared/wheels beside the checkout: what CI uses), else they are
-# built from GitHub at the commits pinned below (HPA_SCC_WHEELS=github forces that;
+# built from GitHub at the commits pinned in scripts/setup.sh (HPA_SCC_WHEELS=github forces that;
 # HPA_SCC_GITHUB=URL reads GitHub's archive URLs from a mirror or a file:// copy instead).
 # Each is installed with --no-deps, its PyPI dependencies from requirements-<name>.txt.
 set -euo pipefail
+# A relative HPA_SCC_WHEELS means the folder where the command was run, not the checkout.
+case ${HPA_SCC_WHEELS:-} in ""|github|/*) ;; *) HPA_SCC_WHEELS=$PWD/$HPA_SCC_WHEELS ;; esac
 cd "$(dirname "$0")/.."
 
 HPACELLSEG_COMMIT=7b6dbc635253f08d392c96269e03149e2fb785c2   # CellProfiling/HPA-Cell-Segmentation
@@ -65,6 +67,10 @@ wheel() {  # the one wheel of package $1 in $WHEELS (checked by need_wheels firs
 
 need_wheels() {  # in this shell, so that the error ends the script
     local name found
+    if [ ! -d "$WHEELS" ]; then
+        echo "error: HPA_SCC_WHEELS=$WHEELS: no such folder; give the folder that holds the wheels, or github" >&2
+        exit 1
+    fi
     for name in "$@"; do
         found=("$WHEELS"/"$name"-*.whl)
         if [ ! -f "${found[0]}" ]; then

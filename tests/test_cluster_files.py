@@ -67,6 +67,12 @@ def test_setup_script_options(tmp_path):
     empty = run("--hpacellseg", HPA_SCC_WHEELS=str(tmp_path))
     assert empty.returncode == 1
     assert f"no hpacellseg wheel in {tmp_path}; put one there, or set HPA_SCC_WHEELS=github" in empty.stderr
+    (tmp_path / "wheels").mkdir()
+    relative = subprocess.run(["bash", str(setup), "--detectron2"], capture_output=True, text=True, cwd=tmp_path,
+                              env={**os.environ, "HPA_SCC_WHEELS": "wheels"}, timeout=600)
+    assert relative.returncode == 1 and f"no detectron2 wheel in {tmp_path / 'wheels'};" in relative.stderr  # where it was run
+    absent = run("--hpacellseg", HPA_SCC_WHEELS=str(tmp_path / "nope"))
+    assert absent.returncode == 1 and f"HPA_SCC_WHEELS={tmp_path / 'nope'}: no such folder" in absent.stderr
     system = run("--system", PYTHON=sys.executable)
     assert system.returncode == 0, system.stderr
     assert f"installing the project into {sys.executable}" in system.stdout
