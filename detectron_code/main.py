@@ -11,7 +11,8 @@ Engines (``--engine``): ``torchvision`` (the default): this package's loop on to
 R-CNN, which has detectron2's architecture; detectron2 model-zoo checkpoints load through
 model.weights. ``detectron2``: detectron2's own DefaultTrainer on the same prepared set and config
 (``hpa_scc.engine.d2train``; install it with ``bash scripts/setup.sh --detectron2``). Either is
-the same as ``python -m hpa_scc train configs/<backbone>_fpn.yaml [ENGINE OVERRIDES] [key=value ...]``.
+the same as ``python -m hpa_scc train CONFIG [ENGINE OVERRIDES] [key=value ...]`` with CONFIG
+configs/resnet101_fpn.yaml or configs/resnext101_32x8d_fpn.yaml.
 
 This file owns the backbone -> config table; detectron_code/run-model.sbatch asks it through
 ``--config-path`` (which needs only the standard library, so any python3 on the login node can
@@ -34,7 +35,10 @@ def config_path(backbone: str, array_task: str | None = None) -> Path:
     """The config of a backbone; ``both`` picks by array task (0: resnet101, 1: resnext101)."""
     if backbone == "both":
         names = list(BACKBONES)
-        task = int(array_task or 0)
+        if array_task is None:  # not an array job: training one of the two silently would mislead
+            raise ValueError(f"'both' trains one backbone per task of a job array: sbatch --array=0-{len(names) - 1} "
+                             f"detectron_code/run-model.sbatch both (or give --backbone {' or '.join(names)})")
+        task = int(array_task)
         if not 0 <= task < len(names):
             raise ValueError(f"'both' runs as --array=0-{len(names) - 1}; array task {task} has no backbone")
         backbone = names[task]
@@ -44,8 +48,11 @@ def config_path(backbone: str, array_task: str | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="resnet101", help=f"{', '.join(BACKBONES)} (default: resnet101)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s [--backbone B] [--engine E] [key=value ...]")
+    parser.add_argument("--backbone", default="resnet101",
+                        help=f"{', '.join(BACKBONES)} (default: resnet101), or both in a SLURM array job "
+                             "(--array=0-1: task 0 resnet101, task 1 resnext101)")
     parser.add_argument("--engine", default="torchvision", choices=list(ENGINES),
                         help="training library (default: torchvision)")
     parser.add_argument("--engine-overrides", metavar="ENGINE", choices=list(ENGINES),

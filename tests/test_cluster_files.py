@@ -100,6 +100,8 @@ def test_one_backbone_table_for_the_fpn_runs():
     assert ask("both", "0").stdout.strip() == str(REPO / "configs" / "resnet101_fpn.yaml")
     wrong = ask("both", "2")
     assert wrong.returncode == 2 and "array task 2 has no backbone" in wrong.stderr
+    alone = ask("both")  # outside an array job: refused, not resnet101 in silence
+    assert alone.returncode == 2 and "sbatch --array=0-1 detectron_code/run-model.sbatch both" in alone.stderr
     for name in ("resnet101_fpn.yaml", "resnext101_32x8d_fpn.yaml"):
         assert (REPO / "configs" / name).is_file()
         assert name not in (REPO / "detectron_code" / "run-model.sbatch").read_text()

@@ -320,7 +320,7 @@ def _add_predict(sub) -> None:
     p = sub.add_parser(
         "predict", help="per-cell labels for a folder of images -> Kaggle submission.csv",
         description="Label every cell of every image in DATA_DIR with a trained run (RUN_DIR: its config.yaml "
-                    "and best.pt/last.pt) and write OUT/submission.csv (Kaggle format, masks at the original size), "
+                    "and best.pt/last.pt, or a detectron2-engine run's model_*.pth) and write OUT/submission.csv (Kaggle format, masks at the original size), "
                     "OUT/cells.csv (one confidence column per class) and OUT/predict.log. Resumable. "
                     "RUN_DIR may be '-' with --baseline.")
     p.add_argument("run_dir", help="training run folder, or '-' for a baseline")
@@ -329,7 +329,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--cells", choices=["segmenter", "model"], default="segmenter",
                    help="segmenter: segmenter cells scored by the model (default); model: Mask R-CNN's own masks")
     _add_segmenter_args(p)
-    p.add_argument("--checkpoint", default="best.pt", help="checkpoint file in RUN_DIR (default: best.pt, else last.pt)")
+    p.add_argument("--checkpoint", default="best.pt",
+                   help="checkpoint file in RUN_DIR (default: best.pt, else last.pt; for a detectron2-engine run "
+                        "the newest model_*.pth, or name one, e.g. model_0004999.pth)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: detectors add the horizontal flip, "
                                                       "cell-level models average 4 flips/rotations of each crop")
     p.add_argument("--cell-scoring", choices=["auto", "boxes", "detections"], default="auto",
