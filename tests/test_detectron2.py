@@ -393,7 +393,8 @@ def test_weights_that_do_not_fit_or_cannot_be_read_are_refused(tiny, tmp_path):
 
 
 def test_an_r101_file_does_not_start_the_x101_model(tiny, tmp_path):
-    """detectron2 would only warn and train a mostly random network: main.py stops with the reason."""
+    """detectron2 would only warn and train a mostly random network: main.py stops with the reason;
+    the same file starts the R101 model."""
     weights = tmp_path / "r101.pkl"
     fake_zoo_pkl(weights, 0, backbone__bottom_up__res2__0__conv1__weight=(64, 64, 1, 1))  # R101's; X101's is 256 wide
     run = tmp_path / "run"
@@ -405,6 +406,12 @@ def test_an_r101_file_does_not_start_the_x101_model(tiny, tmp_path):
     assert "do not fit the resnext101_32x8d_fpn model" in proc.stderr and "res2.0.conv1.weight: (64, 64, 1, 1) vs (256, 64, 1, 1)" \
         in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and not list(run.glob("model_*.pth"))
+    fits = subprocess.run([sys.executable, str(MAIN), "--engine", "detectron2", "--backbone", "resnet101",
+                           *d2_overrides(tiny, tmp_path / "r101")[2:], f"model.weights={weights}", "train.images_per_gpu=1",
+                           "train.max_iters_per_epoch=1", "train.max_epochs=1"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert fits.returncode == 0, fits.stderr[-3000:]  # the same file fits R101: trained
+    assert "2 tensors fit the resnet101_fpn model" in fits.stderr and (tmp_path / "r101" / "model_final.pth").is_file()
 
 
 def test_the_two_engines_do_not_share_a_run_folder(tiny, tmp_path):
