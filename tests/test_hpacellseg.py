@@ -9,6 +9,7 @@ session); their last layer says "inside a cell" everywhere, so that every image 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -216,6 +217,20 @@ def test_segment_and_prepare_commands_on_real_images(real_images, weights, tmp_p
     assert {ann["image_id"] for ann in coco["annotations"]} == {img["id"] for img in coco["images"]}
     assert json.loads((out / "prepare.json").read_text())["segmenter"] == "hpacellseg"
     assert read_labels(out / "segmentation" / f"{SAMPLES[1]}_cells.png").shape == (384, 512)
+
+    # The folders record the weight files by path, size and time: other weights at the same path
+    # (here the cell model's file touched) are another segmenter, refused, never mixed in.
+    recorded = json.loads((out / "prepare.json").read_text())["segmenter_options"]
+    assert recorded["cell_model"]["path"] == str(Path(weights[1]).resolve()) and "device" not in recorded
+    stat = os.stat(weights[1])
+    os.utime(weights[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        for command in (["segment", real_images / "train", seg], ["prepare", real_images, out, "--size", "128", "--folds", "1"]):
+            again = run_cli(*command, "--segmenter", "hpacellseg", *models)
+            assert again.returncode == 1 and "other settings (segmenter_options.cell_model.mtime_ns: " in again.stderr, \
+                again.stderr[-2000:]
+    finally:
+        os.utime(weights[1], ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def test_speed_bench_prints_its_rows(tmp_path):

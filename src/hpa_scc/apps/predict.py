@@ -130,12 +130,13 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
         truth = read_true_cell_labels(data_dir) if baseline == "truth" else None
         # The per-image records of an earlier run are reused only for the same models and settings:
         # another model, checkpoint or option into the same OUT is refused, never mixed in.
+        from hpa_scc.segment import segmenter_record
         from hpa_scc.utils.fileio import check_settings
 
         check_settings(out_dir, {"mode": mode, "models": [_model_identity(m) for m in members],
                                  "cells": cells, "tta": tta, "image_fusion": image_fusion,
                                  "cell_scoring": cell_scoring, "segmenter": segmenter if mode != "truth" else None,
-                                 "segmenter_options": {k: str(v) for k, v in (segmenter_options or {}).items()}},
+                                 "segmenter_options": segmenter_record(segmenter_options) or {}},
                        "predict.json")
         results, failures, todo = {}, [], []
         for rec in records:

@@ -49,7 +49,7 @@ from hpa_scc.utils.fileio import atomic_path, check_settings, write_npy_atomic, 
 from hpa_scc.data.folds import assign_folds
 from hpa_scc.data.images import ImageReadError, ImageRecord, find_images, read_image, resize
 from hpa_scc.utils.pool import run_pool, write_failures
-from hpa_scc.segment import check_segmenter
+from hpa_scc.segment import check_segmenter, segmenter_record
 from hpa_scc.segment.folder import init_worker, seg_paths, segment_one, worker_segmenter, worker_settings
 from hpa_scc.data.images import read_labels
 from hpa_scc.data.synth import is_synthetic, read_true_cell_labels
@@ -110,8 +110,7 @@ def segment_folder(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
     out_dir.mkdir(parents=True, exist_ok=True)
     check_segmenter(segmenter, **(segmenter_options or {}))  # fail now, not in every worker
     # Label images made by another segmenter are never mixed in: another one into this folder is refused.
-    check_settings(out_dir, {"segmenter": segmenter,
-                             "segmenter_options": {k: str(v) for k, v in (segmenter_options or {}).items()}},
+    check_settings(out_dir, {"segmenter": segmenter, "segmenter_options": segmenter_record(segmenter_options) or {}},
                    "segment.json")
     records = select_shard(find_images(data_dir, labels_csv), shard)
     report = StepReport("segment", out_dir, failures_file=f"failures{shard_suffix(shard)}.csv")
@@ -289,9 +288,12 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     if not merge_only:
         check_segmenter(segmenter, **(segmenter_options or {}))  # fail now, not in every worker
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(out_dir, {"format": PREPARE_FORMAT, "size": size, "segmenter": segmenter, "layout": layout,
-                             "min_cell_area_px": min_cell_area_px, "drop_border_cells": drop_border_cells,
-                             "folds": n_folds, "seed": seed}, name="prepare.json")
+    recorded = {"format": PREPARE_FORMAT, "size": size, "segmenter": segmenter, "layout": layout,
+                "min_cell_area_px": min_cell_area_px, "drop_border_cells": drop_border_cells, "folds": n_folds,
+                "seed": seed}
+    if not merge_only:  # the merge segments nothing: its options are not asked again
+        recorded["segmenter_options"] = segmenter_record(segmenter_options)  # None (no key before) without options
+    check_settings(out_dir, recorded, name="prepare.json")
     check_settings(out_dir / "cache", cache_settings(size))
     if merge_only:
         return merge_prepared(data_dir, out_dir, labels_csv=labels_csv)

@@ -19,7 +19,9 @@ Back-ends (``--segmenter``):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -70,3 +72,20 @@ def check_segmenter(name: str, **options) -> None:
         HpaCellSegmenter.check(**{k: v for k, v in options.items() if k != "device"})
     else:
         build_segmenter(name, **options)
+
+
+def segmenter_record(options: dict | None) -> dict | None:
+    """What a segmentation depends on in the segmenter's options, for a folder's settings record:
+    a model file by its path, size and modification time (weights replaced at the same path make
+    another segmenter); other values as text; the device left out (it does not change the labels
+    a resumed run may add). None without options."""
+    record = {}
+    for key, value in sorted((options or {}).items()):
+        if key == "device":
+            continue
+        if isinstance(value, (str, os.PathLike)) and Path(value).is_file():
+            stat = Path(value).stat()
+            record[key] = {"path": str(Path(value).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        else:
+            record[key] = str(value)
+    return record or None
