@@ -51,10 +51,10 @@ def info_to_file(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    package, root = logging.getLogger("hpa_scc"), logging.getLogger()
-    saved = package.level, [(h, h.level) for h in root.handlers]
+    package = logging.getLogger("hpa_scc")
+    package_level, consoles = package.level, [(h, h.level) for h in logging.getLogger().handlers]
     package.setLevel(logging.INFO)
-    for h, level in saved[1]:
+    for h, level in consoles:
         h.setLevel(max(level, logging.WARNING))
     package.addHandler(handler)
     try:
@@ -62,8 +62,8 @@ def info_to_file(path: Path):
     finally:
         package.removeHandler(handler)
         handler.close()
-        package.setLevel(saved[0])
-        for h, level in saved[1]:
+        package.setLevel(package_level)
+        for h, level in consoles:
             h.setLevel(level)
 
 

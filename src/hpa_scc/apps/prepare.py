@@ -294,7 +294,7 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     if not merge_only:  # the merge segments nothing: its options are not asked again
         recorded["segmenter_options"] = segmenter_record(segmenter_options)  # None (no key before) without options
     check_settings(out_dir, recorded, name="prepare.json")
-    check_settings(out_dir / "cache", cache_settings(size))
+    check_settings(out_dir / "cache", cache_settings(size), sweep=False)  # out_dir's sweep covered it
     if merge_only:
         return merge_prepared(data_dir, out_dir, labels_csv=labels_csv)
     synthetic = is_synthetic(data_dir)

@@ -49,6 +49,7 @@ import yaml
 
 from hpa_scc.config import Config, resume_changes, RESUMABLE_CHANGES, save_config
 from hpa_scc.data.prepared import PreparedSet
+from hpa_scc.utils.checkpoint import unwrap
 from hpa_scc.models.d2model import (CONVERTED_WEIGHTS, D2_CONFIG, build_d2_config, check_weights_fit,
                                     convert_zoo_weights, read_d2_weights, require_detectron2)
 
@@ -261,7 +262,7 @@ def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True):
     With ``write`` (rank 0) the run folder gets config.yaml, d2_config.yaml and, for a .pkl
     ``model.weights``, its RGB(Y) conversion.
     """
-    from hpa_scc.engine.train import split_folds  # the torchvision engine's fold rule, shared
+    from hpa_scc.engine.train import resumes, split_folds  # the torchvision engine's rules, shared
 
     require_detectron2()
     prepared = PreparedSet(cfg.data.prepared_dir)
@@ -271,7 +272,7 @@ def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True):
     train_folds, val_folds = split_folds(cfg, prepared)
     n_train = len(fold_records(prepared, cfg.data.layout, train_folds, cfg.data.labels, cfg.data.max_train_images))
 
-    fresh = not (cfg.train.resume and (run_dir / LAST_POINTER).is_file())  # else the checkpoint is loaded
+    fresh = not resumes(cfg, run_dir, LAST_POINTER)  # else the checkpoint is loaded
     weights = ""
     if cfg.model.weights == "imagenet":
         raise ValueError("the detectron2 engine starts from a model-zoo .pkl or random init; model.weights=imagenet "
@@ -294,9 +295,6 @@ def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True):
         run_dir.mkdir(parents=True, exist_ok=True)
         if fresh:
             start_over(run_dir)
-            # converted anew at every fresh start: a conversion left by an earlier start (another
-            # file, another channel count) is never what this one asked for
-            (run_dir / CONVERTED_WEIGHTS).unlink(missing_ok=True)
             if weights.endswith(CONVERTED_WEIGHTS):
                 convert_zoo_weights(cfg.model.weights, cfg.model.in_channels, run_dir / CONVERTED_WEIGHTS)
         save_config(cfg, run_dir / "config.yaml")
@@ -312,10 +310,13 @@ def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True):
 def start_over(run_dir: Path) -> None:
     """A fresh start (``train.resume=false``, or no checkpoint yet) in a folder that holds an
     earlier detectron2 run: its checkpoints and metrics.json go, so that the new run's metrics are
-    not appended to the old ones and no older ``model_NNNNNNN.pth`` is taken for this run's."""
-    old = [p for p in [*run_dir.glob("model_*.pth"), run_dir / LAST_POINTER, run_dir / "metrics.json"] if p.is_file()]
+    not appended to the old ones and no older ``model_NNNNNNN.pth`` is taken for this run's. The
+    weights conversion goes too: one left by an earlier start (another file, another channel
+    count) is never what this start asked for, so it is made anew."""
+    old = [p for p in [*run_dir.glob("model_*.pth"), run_dir / LAST_POINTER, run_dir / "metrics.json",
+                       run_dir / CONVERTED_WEIGHTS] if p.is_file()]
     if old:
-        log.warning("starting %s over (train.resume=false): removing the earlier run's %s", run_dir,
+        log.warning("starting %s over (no checkpoint to resume, or train.resume=false): removing %s", run_dir,
                     ", ".join(sorted(p.name for p in old)))
         for path in old:
             path.unlink()
@@ -324,12 +325,11 @@ def start_over(run_dir: Path) -> None:
 def check_d2_resume(cfg: Config, run_dir: Path) -> None:
     """A folder with a detectron2 checkpoint resumes only with RESUMABLE_CHANGES (as the torchvision engine);
     a folder of the torchvision engine's is refused (two runs would mix in it)."""
-    other = [name for name in ("last.pt", "best.pt") if (run_dir / name).is_file()]
-    if other:
-        raise ValueError(f"{run_dir} holds a torchvision-engine run ({', '.join(other)}); a detectron2 run there "
-                         "would mix with it: use another train.run_dir")
+    from hpa_scc.engine.train import refuse_other_engine, resumes
+
+    refuse_other_engine(run_dir, "detectron2")
     saved = run_dir / "config.yaml"
-    if not (cfg.train.resume and (run_dir / LAST_POINTER).is_file() and saved.is_file()):
+    if not (resumes(cfg, run_dir, LAST_POINTER) and saved.is_file()):
         return
     allowed, refused = resume_changes(yaml.safe_load(saved.read_text()) or {}, cfg)
     if refused:
@@ -354,8 +354,8 @@ def _worker(d2cfg, resume: bool) -> str:
         register_folds(VAL_NAME, prepared, d2cfg.HPA.LAYOUT, list(d2cfg.HPA.VAL_FOLDS), d2cfg.HPA.LABELS)
     trainer = _trainer_class()(d2cfg)
     if d2cfg.MODEL.WEIGHTS and not (resume and trainer.checkpointer.has_checkpoint()):
-        model = getattr(trainer.model, "module", trainer.model)  # DDP wraps it
-        check_weights_fit(model, read_d2_weights(d2cfg.MODEL.WEIGHTS), d2cfg.MODEL.WEIGHTS, d2cfg.HPA.BACKBONE)
+        check_weights_fit(unwrap(trainer.model), read_d2_weights(d2cfg.MODEL.WEIGHTS), d2cfg.MODEL.WEIGHTS,
+                          d2cfg.HPA.BACKBONE)
     # resume=True: the folder's last_checkpoint if there is one, else MODEL.WEIGHTS (or random init)
     trainer.resume_or_load(resume=resume)
     try:

@@ -247,7 +247,7 @@ def start_run(cfg: Config) -> Run:
         save_config(cfg, run_dir / "config.yaml")
         sweep_stale_temps(run_dir)  # a checkpoint half-written when the job was killed
         metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file() and not (cfg.train.resume and (run_dir / LAST).is_file()):
+        if metrics.is_file() and not resumes(cfg, run_dir):
             # a fresh start counts steps from 1 again: the earlier run's lines would mix with them
             log.warning("starting %s over: the earlier run's metrics.jsonl is replaced", run_dir)
             metrics.unlink()
@@ -257,16 +257,34 @@ def start_run(cfg: Config) -> Run:
     return Run(cfg, device, info, prepared, run_dir, log_handler)
 
 
+def resumes(cfg: Config, run_dir: Path, checkpoint: str = LAST) -> bool:
+    """Whether this start continues the run in ``run_dir`` (its ``checkpoint`` is there and
+    train.resume is on) rather than starting the folder over. ``checkpoint``: the file that marks
+    an engine's resumable run (detectron2's is its last_checkpoint pointer)."""
+    return cfg.train.resume and (run_dir / checkpoint).is_file()
+
+
+# The files that say which engine a run folder belongs to (its checkpoints).
+ENGINE_FILES = {"torchvision": (LAST, BEST), "detectron2": ("last_checkpoint", "model_final.pth")}
+
+
+def refuse_other_engine(run_dir: Path, engine: str) -> None:
+    """A run folder belongs to one engine: another engine's checkpoints there are refused, since
+    the two runs would mix (and predict would load the wrong kind)."""
+    for other, names in ENGINE_FILES.items():
+        found = [name for name in names if other != engine and (run_dir / name).is_file()]
+        if found:
+            raise ValueError(f"{run_dir} holds a {other}-engine run ({', '.join(found)}); a {engine} run there "
+                             "would mix with it: use another train.run_dir")
+
+
 def check_resume(cfg: Config, run_dir: Path) -> dict:
     """A run folder with last.pt is resumed only with the settings it was started with, but for
     RESUMABLE_CHANGES (more epochs, logging, loaders): returns those, refuses the others naming
     each key, before config.yaml is overwritten."""
-    other = [name for name in ("last_checkpoint", "model_final.pth") if (run_dir / name).is_file()]
-    if other:
-        raise ValueError(f"{run_dir} holds a detectron2-engine run ({', '.join(other)}); a torchvision run there "
-                         "would mix with it: use another train.run_dir")
+    refuse_other_engine(run_dir, "torchvision")
     saved_path = run_dir / "config.yaml"
-    if not (cfg.train.resume and (run_dir / LAST).is_file() and saved_path.is_file()):
+    if not (resumes(cfg, run_dir) and saved_path.is_file()):
         return {}
     allowed, refused = resume_changes(yaml.safe_load(saved_path.read_text()) or {}, cfg)
     if refused:
@@ -346,7 +364,7 @@ def fit_features(run: Run, data: Data) -> TrainResult:
 
     cfg, last = run.cfg, run.run_dir / LAST
     model = build_family_model(cfg)
-    if cfg.train.resume and last.is_file():
+    if resumes(cfg, run.run_dir):
         state = load_checkpoint(last)
         if state.get("config") == to_dict(cfg):  # fitted already with these settings: nothing to redo
             model.load_state_dict(state["model"])
@@ -380,7 +398,7 @@ def resume_or_load(run: Run, model, optimizer, scheduler) -> Progress:
     schedule, step and RNG; otherwise start at step 0 from what ``build_family_model`` loaded
     (``model.weights``). One command serves a first start and a requeue."""
     last = run.run_dir / LAST
-    if not (run.cfg.train.resume and last.is_file()):
+    if not resumes(run.cfg, run.run_dir):
         return Progress()
     state = load_checkpoint(last)
     model.load_state_dict(state["model"])

@@ -78,7 +78,8 @@ def segmenter_record(options: dict | None) -> dict | None:
     """What a segmentation depends on in the segmenter's options, for a folder's settings record:
     a model file by its path, size and modification time (weights replaced at the same path make
     another segmenter); other values as text; the device left out (it does not change the labels
-    a resumed run may add). None without options."""
+    a resumed run may add). None without options (segment.json and predict.json keep ``{}`` there,
+    as they recorded before; prepare.json had no such key, which reads as None)."""
     record = {}
     for key, value in sorted((options or {}).items()):
         if key == "device":

@@ -85,29 +85,31 @@ def write_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(tmp, array)
 
 
-def check_settings(out_dir: Path, settings: dict, name: str = "cache.json") -> None:
+def check_settings(out_dir: Path, settings: dict, name: str = "cache.json", *, sweep: bool = True) -> None:
     """Record ``settings`` in ``out_dir/name``, or fail if the folder was made with others.
 
     Safe when several processes (the tasks of a job array) start on one folder at once: the file
     is created by a hard link from a finished temporary file, which fails if the name exists, so
     the first writer wins and every other one compares its settings with the winner's.
     When the settings match (a resumed step), stale temporary files that killed writers left in
-    the folder are removed (``sweep_stale_temps``).
+    the folder are removed (``sweep_stale_temps``; ``sweep=False`` for a folder inside one
+    already swept).
     """
     meta = Path(out_dir) / name
+    text = json.dumps(settings, indent=2) + "\n"
     if not meta.is_file():
         meta.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=meta.parent)
         os.fchmod(fd, file_mode())
         try:
             with os.fdopen(fd, "w") as fh:
-                fh.write(json.dumps(settings, indent=2) + "\n")
+                fh.write(text)
             try:
                 os.link(tmp, meta)  # atomic create-if-absent
             except FileExistsError:
                 pass  # another process was first: compare with its settings below
             except OSError:  # a file system without hard links: last writer wins
-                write_text_atomic(meta, json.dumps(settings, indent=2) + "\n")
+                write_text_atomic(meta, text)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -118,12 +120,13 @@ def check_settings(out_dir: Path, settings: dict, name: str = "cache.json") -> N
         # has nothing to mix with. Without its failure list the folder may be a sibling array
         # task's that has only just started: then the first writer's settings stand.
         log.info("%s holds no results of its earlier settings; recording the new ones in %s", out_dir, meta.name)
-        write_text_atomic(meta, json.dumps(settings, indent=2) + "\n")
+        write_text_atomic(meta, text)
     elif changed:
         raise ValueError(f"{out_dir} was made with other settings ({'; '.join(changed[:4])}"
                          f"{f'; {len(changed) - 4} more' if len(changed) > 4 else ''}; all in {meta}); use another "
                          "OUT_DIR to run with these (or delete this one)")
-    sweep_stale_temps(meta.parent)
+    if sweep:
+        sweep_stale_temps(meta.parent)
 
 
 # What a step writes besides its results: settings records, failure lists, logs.
