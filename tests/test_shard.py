@@ -267,3 +267,18 @@ def test_cli_takes_the_shard_from_the_job_array_unless_told(synth, tmp_path, mon
     assert main(["cache", str(synth), str(tmp_path / "whole"), "--size", "32", "--shard", "all", "--workers", "1",
                  "-q"]) == 0
     assert filecmp.cmp(tmp_path / "c" / "index.csv", tmp_path / "whole" / "index.csv", shallow=False)
+
+
+def test_the_merge_needs_no_segmenter_options_but_a_shard_with_others_is_refused(synth, tmp_path):
+    """prepare.json records the segmenter's options (a model file by size and time); --merge
+    segments nothing, so a merge command without them is accepted; a shard with others is not."""
+    masks = true_masks_folder(synth, tmp_path / "truth")
+    out = tmp_path / "sharded"
+    for i in (0, 1):
+        prepare_dataset(synth, out, shard=(i, 2), segmenter_options={"folder": masks}, **OPTS)
+    assert json.loads((out / "prepare.json").read_text())["segmenter_options"] == {"folder": str(masks)}
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(ValueError, match=r"other settings \(segmenter_options\.folder: .*truth.* -> .*elsewhere"):
+        prepare_dataset(synth, out, shard=(0, 2), segmenter_options={"folder": tmp_path / "elsewhere"}, **OPTS)
+    merged = prepare_dataset(synth, out, merge_only=True, **OPTS)  # no segmenter_options
+    assert not merged.failures and (out / "coco" / "per_label" / "fold0.json").is_file()
