@@ -29,7 +29,7 @@ def test_per_label_samples(prepared):
     assert target["masks"].shape == (n, 64, 64) and target["masks"].dtype == torch.uint8
     assert target["boxes"].shape == (n, 4) and target["labels"].dtype == torch.int64
     assert target["labels"].min() >= 1 and target["labels"].max() <= 19  # 0 stays background
-    info = ds.images[0]
+    info = ds.image(0)
     assert sorted(set((target["labels"] - 1).tolist())) == info["labels"]
     rgb, _ = CellInstances(prepared, [0, 1], "per_label", in_channels=3)[0]
     assert rgb.shape == (3, 64, 64) and torch.equal(rgb, image[:3])

@@ -86,7 +86,7 @@ def test_refinement_with_a_perfect_scorer_recovers_the_true_labels(run, monkeypa
 
     ds = CellInstances(prepared, [1], "per_label", labels="refined_r1")  # what a softmax-head training reads
     _, target = ds[0]
-    first = ds.images[0]["id"]
+    first = ds.image(0)["id"]
     assert sorted(set((target["labels"] - 1).tolist())) == sorted({c for (i, _), v in got.items() if i == first
                                                                     for c in v})
 

@@ -16,6 +16,7 @@ On a cluster, a SLURM job array splits the images over its tasks (see hpa_scc.da
     records/<ID>.json                per image: its cells at the training size (RLE), written last
     folds.csv                        ID,Label,fold (multi-label stratified)
     coco/<layout>/fold<K>.json       COCO instances of fold K: every cell with its image's labels
+    coco/<layout>/fold<K>.store      the same as arrays that training memory-maps (data.annotations)
     coco_truth/<layout>/fold<K>.json synthetic sets only: the same cells with their true labels
     failures.csv                     ID,error: one line per skipped image
 <layout>: multilabel and per_label by default (``--layout both``), so any head trains on the set;
@@ -43,6 +44,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as coco_mask
 
+from hpa_scc.data.annotations import write_coco
 from hpa_scc.data.cache import cache_path, cache_settings, is_cached, write_index
 from hpa_scc.constants import CHANNELS, CLASS_NAMES, format_labels
 from hpa_scc.utils.fileio import atomic_path, check_settings, write_npy_atomic, write_text_atomic
@@ -400,6 +402,6 @@ def _write_coco(data_dir: Path, out_dir: Path, records: list[ImageRecord], resul
                 file_name = f"fold{fold}.json" if n_folds > 1 else "all.json"
                 coco = coco_file(subset, name, truth=truth,
                                  description=f"{data_dir.name}: fold {fold} of {n_folds}, {segmenter} cells, {size} px")
-                write_text_atomic(out_dir / folder / name / file_name, json.dumps(coco, separators=(",", ":")))
+                write_coco(out_dir / folder / name / file_name, coco)
             report.extra.append(f"  {folder}/{name}/: {max(n_folds, 1)} COCO file(s), "
                                 f"{sum(len(r['cells']) for r in ordered)} cells in {len(ordered)} images")

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from hpa_scc.data.annotations import write_coco
 from hpa_scc.utils.fileio import write_text_atomic
 from hpa_scc.data.prepared import PreparedSet, cells_of, label_image
 from hpa_scc.weak.targets import (cell_instances, choose_threshold, label_quality, refine_labels,
@@ -209,8 +210,7 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
                     annotations.append(ann)
             info = {**coco["info"], "labels": f"image labels refined by {run_dir} (threshold {threshold:.2f}, "
                                               f"relative {relative:.2f})"}
-            write_text_atomic(out_base / path.name, json.dumps({**coco, "info": info, "annotations": annotations},
-                                                                separators=(",", ":")))
+            write_coco(out_base / path.name, {**coco, "info": info, "annotations": annotations})
     report = RefineReport(name, threshold, f1, counts["cells"], counts["before"], counts["after"], counts["negative"],
                           relative, kept)
     sweep = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -97,7 +98,13 @@ def random_flips(image: torch.Tensor, target: dict, rng: np.random.Generator, *,
 
 
 class CellInstances(Dataset):
-    """Images of the given folds with their cells; sample i -> (float [C,S,S], target dict)."""
+    """Images of the given folds with their cells; sample i -> (float [C,S,S], target dict).
+
+    The annotations stay in the folds' annotation stores (numpy arrays memory-mapped from
+    ``fold<K>.store``, see ``hpa_scc.data.annotations``): no Python object per cell, so a forked
+    loader worker's memory does not grow with the samples it reads, and opening the set costs
+    the same at 100 images as at 100,000. ``image(i)`` is sample i's COCO image dict.
+    """
 
     def __init__(self, prepared: PreparedSet | str | os.PathLike, folds: list[int], layout: str = "multilabel", *,
                  labels: str = "image", in_channels: int = 4, augment: bool = False, hflip_prob: float = 0.5,
@@ -106,13 +113,13 @@ class CellInstances(Dataset):
         self.prepared = prepared if isinstance(prepared, PreparedSet) else PreparedSet(prepared)
         self.layout, self.in_channels, self.augment = layout, in_channels, augment
         self.flips = {"hflip_prob": hflip_prob, "vflip_prob": vflip_prob, "rot90": rot90}
-        self.coco = self.prepared.read_folds(layout, folds, labels)
-        by_image: dict[int, list[dict]] = {}
-        for ann in self.coco["annotations"]:
-            by_image.setdefault(ann["image_id"], []).append(ann)
-        # Images without any cell give the detector nothing to learn from.
-        self.images = [img for img in self.coco["images"] if by_image.get(img["id"])][:max_images]
-        self.annotations = by_image
+        self.stores = self.prepared.annotation_stores(layout, folds, labels)
+        # Images without any cell give the detector nothing to learn from. Sample i is image row
+        # rows[i] of store which[i]: two arrays, whatever the number of images.
+        kept = [(k, np.flatnonzero(store.n_cells() > 0)) for k, store in enumerate(self.stores)]
+        self.which = np.concatenate([np.full(len(r), k, np.int32) for k, r in kept] or [np.zeros(0, np.int32)])
+        self.rows = np.concatenate([r for _, r in kept] or [np.zeros(0, np.int64)])
+        self.which, self.rows = self.which[:max_images], self.rows[:max_images]
         self.seed, self.epoch = seed, 0
         self.uint8 = uint8  # uint8 images: engine.to_device scales them on the device
 
@@ -121,20 +128,45 @@ class CellInstances(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.rows)
+
+    def image(self, index: int) -> dict:
+        """The COCO image dict of sample ``index`` (id, image_name, labels, sizes)."""
+        return self.stores[self.which[index]].image(int(self.rows[index]))
+
+    @cached_property
+    def coco(self) -> dict:
+        """The samples' COCO dict (validation scores against it); built on first use, in this process."""
+        out: dict = {"images": [], "annotations": []}
+        for k, store in enumerate(self.stores):
+            part = store.to_coco(self.rows[self.which == k].tolist())
+            out["images"] += part["images"]
+            out["annotations"] += part["annotations"]
+            out.update({key: part[key] for key in ("info", "categories") if key in part})
+        return out
+
+    def shadowed(self) -> tuple[int, int]:
+        """``shadowed_instances`` of the samples, counted on the stores (no COCO dict built)."""
+        shadowed = total = 0
+        for k, store in enumerate(self.stores):
+            for row in self.rows[self.which == k]:
+                counts = [(tuple(r["size"]), r["counts"]) for r in store.rles(int(row))]
+                shadowed += len(counts) - len(set(counts))
+                total += len(counts)
+        return shadowed, total
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        info = self.images[index]
+        store, row = self.stores[self.which[index]], int(self.rows[index])
+        info = store.image(row)
         pixels = np.array(self.prepared.read_image(info["image_name"])[: self.in_channels])  # out of the memmap
         image = torch.from_numpy(pixels) if self.uint8 else torch.from_numpy(pixels.astype(np.float32) / 255.0)
-        anns = self.annotations[info["id"]]
-        masks = torch.from_numpy(coco_mask.decode([a["segmentation"] for a in anns])).permute(2, 0, 1).contiguous()
+        masks = torch.from_numpy(store.masks(row))
         target = {"image_id": info["id"], "masks": masks, "boxes": masks_to_boxes(masks)}
         if self.layout == "multilabel":
-            target["labels"] = torch.ones(len(anns), dtype=torch.int64)
-            target["label_vectors"] = torch.tensor([a["label_vector"] for a in anns], dtype=torch.float32).reshape(-1, NUM_CLASSES)
+            target["labels"] = torch.ones(len(masks), dtype=torch.int64)
+            target["label_vectors"] = torch.from_numpy(store.label_vectors(row)).reshape(-1, NUM_CLASSES)
         else:
-            target["labels"] = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
+            target["labels"] = torch.from_numpy(store.category_ids(row))
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             image, target = random_flips(image, target, rng, **self.flips)

@@ -16,6 +16,8 @@ What lies in the folder (``hpa_scc.apps.prepare`` writes it):
     coco[_truth|_NAME]/<layout>/fold<K>.json (all.json for one fold): cells with their labels:
                                           coco/ the image's labels (weak), coco_truth/ a synthetic
                                           set's true labels, coco_NAME/ a refinement round's
+    coco[...]/<layout>/fold<K>.store      the same file as arrays the loader memory-maps
+                                          (``hpa_scc.data.annotations``)
 Train, refine, predict's checks and the benchmarks ask this object instead of re-deriving paths.
 """
 
@@ -30,6 +32,7 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from hpa_scc.constants import NUM_CLASSES
+from hpa_scc.data.annotations import AnnotationStore, load_store
 from hpa_scc.data.cache import cache_path
 from hpa_scc.data.images import read_labels
 from hpa_scc.weak.targets import LAYOUTS, label_of
@@ -169,6 +172,13 @@ class PreparedSet:
             merged["categories"] = data["categories"]
             merged["info"] = data["info"]
         return merged
+
+    def annotation_stores(self, layout: str, folds: list[int], labels: str = "image") -> list[AnnotationStore]:
+        """The annotation store of each fold's COCO file, memory-mapped (``data.annotations``); a file
+        without one (a set prepared before stores existed) is read into memory, with a warning."""
+        fix = ("re-run the refinement round that wrote it" if labels not in ("image", "truth") else
+               f"re-run the same prepare command on {self.root} (finished images are reused; it adds the stores)")
+        return [load_store(self.coco_path(layout, fold, labels), fix) for fold in folds]
 
     def fold_cocos(self, labels: str = "image", layout: str | None = None) -> list[tuple[int, dict]]:
         """(fold, COCO dict) of every fold, in ``layout`` or else the first layout the set has

@@ -50,7 +50,7 @@ from hpa_scc.engine.distributed import (DistInfo, barrier, cleanup, gather_objec
                                        mean_across_ranks)
 from hpa_scc.engine.loop import evaluate, train_one_epoch, use_fast_path
 from hpa_scc.models.cells import build_family_model
-from hpa_scc.data.instances import CellInstances, collate, shadowed_instances, shadowed_warning
+from hpa_scc.data.instances import CellInstances, collate, shadowed_warning
 from hpa_scc.data.prepared import PreparedSet
 from hpa_scc.utils.fileio import sweep_stale_temps, write_text_atomic
 
@@ -326,7 +326,7 @@ def build_data(cfg: Config, prepared: PreparedSet, train_folds: list[int], val_f
                                   max_images=cfg.data.max_train_images, **common)
         val_set = CellInstances(prepared, val_folds, max_images=cfg.data.max_val_images, **common) if val_folds else None
         if cfg.model.head == "softmax":  # kept for fidelity with the original; see instances.shadowed_instances
-            shadowed, total = shadowed_instances(train_set.coco)
+            shadowed, total = train_set.shadowed()
             if shadowed:
                 log.warning(shadowed_warning(shadowed, total))
 
