@@ -1,5 +1,7 @@
 """Training samples from prepare's COCO files, and the pieces of the loop that need no model."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -99,3 +101,91 @@ def test_lr_schedule_warms_up_then_decays():
     cfg = load_config(None, ["optim.schedule=step", "optim.step_milestones=[2, 3]", "optim.warmup_iters=0"])
     g = lr_lambda(cfg, iters_per_epoch=10)
     assert [g(0), g(19), g(20), g(30)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+# --- the annotation store -------------------------------------------------------------------------
+def test_the_annotation_store_round_trips_every_coco_file_prepare_writes(prepared):
+    from hpa_scc.data.annotations import AnnotationStore, open_store, store_path
+
+    ps = PreparedSet(prepared)
+    checked = 0
+    for labels in ("image", "truth"):
+        for layout in ps.layouts(labels):
+            for fold, path in ps.fold_files(layout, labels):
+                coco = json.loads(path.read_text())
+                store = open_store(path)
+                assert store is not None and isinstance(store.arrays["rle_counts"], np.memmap)
+                assert store.to_coco() == coco  # exact: every key, number and RLE string
+                assert len(store) == len(coco["images"]) and store.n_annotations == len(coco["annotations"])
+                assert AnnotationStore.from_coco(coco).to_coco() == coco
+                assert store_path(path).stat().st_size < path.stat().st_size  # no larger than the JSON
+                checked += 1
+    assert checked == 8  # {image, truth} x {multilabel, per_label} x 2 folds
+
+
+def test_samples_from_the_store_equal_samples_from_the_coco_json(prepared):
+    from pycocotools import mask as coco_mask
+
+    ds = CellInstances(prepared, [0, 1], "multilabel")
+    coco = PreparedSet(prepared).read_folds("multilabel", [0, 1])
+    by_image = {}
+    for ann in coco["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    assert len(ds) == len([i for i in coco["images"] if by_image.get(i["id"])])
+    for index in range(len(ds)):
+        _, target = ds[index]
+        anns = by_image[target["image_id"]]
+        masks = coco_mask.decode([a["segmentation"] for a in anns]).transpose(2, 0, 1)
+        assert np.array_equal(target["masks"].numpy(), masks)
+        assert target["label_vectors"].tolist() == [a["label_vector"] for a in anns]
+    per_label = CellInstances(prepared, [0, 1], "per_label")
+    assert per_label.shadowed() == shadowed_instances(per_label.coco)
+    assert per_label.shadowed()[0] > 0
+
+
+def test_a_store_made_from_another_version_of_its_json_is_not_used(prepared, tmp_path, caplog):
+    import shutil
+
+    from hpa_scc.data.annotations import open_store
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared, copy)
+    path = PreparedSet(copy).coco_path("multilabel", 0)
+    coco = json.loads(path.read_text())
+    coco["annotations"][0]["label_vector"] = [1.0] * 19  # an edit the store does not know
+    path.write_text(json.dumps(coco, separators=(",", ":")))
+    assert open_store(path) is None and "made from another version" in caplog.text
+    ds = CellInstances(copy, [0], "multilabel")  # read from the JSON: the edit is seen
+    first = coco["annotations"][0]["image_id"]
+    index = next(i for i in range(len(ds)) if ds.image(i)["id"] == first)
+    assert ds[index][1]["label_vectors"][0].tolist() == [1.0] * 19
+
+
+def test_an_old_prepared_set_without_stores_is_read_with_a_warning_naming_the_fix(prepared, tmp_path, caplog):
+    import shutil
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared, copy)
+    for store in copy.glob("coco*/*/*.store"):
+        store.unlink()
+    ds = CellInstances(copy, [0, 1], "multilabel")
+    new = CellInstances(prepared, [0, 1], "multilabel")
+    assert len(ds) == len(new) and all(torch.equal(ds[i][1]["masks"], new[i][1]["masks"]) for i in range(len(ds)))
+    assert "no annotation store" in caplog.text and f"re-run the same prepare command on {copy}" in caplog.text
+    bad = copy / "coco" / "multilabel" / "fold0.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=r"fold0.json is not valid JSON .*re-run the same prepare command"):
+        CellInstances(copy, [0], "multilabel")
+
+
+def test_a_damaged_store_is_refused_by_name(prepared, tmp_path):
+    from hpa_scc.data.annotations import AnnotationStore, store_path
+
+    path = store_path(PreparedSet(prepared).coco_path("multilabel", 0))
+    cut = tmp_path / "cut.store"
+    cut.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"cut.store is truncated"):
+        AnnotationStore.open(cut)
+    cut.write_bytes(b"PK\x03\x04" + b"\0" * 40)
+    with pytest.raises(ValueError, match=r"cut.store is not an annotation store"):
+        AnnotationStore.open(cut)
