@@ -195,15 +195,24 @@ class PreparedSet:
         Label vectors may be soft (a refinement round can write scores in [0, 1]).
         """
         out: dict[tuple[str, int], np.ndarray] = {}
-        for _fold, coco in self.fold_cocos(labels):
-            names = {img["id"]: img["image_name"] for img in coco["images"]}
-            for ann in coco["annotations"]:
-                key = (names[ann["image_id"]], ann["cell_id"])
-                vec = out.setdefault(key, np.zeros(NUM_CLASSES, np.float32))
-                if "label_vector" in ann:
-                    vec[:] = np.maximum(vec, np.asarray(ann["label_vector"], np.float32))
-                else:
-                    vec[label_of(ann["category_id"])] = 1.0
+        layouts = self.layouts(labels)
+        if not layouts:
+            raise FileNotFoundError(f"no COCO files under {self.labels_dir(labels)}; build the set with "
+                                    f"'python dataset.py DATA_DIR {self.root}'")
+        folds = [fold for fold, _ in self.fold_files(layouts[0], labels)]
+        # read from the annotation stores: no COCO dict of every cell is built on the way
+        for store in self.annotation_stores(layouts[0], folds, labels):
+            multilabel = "label_vector" in store.arrays
+            for row in range(len(store)):
+                name = store.image(row)["image_name"]
+                vectors = store.label_vectors(row) if multilabel else None
+                for k, (cell_id, category) in enumerate(zip(store.cell_ids(row).tolist(),
+                                                            store.category_ids(row).tolist(), strict=True)):
+                    vec = out.setdefault((name, cell_id), np.zeros(NUM_CLASSES, np.float32))
+                    if multilabel:
+                        np.maximum(vec, vectors[k], out=vec)
+                    else:
+                        vec[label_of(category)] = 1.0
         return out
 
     def true_cell_labels(self) -> dict[tuple[str, int], list[int]] | None:

@@ -206,12 +206,14 @@ class CellDataset(Dataset):
 
     def __init__(self, store: CellStore, rows: list[int], labels: dict[tuple[str, int], np.ndarray] | None, *,
                  augment: bool = False, in_channels: int = 4, seed: int = 0):
-        self.store, self.rows, self.augment, self.in_channels, self.seed = store, rows, augment, in_channels, seed
+        # rows as an array: a forked loader worker reading a Python list would copy its pages
+        self.store, self.augment, self.in_channels, self.seed = store, augment, in_channels, seed
+        self.rows = np.asarray(rows, np.int64)
         self.epoch = 0
         self.labels = np.zeros((len(rows), NUM_CLASSES), np.float32)
         if labels is not None:
             missing = []
-            for j, i in enumerate(rows):
+            for j, i in enumerate(self.rows.tolist()):
                 key = (store.index[i]["image_name"], store.index[i]["cell_id"])
                 if key in labels:
                     self.labels[j] = labels[key]
@@ -233,7 +235,7 @@ class CellDataset(Dataset):
             value = value[: self.in_channels]
             if self.augment:
                 value = random_dihedral(value, np.random.default_rng([self.seed, self.epoch, j])).contiguous()
-        return value, {"label_vector": torch.from_numpy(self.labels[j]), "row": self.rows[j]}
+        return value, {"label_vector": torch.from_numpy(self.labels[j]), "row": int(self.rows[j])}
 
 
 def collate_cells(batch):
