@@ -138,11 +138,12 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                                  "cell_scoring": cell_scoring, "segmenter": segmenter if mode != "truth" else None,
                                  "segmenter_options": segmenter_record(segmenter_options) or {}},
                        "predict.json")
-        results, failures, todo = {}, [], []
+        # Finished images are known by their records on disk; the records (every cell's mask at
+        # the original size) are read back one at a time for the outputs, never all held at once.
+        finished, failures, todo = set(), [], []
         for rec in records:
-            path = out_dir / "records" / f"{rec.image_id}.json"
-            if path.is_file():  # finished by an earlier run
-                results[rec.image_id] = json.loads(path.read_text())
+            if (out_dir / "records" / f"{rec.image_id}.json").is_file():  # finished by an earlier run
+                finished.add(rec.image_id)
             else:
                 todo.append(rec)
         settings = {"mode": mode, "data_dir": str(data_dir), "seg_dir": str(out_dir / "segmentation"),
@@ -167,9 +168,14 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                         log.warning("skipped %s: %s", image_id, error)
                         continue
                     write_text_atomic(out_dir / "records" / f"{image_id}.json", json.dumps(result, separators=(",", ":")))
-                    results[image_id] = result
+                    finished.add(image_id)
                 batch = []
-        ordered = [results[rec.image_id] for rec in records if rec.image_id in results]
+        n_done = sum(rec.image_id in finished for rec in records)
+
+        def ordered():  # the finished images' records, in the table's order, read back one by one
+            for rec in records:
+                if rec.image_id in finished:
+                    yield json.loads((out_dir / "records" / f"{rec.image_id}.json").read_text())
         write_failures(out_dir / "failures.csv", failures)
         submission = out_dir / "submission.csv"
         if failures and not allow_missing:
@@ -178,19 +184,19 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
             raise ValueError(
                 f"{len(failures)} of {len(records)} images could not be predicted (e.g. {failures[0][0]}: "
                 f"{failures[0][1]}); all are listed in {out_dir / 'failures.csv'}. A submission needs every ID: fix "
-                f"them and run again (the {len(ordered)} finished images are kept), or pass --allow-missing to "
+                f"them and run again (the {n_done} finished images are kept), or pass --allow-missing to "
                 f"write the submission without them")
         if failures:
             log.warning("%d image(s) left out of the submission (--allow-missing): %s", len(failures),
                         ", ".join(i for i, _ in failures[:10]))
-        write_submission(submission, [to_row(r) for r in ordered])
+        write_submission(submission, (to_row(r) for r in ordered()))
         with atomic_path(out_dir / "cells.csv", ".csv") as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["ID", "cell", "x0", "y0", "x1", "y1", "area", *[f"conf_{c}" for c in range(NUM_CLASSES)]])
-            for r in ordered:
+            for r in ordered():
                 for cell in r["cells"]:
                     writer.writerow([r["image_id"], cell["cell"], *cell["bbox"], cell["area"], *cell["conf"]])
-        log.info("%d images predicted, %d skipped -> %s", len(ordered), len(failures), submission)
+        log.info("%d images predicted, %d skipped -> %s", n_done, len(failures), submission)
         return submission
     finally:
         log.removeHandler(handler)

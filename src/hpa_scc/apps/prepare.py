@@ -37,6 +37,7 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -308,7 +309,9 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     todo = select_shard(records, shard)
     suffix = shard_suffix(shard)
     report = StepReport("prepare", out_dir, failures_file=f"failures{suffix}.csv")
-    results: dict[str, dict] = {}
+    # Only each finished image's original size is kept here; its record (cells and RLE) stays on
+    # disk until its fold's COCO file is written, so memory does not grow with the set.
+    results: dict[str, tuple[int, int]] = {}
     how_done: Counter = Counter()
     try:
         for image_id, result, error, how in run_pool(_prepare_job, todo, workers=workers, initializer=init_worker,
@@ -319,7 +322,7 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
                 log.warning("skipped %s: %s", image_id, error)
             else:
                 how_done[how] += 1
-                results[image_id] = result
+                results[image_id] = (result["orig_height"], result["orig_width"])
     finally:
         report.failures.sort()
         _write_logs(out_dir, todo, results, report.failures, suffix)
@@ -354,11 +357,12 @@ def merge_prepared(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise FileNotFoundError(f"nothing to merge: {meta} not found; run the shards first (--shard I/N)")
     s = json.loads(meta.read_text())
     records = find_images(data_dir, labels_csv)
-    results: dict[str, dict] = {}
+    results: dict[str, tuple[int, int]] = {}
 
     def done(image_id: str) -> bool:
         try:
-            results[image_id] = json.loads((out_dir / "records" / f"{image_id}.json").read_text())
+            rec = json.loads((out_dir / "records" / f"{image_id}.json").read_text())
+            results[image_id] = (rec["orig_height"], rec["orig_width"])
             return True
         except (FileNotFoundError, json.JSONDecodeError):
             return False  # damaged records are redone by a rerun, as missing ones
@@ -372,17 +376,18 @@ def merge_prepared(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     return report
 
 
-def _write_logs(out_dir: Path, records: list[ImageRecord], results: dict[str, dict],
+def _write_logs(out_dir: Path, records: list[ImageRecord], results: dict[str, tuple[int, int]],
                 failures: list[tuple[str, str]], suffix: str) -> None:
     """failures<suffix>.csv and cache/index<suffix>.csv of the images of ``records``."""
     write_failures(out_dir / f"failures{suffix}.csv", failures)
-    write_index(out_dir / "cache" / f"index{suffix}.csv", [r for r in records if r.image_id in results],
-                {i: (rec["orig_height"], rec["orig_width"]) for i, rec in results.items()})
+    write_index(out_dir / "cache" / f"index{suffix}.csv", [r for r in records if r.image_id in results], results)
 
 
-def _write_coco(data_dir: Path, out_dir: Path, records: list[ImageRecord], results: dict[str, dict],
+def _write_coco(data_dir: Path, out_dir: Path, records: list[ImageRecord], finished: Mapping[str, object],
                 report: StepReport, *, size: int, segmenter: str, n_folds: int, seed: int, layout: str) -> None:
-    """folds.csv and the COCO files of every fold, from the records of all images of ``data_dir``."""
+    """folds.csv and the COCO files (with their stores) of every fold, from the records of the
+    ``finished`` images of ``data_dir``, read from OUT_DIR/records/ one fold at a time: memory
+    holds one fold's cells, not the whole set's."""
     # Folds come from the whole label table, so a skipped image never moves the others.
     folds = assign_folds([r.labels for r in records], n_folds, seed) if n_folds > 1 else np.zeros(len(records), int)
     with atomic_path(out_dir / "folds.csv", ".csv") as tmp, open(tmp, "w", newline="") as fh:
@@ -390,18 +395,23 @@ def _write_coco(data_dir: Path, out_dir: Path, records: list[ImageRecord], resul
         writer.writerow(["ID", "Label", "fold"])
         for rec, fold in zip(records, folds, strict=True):
             writer.writerow([rec.image_id, format_labels(rec.labels), int(fold)])
-    ordered = []
-    for index, (rec, fold) in enumerate(zip(records, folds, strict=True)):
-        if rec.image_id in results:
-            ordered.append({**results[rec.image_id], "index": index + 1, "fold": int(fold)})
     kinds = [("coco", False)] + ([("coco_truth", True)] if is_synthetic(data_dir) else [])
-    for folder, truth in kinds:
-        for name in LAYOUT_CHOICES[layout]:
-            for fold in range(max(n_folds, 1)):
-                subset = [r for r in ordered if r["fold"] == fold]
-                file_name = f"fold{fold}.json" if n_folds > 1 else "all.json"
+    n_cells = n_images = 0
+    for fold in range(max(n_folds, 1)):
+        subset = []
+        for index, (rec, rec_fold) in enumerate(zip(records, folds, strict=True)):
+            if rec_fold == fold and rec.image_id in finished:
+                saved = json.loads((out_dir / "records" / f"{rec.image_id}.json").read_text())
+                subset.append({**saved, "index": index + 1, "fold": fold})
+        n_images += len(subset)
+        n_cells += sum(len(r["cells"]) for r in subset)
+        file_name = f"fold{fold}.json" if n_folds > 1 else "all.json"
+        for folder, truth in kinds:
+            for name in LAYOUT_CHOICES[layout]:
                 coco = coco_file(subset, name, truth=truth,
                                  description=f"{data_dir.name}: fold {fold} of {n_folds}, {segmenter} cells, {size} px")
                 write_coco(out_dir / folder / name / file_name, coco)
-            report.extra.append(f"  {folder}/{name}/: {max(n_folds, 1)} COCO file(s), "
-                                f"{sum(len(r['cells']) for r in ordered)} cells in {len(ordered)} images")
+        del subset
+    for folder, _ in kinds:
+        for name in LAYOUT_CHOICES[layout]:
+            report.extra.append(f"  {folder}/{name}/: {max(n_folds, 1)} COCO file(s), {n_cells} cells in {n_images} images")
