@@ -152,3 +152,25 @@ def test_image_labels_baseline_needs_labels(run, tmp_path):
     shutil.copytree(run / "set" / "train", data)  # channel files only: no table, no labels
     with pytest.raises(ValueError, match=r"image-labels baseline .* image\(s\) of .* have none.*--labels"):
         predict_folder(None, data, tmp_path / "p", baseline="image-labels", progress=False)
+
+
+def test_shards_of_a_job_array_merge_into_what_one_run_writes(run, tmp_path):
+    """predict --shard I/N per array task, then --merge: the same submission.csv and cells.csv as
+    one unsharded run; a merge before every shard has finished names the shard to run again."""
+    from hpa_scc.cli import main
+    from hpa_scc.data.shard import shard_of
+
+    whole = predict_folder(run / "run", run / "set", tmp_path / "one", progress=False)
+    out = tmp_path / "sharded"
+    common = ["predict", str(run / "run"), str(run / "set"), "--out", str(out), "-q"]
+    assert main(common + ["--shard", "0/2"]) == 0
+    assert not (out / "submission.csv").exists() and (out / "failures-shard0of2.csv").is_file()
+    ids = [p.stem for p in (run / "set" / "train").glob("*_red.png")]
+    ids = [i.removesuffix("_red") for i in ids]
+    assert {p.stem for p in (out / "records").glob("*.json")} == {i for i in ids if shard_of(i, 2) == 0}
+    with pytest.raises(ValueError, match=r"cannot merge .*Run shard\(s\) 1/2 again"):
+        predict_folder(None, run / "set", out, merge_only=True, progress=False)
+    assert main(common + ["--shard", "1/2"]) == 0
+    assert main(["predict", "-", str(run / "set"), "--out", str(out), "--merge", "-q"]) == 0
+    assert (out / "submission.csv").read_text() == whole.read_text()
+    assert (out / "cells.csv").read_text() == (tmp_path / "one" / "cells.csv").read_text()

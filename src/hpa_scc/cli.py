@@ -355,6 +355,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--allow-missing", action="store_true",
                    help="write the submission even if some images could not be predicted (they are left out and "
                         "listed in OUT/failures.csv); without it that is an error and no submission is written")
+    _add_shard_args(p)
     p.set_defaults(func=_run_predict)
 
 
@@ -362,14 +363,14 @@ def _run_predict(args) -> int:
     from hpa_scc.apps.predict import predict_folder
 
     run_dir = None if args.run_dir == "-" else Path(args.run_dir)
-    if run_dir is None and args.baseline is None:
+    if run_dir is None and args.baseline is None and not args.merge:
         raise ValueError("RUN_DIR '-' needs --baseline image-labels, random or truth")
     path = predict_folder(run_dir, args.data_dir, args.out, cells=args.cells, segmenter=args.segmenter,
                           segmenter_options=_segmenter_options(args), checkpoint=args.checkpoint, tta=args.tta,
                           baseline=args.baseline, labels_csv=args.labels, device=args.device, workers=args.workers,
                           batch_size=args.batch_size, image_fusion=args.image_fusion, ensemble=args.ensemble,
                           cell_scoring=args.cell_scoring, allow_missing=args.allow_missing,
-                          progress=not args.quiet)
+                          progress=not args.quiet, shard=None if args.merge else _shard(args), merge_only=args.merge)
     print(f"wrote {path}")
     return 0
 

@@ -41,6 +41,7 @@ import numpy as np
 from hpa_scc.constants import NUM_CLASSES
 from hpa_scc.utils.fileio import atomic_path, write_text_atomic
 from hpa_scc.data.images import ImageReadError, ImageRecord, find_images, read_image, resize
+from hpa_scc.data.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
 from hpa_scc.utils.pool import run_pool, write_failures
 from hpa_scc.segment.folder import init_worker, segment_one, worker_segmenter, worker_settings
 from hpa_scc.data.images import read_labels
@@ -83,7 +84,8 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                    checkpoint: str = "best.pt", tta: bool = False, baseline: str | None = None,
                    labels_csv: str | os.PathLike | None = None, device: str = "auto", workers: int = 1,
                    batch_size: int = 8, image_fusion: float = 0.0, ensemble: list | tuple = (),
-                   cell_scoring: str = "auto", allow_missing: bool = False, progress: bool = True) -> Path:
+                   cell_scoring: str = "auto", allow_missing: bool = False, progress: bool = True,
+                   shard: Shard | None = None, merge_only: bool = False) -> Path:
     """Predict every image of ``data_dir``; returns the path of submission.csv (see module docstring).
 
     The CPU work (read four channels, segment, encode every cell once, resize for the model) runs
@@ -96,7 +98,15 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
     An image that cannot be predicted (unreadable, ...) is listed in failures.csv; a submission
     must hold every ID, so then no submission.csv is written and the call fails naming them
     (finished images are kept: fix the inputs and run again), unless ``allow_missing``.
+
+    ``shard=(I, N)``: the images of shard I only (a job array task; see ``hpa_scc.data.shard``):
+    their records and failures-shard<I>of<N>.csv, no submission; returns the records folder.
+    ``merge_only``: no model, no image read: once every shard has finished, the records and the
+    shards' failure logs -> submission.csv, cells.csv and failures.csv (what one run writes).
     """
+    check_shard(shard)
+    if merge_only and shard is not None:
+        raise ValueError("--merge gathers every shard; give it without --shard")
     if cells not in CELL_MODES:
         raise ValueError(f"unknown --cells {cells!r}; choose one of {list(CELL_MODES)}")
     if baseline is not None and baseline not in BASELINES:
@@ -110,6 +120,14 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
     log.addHandler(handler)
     try:
         records = find_images(data_dir, labels_csv)
+        if merge_only:
+            if not (out_dir / "predict.json").is_file():
+                raise FileNotFoundError(f"nothing to merge: {out_dir / 'predict.json'} not found; run the shards "
+                                        "first (the same command with --shard I/N instead of --merge)")
+            done, failures, seen = gather_shards(out_dir, [r.image_id for r in records],
+                                                 lambda i: (out_dir / "records" / f"{i}.json").is_file())
+            log.info("merging the records of %d images and %d shard failure log(s)", len(done), len(seen))
+            return _write_outputs(out_dir, records, set(done), failures, allow_missing)
         by_id = {rec.image_id: rec for rec in records}
         loaded = load_run(run_dir, checkpoint, device) if baseline is None else None
         members = [loaded] + [load_run(r, checkpoint, device) for r in ensemble] if loaded else []
@@ -141,7 +159,7 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
         # Finished images are known by their records on disk; the records (every cell's mask at
         # the original size) are read back one at a time for the outputs, never all held at once.
         finished, failures, todo = set(), [], []
-        for rec in records:
+        for rec in select_shard(records, shard):
             if (out_dir / "records" / f"{rec.image_id}.json").is_file():  # finished by an earlier run
                 finished.add(rec.image_id)
             else:
@@ -170,37 +188,51 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                     write_text_atomic(out_dir / "records" / f"{image_id}.json", json.dumps(result, separators=(",", ":")))
                     finished.add(image_id)
                 batch = []
-        n_done = sum(rec.image_id in finished for rec in records)
-
-        def ordered():  # the finished images' records, in the table's order, read back one by one
-            for rec in records:
-                if rec.image_id in finished:
-                    yield json.loads((out_dir / "records" / f"{rec.image_id}.json").read_text())
-        write_failures(out_dir / "failures.csv", failures)
-        submission = out_dir / "submission.csv"
-        if failures and not allow_missing:
+        if shard is not None:
             failures.sort()
-            submission.unlink(missing_ok=True)  # never leave a submission that lacks these IDs
-            raise ValueError(
-                f"{len(failures)} of {len(records)} images could not be predicted (e.g. {failures[0][0]}: "
-                f"{failures[0][1]}); all are listed in {out_dir / 'failures.csv'}. A submission needs every ID: fix "
-                f"them and run again (the {n_done} finished images are kept), or pass --allow-missing to "
-                f"write the submission without them")
-        if failures:
-            log.warning("%d image(s) left out of the submission (--allow-missing): %s", len(failures),
-                        ", ".join(i for i, _ in failures[:10]))
-        write_submission(submission, (to_row(r) for r in ordered()))
-        with atomic_path(out_dir / "cells.csv", ".csv") as tmp, open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["ID", "cell", "x0", "y0", "x1", "y1", "area", *[f"conf_{c}" for c in range(NUM_CLASSES)]])
-            for r in ordered():
-                for cell in r["cells"]:
-                    writer.writerow([r["image_id"], cell["cell"], *cell["bbox"], cell["area"], *cell["conf"]])
-        log.info("%d images predicted, %d skipped -> %s", n_done, len(failures), submission)
-        return submission
+            write_failures(out_dir / f"failures{shard_suffix(shard)}.csv", failures)
+            log.info("shard %d/%d: %d images predicted, %d skipped; once every shard has finished: python -m "
+                     "hpa_scc predict RUN_DIR DATA_DIR --out %s --merge", *shard, len(finished), len(failures), out_dir)
+            return out_dir / "records"
+        return _write_outputs(out_dir, records, finished, failures, allow_missing)
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+def _write_outputs(out_dir: Path, records: list[ImageRecord], finished: set[str], failures: list[tuple[str, str]],
+                   allow_missing: bool) -> Path:
+    """failures.csv, then submission.csv and cells.csv from the finished images' records, read
+    back one at a time in the table's order; returns the submission's path."""
+    n_done = sum(rec.image_id in finished for rec in records)
+
+    def ordered():
+        for rec in records:
+            if rec.image_id in finished:
+                yield json.loads((out_dir / "records" / f"{rec.image_id}.json").read_text())
+
+    write_failures(out_dir / "failures.csv", failures)
+    submission = out_dir / "submission.csv"
+    if failures and not allow_missing:
+        failures.sort()
+        submission.unlink(missing_ok=True)  # never leave a submission that lacks these IDs
+        raise ValueError(
+            f"{len(failures)} of {len(records)} images could not be predicted (e.g. {failures[0][0]}: "
+            f"{failures[0][1]}); all are listed in {out_dir / 'failures.csv'}. A submission needs every ID: fix "
+            f"them and run again (the {n_done} finished images are kept), or pass --allow-missing to "
+            f"write the submission without them")
+    if failures:
+        log.warning("%d image(s) left out of the submission (--allow-missing): %s", len(failures),
+                    ", ".join(i for i, _ in failures[:10]))
+    write_submission(submission, (to_row(r) for r in ordered()))
+    with atomic_path(out_dir / "cells.csv", ".csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["ID", "cell", "x0", "y0", "x1", "y1", "area", *[f"conf_{c}" for c in range(NUM_CLASSES)]])
+        for r in ordered():
+            for cell in r["cells"]:
+                writer.writerow([r["image_id"], cell["cell"], *cell["bbox"], cell["area"], *cell["conf"]])
+    log.info("%d images predicted, %d skipped -> %s", n_done, len(failures), submission)
+    return submission
 
 
 def _model_identity(loaded: LoadedModel) -> dict:
