@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpa_scc.models.cells import (CellClassifier, FeatureClassifier, build_store, cell_crops, cell_table, fit_feature_classifier,
-                           macro_ap)
+from hpa_scc.models.cells import (CellClassifier, FeatureClassifier, build_store, cell_crops, cell_images,
+                                  fit_feature_classifier, macro_ap)
 from hpa_scc.data.prepared import PreparedSet
 from hpa_scc.config import ConfigError, load_config
 from hpa_scc.constants import NUM_CLASSES
@@ -85,24 +85,28 @@ def prepared(tmp_path_factory) -> Path:
 
 def test_store_is_built_once_and_rebuilt_when_the_cells_change(prepared):
     p = prepared / "prepared"
-    table = cell_table(p)
-    n_cells = sum(len(img["cells"]) for img in table)
+    table = cell_images(p)
+    n_cells = sum(len(np.unique(store.cell_ids(row))) for _, store, row in table)
     store = build_store(p, "crops", 24, progress=False)
-    assert store.array.shape == (n_cells, 4, 24, 24) and len(store.index) == n_cells
-    assert {r["fold"] for r in store.index} == {0, 1}
+    assert store.array.shape == (n_cells, 4, 24, 24) and len(store) == n_cells
+    assert set(store.cells["fold"].tolist()) == {0, 1}
     path = p / "crops" / "24px.npy"
     stamp = path.stat().st_mtime_ns
     again = build_store(p, "crops", 24, progress=False)
     assert path.stat().st_mtime_ns == stamp and np.array_equal(np.asarray(again.array), np.asarray(store.array))
     # the same cells give the same crops as cutting them by hand from the cache
-    first = table[0]
+    _, first, row = table[0]
     from hpa_scc.data.cache import cache_path
     from hpa_scc.data.prepared import label_image
 
-    pixels = np.load(cache_path(p / "cache", first["image_name"]))
-    ids = [a["cell_id"] for a in first["cells"]]
-    expected = cell_crops(pixels, label_image(first["cells"], pixels.shape[1:]), ids, 24)
-    rows = [store.rows[(first["image_name"], i)] for i in ids]
+    name = first.image(row)["image_name"]
+    pixels = np.load(cache_path(p / "cache", name))
+    anns = first.to_coco([row])["annotations"]
+    ids = sorted({a["cell_id"] for a in anns})
+    label = label_image(anns, pixels.shape[1:])
+    assert np.array_equal(first.label_image(row), label)
+    expected = cell_crops(pixels, label, ids, 24)
+    rows = [store.rows[(name, i)] for i in ids]
     assert np.array_equal(np.asarray(store.array[rows]), expected)
     # a changed segmentation (one cell dropped from every fold file) is noticed and rebuilt
     for layout in ("multilabel", "per_label"):
@@ -225,3 +229,33 @@ def test_a_cell_densenet_initialises_the_densenet_detectors(tmp_path):
     torch.save({"model": small.state_dict(), "config": {"model": {"family": "cell", "backbone": "resnet18"}}}, path)
     with pytest.raises(ValueError, match="resnet18 backbone initialises only the densenet121"):
         build_model(ModelConfig(backbone="densenet121", weights=str(path)), image_size=128)
+
+
+def test_a_store_built_in_shards_merges_into_the_unsharded_store(prepared, tmp_path, capsys):
+    """cell-store --shard I/N per job array task, then --merge (or train's build_store): the
+    same rows, in the same order, with the same values as one process builds; a finished shard
+    is reused, an incomplete set of shards is refused by --merge."""
+    import shutil
+
+    from hpa_scc.cli import main
+
+    p = tmp_path / "prepared"
+    shutil.copytree(prepared / "prepared", p, ignore=shutil.ignore_patterns("crops"))
+    one = build_store(prepared / "prepared", "features", progress=False)
+    assert main(["cell-store", str(p), "--kind", "features", "--shard", "0/3", "-q"]) == 0
+    assert main(["cell-store", str(p), "--kind", "features", "--merge", "-q"]) != 0
+    assert "no complete set of shards built with these settings" in capsys.readouterr().err
+    part = p / "crops" / "features-shard0of3.npy"
+    stamp = part.stat().st_mtime_ns
+    for i in range(3):
+        assert main(["cell-store", str(p), "--kind", "features", "--shard", f"{i}/3", "-q"]) == 0
+    assert part.stat().st_mtime_ns == stamp  # shard 0 was finished: reused, not recomputed
+    sizes = [len(np.load(p / "crops" / f"features-shard{i}of3.cells.npy")) for i in range(3)]
+    assert sum(sizes) == len(one) and min(sizes) > 0
+    assert main(["cell-store", str(p), "--kind", "features", "--merge", "-q"]) == 0
+    merged = build_store(p, "features", progress=False)  # reads the merged store, computes nothing
+    assert np.array_equal(np.asarray(merged.array), np.asarray(one.array))
+    assert np.array_equal(merged.cells, one.cells) and merged.names == one.names
+    labels = merged.labels(PreparedSet(p), "image")
+    weak = PreparedSet(p).label_vectors("image")
+    assert all(np.array_equal(labels[r], weak[merged.key(r)]) for r in range(len(merged)))

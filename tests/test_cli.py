@@ -96,7 +96,8 @@ def test_demo_end_to_end(tmp_path):
     assert sorted(p.stem for p in (prepared / "cache" / "images").glob("*.npy")) == sorted(ids)
     assert np.load(prepared / "cache" / "images" / f"{ids[0]}.npy").shape == (4, 64, 64)
     for layout in ("multilabel", "per_label"):  # both by default: any head trains on the set
-        assert sorted(p.name for p in (prepared / "coco" / layout).iterdir()) == ["fold0.json", "fold1.json", "fold2.json"]
+        assert sorted(p.name for p in (prepared / "coco" / layout).iterdir()) == sorted(
+            f"fold{k}.{ext}" for k in range(3) for ext in ("json", "store"))
     assert yaml.safe_load((out / "train" / "config.yaml").read_text())["data"]["layout"] == "multilabel"
     with open(prepared / "folds.csv") as fh:
         assert {r["fold"] for r in csv.DictReader(fh)} == {"0", "1", "2"}

@@ -22,6 +22,7 @@ examples:
   python -m hpa_scc split data/kaggle/train.csv --folds 5 --seed 0 --out data/folds.csv
   python -m hpa_scc segment data/kaggle data/seg --segmenter builtin --workers 8
   python -m hpa_scc prepare data/kaggle data/prepared512 --size 512 --segmenter builtin --folds 5
+  python -m hpa_scc cell-store data/prepared512 --kind features --shard 0/4   # one part of a job array
   python -m hpa_scc train configs/cell_features.yaml data.prepared_dir=data/prepared512 train.run_dir=runs/feat
   python -m hpa_scc refine runs/feat data/prepared512 --name refined_r1 --held-out-folds 0 --threshold 0 --relative 0.25
   python -m hpa_scc train configs/cell_resnet18.yaml data.prepared_dir=data/prepared512 data.labels=refined_r1
@@ -266,6 +267,36 @@ def _run_train(args) -> int:
     result = train(cfg, progress=not args.quiet)
     # last.pt is saved (logged); the batch scripts requeue on this status
     return EXIT_REQUEUE if result.status == PREEMPTED else 0
+
+
+def _add_cell_store(sub) -> None:
+    p = sub.add_parser(
+        "cell-store", help="the per-cell features or crops of a prepared set, as a job array",
+        description="Compute the per-cell table the cell-level families train on: features\n"
+                    "(PREPARED/crops/features.npy, family 'features') or masked crops (PREPARED/crops/<C>px.npy,\n"
+                    "family 'cell'), one row per cell. 'train' builds it itself when it is missing; on a big\n"
+                    "set, build it first as a SLURM job array (--shard, one part per task, a finished part is\n"
+                    "reused), then --merge (or let 'train' merge the complete parts), e.g.\n"
+                    "  sbatch --array=0-15 --wrap 'python -m hpa_scc cell-store PREPARED --kind features'\n"
+                    "  python -m hpa_scc cell-store PREPARED --kind features --merge",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prepared", type=Path, help="prepared folder (python -m hpa_scc prepare)")
+    p.add_argument("--kind", choices=["features", "crops"], default="features",
+                   help="features (family 'features') or crops (family 'cell') (default: features)")
+    p.add_argument("--crop-size", type=int, default=64, help="crops: side in px, data.crop_size (default: 64)")
+    _add_shard_args(p)
+    p.set_defaults(func=_run_cell_store)
+
+
+def _run_cell_store(args) -> int:
+    from hpa_scc.models.cells import build_store
+
+    shard = None if args.merge else _shard(args)
+    store = build_store(args.prepared, args.kind, args.crop_size, progress=not args.quiet, shard=shard,
+                        merge_only=args.merge)
+    where = "this shard's part" if shard else "the store"
+    print(f"{where}: {len(store)} cells of {args.prepared}, {args.kind}")
+    return 0
 
 
 def _add_refine(sub) -> None:
@@ -579,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hpa_scc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    for add in (_add_demo, _add_synth, _add_cache, _add_split, _add_segment, _add_prepare, _add_train, _add_refine,
+    for add in (_add_demo, _add_synth, _add_cache, _add_split, _add_segment, _add_prepare, _add_cell_store, _add_train, _add_refine,
                 _add_predict, _add_evaluate, _add_visualize, _add_download_public, _add_merge_tables):
         add(sub)
     for command in sub.choices.values():

@@ -119,11 +119,37 @@ class AnnotationStore:
             return np.zeros((0, img["height"], img["width"]), np.uint8)
         return np.ascontiguousarray(coco_mask.decode(rles).transpose(2, 0, 1))
 
+    def label_image(self, i: int, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """int32 [H, W]: ``cell_id`` where its mask is (a per_label file's repeats drawn once)."""
+        img = None if shape is not None else self.image(i)
+        out = np.zeros(shape or (img["height"], img["width"]), np.int32)
+        ids = self.cell_ids(i)
+        if len(ids):
+            masks = self.masks(i).astype(bool)
+            for k in np.unique(ids, return_index=True)[1]:
+                out[masks[k]] = ids[k]
+        return out
+
     def category_ids(self, i: int) -> np.ndarray:
         return np.asarray(self.arrays["category_id"][self._span(i)], np.int64)
 
     def cell_ids(self, i: int) -> np.ndarray:
         return np.asarray(self.arrays["cell_id"][self._span(i)], np.int64)
+
+    def cell_label_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every annotation as (image row int64 [A], cell id int64 [A], float32 [A, 19] labels):
+        a multilabel file's vectors, or a per_label file's categories one-hot (rows repeat per label)."""
+        rows = np.repeat(np.arange(len(self), dtype=np.int64), self.n_cells())
+        cells = np.asarray(self.arrays["cell_id"], np.int64)
+        if "label_vector" in self.arrays:
+            return rows, cells, np.asarray(self.arrays["label_vector"], np.float32)
+        vectors = np.zeros((len(cells), NUM_CLASSES), np.float32)
+        vectors[np.arange(len(cells)), np.asarray(self.arrays["category_id"], np.int64) - 1] = 1.0
+        return rows, cells, vectors
+
+    def image_names(self) -> list[str]:
+        """The ``image_name`` of every image row."""
+        return [self.image(i)["image_name"] for i in range(len(self))]
 
     def label_vectors(self, i: int) -> np.ndarray:
         """float32 [N, 19] of a multilabel file's annotations of image ``i``."""

@@ -189,30 +189,51 @@ class PreparedSet:
                                     f"'python dataset.py DATA_DIR {self.root}'")
         return [(fold, json.loads(path.read_text())) for fold, path in self.fold_files(layouts[0], labels)]
 
-    def label_vectors(self, labels: str = "image") -> dict[tuple[str, int], np.ndarray]:
-        """{(image name, cell id): float32 [19] label vector} of every cell, from coco[_truth|_NAME]/.
+    def label_matrix(self, names: list[str], image_index: np.ndarray, cell_ids: np.ndarray,
+                     labels: str = "image") -> tuple[np.ndarray, np.ndarray]:
+        """The labels of the cells (``names[image_index[k]]``, ``cell_ids[k]``) from coco[_truth|_NAME]/:
+        (float32 [K, 19], bool [K] found). Vectors may be soft (a refinement round can write scores).
 
-        Label vectors may be soft (a refinement round can write scores in [0, 1]).
+        Arrays all the way (cells matched by a sorted int64 key), so 2M cells cost tens of MB.
         """
-        out: dict[tuple[str, int], np.ndarray] = {}
         layouts = self.layouts(labels)
         if not layouts:
             raise FileNotFoundError(f"no COCO files under {self.labels_dir(labels)}; build the set with "
                                     f"'python dataset.py DATA_DIR {self.root}'")
+        index_of = {name: i for i, name in enumerate(names)}
         folds = [fold for fold, _ in self.fold_files(layouts[0], labels)]
-        # read from the annotation stores: no COCO dict of every cell is built on the way
+        keys, vectors = [], []
         for store in self.annotation_stores(layouts[0], folds, labels):
-            multilabel = "label_vector" in store.arrays
-            for row in range(len(store)):
-                name = store.image(row)["image_name"]
-                vectors = store.label_vectors(row) if multilabel else None
-                for k, (cell_id, category) in enumerate(zip(store.cell_ids(row).tolist(),
-                                                            store.category_ids(row).tolist(), strict=True)):
-                    vec = out.setdefault((name, cell_id), np.zeros(NUM_CLASSES, np.float32))
-                    if multilabel:
-                        np.maximum(vec, vectors[k], out=vec)
-                    else:
-                        vec[label_of(category)] = 1.0
+            rows, cells, vecs = store.cell_label_vectors()
+            image = np.array([index_of.get(n, -1) for n in store.image_names()], np.int64)[rows]
+            keep = image >= 0
+            keys.append((image[keep] << 32) | cells[keep])
+            vectors.append(vecs[keep])
+        keys_all = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        unique, inverse = np.unique(keys_all, return_inverse=True)
+        merged = np.zeros((len(unique), NUM_CLASSES), np.float32)
+        if len(keys_all):
+            np.maximum.at(merged, inverse, np.concatenate(vectors))  # per_label: a cell's labels together
+        wanted = (np.asarray(image_index, np.int64) << 32) | np.asarray(cell_ids, np.int64)
+        at = np.minimum(np.searchsorted(unique, wanted), max(len(unique) - 1, 0))
+        found = (unique[at] == wanted) if len(unique) else np.zeros(len(wanted), bool)
+        out = np.where(found[:, None], merged[at] if len(unique) else 0.0, 0.0).astype(np.float32)
+        return out, found
+
+    def label_vectors(self, labels: str = "image") -> dict[tuple[str, int], np.ndarray]:
+        """{(image name, cell id): float32 [19] label vector} of every cell, from coco[_truth|_NAME]/
+        (a dict for small sets and tests; training uses ``label_matrix``)."""
+        layouts = self.layouts(labels)
+        if not layouts:
+            raise FileNotFoundError(f"no COCO files under {self.labels_dir(labels)}; build the set with "
+                                    f"'python dataset.py DATA_DIR {self.root}'")
+        out: dict[tuple[str, int], np.ndarray] = {}
+        folds = [fold for fold, _ in self.fold_files(layouts[0], labels)]
+        for store in self.annotation_stores(layouts[0], folds, labels):
+            names = store.image_names()
+            for row, cell, vec in zip(*store.cell_label_vectors(), strict=True):
+                key = (names[row], int(cell))
+                out[key] = np.maximum(out[key], vec) if key in out else vec.copy()
         return out
 
     def true_cell_labels(self) -> dict[tuple[str, int], list[int]] | None:

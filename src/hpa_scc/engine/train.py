@@ -341,7 +341,7 @@ def build_data(cfg: Config, prepared: PreparedSet, train_folds: list[int], val_f
 
     kind = "crops" if cfg.model.family == "cell" else "features"
     store = build_store(prepared, kind, cfg.data.crop_size, progress=progress)
-    labels = prepared.label_vectors(cfg.data.labels)
+    labels = store.labels(prepared, cfg.data.labels)  # float32 [cells, 19], aligned with the store's rows
     crops = {"augment": True, "in_channels": cfg.model.in_channels, "seed": cfg.train.seed} if kind == "crops" else {}
     train_set = CellDataset(store, store.select(train_folds)[: cfg.data.max_train_images], labels, **crops)
     val_set = (CellDataset(store, store.select(val_folds)[: cfg.data.max_val_images], labels,
@@ -349,7 +349,7 @@ def build_data(cfg: Config, prepared: PreparedSet, train_folds: list[int], val_f
                if val_folds else None)
 
     # A synthetic set's true cell labels: validation reports against them too.
-    truth = prepared.label_vectors("truth") if prepared.layouts("truth") else None
+    truth = store.labels(prepared, "truth", strict=False) if prepared.layouts("truth") else None
 
     def validate(model, dataset, device):
         return evaluate_cells(model, dataset, device, truth)

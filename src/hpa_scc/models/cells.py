@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+from functools import cached_property
 from pathlib import Path
 
 import cv2
@@ -42,13 +43,14 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from hpa_scc.constants import NUM_CLASSES
-from hpa_scc.data.prepared import PreparedSet, cells_of, label_image
-from hpa_scc.utils.fileio import atomic_path, write_text_atomic
+from hpa_scc.data.annotations import AnnotationStore
+from hpa_scc.data.prepared import PreparedSet
+from hpa_scc.utils.fileio import atomic_path, write_npy_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 FAMILIES = ("maskrcnn", "cell", "features")
-CROP_FORMAT = 1  # bump when cell_crops changes what it cuts
+CROP_FORMAT = 2  # bump when cell_crops changes what it cuts (2: the cells index as an array)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,99 +93,208 @@ def cell_crops(image: np.ndarray, cells: np.ndarray, cell_ids, crop_size: int, c
     return out
 
 
-def cell_table(prepared: str | os.PathLike) -> list[dict]:
-    """Every image of a prepared set with its fold and cell annotations (one per cell), fold order."""
-    images = []
-    for fold, coco in PreparedSet(prepared).fold_cocos():
-        by_image = cells_of(coco)
-        for img in coco["images"]:
-            cells = by_image.get(img["id"], {})
-            if cells:
-                images.append({"image_name": img["image_name"], "fold": fold, "height": img["height"],
-                               "width": img["width"], "cells": [cells[c] for c in sorted(cells)]})
-    return images
+def cell_images(prepared: str | os.PathLike) -> list[tuple[int, AnnotationStore, int]]:
+    """(fold, its annotation store, image row) of every image with cells, fold order: the order of
+    a cell store's rows. The stores of the first layout the set has (the cells are the same in each)."""
+    ps = PreparedSet(prepared)
+    layouts = ps.layouts("image")
+    if not layouts:
+        raise FileNotFoundError(f"no COCO files under {ps.labels_dir('image')}; build the set with "
+                                f"'python dataset.py DATA_DIR {ps.root}'")
+    folds = [fold for fold, _ in ps.fold_files(layouts[0])]
+    out = []
+    for fold, store in zip(folds, ps.annotation_stores(layouts[0], folds), strict=True):
+        out += [(fold, store, int(row)) for row in np.flatnonzero(store.n_cells() > 0)]
+    return out
+
+
+CELL_DTYPE = np.dtype([("image", "<i4"), ("cell_id", "<i4"), ("fold", "<i2")])
 
 
 class CellStore:
-    """Per-cell arrays of a prepared set, built once: ``crops`` uint8 [N, C, c, c] or ``features``.
+    """Per-cell arrays of a prepared set, built once: ``array`` (crops uint8 [N, C, c, c] or
+    features float32 [N, F], memory-mapped) and ``cells`` (structured [N]: image index into
+    ``names``, cell id, fold). Arrays only: loader workers read them without copying pages."""
 
-    ``index[i]`` = {"image_name", "cell_id", "fold"} of row i. The arrays are memory-mapped.
-    """
-
-    def __init__(self, array: np.ndarray, index: list[dict]):
-        self.array, self.index = array, index
-        self.rows = {(r["image_name"], r["cell_id"]): i for i, r in enumerate(index)}
+    def __init__(self, array: np.ndarray, names: list[str], cells: np.ndarray):
+        self.array, self.names, self.cells = array, names, cells
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.cells)
 
-    def select(self, folds: list[int]) -> list[int]:
-        return [i for i, r in enumerate(self.index) if r["fold"] in folds]
+    def select(self, folds: list[int]) -> np.ndarray:
+        """int64 rows of the cells of ``folds``."""
+        return np.flatnonzero(np.isin(self.cells["fold"], folds))
+
+    def key(self, row: int) -> tuple[str, int]:
+        """(image name, cell id) of a row."""
+        return self.names[int(self.cells["image"][row])], int(self.cells["cell_id"][row])
+
+    @cached_property
+    def rows(self) -> dict[tuple[str, int], int]:
+        """{(image name, cell id): row}, built on first use (a dict per cell: for small sets and tests)."""
+        return {self.key(i): i for i in range(len(self))}
+
+    def labels(self, prepared: PreparedSet, labels: str, rows: np.ndarray | None = None,
+               strict: bool = True) -> np.ndarray:
+        """float32 [len(rows), 19]: the cells' labels from ``labels`` (image, truth or a round's
+        name); a cell missing from that folder is an error naming it (``strict=False``: zeros)."""
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows, np.int64)
+        vectors, found = prepared.label_matrix(self.names, self.cells["image"][rows], self.cells["cell_id"][rows],
+                                               labels)
+        if strict and not found.all():
+            missing = [self.key(r) for r in rows[~found][:3]]
+            raise KeyError(f"{int((~found).sum())} cells have no labels in data.labels={labels!r}, e.g. {missing}; "
+                           "was the labels folder written for this prepared set?")
+        return vectors
 
 
-def _cells_fingerprint(table: list[dict]) -> str:
+def _cells_fingerprint(images: list[tuple[int, AnnotationStore, int]]) -> str:
     """What the stored arrays depend on in the prepared set: every image's cells and their masks."""
     h = hashlib.sha256()
-    for img in table:
-        h.update(img["image_name"].encode())
-        for ann in img["cells"]:
-            h.update(f"{ann['cell_id']}:{ann['segmentation']['counts']}".encode())
+    for _fold, store, row in images:
+        h.update(store.image(row)["image_name"].encode())
+        h.update(store.cell_ids(row).tobytes())
+        span = store._span(row)
+        off = store.arrays["rle_off"]
+        h.update(store.arrays["rle_counts"][off[span.start]:off[span.stop]].tobytes())
     return h.hexdigest()[:16]
 
 
-def build_store(prepared: str | os.PathLike, kind: str, crop_size: int = 64, progress: bool = True) -> CellStore:
+def _store_files(folder: Path, name: str) -> tuple[Path, Path, Path]:
+    """(array .npy, cells .npy, index .json) of a stored array; the index is written last."""
+    return folder / f"{name}.npy", folder / f"{name}.cells.npy", folder / f"{name}.json"
+
+
+def _open_saved(folder: Path, name: str, settings: dict) -> CellStore | None:
+    array_path, cells_path, index_path = _store_files(folder, name)
+    if not (index_path.is_file() and array_path.is_file() and cells_path.is_file()):
+        return None
+    try:
+        saved = json.loads(index_path.read_text())
+        if saved.get("settings") != settings:
+            log.info("%s was built from other cells or settings: rebuilding it", array_path)
+            return None
+        array, cells = np.load(array_path, mmap_mode="r"), np.load(cells_path)
+        if len(array) == len(cells):
+            return CellStore(array, saved["names"], cells)
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s): rebuilding it", array_path, exc)
+    return None
+
+
+def build_store(prepared: str | os.PathLike, kind: str, crop_size: int = 64, progress: bool = True,
+                shard: tuple[int, int] | None = None, merge_only: bool = False) -> CellStore:
     """Crops (``kind="crops"``) or features (``"features"``) of every cell of a prepared set.
 
-    Saved as PREPARED/crops/<crop_size>px.npy or PREPARED/crops/features.npy with a JSON index;
-    reused while the prepared set's cells are unchanged, rebuilt (and logged) otherwise.
+    Saved as PREPARED/crops/<crop_size>px.npy or PREPARED/crops/features.npy with <name>.cells.npy
+    (which cell each row is) and <name>.json (settings, image names); reused while the prepared
+    set's cells are unchanged, rebuilt (and logged) otherwise.
+
+    ``shard=(I, N)``: the cells of shard I's images only, into <name>-shard<I>of<N>.* (a job
+    array task; a finished shard is reused). When every shard of one N is there with these
+    settings, a call without ``shard`` merges them into the store (in the unsharded row order:
+    the same file one process writes) instead of computing anything; ``merge_only`` insists.
     """
+    from hpa_scc.data.shard import check_shard, shard_of, shard_suffix
+
     prepared = Path(prepared)
+    check_shard(shard)
     if kind == "features":
         from hpa_scc.models.features import FEATURE_NAMES, cell_features
-    table = cell_table(prepared)
+    images = cell_images(prepared)
     name = f"{crop_size}px" if kind == "crops" else "features"
     settings = {"format": CROP_FORMAT, "kind": kind, "crop_size": crop_size if kind == "crops" else None,
-                "cells": _cells_fingerprint(table),
+                "cells": _cells_fingerprint(images),
                 "features": list(FEATURE_NAMES) if kind == "features" else None}
     folder = prepared / "crops"
-    array_path, index_path = folder / f"{name}.npy", folder / f"{name}.json"
-    if index_path.is_file() and array_path.is_file():
-        saved = json.loads(index_path.read_text())
-        if saved.get("settings") == settings:
-            try:
-                array = np.load(array_path, mmap_mode="r")
-                if len(array) == len(saved["index"]):
-                    return CellStore(array, saved["index"])
-            except (OSError, ValueError) as exc:
-                log.warning("%s is unreadable (%s): rebuilding it", array_path, exc)
-        else:
-            log.info("%s was built from other cells or settings: rebuilding it", array_path)
-    n = sum(len(img["cells"]) for img in table)
-    if n == 0:
+    names = [store.image(row)["image_name"] for _, store, row in images]
+    if shard is None:
+        saved = _open_saved(folder, name, settings)
+        if saved is not None:
+            return saved
+        merged = _merge_shards(folder, name, settings, names)
+        if merged is not None:
+            return merged
+        if merge_only:
+            raise FileNotFoundError(f"cannot merge {folder / name}: no complete set of shards built with these "
+                                    f"settings; run every shard (--shard I/N) first")
+    else:
+        saved = _open_saved(folder, name + shard_suffix(shard), {**settings, "shard": list(shard)})
+        if saved is not None:
+            log.info("shard %d/%d of %s already built", *shard, folder / name)
+            return saved
+    todo = [k for k, (_, _, _) in enumerate(images) if shard is None or shard_of(names[k], shard[1]) == shard[0]]
+    n = sum(len(np.unique(images[k][1].cell_ids(images[k][2]))) for k in todo)
+    if n == 0 and shard is None:
         raise ValueError(f"{prepared} has no cells; check its failures.csv and segmentation")
     folder.mkdir(parents=True, exist_ok=True)
-    index: list[dict] = []
+    out_name = name + shard_suffix(shard)
+    array_path, cells_path, index_path = _store_files(folder, out_name)
+    cells = np.zeros(n, CELL_DTYPE)
     with atomic_path(array_path, ".npy") as tmp:
-        first = True
-        row = 0
-        out = None
-        for img in tqdm(table, desc=f"cell {kind}", disable=not progress, unit="image"):
-            pixels = np.array(PreparedSet(prepared).read_image(img["image_name"]))
-            cells = label_image(img["cells"], pixels.shape[1:])
-            ids = [ann["cell_id"] for ann in img["cells"]]
-            values = (cell_crops(pixels, cells, ids, crop_size) if kind == "crops"
-                      else cell_features(pixels, cells, ids))
-            if first:
+        out, row = None, 0
+        for k in tqdm(todo, desc=f"cell {kind}", disable=not progress, unit="image"):
+            fold, store, image_row = images[k]
+            pixels = np.array(PreparedSet(prepared).read_image(names[k]))
+            label = store.label_image(image_row, pixels.shape[1:])
+            ids = np.unique(store.cell_ids(image_row)).tolist()
+            values = (cell_crops(pixels, label, ids, crop_size) if kind == "crops"
+                      else cell_features(pixels, label, ids))
+            if out is None:
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=values.dtype, shape=(n, *values.shape[1:]))
-                first = False
             out[row:row + len(ids)] = values
+            cells[row:row + len(ids)] = [(k, i, fold) for i in ids]
             row += len(ids)
-            index += [{"image_name": img["image_name"], "cell_id": i, "fold": img["fold"]} for i in ids]
+        if out is None:  # a shard without cells: an empty array of the right shape
+            width = (len(FEATURE_NAMES),) if kind == "features" else (4, crop_size, crop_size)
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32 if kind == "features" else np.uint8,
+                                            shape=(0, *width))
         out.flush()
         del out
-    write_text_atomic(index_path, json.dumps({"settings": settings, "index": index}))
-    log.info("cell %s of %d cells in %d images -> %s", kind, n, len(table), array_path)
-    return CellStore(np.load(array_path, mmap_mode="r"), index)
+    write_npy_atomic(cells_path, cells)
+    record = settings if shard is None else {**settings, "shard": list(shard)}
+    write_text_atomic(index_path, json.dumps({"settings": record, "names": names}))
+    log.info("cell %s of %d cells in %d images -> %s", kind, n, len(todo), array_path)
+    return CellStore(np.load(array_path, mmap_mode="r"), names, cells)
+
+
+def _merge_shards(folder: Path, name: str, settings: dict, names: list[str]) -> CellStore | None:
+    """The store from a complete set of shards (one N, all I, these settings), or None."""
+    import re
+
+    found: dict[int, set[int]] = {}
+    for path in folder.glob(f"{name}-shard*of*.json"):
+        match = re.search(r"-shard(\d+)of(\d+)\.json$", path.name)
+        if match:
+            found.setdefault(int(match[2]), set()).add(int(match[1]))
+    complete = [count for count, got in found.items() if got == set(range(count))]
+    for count in sorted(complete):
+        parts = [_open_saved(folder, f"{name}-shard{i}of{count}", {**settings, "shard": [i, count]})
+                 for i in range(count)]
+        if any(p is None for p in parts):
+            continue
+        cells = np.concatenate([p.cells for p in parts])
+        order = np.lexsort((np.arange(len(cells)), cells["image"]))  # image order, cells in order within
+        array_path, cells_path, index_path = _store_files(folder, name)
+        sources = np.concatenate([np.full(len(p), i) for i, p in enumerate(parts)]).astype(np.int64)
+        local = np.concatenate([np.arange(len(p)) for p in parts]).astype(np.int64)
+        first = next(p.array for p in parts if len(p))
+        with atomic_path(array_path, ".npy") as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(len(cells), *first.shape[1:]))
+            for start in range(0, len(order), 65536):  # in chunks: never every crop in memory
+                chunk = order[start:start + 65536]
+                for i, part in enumerate(parts):
+                    sel = sources[chunk] == i
+                    if sel.any():
+                        out[start + np.flatnonzero(sel)] = part.array[local[chunk][sel]]
+            out.flush()
+            del out
+        write_npy_atomic(cells_path, cells[order])
+        write_text_atomic(index_path, json.dumps({"settings": settings, "names": names}))
+        log.info("merged %d shards of %s: %d cells", count, array_path, len(cells))
+        return CellStore(np.load(array_path, mmap_mode="r"), names, cells[order])
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,24 +315,15 @@ class CellDataset(Dataset):
     as float32 [F]. ``in_channels`` keeps the first channels of a crop (3 = RGB).
     """
 
-    def __init__(self, store: CellStore, rows: list[int], labels: dict[tuple[str, int], np.ndarray] | None, *,
+    def __init__(self, store: CellStore, rows, labels: np.ndarray | None, *,
                  augment: bool = False, in_channels: int = 4, seed: int = 0):
         # rows as an array: a forked loader worker reading a Python list would copy its pages
         self.store, self.augment, self.in_channels, self.seed = store, augment, in_channels, seed
         self.rows = np.asarray(rows, np.int64)
         self.epoch = 0
-        self.labels = np.zeros((len(rows), NUM_CLASSES), np.float32)
-        if labels is not None:
-            missing = []
-            for j, i in enumerate(self.rows.tolist()):
-                key = (store.index[i]["image_name"], store.index[i]["cell_id"])
-                if key in labels:
-                    self.labels[j] = labels[key]
-                else:
-                    missing.append(key)
-            if missing:
-                raise KeyError(f"{len(missing)} cells have no labels in the chosen data.labels, e.g. {missing[:3]}; "
-                               "was the labels folder written for this prepared set?")
+        # labels: float32 [len(store), 19] (CellStore.labels), one row per store row; None: zeros
+        self.labels = (np.zeros((len(self.rows), NUM_CLASSES), np.float32) if labels is None
+                       else np.ascontiguousarray(labels[self.rows], np.float32))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -474,13 +576,12 @@ def macro_ap(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def evaluate_cells(model: nn.Module, dataset: CellDataset, device: torch.device,
-                   truth: dict[tuple[str, int], np.ndarray] | None = None) -> dict[str, float]:
+                   truth: np.ndarray | None = None) -> dict[str, float]:
     """Validation of a cell-level model: macro AP of its cell scores against the cells' training
-    labels (``cell_AP``), and against the true labels where a synthetic set has them."""
+    labels (``cell_AP``), and against the true labels where a synthetic set has them (``truth``:
+    float32 [len(store), 19], ``CellStore.labels(..., "truth")``)."""
     scores = score_store_rows(model, dataset, device)
     out = {"cell_AP": macro_ap(scores, dataset.labels), "cells": len(dataset)}
-    if truth:
-        keys = [(dataset.store.index[i]["image_name"], dataset.store.index[i]["cell_id"]) for i in dataset.rows]
-        true = np.stack([truth.get(k, np.zeros(NUM_CLASSES, np.float32)) for k in keys])
-        out["cell_AP_truth"] = macro_ap(scores, true)
+    if truth is not None:
+        out["cell_AP_truth"] = macro_ap(scores, truth[dataset.rows])
     return out
