@@ -153,3 +153,35 @@ def test_random_baseline_and_image_fusion(run, tmp_path):
     for a, b in zip(read_submission(plain), read_submission(fused), strict=True):
         assert [(lab, m) for lab, _, m in a.predictions] == [(lab, m) for lab, _, m in b.predictions]
         assert all(cb >= ca - 1e-6 for (_, ca, _), (_, cb, _) in zip(a.predictions, b.predictions, strict=True))
+
+
+def test_refine_as_a_job_array_scores_shards_and_merges_to_the_same_labels(run, tmp_path, capsys):
+    """refine --shard I/N per task (each part scored once, reused on a rerun), then --merge: the
+    same refined COCO files as one process; a merge before every part exists names the fix."""
+    import shutil
+
+    from hpa_scc.cli import main
+
+    one, parts = tmp_path / "one", tmp_path / "parts"
+    for p in (one, parts):
+        shutil.copytree(run / "prepared", p)
+    args = ["--name", "r1", "--held-out-folds", "0", "--threshold", "0", "--relative", "0.25", "--min-f1", "0", "-q"]
+    assert main(["refine", str(run / "run"), str(one)] + args) == 0
+    assert main(["refine", str(run / "run"), str(parts)] + args + ["--shard", "0/2"]) == 0
+    assert not (parts / "coco_r1" / "multilabel").exists()  # a part writes scores only
+    assert main(["refine", str(run / "run"), str(parts)] + args + ["--merge"]) != 0
+    assert "no complete set of shards scored by this model" in capsys.readouterr().err
+    part = parts / "coco_r1" / "scores-shard0of2.npz"
+    stamp = part.stat().st_mtime_ns
+    for i in (0, 1):
+        assert main(["refine", str(run / "run"), str(parts)] + args + ["--shard", f"{i}/2"]) == 0
+    assert part.stat().st_mtime_ns == stamp  # finished part reused
+    assert main(["refine", str(run / "run"), str(parts)] + args + ["--merge"]) == 0
+    for layout in ("multilabel", "per_label"):
+        for fold in (0, 1):
+            a = json.loads((one / "coco_r1" / layout / f"fold{fold}.json").read_text())
+            b = json.loads((parts / "coco_r1" / layout / f"fold{fold}.json").read_text())
+            assert a == b
+    report_one = json.loads((one / "coco_r1" / "refine.json").read_text())
+    report_parts = json.loads((parts / "coco_r1" / "refine.json").read_text())
+    assert report_one == report_parts

@@ -332,6 +332,7 @@ def _add_refine(sub) -> None:
                    help="COCO layout to refine (default: every layout the prepared set has)")
     p.add_argument("--checkpoint", default="best.pt", help="checkpoint in RUN_DIR (default: best.pt, else last.pt)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    _add_shard_args(p)
     p.set_defaults(func=_run_refine)
 
 
@@ -339,11 +340,15 @@ def _run_refine(args) -> int:
     from hpa_scc.apps.refine import refine_prepared
 
     options = {} if args.min_f1 is None else {"min_f1": args.min_f1}  # the default lives in hpa_scc.apps.refine
+    shard = None if args.merge else _shard(args)
     report = refine_prepared(args.run_dir, args.prepared_dir, name=args.name, held_out_folds=args.held_out_folds,
                              relative=args.relative, layout=args.layout, checkpoint=args.checkpoint,
-                             threshold=args.threshold,
-                             device=args.device, progress=not args.quiet, **options)
-    print(report.summary())
+                             threshold=args.threshold, device=args.device, progress=not args.quiet,
+                             shard=shard, merge_only=args.merge, **options)
+    if report is None:
+        print(f"shard {shard[0]}/{shard[1]} scored; once every shard is done: the same command with --merge")
+    else:
+        print(report.summary())
     return 0
 
 

@@ -47,7 +47,8 @@ from hpa_scc.segment.folder import init_worker, segment_one, worker_segmenter, w
 from hpa_scc.data.images import read_labels
 from hpa_scc.data.synth import read_true_cell_labels
 from hpa_scc.evaluation.submission import EncodedCell, SubmissionRow, encode_label_image, write_submission
-from hpa_scc.engine.inference import LoadedModel, cells_from_detections, detect_batch, load_run, segmenter_cell_scores
+from hpa_scc.engine.inference import (LoadedModel, cells_from_detections, detect_batch, load_run, model_identity,
+                                     segmenter_cell_scores)
 from hpa_scc.weak.targets import fuse_image_scores
 
 log = logging.getLogger("hpa_scc.apps.predict")
@@ -151,7 +152,7 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
         from hpa_scc.segment import segmenter_record
         from hpa_scc.utils.fileio import check_settings
 
-        check_settings(out_dir, {"mode": mode, "models": [_model_identity(m) for m in members],
+        check_settings(out_dir, {"mode": mode, "models": [model_identity(m) for m in members],
                                  "cells": cells, "tta": tta, "image_fusion": image_fusion,
                                  "cell_scoring": cell_scoring, "segmenter": segmenter if mode != "truth" else None,
                                  "segmenter_options": segmenter_record(segmenter_options) or {}},
@@ -233,14 +234,6 @@ def _write_outputs(out_dir: Path, records: list[ImageRecord], finished: set[str]
                 writer.writerow([r["image_id"], cell["cell"], *cell["bbox"], cell["area"], *cell["conf"]])
     log.info("%d images predicted, %d skipped -> %s", n_done, len(failures), submission)
     return submission
-
-
-def _model_identity(loaded: LoadedModel) -> dict:
-    """What a prediction depends on in a model: its run folder, checkpoint file (size and mtime)."""
-    path = Path(loaded.checkpoint)
-    stat = path.stat()
-    return {"run_dir": str(Path(loaded.run_dir).resolve()), "checkpoint": path.name, "bytes": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns}
 
 
 def _inputs_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:

@@ -28,12 +28,14 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from hpa_scc.data.annotations import write_coco
-from hpa_scc.utils.fileio import write_text_atomic
+from hpa_scc.data.shard import Shard, check_shard, shard_of, shard_suffix
+from hpa_scc.utils.fileio import atomic_path, write_text_atomic
 from hpa_scc.data.prepared import PreparedSet, cells_of, label_image
 from hpa_scc.weak.targets import (cell_instances, choose_threshold, label_quality, refine_labels,
                                   within_image_auc)
@@ -101,10 +103,108 @@ def score_image_cells(loaded, prepared: PreparedSet, image: dict, cells: dict[in
     return segmenter_cell_scores(loaded, [np.array(pixels)[: loaded.in_channels]], [cell_image], [len(ids)], tta)[0]
 
 
+def _images(prepared: PreparedSet, layout: str, source: str):
+    """(fold, store, row) of every image of the source labels' COCO files, fold order."""
+    folds = [fold for fold, _ in prepared.fold_files(layout, source)]
+    for fold, store in zip(folds, prepared.annotation_stores(layout, folds, source), strict=True):
+        for row in range(len(store)):
+            yield fold, store, row
+
+
+def _score_images(loaded, prepared: PreparedSet, name: str, layout: str, source: str, shard: Shard | None,
+                  progress: bool) -> dict[tuple[int, int], tuple[dict, list[int], np.ndarray]]:
+    """{(fold, image id): (image dict, cell ids, float32 [K, 19] scores)} of the images of ``shard``
+    (all: None). Images come from the annotation stores; one image's cells are dicts at a time."""
+    todo = [(fold, store, row) for fold, store, row in _images(prepared, layout, source)
+            if shard is None or shard_of(store.image(row)["image_name"], shard[1]) == shard[0]]
+    scored = {}
+    for fold, store, row in tqdm(todo, desc=f"score cells ({name})", unit="img", disable=not progress):
+        one = store.to_coco([row])
+        image = one["images"][0]
+        cells = {}
+        for ann in one["annotations"]:
+            cells.setdefault(ann["cell_id"], ann)
+        conf = score_image_cells(loaded, prepared, image, cells) if cells else np.zeros((0, 19), np.float32)
+        scored[(fold, image["id"])] = (image, sorted(cells), conf)
+    return scored
+
+
+def _part_path(prepared: PreparedSet, name: str, shard: Shard) -> Path:
+    return prepared.labels_dir(name) / f"scores{shard_suffix(shard)}.npz"
+
+
+def _score_part(loaded, prepared: PreparedSet, name: str, layout: str, source: str, shard: Shard, settings: dict,
+                progress: bool) -> None:
+    """A job array task's part: its images' cell scores -> coco_<name>/scores-shard<I>of<N>.npz
+    (reused when it exists for the same model and layout)."""
+    path = _part_path(prepared, name, shard)
+    if _read_part(path, settings) is not None:
+        log.info("%s: shard %d/%d already scored (%s)", name, *shard, path)
+        return
+    scored = _score_images(loaded, prepared, name, layout, source, shard, progress)
+    keys = list(scored)
+    ids = [scored[k][1] for k in keys]
+    arrays = {"folds": np.array([k[0] for k in keys], np.int64), "image_ids": np.array([k[1] for k in keys], np.int64),
+              "first": np.concatenate([[0], np.cumsum([len(i) for i in ids])]).astype(np.int64),
+              "cell_ids": np.array([c for i in ids for c in i], np.int64),
+              "conf": (np.concatenate([scored[k][2] for k in keys]) if keys else np.zeros((0, 19))).astype(np.float32),
+              "images": np.array(json.dumps([scored[k][0] for k in keys])),
+              "settings": np.array(json.dumps({**settings, "shard": list(shard)}))}
+    with atomic_path(path, ".npz") as tmp:
+        np.savez(tmp, **arrays)
+    log.info("%s: shard %d/%d scored %d images -> %s; once every shard is done, run the same refine command "
+             "with --merge", name, *shard, len(keys), path)
+
+
+def _read_part(path: Path, settings: dict) -> dict | None:
+    """A scores part's {(fold, image id): (image, ids, conf)}, or None when absent, damaged or
+    made by another model or layout."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as part:
+            saved = json.loads(str(part["settings"]))
+            if {k: v for k, v in saved.items() if k != "shard"} != settings:
+                log.info("%s was scored by another model or layout: not used", path)
+                return None
+            images, first = json.loads(str(part["images"])), part["first"]
+            cell_ids, conf, folds, image_ids = part["cell_ids"], part["conf"], part["folds"], part["image_ids"]
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("%s is unreadable (%s): scoring that shard again", path, exc)
+        return None
+    return {(int(folds[k]), int(image_ids[k])): (images[k], cell_ids[first[k]:first[k + 1]].tolist(),
+                                                 conf[first[k]:first[k + 1]])
+            for k in range(len(images))}
+
+
+def _gather_parts(prepared: PreparedSet, name: str, layout: str, source: str, settings: dict) -> dict | None:
+    """The scores of every image from a complete set of shard parts (one N, every I), or None."""
+    import re
+
+    found: dict[int, set[int]] = {}
+    for path in prepared.labels_dir(name).glob("scores-shard*of*.npz"):
+        match = re.search(r"-shard(\d+)of(\d+)\.npz$", path.name)
+        if match:
+            found.setdefault(int(match[2]), set()).add(int(match[1]))
+    for count in sorted(c for c, got in found.items() if got == set(range(c))):
+        parts = [_read_part(_part_path(prepared, name, (i, count)), settings) for i in range(count)]
+        if any(p is None for p in parts):
+            continue
+        merged = {k: v for p in parts for k, v in p.items()}
+        order = [(fold, store.image(row)["id"]) for fold, store, row in _images(prepared, layout, source)]
+        if set(order) != set(merged):
+            log.warning("the %d scored shards of %s do not cover the prepared set's images: not used", count, name)
+            continue
+        log.info("%s: the cell scores of %d shards merged", name, count)
+        return {key: merged[key] for key in order}
+    return None
+
+
 def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike, *, name: str,
                     held_out_folds: list[int], relative: float = 0.0, layout: str | None = None,
                     min_f1: float = MIN_HELD_OUT_F1, source: str = "image", checkpoint: str = "best.pt",
-                    threshold: float | None = None, device: str = "auto", progress: bool = True) -> RefineReport:
+                    threshold: float | None = None, device: str = "auto", progress: bool = True,
+                    shard: Shard | None = None, merge_only: bool = False) -> RefineReport | None:
     """Relabel every cell of a prepared set with the model of ``run_dir`` (see module docstring).
 
     ``source``: the labels the refinement narrows down; always the image labels' COCO here
@@ -118,8 +218,16 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
     stricter than typical positive cells need); with ``relative`` it gives the relative rule
     alone, e.g. ``threshold=0, relative=0.25`` (RELATIVE_RULE, the cell-model default).
     ``layout``: None writes every layout the source labels have (the cells are the same).
+
+    At scale, as a SLURM job array: ``shard=(I, N)`` scores the cells of shard I's images only
+    into coco_<name>/scores-shard<I>of<N>.npz (a finished part is reused; returns None); then a
+    call without ``shard`` (``merge_only`` insists) takes the complete set of parts instead of
+    scoring, and chooses and writes the labels as one process would.
     """
-    from hpa_scc.engine.inference import load_run
+    check_shard(shard)
+    if merge_only and shard is not None:
+        raise ValueError("--merge gathers every shard; give it without --shard")
+    from hpa_scc.engine.inference import load_run, model_identity
 
     if name in ("image", "truth"):
         raise ValueError(f"refined labels need their own name, not {name!r} (e.g. refined_r1)")
@@ -132,25 +240,17 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
         raise FileNotFoundError(f"no COCO files in {prepared.labels_dir(source)}; build them with "
                                 f"'python dataset.py DATA_DIR {prepared.root}'")
     layout = layouts[0]
-    files = prepared.fold_files(layout, source)
-    scored: dict[tuple[int, int], tuple[dict, list[int], np.ndarray]] = {}  # (fold, image id) -> scores
-    image_fold: dict[int, int] = {}
-    per_fold = {}
-    total = 0
-    for fold, path in files:
-        coco = json.loads(path.read_text())
-        per_fold[fold] = coco
-        total += len(coco["images"])
-    bar = tqdm(total=total, desc=f"score cells ({name})", unit="img", disable=not progress)
-    for fold, coco in per_fold.items():
-        by_image = cells_of(coco)
-        for image in coco["images"]:
-            cells = by_image.get(image["id"], {})
-            conf = score_image_cells(loaded, prepared, image, cells) if cells else np.zeros((0, 19), np.float32)
-            scored[(fold, image["id"])] = (image, sorted(cells), conf)
-            image_fold[image["id"]] = fold
-            bar.update(1)
-    bar.close()
+    settings = {"model": model_identity(loaded), "layout": layout, "source": source}
+    if shard is not None:
+        _score_part(loaded, prepared, name, layout, source, shard, settings, progress)
+        return None
+    scored = _gather_parts(prepared, name, layout, source, settings)
+    if scored is None:
+        if merge_only:
+            raise FileNotFoundError(f"cannot merge the scores of {prepared.labels_dir(name)}: no complete set of "
+                                    "shards scored by this model; run every shard (--shard I/N) first")
+        scored = _score_images(loaded, prepared, name, layout, source, None, progress)
+    image_fold = {image["id"]: fold for (fold, _), (image, _, _) in scored.items()}
 
     held = [(img["labels"], conf) for (fold, _), (img, ids, conf) in scored.items()
             if fold in held_out_folds and img.get("labels") and ids]

@@ -38,6 +38,15 @@ class LoadedModel:
     checkpoint: str = ""  # the file the weights came from
 
 
+def model_identity(loaded: LoadedModel) -> dict:
+    """What a result depends on in a model: its run folder, checkpoint file (size and mtime);
+    predict and refine record it and reuse earlier work only for the same one."""
+    path = Path(loaded.checkpoint)
+    stat = path.stat()
+    return {"run_dir": str(Path(loaded.run_dir).resolve()), "checkpoint": path.name, "bytes": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns}
+
+
 def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: str = "auto") -> LoadedModel:
     """The model of a run folder (its config.yaml + a checkpoint), in eval mode."""
     from hpa_scc.models.cells import build_family_model
