@@ -242,3 +242,28 @@ def test_prepare_job_array_merges_to_the_unsharded_dataset(prepared, tmp_path):
     for rel in ("folds.csv", "failures.csv", "cache/index.csv", "coco/per_label/fold0.json",
                 "coco/per_label/fold1.json", "coco_truth/per_label/fold0.json"):
         assert filecmp.cmp(whole / rel, sharded / rel, shallow=False), rel
+
+
+def test_the_whole_flow_as_job_arrays_on_two_nodes(tmp_path):
+    """bench/scale_flow.py at a tiny N: prepare, cell-store, refine and predict as job arrays with
+    their merge jobs, the features model, Mask R-CNN DDP over both nodes, evaluate; every stage
+    leaves the files one process would."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale_flow", REPO / "bench" / "scale_flow.py")
+    flow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flow)
+    work = tmp_path / "flow"
+    figures = flow.main(["--images", "24", "--tasks", "2", "--steps", "1", "--work", str(work)])
+    assert [r["stage"] for r in figures["stages"]] == ["synth", "prepare", "cell-store", "train-feat", "train-ddp",
+                                                       "refine", "predict", "evaluate"]
+    assert 0.0 < figures["stages"][-1]["mAP"] <= 1.0
+    assert sorted(p.name for p in (work / "prepared" / "coco" / "multilabel").glob("fold*.store")) == [
+        f"fold{k}.store" for k in range(5)]
+    assert figures["cells"] > 24 and (work / "prepared" / "coco_r1" / "refine.json").is_file()
+    log = next((work / "logs").glob("ddp-*.out")).read_text()
+    assert "srun: 2 ranks" in log and "rank 1/2 on n2" in log
+    digests = re.findall(r"rank \d/2 done at global step 1: weights (\w{16})", log)
+    assert len(digests) == 2 and digests[0] == digests[1]
+    with open(work / "pred" / "submission.csv") as fh:
+        assert sum(1 for _ in fh) == 1 + 8  # header + the 8 test images
