@@ -272,6 +272,43 @@ def run_stage(name: str, data: Path, prepared: Path, work: Path, extra_env: dict
     return result
 
 
+def folder_bench(work: Path, n: int, reads: int = 20000) -> dict:
+    """Files of ``n`` images in one flat folder against 256 sub-folders (crc32 of the ID): seconds
+    to create them (4 KiB each), to open and read ``reads`` of them in random order (cold dentry
+    cache not forced: what a warm training epoch sees), and to list the folder(s)."""
+    import random
+    import zlib
+
+    out = {}
+    payload = b"x" * 4096
+    ids = [f"s{j:07d}" for j in range(n)]
+    for layout in ("flat", "fanned"):
+        root = work / f"folders-{layout}"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        path = (lambda i: root / f"{i}.npy") if layout == "flat" else (
+            lambda i: root / f"{zlib.crc32(i.encode()) % 256:02x}" / f"{i}.npy")
+        if layout == "fanned":
+            for k in range(256):
+                (root / f"{k:02x}").mkdir()
+        t = time.perf_counter()
+        for i in ids:
+            path(i).write_bytes(payload)
+        created = time.perf_counter() - t
+        sample = random.Random(0).sample(ids, min(reads, n))
+        t = time.perf_counter()
+        for i in sample:
+            with open(path(i), "rb") as fh:
+                fh.read()
+        opened = time.perf_counter() - t
+        t = time.perf_counter()
+        listed = len(os.listdir(root)) if layout == "flat" else sum(len(os.listdir(d)) for d in root.iterdir())
+        out[layout] = {"create_s": created, "open_read_us": 1e6 * opened / len(sample),
+                       "list_s": time.perf_counter() - t, "files": listed}
+        shutil.rmtree(root)
+    return out
+
+
 def fit(ns, values) -> tuple[float, float]:
     """Least-squares a + b * n: (fixed part, per-unit slope)."""
     if len(ns) < 2:
@@ -290,6 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="images of the features stage, per cell cost (default: 1000)")
     p.add_argument("--stages", default="merge,open,loader,first_step,features,predict,evaluate")
     p.add_argument("--work", default="runs/bench-scale", help="work folder (default: runs/bench-scale)")
+    p.add_argument("--folders", type=int, default=100000,
+                   help="files in the flat-against-fanned folder measurement; 0: skip (default: 100000)")
     p.add_argument("--json", help="write the figures here as JSON")
     p.add_argument("--stage", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -342,6 +381,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         shutil.rmtree(work / "predict", ignore_errors=True)
     figures = {"how": how, "sizes": sizes, "rows": rows, "growth": growth(rows), "machine": os.cpu_count()}
+    if args.folders:
+        figures["folders"] = folder_bench(work, args.folders)
     print(table(figures))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
@@ -388,6 +429,9 @@ def table(figures: dict) -> str:
     for key, v in g.items():
         if key.startswith("disk."):
             lines.append(f"{key[5:]}: {v['bytes_per_image'] / 1024:.1f} KiB and {v['files_per_image']:.2f} files per image")
+    for layout, f in figures.get("folders", {}).items():
+        lines.append(f"{f['files']:,} files, {layout}: create {f['create_s']:.1f} s, open+read {f['open_read_us']:.0f} us "
+                     f"per file (random order), list {f['list_s']:.2f} s")
     return "\n".join(lines)
 
 

@@ -51,7 +51,8 @@ def prepared(tmp_path_factory) -> Path:
 
 
 def submit(*args: str, env: dict | None = None, cwd: Path = REPO) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", *args], cwd=cwd,
+    # --mem: the scripts ask for what a GPU node needs (16G, 32G), more than a small test node may have
+    proc = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=2G", *args], cwd=cwd,
                           capture_output=True, text=True, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
