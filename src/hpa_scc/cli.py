@@ -63,7 +63,7 @@ def _add_cache(sub) -> None:
         "cache", help="resize a data set once into fast memory-mappable .npy files",
         description="Read every image of DATA_DIR (Kaggle layout or a folder of <ID>_<channel>.<ext> files; "
                     "png, tif, tif.gz, jpg; 8- or 16-bit), resize it and store it as uint8 "
-                    "OUT_DIR/images/<ID>.npy [C,size,size]. Resumable: finished images are skipped. "
+                    "OUT_DIR/images/<xx>/<ID>.npy (<xx>: 256 sub-folders by a hash of the ID) [C,size,size]. Resumable: finished images are skipped. "
                     "Unreadable inputs are skipped and listed in OUT_DIR/failures.csv.")
     p.add_argument("data_dir", type=Path, help="folder with the images (and train.csv, if labelled)")
     p.add_argument("out_dir", type=Path, help="cache folder (created)")

@@ -23,7 +23,7 @@ set's true cells and labels (a sanity check: it must score 1.0).
 cell): conf^(1-W) x image^W (``targets.fuse_image_scores``); 0 (default) leaves them alone.
 
 OUT_DIR gets ``submission.csv``, ``cells.csv`` (ID, cell, bbox, area, one confidence column per
-class), ``predict.log`` and ``records/<ID>.json`` (per-image results: a rerun skips them).
+class), ``predict.log`` and ``records/<xx>/<ID>.json`` (256 sub-folders by a hash of the ID) (per-image results: a rerun skips them).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 
 from hpa_scc.constants import NUM_CLASSES
-from hpa_scc.utils.fileio import atomic_path, write_text_atomic
+from hpa_scc.utils.fileio import atomic_path, fanned, write_text_atomic
 from hpa_scc.data.images import ImageReadError, ImageRecord, find_images, read_image, resize
 from hpa_scc.data.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
 from hpa_scc.utils.pool import run_pool, write_failures
@@ -126,7 +126,7 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                 raise FileNotFoundError(f"nothing to merge: {out_dir / 'predict.json'} not found; run the shards "
                                         "first (the same command with --shard I/N instead of --merge)")
             done, failures, seen = gather_shards(out_dir, [r.image_id for r in records],
-                                                 lambda i: (out_dir / "records" / f"{i}.json").is_file())
+                                                 lambda i: record_path(out_dir, i).is_file())
             log.info("merging the records of %d images and %d shard failure log(s)", len(done), len(seen))
             return _write_outputs(out_dir, records, set(done), failures, allow_missing)
         by_id = {rec.image_id: rec for rec in records}
@@ -155,13 +155,14 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
         check_settings(out_dir, {"mode": mode, "models": [model_identity(m) for m in members],
                                  "cells": cells, "tta": tta, "image_fusion": image_fusion,
                                  "cell_scoring": cell_scoring, "segmenter": segmenter if mode != "truth" else None,
-                                 "segmenter_options": segmenter_record(segmenter_options) or {}},
+                                 "segmenter_options": segmenter_record(segmenter_options) or {},
+                                 "files": "fanned"},  # records/<xx>/: an OUT of flat records is not resumed
                        "predict.json")
         # Finished images are known by their records on disk; the records (every cell's mask at
         # the original size) are read back one at a time for the outputs, never all held at once.
         finished, failures, todo = set(), [], []
         for rec in select_shard(records, shard):
-            if (out_dir / "records" / f"{rec.image_id}.json").is_file():  # finished by an earlier run
+            if record_path(out_dir, rec.image_id).is_file():  # finished by an earlier run
                 finished.add(rec.image_id)
             else:
                 todo.append(rec)
@@ -186,7 +187,7 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                         failures.append((image_id, error))
                         log.warning("skipped %s: %s", image_id, error)
                         continue
-                    write_text_atomic(out_dir / "records" / f"{image_id}.json", json.dumps(result, separators=(",", ":")))
+                    write_text_atomic(record_path(out_dir, image_id), json.dumps(result, separators=(",", ":")))
                     finished.add(image_id)
                 batch = []
         if shard is not None:
@@ -201,6 +202,11 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
         handler.close()
 
 
+def record_path(out_dir: str | os.PathLike, image_id: str) -> Path:
+    """OUT/records/<xx>/<ID>.json: one predicted image (its cells' masks and confidences)."""
+    return fanned(Path(out_dir) / "records", image_id, f"{image_id}.json")
+
+
 def _write_outputs(out_dir: Path, records: list[ImageRecord], finished: set[str], failures: list[tuple[str, str]],
                    allow_missing: bool) -> Path:
     """failures.csv, then submission.csv and cells.csv from the finished images' records, read
@@ -210,7 +216,7 @@ def _write_outputs(out_dir: Path, records: list[ImageRecord], finished: set[str]
     def ordered():
         for rec in records:
             if rec.image_id in finished:
-                yield json.loads((out_dir / "records" / f"{rec.image_id}.json").read_text())
+                yield json.loads(record_path(out_dir, rec.image_id).read_text())
 
     write_failures(out_dir / "failures.csv", failures)
     submission = out_dir / "submission.csv"
@@ -247,7 +253,7 @@ def _inputs_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
         image = read_image(record.folder, record.image_id)
         inputs: dict = {"shape": image.shape[1:]}
         if s["mode"] in ("segmenter", "image-labels", "random"):
-            _, cell_labels, _ = segment_one(record, worker_segmenter(), Path(s["seg_dir"]), image)
+            _, cell_labels, _ = segment_one(record, worker_segmenter(), Path(s["seg_dir"]), image, fanout=True)
             inputs["encoded"] = encode_label_image(cell_labels)
             inputs["n_cells"] = int(cell_labels.max())
         if s["model_size"]:

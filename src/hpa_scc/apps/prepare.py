@@ -11,9 +11,11 @@ On a cluster, a SLURM job array splits the images over its tasks (see hpa_scc.da
 ``segment`` writes OUT_DIR/<ID>_cells.png and OUT_DIR/<ID>_nuclei.png (uint16, full size).
 ``prepare`` writes, under OUT_DIR:
     prepare.json                     the settings; a rerun with other settings fails
-    segmentation/<ID>_{cells,nuclei}.png   full-size label images (the segment step's output)
+    segmentation/<xx>/<ID>_{cells,nuclei}.png   full-size label images (the segment step's output)
     cache/                           the resized uint8 image cache (see hpa_scc.data.cache)
-    records/<ID>.json                per image: its cells at the training size (RLE), written last
+    records/<xx>/<ID>.json           per image: its cells at the training size (RLE), written last
+(<xx>: 256 sub-folders by a hash of the image ID, ``fileio.fanned``; sets of format 1 keep these
+flat and are read, not resumed: prepare them again into a new OUT_DIR to add images)
     folds.csv                        ID,Label,fold (multi-label stratified)
     coco/<layout>/fold<K>.json       COCO instances of fold K: every cell with its image's labels
     coco/<layout>/fold<K>.store      the same as arrays that training memory-maps (data.annotations)
@@ -46,6 +48,7 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from hpa_scc.data.annotations import write_coco
+from hpa_scc.data.prepared import record_path as prepared_record
 from hpa_scc.data.cache import cache_path, cache_settings, is_cached, write_index
 from hpa_scc.constants import CHANNELS, CLASS_NAMES, format_labels
 from hpa_scc.utils.fileio import atomic_path, check_settings, write_npy_atomic, write_text_atomic
@@ -60,7 +63,7 @@ from hpa_scc.data.shard import Shard, check_shard, gather_shards, select_shard, 
 from hpa_scc.weak.targets import LAYOUTS, cell_instances, describe_cells, inherit_labels, keep_cells, transfer_labels
 
 log = logging.getLogger(__name__)
-PREPARE_FORMAT = 1
+PREPARE_FORMAT = 2  # 2: per-image files in hashed sub-folders (PreparedSet.fanout); 1 is read, not resumed
 # What ``layout`` may ask for -> the COCO layouts written. "both" (the default) lets any head
 # train on the prepared set; writing a layout costs only its JSON (the records are shared).
 LAYOUT_CHOICES = {"both": LAYOUTS, **{name: (name,) for name in LAYOUTS}}
@@ -181,8 +184,8 @@ def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None, str
     how: "new", "reused" or "relabelled" (reused, with the labels the table has now))."""
     s = worker_settings()
     out = Path(s["out_dir"])
-    record_path = out / "records" / f"{record.image_id}.json"
-    npy = cache_path(out / "cache", record.image_id)
+    record_path = prepared_record(out, record.image_id, s["fanout"])
+    npy = cache_path(out / "cache", record.image_id, s["fanout"])
     if record_path.is_file() and is_cached(npy, (len(CHANNELS), s["size"], s["size"])):
         try:
             result = json.loads(record_path.read_text())
@@ -197,7 +200,7 @@ def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None, str
             return record.image_id, result, None, "relabelled"
     try:
         image = read_image(record.folder, record.image_id)
-        nuclei, cells, _ = segment_one(record, worker_segmenter(), out / "segmentation", image)
+        nuclei, cells, _ = segment_one(record, worker_segmenter(), out / "segmentation", image, fanout=s["fanout"])
         size = s["size"]
         write_npy_atomic(npy, np.stack([resize(plane, size) for plane in image]))
         infos = keep_cells(describe_cells(cells), min_cell_area_px=s["min_cell_area_px"],
@@ -257,6 +260,14 @@ def coco_file(records: list[dict], layout: str, *, truth: bool = False, descript
     return {"info": info, "images": images, "annotations": annotations, "categories": categories}
 
 
+def _format_of(out_dir: Path) -> int:
+    """The format of the set prepared in ``out_dir`` (its prepare.json), PREPARE_FORMAT for a new one."""
+    try:
+        return int(json.loads((out_dir / "prepare.json").read_text()).get("format", 1))
+    except (OSError, ValueError):
+        return PREPARE_FORMAT
+
+
 def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size: int = 512,
                     segmenter: str = "builtin", segmenter_options: dict | None = None, n_folds: int = 5,
                     seed: int = 0, layout: str = "both", min_cell_area_px: int = 0,
@@ -291,17 +302,19 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     if not merge_only:
         check_segmenter(segmenter, **(segmenter_options or {}))  # fail now, not in every worker
     out_dir.mkdir(parents=True, exist_ok=True)
-    recorded = {"format": PREPARE_FORMAT, "size": size, "segmenter": segmenter, "layout": layout,
+    # A set prepared by format 1 (flat per-image folders) is resumed and merged as it is.
+    fanout = _format_of(out_dir) >= 2
+    recorded = {"format": PREPARE_FORMAT if fanout else 1, "size": size, "segmenter": segmenter, "layout": layout,
                 "min_cell_area_px": min_cell_area_px, "drop_border_cells": drop_border_cells, "folds": n_folds,
                 "seed": seed}
     if not merge_only:  # the merge segments nothing: its options are not asked again
         recorded["segmenter_options"] = segmenter_record(segmenter_options)  # None (no key before) without options
     check_settings(out_dir, recorded, name="prepare.json")
-    check_settings(out_dir / "cache", cache_settings(size), sweep=False)  # out_dir's sweep covered it
+    check_settings(out_dir / "cache", cache_settings(size, fanout=fanout), sweep=False)  # out_dir's sweep covered it
     if merge_only:
         return merge_prepared(data_dir, out_dir, labels_csv=labels_csv)
     synthetic = is_synthetic(data_dir)
-    settings = {"out_dir": str(out_dir), "size": size, "min_cell_area_px": min_cell_area_px,
+    settings = {"out_dir": str(out_dir), "size": size, "fanout": fanout, "min_cell_area_px": min_cell_area_px,
                 "drop_border_cells": drop_border_cells}
     if synthetic:
         settings.update(truth_dir=str(data_dir), true_labels=read_true_cell_labels(data_dir))
@@ -339,7 +352,7 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
                          f"{report.failures[0][0]}: {report.failures[0][1]}); see {out_dir / report.failures_file}"
                          if report.failures else f"{data_dir} holds no image to prepare")
     _write_coco(data_dir, out_dir, records, results, report, size=size, segmenter=segmenter, n_folds=n_folds,
-                seed=seed, layout=layout)
+                seed=seed, layout=layout, fanout=fanout)
     return report
 
 
@@ -356,12 +369,13 @@ def merge_prepared(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     if not meta.is_file():
         raise FileNotFoundError(f"nothing to merge: {meta} not found; run the shards first (--shard I/N)")
     s = json.loads(meta.read_text())
+    fanout = int(s.get("format", 1)) >= 2
     records = find_images(data_dir, labels_csv)
     results: dict[str, tuple[int, int]] = {}
 
     def done(image_id: str) -> bool:
         try:
-            rec = json.loads((out_dir / "records" / f"{image_id}.json").read_text())
+            rec = json.loads(prepared_record(out_dir, image_id, fanout).read_text())
             results[image_id] = (rec["orig_height"], rec["orig_width"])
             return True
         except (FileNotFoundError, json.JSONDecodeError):
@@ -371,7 +385,7 @@ def merge_prepared(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     report = StepReport("merge prepare", out_dir, skipped_existing=len(results), failures=failures)
     _write_logs(out_dir, records, results, report.failures, "")
     _write_coco(data_dir, out_dir, records, results, report, size=s["size"], segmenter=s["segmenter"],
-                n_folds=s["folds"], seed=s["seed"], layout=s["layout"])
+                n_folds=s["folds"], seed=s["seed"], layout=s["layout"], fanout=fanout)
     report.extra.append(f"  merged the records of {len(results)} images and {len(seen)} shard failure log(s)")
     return report
 
@@ -384,7 +398,8 @@ def _write_logs(out_dir: Path, records: list[ImageRecord], results: dict[str, tu
 
 
 def _write_coco(data_dir: Path, out_dir: Path, records: list[ImageRecord], finished: Mapping[str, object],
-                report: StepReport, *, size: int, segmenter: str, n_folds: int, seed: int, layout: str) -> None:
+                report: StepReport, *, size: int, segmenter: str, n_folds: int, seed: int, layout: str,
+                fanout: bool = True) -> None:
     """folds.csv and the COCO files (with their stores) of every fold, from the records of the
     ``finished`` images of ``data_dir``, read from OUT_DIR/records/ one fold at a time: memory
     holds one fold's cells, not the whole set's."""
@@ -401,7 +416,7 @@ def _write_coco(data_dir: Path, out_dir: Path, records: list[ImageRecord], finis
         subset = []
         for index, (rec, rec_fold) in enumerate(zip(records, folds, strict=True)):
             if rec_fold == fold and rec.image_id in finished:
-                saved = json.loads((out_dir / "records" / f"{rec.image_id}.json").read_text())
+                saved = json.loads(prepared_record(out_dir, rec.image_id, fanout).read_text())
                 subset.append({**saved, "index": index + 1, "fold": fold})
         n_images += len(subset)
         n_cells += sum(len(r["cells"]) for r in subset)

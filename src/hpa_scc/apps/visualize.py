@@ -231,13 +231,15 @@ def show_cells(image: np.ndarray, cells: np.ndarray, conf=None, truth_cells: np.
 # --- a prediction folder (predict.predict_folder's output) ------------------------------------
 
 def load_prediction(pred_dir: str | os.PathLike, image_id: str) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """(cell label image uint16 [H, W] at full size, {cell id: float [19]}) from records/<ID>.json.
+    """(cell label image uint16 [H, W] at full size, {cell id: float [19]}) from records/<xx>/<ID>.json.
 
     The record holds every cell's mask, whatever the cell mode or baseline that made it.
     """
     from hpa_scc.evaluation.submission import decode_mask
 
-    path = Path(pred_dir) / "records" / f"{image_id}.json"
+    from hpa_scc.apps.predict import record_path
+
+    path = record_path(pred_dir, image_id)
     if not path.is_file():
         raise FileNotFoundError(f"no prediction record {path}; run predict on this image first")
     record = json.loads(path.read_text())
@@ -260,8 +262,9 @@ def prediction_ids(pred_dir: str | os.PathLike, data_dir: str | os.PathLike) -> 
     """IDs of ``data_dir``'s images (its order) that have a prediction record in ``pred_dir``."""
     from hpa_scc.data.images import find_images
 
-    records = Path(pred_dir) / "records"
-    return [r.image_id for r in find_images(data_dir) if (records / f"{r.image_id}.json").is_file()]
+    from hpa_scc.apps.predict import record_path
+
+    return [r.image_id for r in find_images(data_dir) if record_path(pred_dir, r.image_id).is_file()]
 
 
 def show_prediction(pred_dir: str | os.PathLike, data_dir: str | os.PathLike, image_id: str, top_k: int = 2, *,

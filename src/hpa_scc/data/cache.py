@@ -6,7 +6,9 @@
 
 Layout of OUT_DIR:
     cache.json          what the cache holds: size, channels, format version
-    images/<ID>.npy     uint8 [C, size, size], C = 4 (RGBY) or 3 (RGB); np.load(mmap_mode="r")
+    images/<xx>/<ID>.npy  uint8 [C, size, size], C = 4 (RGBY) or 3 (RGB); np.load(mmap_mode="r");
+                        <xx>: 256 sub-folders by a hash of the ID (``fileio.fanned``; format 1
+                        caches, made before, hold images/<ID>.npy and are still read)
     index.csv           ID,Label,height,width: every cached image, labels and original size
     failures.csv        ID,error: inputs that could not be read (the error names the file)
 
@@ -31,13 +33,13 @@ from pathlib import Path
 import numpy as np
 
 from hpa_scc.constants import format_labels, parse_labels
-from hpa_scc.utils.fileio import atomic_path, check_settings, write_npy_atomic, write_text_atomic
+from hpa_scc.utils.fileio import atomic_path, check_settings, fanned, write_npy_atomic, write_text_atomic
 from hpa_scc.data.images import ImageReadError, ImageRecord, channel_names, find_images, read_image, resize
 from hpa_scc.utils.pool import run_pool, single_threaded_opencv, write_failures
 from hpa_scc.data.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: per-image files in hashed sub-folders (1: flat, read only)
 
 
 @dataclass
@@ -60,8 +62,19 @@ class CacheReport:
         return "\n".join(lines + self.extra)
 
 
-def cache_path(out_dir: str | os.PathLike, image_id: str) -> Path:
+def cache_path(out_dir: str | os.PathLike, image_id: str, fanout: bool = True) -> Path:
+    """A cached image's .npy (``fanout=False``: where a format 1 cache has it; see ``cache_fanout``)."""
+    if fanout:
+        return fanned(Path(out_dir) / "images", image_id, f"{image_id}.npy")
     return Path(out_dir) / "images" / f"{image_id}.npy"
+
+
+def cache_fanout(out_dir: str | os.PathLike) -> bool:
+    """Whether a cache folder keeps its files in hashed sub-folders (its cache.json's format >= 2)."""
+    try:
+        return int(json.loads((Path(out_dir) / "cache.json").read_text()).get("format", 1)) >= 2
+    except (OSError, ValueError):
+        return True  # no settings yet: a cache this version writes
 
 
 def is_cached(path: Path, shape: tuple[int, ...]) -> bool:
@@ -74,33 +87,36 @@ def is_cached(path: Path, shape: tuple[int, ...]) -> bool:
     return array.shape == shape and array.dtype == np.uint8 and path.stat().st_size >= array.nbytes
 
 
-def _size_record(out_dir: str | os.PathLike, image_id: str) -> Path:
+def _size_record(out_dir: str | os.PathLike, image_id: str, fanout: bool = True) -> Path:
     """Each cached image's original (H, W), written after its .npy: a killed run (SIGKILL, a time
     limit) leaves no index.csv, and the next one still knows what is finished."""
+    if fanout:
+        return fanned(Path(out_dir) / "records", image_id, f"{image_id}.json")
     return Path(out_dir) / "records" / f"{image_id}.json"
 
 
-def _read_size_record(out_dir: Path, image_id: str) -> tuple[int, int] | None:
+def _read_size_record(out_dir: Path, image_id: str, fanout: bool = True) -> tuple[int, int] | None:
     try:
-        record = json.loads(_size_record(out_dir, image_id).read_text())
+        record = json.loads(_size_record(out_dir, image_id, fanout).read_text())
         return int(record["height"]), int(record["width"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def cache_settings(size: int, channels: str = "rgby") -> dict:
-    """What cache.json records; every writer of a cache (cache, prepare) checks against it."""
-    return {"format": CACHE_FORMAT, "size": size, "channels": channels}
+def cache_settings(size: int, channels: str = "rgby", fanout: bool = True) -> dict:
+    """What cache.json records; every writer of a cache (cache, prepare) checks against it.
+    ``fanout=False``: a format 1 cache (flat folders), which its writers keep flat when they resume it."""
+    return {"format": CACHE_FORMAT if fanout else 1, "size": size, "channels": channels}
 
 
-def _cache_one(job: tuple[ImageRecord, str, int, str]) -> tuple[str, tuple[int, int] | None, str | None]:
+def _cache_one(job: tuple[ImageRecord, str, int, str, bool]) -> tuple[str, tuple[int, int] | None, str | None]:
     """Worker: read, resize and write one image. Returns (id, original (H, W), error)."""
-    record, out_dir, size, channels = job
+    record, out_dir, size, channels, fanout = job
     try:
         full = read_image(record.folder, record.image_id, channels=channels)
         small = np.stack([resize(plane, size) for plane in full])
-        write_npy_atomic(cache_path(out_dir, record.image_id), small)
-        write_text_atomic(_size_record(out_dir, record.image_id),
+        write_npy_atomic(cache_path(out_dir, record.image_id, fanout), small)
+        write_text_atomic(_size_record(out_dir, record.image_id, fanout),
                           json.dumps({"height": int(full.shape[1]), "width": int(full.shape[2])}))
         return record.image_id, full.shape[1:], None
     except (ImageReadError, OSError, ValueError) as exc:
@@ -120,7 +136,8 @@ def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size
         raise ValueError(f"--size {size} is too small; use at least 16 px (512 is the usual training size)")
     check_shard(shard)
     n_channels = len(channel_names(channels))
-    check_settings(out_dir, cache_settings(size, channels))
+    fanout = cache_fanout(out_dir)  # a format 1 cache is resumed as it is: flat
+    check_settings(out_dir, cache_settings(size, channels, fanout))
     records = select_shard(find_images(data_dir, labels_csv), shard)
     suffix = shard_suffix(shard)
     old_index = _read_index(out_dir / "index.csv")
@@ -131,12 +148,12 @@ def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size
     sizes: dict[str, tuple[int, int]] = {}
     todo = []
     for rec in records:
-        known = old_index.get(rec.image_id) or _read_size_record(out_dir, rec.image_id)
-        if known and is_cached(cache_path(out_dir, rec.image_id), (n_channels, size, size)):
+        known = old_index.get(rec.image_id) or _read_size_record(out_dir, rec.image_id, fanout)
+        if known and is_cached(cache_path(out_dir, rec.image_id, fanout), (n_channels, size, size)):
             sizes[rec.image_id] = known
             report.skipped_existing += 1
         else:
-            todo.append((rec, str(out_dir), size, channels))
+            todo.append((rec, str(out_dir), size, channels, fanout))
 
     errors: dict[str, str] = {}
     try:
@@ -173,13 +190,14 @@ def merge_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise FileNotFoundError(f"nothing to merge: {meta} not found; run the shards first (--shard I/N)")
     settings = json.loads(meta.read_text())
     shape = (len(channel_names(settings["channels"])), settings["size"], settings["size"])
+    fanout = int(settings.get("format", 1)) >= 2
     records = find_images(data_dir, labels_csv)
     known = _read_index(out_dir / "index.csv")
     for part in sorted(out_dir.glob("index-shard*of*.csv")):
         known.update(_read_index(part))
     finished, failures, seen = gather_shards(
         out_dir, [r.image_id for r in records],
-        lambda image_id: image_id in known and is_cached(cache_path(out_dir, image_id), shape))
+        lambda image_id: image_id in known and is_cached(cache_path(out_dir, image_id, fanout), shape))
     sizes = {image_id: known[image_id] for image_id in finished}
     write_index(out_dir / "index.csv", records, sizes)
     write_failures(out_dir / "failures.csv", failures)

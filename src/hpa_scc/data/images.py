@@ -27,6 +27,7 @@ import numpy as np
 import tifffile
 
 from hpa_scc.constants import CHANNELS, LabelError, parse_labels
+from hpa_scc.utils.fileio import fanned
 
 # In the order they are tried when several files exist for one channel.
 EXTENSIONS: tuple[str, ...] = (".png", ".tif", ".tiff", ".tif.gz", ".tiff.gz", ".jpg", ".jpeg")
@@ -231,6 +232,15 @@ def find_images(data_dir: str | os.PathLike, labels_csv: str | os.PathLike | Non
         f"no HPA images in {data_dir}: expected train.csv with train/<ID>_red.png etc. (Kaggle layout) "
         "or files named <ID>_{red,green,blue,yellow}.{png,tif,tif.gz,jpg}"
     )
+
+
+def seg_paths(seg_dir: Path, image_id: str, fanout: bool = False) -> tuple[Path, Path]:
+    """(nuclei, cells) label image paths: flat in ``seg_dir`` (the ``segment`` command's output, read by
+    other tools), or in its hashed sub-folder (``fileio.fanned``: a prepared set's or predict's)."""
+    names = f"{image_id}_nuclei.png", f"{image_id}_cells.png"
+    if fanout:
+        return fanned(seg_dir, image_id, names[0]), fanned(seg_dir, image_id, names[1])
+    return seg_dir / names[0], seg_dir / names[1]
 
 
 def read_labels(path: str | os.PathLike) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hpa_scc.data.cache import cache_path, read_cache_index
+from hpa_scc.data.cache import cache_fanout, cache_path, read_cache_index
 from hpa_scc.constants import labels_to_multihot
 from hpa_scc.data.images import ImageRecord, read_image
 
@@ -43,13 +43,14 @@ class CachedImages(Dataset):
                                "re-run 'python -m hpa_scc cache' over the data folder")
             entries = {i: entries[i] for i in image_ids}
         self.entries = list(entries.values())
+        self.fanout = cache_fanout(self.cache_dir)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         entry = self.entries[index]
-        path = cache_path(self.cache_dir, entry.image_id)
+        path = cache_path(self.cache_dir, entry.image_id, self.fanout)
         try:
             array = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as exc:

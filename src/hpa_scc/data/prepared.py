@@ -10,8 +10,8 @@
 
 What lies in the folder (``hpa_scc.apps.prepare`` writes it):
     prepare.json                          the settings: size, segmenter, layout, folds, seed
-    segmentation/<ID>_{cells,nuclei}.png  full-size label images
-    cache/images/<ID>.npy                 the images at ``size`` (uint8 [C, size, size])
+    segmentation/<xx>/<ID>_{cells,nuclei}.png  full-size label images (<xx>: see record_path)
+    cache/images/<xx>/<ID>.npy            the images at ``size`` (uint8 [C, size, size])
     folds.csv                             ID,Label,fold
     coco[_truth|_NAME]/<layout>/fold<K>.json (all.json for one fold): cells with their labels:
                                           coco/ the image's labels (weak), coco_truth/ a synthetic
@@ -34,10 +34,18 @@ from pycocotools import mask as coco_mask
 from hpa_scc.constants import NUM_CLASSES
 from hpa_scc.data.annotations import AnnotationStore, load_store
 from hpa_scc.data.cache import cache_path
-from hpa_scc.data.images import read_labels
+from hpa_scc.data.images import read_labels, seg_paths
+from hpa_scc.utils.fileio import fanned
 from hpa_scc.weak.targets import LAYOUTS, label_of
 
 PREPARE_JSON = "prepare.json"
+
+
+def record_path(root: str | os.PathLike, image_id: str, fanout: bool = True) -> Path:
+    """A prepared folder's per-image record (format 2: in its hashed sub-folder, ``fileio.fanned``)."""
+    if fanout:
+        return fanned(Path(root) / "records", image_id, f"{image_id}.json")
+    return Path(root) / "records" / f"{image_id}.json"
 
 
 def labels_folder(labels: str) -> str:
@@ -247,8 +255,17 @@ class PreparedSet:
         return out
 
     # --- pixels -----------------------------------------------------------------------------
+    @property
+    def fanout(self) -> bool:
+        """Per-image files in hashed sub-folders (prepare format 2); format 1 sets keep them flat."""
+        return int(self.settings.get("format", 1)) >= 2
+
     def image_path(self, image_id: str) -> Path:
-        return cache_path(self.root / "cache", image_id)
+        return cache_path(self.root / "cache", image_id, self.fanout)
+
+    def record_path(self, image_id: str) -> Path:
+        """records/<xx>/<ID>.json: one finished image's cells at the training size (prepare writes it)."""
+        return record_path(self.root, image_id, self.fanout)
 
     def read_image(self, image_id: str) -> np.ndarray:
         """uint8 [C, size, size], memory-mapped; a missing or unreadable file names the fix."""
@@ -260,12 +277,12 @@ class PreparedSet:
                           f"rebuild it") from None
 
     def is_segmented(self, image_id: str) -> bool:
-        return (self.root / "segmentation" / f"{image_id}_cells.png").is_file()
+        return seg_paths(self.root / "segmentation", image_id, self.fanout)[1].is_file()
 
     def segmentation(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(nuclei, cells) uint16 [H, W] full-size label images of one image."""
-        return read_labels(self.root / "segmentation" / f"{image_id}_nuclei.png"), self.cells(image_id)
+        return read_labels(seg_paths(self.root / "segmentation", image_id, self.fanout)[0]), self.cells(image_id)
 
     def cells(self, image_id: str) -> np.ndarray:
         """The uint16 [H, W] full-size cell label image alone (half the reading of ``segmentation``)."""
-        return read_labels(self.root / "segmentation" / f"{image_id}_cells.png")
+        return read_labels(seg_paths(self.root / "segmentation", image_id, self.fanout)[1])

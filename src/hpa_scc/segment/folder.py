@@ -11,7 +11,7 @@ from hpa_scc.utils.fileio import write_png_atomic
 from hpa_scc.data.images import ImageReadError, ImageRecord, read_image
 from hpa_scc.utils.pool import single_threaded_opencv
 from hpa_scc.segment import build_segmenter
-from hpa_scc.data.images import read_labels
+from hpa_scc.data.images import read_labels, seg_paths
 
 # The segmenter and settings of this process, set once per pool worker by ``init_worker``
 # (building a segmenter per image would reload its models every time).
@@ -36,10 +36,6 @@ def worker_settings() -> dict:
     return _WORKER["settings"]
 
 
-def seg_paths(seg_dir: Path, image_id: str) -> tuple[Path, Path]:
-    return seg_dir / f"{image_id}_nuclei.png", seg_dir / f"{image_id}_cells.png"
-
-
 def check_segmentation(nuclei: np.ndarray, cells: np.ndarray, shape: tuple[int, int], source: str) -> None:
     """The back-end contract: uint16 label images at the image's size."""
     for name, labels in (("nuclei", nuclei), ("cells", cells)):
@@ -48,10 +44,10 @@ def check_segmentation(nuclei: np.ndarray, cells: np.ndarray, shape: tuple[int, 
                              f"expected uint16 {shape}")
 
 
-def segment_one(record: ImageRecord, segmenter, seg_dir: Path, image: np.ndarray | None = None
-                ) -> tuple[np.ndarray, np.ndarray, bool]:
+def segment_one(record: ImageRecord, segmenter, seg_dir: Path, image: np.ndarray | None = None,
+                fanout: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
     """(nuclei, cells, computed_now) for one image: read from seg_dir if done, else segment and write."""
-    nuclei_path, cells_path = seg_paths(seg_dir, record.image_id)
+    nuclei_path, cells_path = seg_paths(seg_dir, record.image_id, fanout)
     if nuclei_path.is_file() and cells_path.is_file():
         try:
             return read_labels(nuclei_path), read_labels(cells_path), False

@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,19 @@ TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
 # A writer touches its file all the time it writes (the slowest, a checkpoint, takes seconds),
 # so one unchanged for an hour belongs to a dead process, even with array tasks in one folder.
 STALE_TEMP_S = 3600.0
+
+
+# Per-image files (cache arrays, segmentation, records) go into 256 sub-folders named by a hash of
+# the image ID: at 100k images a flat folder holds ~100k files per kind, and parallel file systems
+# (Lustre, GPFS) serialise opens and creates on a folder's lock; their guides ask for at most a few
+# thousand files per folder. Measured and decided in docs/SCALE.md.
+FANOUT = 256
+
+
+def fanned(folder: str | os.PathLike, image_id: str, name: str) -> Path:
+    """folder/<xx>/<name>: ``xx`` two hex digits of crc32(image ID) mod 256, the same for every file
+    of one image (so its files sit together), spread evenly whatever the IDs look like."""
+    return Path(folder) / f"{zlib.crc32(image_id.encode('utf-8')) % FANOUT:02x}" / name
 
 
 def _umask() -> int:
