@@ -208,17 +208,25 @@ def stage(name: str, args: argparse.Namespace) -> dict:
         loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=2, collate_fn=_collate_uss,
                             generator=torch.Generator().manual_seed(0))
         first: dict[int, tuple] = {}
+        mid: dict[int, tuple] = {}
         last: dict[int, tuple] = {}
         seen = 0
-        for (images, _), (worker, usage) in loader:
+        for batch, ((images, _), (worker, usage)) in enumerate(loader):
             first.setdefault(worker, usage)
+            if batch < len(loader) // 2:
+                mid[worker] = usage
             last[worker] = usage
             seen += len(images)
+        # growth over the whole pass, and over its second half: a worker's allocator settles on
+        # its high-water mark in the first thousands of batches; what still grows after that is
+        # what grows with the set
         out.update(images=seen, open_s=opened - start, pass_s=time.perf_counter() - opened,
                    worker_uss_first_mb=max(u[0] for u in first.values()),
                    worker_uss_last_mb=max(u[0] for u in last.values()),
                    worker_uss_growth_mb=max(last[w][0] - first[w][0] for w in last),
                    worker_dirty_growth_mb=max(last[w][1] - first[w][1] for w in last),
+                   worker_dirty_second_half_mb=max(last[w][1] - mid[w][1] for w in last),
+                   worker_dirty_last_mb=max(u[1] for u in last.values()),
                    main_rss_mb=vm("VmRSS"))
     elif name == "first_step":
         import torch
@@ -326,6 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cell-images", type=int, default=1000,
                    help="images of the features stage, per cell cost (default: 1000)")
     p.add_argument("--stages", default="merge,open,loader,first_step,features,predict,evaluate")
+    p.add_argument("--kinds", default="store,dicts",
+                   help="training sets for open/loader: the stores, and the dict-per-cell set of the code "
+                        "before them (default: store,dicts)")
     p.add_argument("--work", default="runs/bench-scale", help="work folder (default: runs/bench-scale)")
     p.add_argument("--folders", type=int, default=100000,
                    help="files in the flat-against-fanned folder measurement; 0: skip (default: 100000)")
@@ -356,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
             if name != "merge" and "disk" not in row:
                 row["disk"] = disk(prepared)  # the prepared set as prepare leaves it (no crops, no runs)
             if name == "open" or name == "loader":
-                for kind in ("store", "dicts"):
+                for kind in args.kinds.split(","):
                     row[f"{name}:{kind}"] = run_stage(f"{name}:{kind}", data, prepared, work)
                     print(f"  N={n} {name}:{kind}: {row[f'{name}:{kind}']}", flush=True)
                 continue
