@@ -88,14 +88,22 @@ def fabricate(base_data: Path, base_prepared: Path, out: Path, n: int) -> tuple[
     (hard links for pixels and masks, records copied with the new ID), merged by the real
     ``prepare --merge``'s per-image inputs. Returns (data, prepared), not yet merged."""
     from hpa_scc.constants import CHANNELS, format_labels
-    from hpa_scc.data.images import find_images
+    from hpa_scc.data.cache import cache_path
+    from hpa_scc.data.images import find_images, seg_paths
+    from hpa_scc.data.prepared import PreparedSet, record_path
 
-    base = [r for r in find_images(base_data) if (base_prepared / "records" / f"{r.image_id}.json").is_file()]
-    records = {r.image_id: json.loads((base_prepared / "records" / f"{r.image_id}.json").read_text()) for r in base}
+    source = PreparedSet(base_prepared)
+    base = [r for r in find_images(base_data) if source.record_path(r.image_id).is_file()]
+    records = {r.image_id: json.loads(source.record_path(r.image_id).read_text()) for r in base}
     data, prepared = out / "data", out / "prepared"
     shutil.rmtree(out, ignore_errors=True)
-    for folder in (data / "train", prepared / "records", prepared / "cache" / "images", prepared / "segmentation"):
-        folder.mkdir(parents=True)
+    (data / "train").mkdir(parents=True)
+    (prepared / "cache").mkdir(parents=True)
+    fanout = source.fanout
+
+    def link(src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.link(src, dst)
     shutil.copy(base_prepared / "prepare.json", prepared / "prepare.json")
     for extra in base_prepared.joinpath("cache").glob("*.json"):
         shutil.copy(extra, prepared / "cache" / extra.name)
@@ -106,13 +114,15 @@ def fabricate(base_data: Path, base_prepared: Path, out: Path, n: int) -> tuple[
         rows.append(f"{new},{format_labels(src.labels)}")
         for ch in CHANNELS:
             os.link(src.folder / f"{src.image_id}_{ch}.png", data / "train" / f"{new}_{ch}.png")
-        os.link(base_prepared / "cache" / "images" / f"{src.image_id}.npy", prepared / "cache" / "images" / f"{new}.npy")
-        for kind in ("cells", "nuclei"):
-            os.link(base_prepared / "segmentation" / f"{src.image_id}_{kind}.png",
-                    prepared / "segmentation" / f"{new}_{kind}.png")
+        link(source.image_path(src.image_id), cache_path(prepared / "cache", new, fanout))
+        for a, b in zip(seg_paths(base_prepared / "segmentation", src.image_id, fanout),
+                        seg_paths(prepared / "segmentation", new, fanout), strict=True):
+            link(a, b)
         rec = {**records[src.image_id], "image_id": new}
         rec.pop("true_labels", None), rec.pop("true_cell", None)  # the copies are not a synthetic set
-        (prepared / "records" / f"{new}.json").write_text(json.dumps(rec, separators=(",", ":")))
+        path = record_path(prepared, new, fanout)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec, separators=(",", ":")))
     (data / "train.csv").write_text("\n".join(rows) + "\n")
     return data, prepared
 

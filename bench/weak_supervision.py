@@ -58,7 +58,7 @@ from hpa_scc.apps.predict import predict_folder
 from hpa_scc.apps.prepare import prepare_dataset
 from hpa_scc.data.synth import read_true_cell_labels
 from hpa_scc.apps.refine import RELATIVE_RULE, refine_prepared
-from hpa_scc.data.images import read_labels
+from hpa_scc.data.images import read_labels, seg_paths
 from hpa_scc.data.synth import write_synth_set
 from hpa_scc.weak.targets import transfer_labels, within_image_auc
 from hpa_scc.engine.train import train
@@ -240,7 +240,7 @@ def test_auc(test_set: Path, pred_dir: Path) -> float | None:
             table.setdefault(parts[0], {})[int(parts[1])] = np.array(parts[7:7 + NUM_CLASSES], np.float32)
     image_labels, confs, truths = [], [], []
     for image_id, cells in table.items():
-        seg = read_labels(pred_dir / "segmentation" / f"{image_id}_cells.png")
+        seg = read_labels(seg_paths(pred_dir / "segmentation", image_id, fanout=True)[1])
         truth = read_labels(test_set / "masks" / f"{image_id}.png")
         moved = transfer_labels(seg, truth, true_labels[image_id])
         ids = sorted(cells)

@@ -112,7 +112,7 @@ def test_a_cache_killed_with_sigkill_resumes(tmp_path):
                              "--workers", "1", "-q"], env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     def finished() -> list[str]:  # a kill can leave a record's temporary file (.<ID>.json.<random>.tmp.json)
-        return [p.stem for p in (out / "records").glob("*.json") if not p.name.startswith(".")]
+        return [p.stem for p in (out / "records").glob("*/*.json") if not p.name.startswith(".")]
 
     while time.time() < deadline and len(finished()) < 2:
         time.sleep(0.01)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from hpa_scc.cli import main
+from hpa_scc.data.prepared import PreparedSet
 
 
 def run(*args, check_rc=0):
@@ -93,8 +94,8 @@ def test_demo_end_to_end(tmp_path):
         ids = [r["ID"] for r in csv.DictReader(fh)]
     assert len(ids) == 6
     prepared = out / "prepared"
-    assert sorted(p.stem for p in (prepared / "cache" / "images").glob("*.npy")) == sorted(ids)
-    assert np.load(prepared / "cache" / "images" / f"{ids[0]}.npy").shape == (4, 64, 64)
+    assert sorted(p.stem for p in (prepared / "cache" / "images").glob("*/*.npy")) == sorted(ids)
+    assert np.load(PreparedSet(prepared).image_path(ids[0])).shape == (4, 64, 64)
     for layout in ("multilabel", "per_label"):  # both by default: any head trains on the set
         assert sorted(p.name for p in (prepared / "coco" / layout).iterdir()) == sorted(
             f"fold{k}.{ext}" for k in range(3) for ext in ("json", "store"))

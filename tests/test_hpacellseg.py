@@ -28,6 +28,7 @@ pytest.importorskip("pytorch_zoo.unet", reason=WHY)
 
 from hpa_scc.segment import check_segmenter  # noqa: E402
 from hpa_scc.segment import hpacellseg as backend  # noqa: E402
+from hpa_scc.data.prepared import PreparedSet
 
 SAMPLES = ("5c27f04c-bb99-11e8-b2b9-ac1f6b6435d0", "94e33c64-bb9b-11e8-b2b9-ac1f6b6435d0")
 
@@ -216,7 +217,7 @@ def test_segment_and_prepare_commands_on_real_images(real_images, weights, tmp_p
     assert (images[SAMPLES[1]]["orig_height"], images[SAMPLES[1]]["orig_width"]) == (384, 512)
     assert {ann["image_id"] for ann in coco["annotations"]} == {img["id"] for img in coco["images"]}
     assert json.loads((out / "prepare.json").read_text())["segmenter"] == "hpacellseg"
-    assert read_labels(out / "segmentation" / f"{SAMPLES[1]}_cells.png").shape == (384, 512)
+    assert PreparedSet(out).cells(SAMPLES[1]).shape == (384, 512)
 
     # The folders record the weight files by path, size and time: other weights at the same path
     # (here the cell model's file touched) are another segmenter, refused, never mixed in.

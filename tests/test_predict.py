@@ -9,6 +9,7 @@ from conftest import make_tiny_run
 from hpa_scc.apps.predict import predict_folder
 from hpa_scc.engine.inference import cells_from_detections, score_cells
 from hpa_scc.evaluation.submission import decode_mask, read_submission
+from hpa_scc.data.images import seg_paths
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_segmenter_cells_scored_by_the_model_at_original_size(run, tmp_path):
             masks.setdefault(mask, []).append(label)
             assert 0.0 <= conf <= 1.0
         assert all(sorted(v) == list(range(19)) for v in masks.values())
-        seg = __import__("cv2").imread(str(tmp_path / "p" / "segmentation" / f"{row.image_id}_cells.png"), -1)
+        seg = __import__("cv2").imread(str(seg_paths(tmp_path / "p" / "segmentation", row.image_id, True)[1]), -1)
         assert len(masks) == len(set(np.unique(seg)) - {0})
         first = decode_mask(next(iter(masks)), 256, 256)
         assert first.shape == (256, 256) and first.any()
@@ -55,7 +56,7 @@ def test_worker_pool_and_batches_give_the_same_records_and_log_a_corrupt_image(r
                                          rf"{broken.name.removesuffix('_green.png')}.*--allow-missing"):
         predict_folder(run / "run", data, tmp_path / "serial", workers=1, batch_size=1, progress=False)
     assert not (tmp_path / "serial" / "submission.csv").exists()  # no submission that lacks an ID
-    assert len(list((tmp_path / "serial" / "records").glob("*.json"))) == 3  # finished images are kept
+    assert len(list((tmp_path / "serial" / "records").glob("*/*.json"))) == 3  # finished images are kept
     one = predict_folder(run / "run", data, tmp_path / "serial", workers=1, batch_size=1, allow_missing=True,
                          progress=False)
     pool = predict_folder(run / "run", data, tmp_path / "pool", workers=2, batch_size=3, allow_missing=True,
@@ -167,7 +168,7 @@ def test_shards_of_a_job_array_merge_into_what_one_run_writes(run, tmp_path):
     assert not (out / "submission.csv").exists() and (out / "failures-shard0of2.csv").is_file()
     ids = [p.stem for p in (run / "set" / "train").glob("*_red.png")]
     ids = [i.removesuffix("_red") for i in ids]
-    assert {p.stem for p in (out / "records").glob("*.json")} == {i for i in ids if shard_of(i, 2) == 0}
+    assert {p.stem for p in (out / "records").glob("*/*.json")} == {i for i in ids if shard_of(i, 2) == 0}
     with pytest.raises(ValueError, match=r"cannot merge .*Run shard\(s\) 1/2 again"):
         predict_folder(None, run / "set", out, merge_only=True, progress=False)
     assert main(common + ["--shard", "1/2"]) == 0

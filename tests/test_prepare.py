@@ -22,6 +22,7 @@ from hpa_scc.apps.prepare import prepare_dataset, segment_folder
 from hpa_scc.segment import build_segmenter
 from hpa_scc.data.images import read_labels
 from hpa_scc.data.synth import write_synth_set
+from hpa_scc.data.prepared import PreparedSet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,7 +136,7 @@ def test_prepare_writes_coco_that_decodes_to_the_label_images(synth, tmp_path):
                 got.setdefault(ann["cell_id"], []).append(ann["category_id"] - 1)
             assert got == {k: true_labels[(name, k)] for k in got}
     assert len(seen) == 6
-    cached = np.load(out / "cache" / "images" / f"{sorted(seen)[0]}.npy")
+    cached = np.load(PreparedSet(out).image_path(sorted(seen)[0]))
     assert cached.shape == (4, 64, 64) and cached.dtype == np.uint8
 
 
@@ -214,11 +215,11 @@ def test_killed_prepare_resumes_without_duplicates_or_partial_files(tmp_path):
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = tmp_path / "prep" / "records"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(records.glob("*.json"))) < 3:
+    while time.time() < deadline and len(list(records.glob("*/*.json"))) < 3:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = len(list(records.glob("*.json")))
+    finished = len(list(records.glob("*/*.json")))
     assert 3 <= finished < 12, "the run should have been killed part-way"
     done = subprocess.run(args, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -238,13 +239,13 @@ def test_a_changed_table_relabels_and_a_truncated_array_is_redone(synth_copy, tm
     first_id = rows[1].split(",")[0]
     rows[1] = f"{first_id},7"  # a corrected label
     table.write_text("\n".join(rows) + "\n")
-    npy = out / "cache" / "images" / f"{rows[2].split(',')[0]}.npy"
+    npy = PreparedSet(out).image_path(rows[2].split(',')[0])
     npy.write_bytes(npy.read_bytes()[:100])  # a job killed mid-copy, a full disk
     report = prepare_dataset(synth_copy, out, size=64, n_folds=2, progress=False)
     assert report.written == 1 and report.skipped_existing == 5  # the truncated one redone, the others reused
     assert "1 finished image(s) relabelled" in report.summary()
     assert np.load(npy).shape == (4, 64, 64)
-    assert json.loads((out / "records" / f"{first_id}.json").read_text())["labels"] == [7]
+    assert json.loads(PreparedSet(out).record_path(first_id).read_text())["labels"] == [7]
     per_label = [a for f in (0, 1) for a in json.loads((out / "coco" / "per_label" / f"fold{f}.json").read_text())
                  ["annotations"]]
     coco = {i["id"]: i["image_name"] for f in (0, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from hpa_scc.config import load_config
 from hpa_scc.data.images import read_labels
 from hpa_scc.data.prepared import PreparedSet, cell_labels, label_image, labels_folder
 from hpa_scc.data.synth import read_true_cell_labels
+from hpa_scc.utils.fileio import fanned
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +79,44 @@ def test_pixels_and_masks_of_one_image(prepared):
     assert sorted(np.unique(cells[cells > 0]).tolist()) == sorted(a["cell_id"] for a in anns)
     nuclei, full_cells = prepared.segmentation(image["image_name"])
     assert full_cells.shape == (128, 128) and nuclei.dtype == np.uint16
-    np.testing.assert_array_equal(full_cells, read_labels(prepared.root / "segmentation" /
-                                                          f"{image['image_name']}_cells.png"))
+    name = image["image_name"]
+    path = fanned(prepared.root / "segmentation", name, f"{name}_cells.png")  # segmentation/<xx>/<ID>_cells.png
+    np.testing.assert_array_equal(full_cells, read_labels(path))
+
+
+def test_per_image_files_fan_out_and_a_flat_format_1_set_is_read_and_resumed(synth, tmp_path):
+    """Format 2 keeps each kind of per-image file in 256 hashed sub-folders (a few thousand files
+    per folder at 100k images); a set prepared flat by format 1 is read, resumed and merged as it is."""
+    import json
+    import shutil
+
+    from hpa_scc.apps.prepare import prepare_dataset
+
+    new = tmp_path / "new"
+    prepare_dataset(synth, new, size=64, n_folds=2, progress=False)
+    ps = PreparedSet(new)
+    ids = [i["image_name"] for _, c in ps.fold_cocos() for i in c["images"]]
+    assert ps.fanout and all(ps.image_path(i).parent.parent.name == "images" for i in ids)
+    assert {ps.record_path(i).parent.name for i in ids} == {f"{zlib.crc32(i.encode()) % 256:02x}" for i in ids}
+    assert not list((new / "records").glob("*.json")) and not list((new / "segmentation").glob("*.png"))
+    # the same set as format 1 wrote it: flat folders
+    old = tmp_path / "old"
+    shutil.copytree(new, old)
+    for kind, folder in (("records", old / "records"), ("npy", old / "cache" / "images"),
+                         ("png", old / "segmentation")):
+        for path in list(folder.glob("*/*")):
+            path.rename(folder / path.name)
+    for settings in (old / "prepare.json", old / "cache" / "cache.json"):
+        settings.write_text(json.dumps({**json.loads(settings.read_text()), "format": 1}))
+    flat = PreparedSet(old)
+    assert not flat.fanout and flat.image_path(ids[0]) == old / "cache" / "images" / f"{ids[0]}.npy"
+    assert np.array_equal(flat.read_image(ids[0]), ps.read_image(ids[0]))
+    assert np.array_equal(flat.cells(ids[0]), ps.cells(ids[0]))
+    flat.record_path(ids[1]).unlink()  # an unfinished image: the rerun redoes it, flat
+    report = prepare_dataset(synth, old, size=64, n_folds=2, progress=False)
+    assert (report.written, report.skipped_existing) == (1, len(ids) - 1)
+    assert (old / "records" / f"{ids[1]}.json").is_file() and not list((old / "records").glob("*/*"))
+    assert (old / "coco" / "multilabel" / "fold0.json").read_text() == (new / "coco" / "multilabel" / "fold0.json").read_text()
 
 
 def test_errors_name_the_folder_and_the_fix(prepared, tmp_path):
@@ -90,6 +128,7 @@ def test_errors_name_the_folder_and_the_fix(prepared, tmp_path):
     assert prepared.check_size(None, "data.image_size") == prepared.check_size(64, "data.image_size") == 64
     with pytest.raises(OSError, match=r"cannot read .*nope.npy \(image nope\).*re-run prepare"):
         prepared.read_image("nope")
+    prepared.image_path("zero").parent.mkdir(parents=True, exist_ok=True)
     prepared.image_path("zero").write_bytes(b"")  # a copy cut short at zero bytes: EOFError in numpy
     with pytest.raises(OSError, match=r"cannot read .*zero.npy \(image zero\).*re-run prepare"):
         prepared.read_image("zero")

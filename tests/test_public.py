@@ -31,6 +31,7 @@ import tifffile
 from hpa_scc.cli import main
 from hpa_scc.constants import CHANNELS, CLASS_NAMES
 from hpa_scc.data.images import find_images, read_image, resize, to_uint8
+from hpa_scc.data.cache import cache_path
 from hpa_scc.data.public import (
     HPA_LOCATION_TO_CLASS,
     KAGGLE_CELL_LINES,
@@ -507,7 +508,7 @@ def test_downloaded_folder_merges_and_caches(hpa, tmp_path, kaggle_dir):
     assert report.counts == Counter({"kaggle": 3, "hpa_public": 3})
     cache = build_cache(out, tmp_path / "cache", size=16, progress=False)
     assert (cache.written, cache.failures) == (3, [])
-    assert os.path.isfile(tmp_path / "cache" / "images" / "9_0_A1_1.npy")
+    assert cache_path(tmp_path / "cache", "9_0_A1_1").is_file() and not (tmp_path / "cache" / "images" / "9_0_A1_1.npy").exists()
 
 
 @pytest.mark.parametrize("size", [None, 32])

@@ -20,6 +20,7 @@ from hpa_scc.data.cache import build_cache, merge_cache
 from hpa_scc.utils.fileio import check_settings
 from hpa_scc.apps.prepare import merge_failures, merge_prepared, prepare_dataset, segment_folder
 from hpa_scc.data.shard import default_shard, parse_shard, select_shard, shard_of
+from hpa_scc.data.prepared import PreparedSet
 
 OPTS = {"size": 64, "segmenter": "precomputed", "n_folds": 2, "progress": False}  # both layouts, the default
 MERGED_FILES = ["folds.csv", "failures.csv", "cache/index.csv"] + [
@@ -183,7 +184,7 @@ def test_merge_names_the_images_of_an_unfinished_shard(synth, tmp_path):
     assert not (out / "coco").exists()
     # one killed half-way: a record lost
     prepare_dataset(synth, out, shard=(1, 2), segmenter_options={"folder": masks}, **OPTS)
-    (out / "records" / f"{unfinished[0]}.json").unlink()
+    PreparedSet(out).record_path(unfinished[0]).unlink()
     with pytest.raises(ValueError, match=unfinished[0]):
         merge_prepared(synth, out)
 

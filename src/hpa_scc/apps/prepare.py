@@ -15,7 +15,7 @@ On a cluster, a SLURM job array splits the images over its tasks (see hpa_scc.da
     cache/                           the resized uint8 image cache (see hpa_scc.data.cache)
     records/<xx>/<ID>.json           per image: its cells at the training size (RLE), written last
 (<xx>: 256 sub-folders by a hash of the image ID, ``fileio.fanned``; sets of format 1 keep these
-flat and are read, not resumed: prepare them again into a new OUT_DIR to add images)
+flat, and prepare resumes and merges them as they are)
     folds.csv                        ID,Label,fold (multi-label stratified)
     coco/<layout>/fold<K>.json       COCO instances of fold K: every cell with its image's labels
     coco/<layout>/fold<K>.store      the same as arrays that training memory-maps (data.annotations)
@@ -63,7 +63,7 @@ from hpa_scc.data.shard import Shard, check_shard, gather_shards, select_shard, 
 from hpa_scc.weak.targets import LAYOUTS, cell_instances, describe_cells, inherit_labels, keep_cells, transfer_labels
 
 log = logging.getLogger(__name__)
-PREPARE_FORMAT = 2  # 2: per-image files in hashed sub-folders (PreparedSet.fanout); 1 is read, not resumed
+PREPARE_FORMAT = 2  # 2: per-image files in hashed sub-folders (PreparedSet.fanout); a format 1 set is resumed flat
 # What ``layout`` may ask for -> the COCO layouts written. "both" (the default) lets any head
 # train on the prepared set; writing a layout costs only its JSON (the records are shared).
 LAYOUT_CHOICES = {"both": LAYOUTS, **{name: (name,) for name in LAYOUTS}}
