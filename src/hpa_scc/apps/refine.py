@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hpa_scc.data.annotations import write_coco
-from hpa_scc.data.shard import Shard, check_shard, shard_of, shard_suffix
+from hpa_scc.data.shard import Shard, check_shard, complete_shard_counts, shard_of, shard_suffix
 from hpa_scc.utils.fileio import atomic_path, write_text_atomic
 from hpa_scc.data.prepared import PreparedSet, cells_of, label_image
 from hpa_scc.weak.targets import (cell_instances, choose_threshold, label_quality, refine_labels,
@@ -179,14 +179,7 @@ def _read_part(path: Path, settings: dict) -> dict | None:
 
 def _gather_parts(prepared: PreparedSet, name: str, layout: str, source: str, settings: dict) -> dict | None:
     """The scores of every image from a complete set of shard parts (one N, every I), or None."""
-    import re
-
-    found: dict[int, set[int]] = {}
-    for path in prepared.labels_dir(name).glob("scores-shard*of*.npz"):
-        match = re.search(r"-shard(\d+)of(\d+)\.npz$", path.name)
-        if match:
-            found.setdefault(int(match[2]), set()).add(int(match[1]))
-    for count in sorted(c for c, got in found.items() if got == set(range(c))):
+    for count in complete_shard_counts(prepared.labels_dir(name), "scores", ".npz"):
         parts = [_read_part(_part_path(prepared, name, (i, count)), settings) for i in range(count)]
         if any(p is None for p in parts):
             continue

@@ -163,7 +163,7 @@ class AnnotationStore:
         a, kinds = self.arrays, self.header["kinds"]
         rows = range(len(self)) if rows is None else rows
         images, annotations = [], []
-        as_num = {k: (int if kinds.get(k) == "int" else float) for k in ("area",)}
+        area = int if kinds.get("area") == "int" else float  # as the JSON had it
         for i in rows:
             img = self.image(i)
             images.append(img)
@@ -172,7 +172,7 @@ class AnnotationStore:
                 ann = {"id": int(a["ann_id"][k]), "image_id": int(self.image_ids[i]),
                        "category_id": int(a["category_id"][k]),
                        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                       "area": as_num["area"](a["area"][k]), "bbox": [float(v) for v in a["bbox"][k]],
+                       "area": area(a["area"][k]), "bbox": [float(v) for v in a["bbox"][k]],
                        "iscrowd": int(a["iscrowd"][k]), "cell_id": int(a["cell_id"][k])}
                 if "touches_border" in self.keys:
                     ann["touches_border"] = bool(a["touches_border"][k])

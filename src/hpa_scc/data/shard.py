@@ -99,6 +99,18 @@ def shard_suffix(shard: Shard | None) -> str:
     return "" if shard is None else f"-shard{shard[0]}of{shard[1]}"
 
 
+def complete_shard_counts(folder: str | os.PathLike, stem: str, suffix: str) -> list[int]:
+    """The counts N for which ``folder`` holds every part ``<stem>-shard<I>of<N><suffix>`` (I = 0..N-1),
+    ascending: the job arrays whose parts can be merged (a part's own check is its reader's)."""
+    pattern = re.compile(re.escape(stem) + r"-shard(\d+)of(\d+)" + re.escape(suffix) + "$")
+    found: dict[int, set[int]] = {}
+    for path in Path(folder).glob(f"{stem}-shard*of*{suffix}"):
+        match = pattern.match(path.name)
+        if match:
+            found.setdefault(int(match[2]), set()).add(int(match[1]))
+    return sorted(count for count, got in found.items() if got == set(range(count)))
+
+
 def read_shard_failures(folder: str | os.PathLike, stem: str = "failures") -> tuple[dict[str, str], set[Shard]]:
     """Every ``<stem>-shard<I>of<N>.csv`` (ID,error) in ``folder`` -> ({image id: error}, shards seen)."""
     errors: dict[str, str] = {}

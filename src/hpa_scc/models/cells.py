@@ -224,7 +224,7 @@ def build_store(prepared: str | os.PathLike, kind: str, crop_size: int = 64, pro
         if saved is not None:
             log.info("shard %d/%d of %s already built", *shard, folder / name)
             return saved
-    todo = [k for k, (_, _, _) in enumerate(images) if shard is None or shard_of(names[k], shard[1]) == shard[0]]
+    todo = [k for k in range(len(images)) if shard is None or shard_of(names[k], shard[1]) == shard[0]]
     n = sum(len(np.unique(images[k][1].cell_ids(images[k][2]))) for k in todo)
     if n == 0 and shard is None:
         raise ValueError(f"{prepared} has no cells; check its failures.csv and segmentation")
@@ -261,15 +261,9 @@ def build_store(prepared: str | os.PathLike, kind: str, crop_size: int = 64, pro
 
 def _merge_shards(folder: Path, name: str, settings: dict, names: list[str]) -> CellStore | None:
     """The store from a complete set of shards (one N, all I, these settings), or None."""
-    import re
+    from hpa_scc.data.shard import complete_shard_counts
 
-    found: dict[int, set[int]] = {}
-    for path in folder.glob(f"{name}-shard*of*.json"):
-        match = re.search(r"-shard(\d+)of(\d+)\.json$", path.name)
-        if match:
-            found.setdefault(int(match[2]), set()).add(int(match[1]))
-    complete = [count for count, got in found.items() if got == set(range(count))]
-    for count in sorted(complete):
+    for count in complete_shard_counts(folder, name, ".json"):
         parts = [_open_saved(folder, f"{name}-shard{i}of{count}", {**settings, "shard": [i, count]})
                  for i in range(count)]
         if any(p is None for p in parts):
