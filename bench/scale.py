@@ -171,7 +171,8 @@ class DictInstances:
         anns = self.annotations[info["id"]]
         masks = torch.from_numpy(coco_mask.decode([a["segmentation"] for a in anns])).permute(2, 0, 1).contiguous()
         vectors = torch.tensor([a["label_vector"] for a in anns], dtype=torch.float32)
-        return pixels, {"image_id": info["id"], "masks": masks, "boxes": masks_to_boxes(masks), "label_vectors": vectors}
+        return pixels, {"image_id": info["id"], "masks": masks, "boxes": masks_to_boxes(masks),
+                        "label_vectors": vectors}
 
 
 def train_set(prepared: Path, kind: str):
@@ -336,7 +337,8 @@ def fit(ns, values) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000,10000", help="N images per set, comma-separated (default: 1000,10000)")
     p.add_argument("--base", type=int, default=48, help="distinct synthetic images replicated (default: 48)")
     p.add_argument("--source-size", type=int, default=512, help="side of the synthetic images in px (default: 512)")

@@ -176,6 +176,18 @@ def test_refine_as_a_job_array_scores_shards_and_merges_to_the_same_labels(run, 
     for i in (0, 1):
         assert main(["refine", str(run / "run"), str(parts)] + args + ["--shard", f"{i}/2"]) == 0
     assert part.stat().st_mtime_ns == stamp  # finished part reused
+    # the same parts are not used for other cells (a fold file changed: one cell fewer)
+    other = tmp_path / "other"
+    shutil.copytree(parts, other)
+    for layout in ("multilabel", "per_label"):
+        path = other / "coco" / layout / "fold0.json"
+        coco = json.loads(path.read_text())
+        first = coco["annotations"][0]
+        coco["annotations"] = [a for a in coco["annotations"]
+                               if (a["image_id"], a["cell_id"]) != (first["image_id"], first["cell_id"])]
+        path.write_text(json.dumps(coco))
+    assert main(["refine", str(run / "run"), str(other)] + args + ["--merge"]) != 0
+    assert "no complete set of shards scored by this model" in capsys.readouterr().err
     assert main(["refine", str(run / "run"), str(parts)] + args + ["--merge"]) == 0
     for layout in ("multilabel", "per_label"):
         for fold in (0, 1):

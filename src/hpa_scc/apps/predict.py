@@ -23,7 +23,8 @@ set's true cells and labels (a sanity check: it must score 1.0).
 cell): conf^(1-W) x image^W (``targets.fuse_image_scores``); 0 (default) leaves them alone.
 
 OUT_DIR gets ``submission.csv``, ``cells.csv`` (ID, cell, bbox, area, one confidence column per
-class), ``predict.log`` and ``records/<xx>/<ID>.json`` (256 sub-folders by a hash of the ID) (per-image results: a rerun skips them).
+class), ``predict.log`` and ``records/<xx>/<ID>.json`` (per-image results, in 256 sub-folders by a
+hash of the ID: a rerun skips them).
 """
 
 from __future__ import annotations

@@ -429,4 +429,5 @@ def _write_coco(data_dir: Path, out_dir: Path, records: list[ImageRecord], finis
         del subset
     for folder, _ in kinds:
         for name in LAYOUT_CHOICES[layout]:
-            report.extra.append(f"  {folder}/{name}/: {max(n_folds, 1)} COCO file(s), {n_cells} cells in {n_images} images")
+            report.extra.append(f"  {folder}/{name}/: {max(n_folds, 1)} COCO file(s), {n_cells} cells in "
+                                f"{n_images} images")

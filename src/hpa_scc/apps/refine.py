@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from hpa_scc.data.annotations import write_coco
+from hpa_scc.data.annotations import cells_fingerprint, write_coco
 from hpa_scc.data.shard import Shard, check_shard, complete_shard_counts, shard_of, shard_suffix
 from hpa_scc.utils.fileio import atomic_path, write_text_atomic
 from hpa_scc.data.prepared import PreparedSet, cells_of, label_image
@@ -233,7 +233,9 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
         raise FileNotFoundError(f"no COCO files in {prepared.labels_dir(source)}; build them with "
                                 f"'python dataset.py DATA_DIR {prepared.root}'")
     layout = layouts[0]
-    settings = {"model": model_identity(loaded), "layout": layout, "source": source}
+    # the scores of a part are reused only for the same model and the same cells
+    settings = {"model": model_identity(loaded), "layout": layout, "source": source,
+                "cells": cells_fingerprint((store, row) for _, store, row in _images(prepared, layout, source))}
     if shard is not None:
         _score_part(loaded, prepared, name, layout, source, shard, settings, progress)
         return None
@@ -241,7 +243,7 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
     if scored is None:
         if merge_only:
             raise FileNotFoundError(f"cannot merge the scores of {prepared.labels_dir(name)}: no complete set of "
-                                    "shards scored by this model; run every shard (--shard I/N) first")
+                                    "shards scored by this model from these cells; run every shard (--shard I/N) first")
         scored = _score_images(loaded, prepared, name, layout, source, None, progress)
     image_fold = {image["id"]: fold for (fold, _), (image, _, _) in scored.items()}
 

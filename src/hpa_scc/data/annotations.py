@@ -29,9 +29,11 @@ bbox, iscrowd, touches_border, label_vector, the RLE size and counts (bytes in o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +197,8 @@ class AnnotationStore:
         missing = [k for k in REQUIRED_KEYS if any(k not in a for a in anns)]
         if unknown or missing:
             raise ValueError(f"{source}: annotations with keys {sorted(unknown)} unknown or {missing} missing; the "
-                             f"store holds {list(REQUIRED_KEYS + OPTIONAL_KEYS)} (was it written by prepare or refine?)")
+                             f"store holds {list(REQUIRED_KEYS + OPTIONAL_KEYS)} (was it written by prepare or "
+                             f"refine?)")
         optional = [k for k in OPTIONAL_KEYS if anns and all(k in a for a in anns)]
         partial = [k for k in OPTIONAL_KEYS if k in keys and k not in optional]
         if partial:
@@ -279,6 +282,19 @@ class AnnotationStore:
             arrays[name] = (np.memmap(path, dtype=dtype, mode="r", offset=start + offset, shape=tuple(shape))
                             if nbytes else np.zeros(shape, dtype))
         return cls(arrays, header, path)
+
+
+def cells_fingerprint(images: Iterable[tuple[AnnotationStore, int]]) -> str:
+    """16 hex digits that change when any (store, image row)'s name, cell ids or masks do: what
+    work made from a prepared set's cells (the cell store, refine's scores) records and checks."""
+    h = hashlib.sha256()
+    for store, row in images:
+        h.update(store.image(row)["image_name"].encode())
+        h.update(store.cell_ids(row).tobytes())
+        span = store._span(row)
+        off = store.arrays["rle_off"]
+        h.update(store.arrays["rle_counts"][off[span.start]:off[span.stop]].tobytes())
+    return h.hexdigest()[:16]
 
 
 def write_coco(json_path: str | os.PathLike, coco: dict) -> None:

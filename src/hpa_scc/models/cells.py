@@ -43,7 +43,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from hpa_scc.constants import NUM_CLASSES
-from hpa_scc.data.annotations import AnnotationStore
+from hpa_scc.data.annotations import AnnotationStore, cells_fingerprint
 from hpa_scc.data.prepared import PreparedSet
 from hpa_scc.utils.fileio import atomic_path, write_npy_atomic, write_text_atomic
 
@@ -149,18 +149,6 @@ class CellStore:
         return vectors
 
 
-def _cells_fingerprint(images: list[tuple[int, AnnotationStore, int]]) -> str:
-    """What the stored arrays depend on in the prepared set: every image's cells and their masks."""
-    h = hashlib.sha256()
-    for _fold, store, row in images:
-        h.update(store.image(row)["image_name"].encode())
-        h.update(store.cell_ids(row).tobytes())
-        span = store._span(row)
-        off = store.arrays["rle_off"]
-        h.update(store.arrays["rle_counts"][off[span.start]:off[span.stop]].tobytes())
-    return h.hexdigest()[:16]
-
-
 def _store_files(folder: Path, name: str) -> tuple[Path, Path, Path]:
     """(array .npy, cells .npy, index .json) of a stored array; the index is written last."""
     return folder / f"{name}.npy", folder / f"{name}.cells.npy", folder / f"{name}.json"
@@ -205,7 +193,7 @@ def build_store(prepared: str | os.PathLike, kind: str, crop_size: int = 64, pro
     images = cell_images(prepared)
     name = f"{crop_size}px" if kind == "crops" else "features"
     settings = {"format": CROP_FORMAT, "kind": kind, "crop_size": crop_size if kind == "crops" else None,
-                "cells": _cells_fingerprint(images),
+                "cells": cells_fingerprint((store, row) for _, store, row in images),
                 "features": list(FEATURE_NAMES) if kind == "features" else None}
     folder = prepared / "crops"
     names = [store.image(row)["image_name"] for _, store, row in images]
