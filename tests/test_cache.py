@@ -124,3 +124,21 @@ def test_a_cache_killed_with_sigkill_resumes(tmp_path):
     report = build_cache(data, out, size=64, progress=False)
     assert report.skipped_existing >= len(done) and report.written == 24 - report.skipped_existing
     assert [e.image_id for e in read_cache_index(out)] == [f"big{i:02d}" for i in range(24)]
+
+
+def test_a_flat_format_1_cache_is_read_and_resumed_flat(kaggle_dir, tmp_path):
+    """A cache made before the hashed sub-folders (format 1: images/<ID>.npy, records/<ID>.json)
+    is read by CachedImages and resumed by build_cache as it is, never half-moved."""
+    out = tmp_path / "cache"
+    build_cache(kaggle_dir, out, size=32, progress=False)
+    fresh = [np.array(x) for x, _ in CachedImages(out)]
+    for kind in ("images", "records"):
+        for path in list((out / kind).glob("*/*")):
+            path.rename(out / kind / path.name)
+    (out / "cache.json").write_text(json.dumps({**json.loads((out / "cache.json").read_text()), "format": 1}))
+    flat = CachedImages(out)
+    assert not flat.fanout and all(np.array_equal(a, np.array(b)) for a, (b, _) in zip(fresh, flat, strict=True))
+    (out / "images" / "img1.npy").unlink()  # an unfinished image
+    report = build_cache(kaggle_dir, out, size=32, progress=False)
+    assert (report.written, report.skipped_existing) == (1, 2)
+    assert (out / "images" / "img1.npy").is_file() and not list((out / "images").glob("*/*.npy"))

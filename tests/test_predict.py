@@ -144,6 +144,15 @@ def test_other_models_or_baselines_into_the_same_out_are_refused(run, tmp_path):
     with pytest.raises(ValueError, match=r"was made with other settings \(.*models: \[\] -> \[\{.*use another OUT"):
         predict_folder(run / "run", run / "set", out, progress=False)
     assert first.read_text() == before  # the earlier submission is untouched
+    # an OUT written before the hashed sub-folders (flat records/, no "files" in predict.json) is
+    # refused too: its records would not be found and every image silently redone beside them
+    import json
+
+    settings = json.loads((out / "predict.json").read_text())
+    settings.pop("files")
+    (out / "predict.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=r"was made with other settings \(.*files: None -> 'fanned'.*another OUT"):
+        predict_folder(None, run / "set", out, baseline="image-labels", progress=False)
 
 
 def test_image_labels_baseline_needs_labels(run, tmp_path):

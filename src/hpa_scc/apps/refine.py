@@ -105,8 +105,7 @@ def score_image_cells(loaded, prepared: PreparedSet, image: dict, cells: dict[in
 
 def _images(prepared: PreparedSet, layout: str, source: str):
     """(fold, store, row) of every image of the source labels' COCO files, fold order."""
-    folds = [fold for fold, _ in prepared.fold_files(layout, source)]
-    for fold, store in zip(folds, prepared.annotation_stores(layout, folds, source), strict=True):
+    for fold, store in prepared.fold_stores(source, layout):
         for row in range(len(store)):
             yield fold, store, row
 

@@ -82,8 +82,7 @@ class AnnotationStore:
     def __init__(self, arrays: dict[str, np.ndarray], header: dict, path: Path | None = None):
         self.arrays, self.header, self.path = arrays, header, path
         self.keys = tuple(header["keys"])
-        a = arrays
-        self.image_ids, self.image_first = a["image_id"], a["image_first"]
+        self.image_ids, self.image_first = arrays["image_id"], arrays["image_first"]
 
     def __len__(self) -> int:
         """The number of images."""

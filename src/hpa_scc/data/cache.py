@@ -64,9 +64,7 @@ class CacheReport:
 
 def cache_path(out_dir: str | os.PathLike, image_id: str, fanout: bool = True) -> Path:
     """A cached image's .npy (``fanout=False``: where a format 1 cache has it; see ``cache_fanout``)."""
-    if fanout:
-        return fanned(Path(out_dir) / "images", image_id, f"{image_id}.npy")
-    return Path(out_dir) / "images" / f"{image_id}.npy"
+    return fanned(Path(out_dir) / "images", image_id, f"{image_id}.npy", fanout)
 
 
 def cache_fanout(out_dir: str | os.PathLike) -> bool:
@@ -90,9 +88,7 @@ def is_cached(path: Path, shape: tuple[int, ...]) -> bool:
 def _size_record(out_dir: str | os.PathLike, image_id: str, fanout: bool = True) -> Path:
     """Each cached image's original (H, W), written after its .npy: a killed run (SIGKILL, a time
     limit) leaves no index.csv, and the next one still knows what is finished."""
-    if fanout:
-        return fanned(Path(out_dir) / "records", image_id, f"{image_id}.json")
-    return Path(out_dir) / "records" / f"{image_id}.json"
+    return fanned(Path(out_dir) / "records", image_id, f"{image_id}.json", fanout)
 
 
 def _read_size_record(out_dir: Path, image_id: str, fanout: bool = True) -> tuple[int, int] | None:

@@ -237,10 +237,8 @@ def find_images(data_dir: str | os.PathLike, labels_csv: str | os.PathLike | Non
 def seg_paths(seg_dir: Path, image_id: str, fanout: bool = False) -> tuple[Path, Path]:
     """(nuclei, cells) label image paths: flat in ``seg_dir`` (the ``segment`` command's output, read by
     other tools), or in its hashed sub-folder (``fileio.fanned``: a prepared set's or predict's)."""
-    names = f"{image_id}_nuclei.png", f"{image_id}_cells.png"
-    if fanout:
-        return fanned(seg_dir, image_id, names[0]), fanned(seg_dir, image_id, names[1])
-    return seg_dir / names[0], seg_dir / names[1]
+    return (fanned(seg_dir, image_id, f"{image_id}_nuclei.png", fanout),
+            fanned(seg_dir, image_id, f"{image_id}_cells.png", fanout))
 
 
 def read_labels(path: str | os.PathLike) -> np.ndarray:

@@ -43,9 +43,7 @@ PREPARE_JSON = "prepare.json"
 
 def record_path(root: str | os.PathLike, image_id: str, fanout: bool = True) -> Path:
     """A prepared folder's per-image record (format 2: in its hashed sub-folder, ``fileio.fanned``)."""
-    if fanout:
-        return fanned(Path(root) / "records", image_id, f"{image_id}.json")
-    return Path(root) / "records" / f"{image_id}.json"
+    return fanned(Path(root) / "records", image_id, f"{image_id}.json", fanout)
 
 
 def labels_folder(labels: str) -> str:
@@ -188,6 +186,16 @@ class PreparedSet:
                f"re-run the same prepare command on {self.root} (finished images are reused; it adds the stores)")
         return [load_store(self.coco_path(layout, fold, labels), fix) for fold in folds]
 
+    def fold_stores(self, labels: str = "image", layout: str | None = None) -> list[tuple[int, AnnotationStore]]:
+        """(fold, annotation store) of every fold, in ``layout`` or else the first layout the set has
+        (the cells are the same in every layout): ``fold_cocos`` without building a dict per cell."""
+        layouts = (layout,) if layout else self.layouts(labels)
+        if not layouts:
+            raise FileNotFoundError(f"no COCO files under {self.labels_dir(labels)}; build the set with "
+                                    f"'python dataset.py DATA_DIR {self.root}'")
+        folds = [fold for fold, _ in self.fold_files(layouts[0], labels)]
+        return list(zip(folds, self.annotation_stores(layouts[0], folds, labels), strict=True))
+
     def fold_cocos(self, labels: str = "image", layout: str | None = None) -> list[tuple[int, dict]]:
         """(fold, COCO dict) of every fold, in ``layout`` or else the first layout the set has
         (the cells are the same in every layout)."""
@@ -204,14 +212,9 @@ class PreparedSet:
 
         Arrays all the way (cells matched by a sorted int64 key), so 2M cells cost tens of MB.
         """
-        layouts = self.layouts(labels)
-        if not layouts:
-            raise FileNotFoundError(f"no COCO files under {self.labels_dir(labels)}; build the set with "
-                                    f"'python dataset.py DATA_DIR {self.root}'")
         index_of = {name: i for i, name in enumerate(names)}
-        folds = [fold for fold, _ in self.fold_files(layouts[0], labels)]
         keys, vectors = [], []
-        for store in self.annotation_stores(layouts[0], folds, labels):
+        for _fold, store in self.fold_stores(labels):
             rows, cells, vecs = store.cell_label_vectors()
             image = np.array([index_of.get(n, -1) for n in store.image_names()], np.int64)[rows]
             keep = image >= 0
@@ -231,13 +234,8 @@ class PreparedSet:
     def label_vectors(self, labels: str = "image") -> dict[tuple[str, int], np.ndarray]:
         """{(image name, cell id): float32 [19] label vector} of every cell, from coco[_truth|_NAME]/
         (a dict for small sets and tests; training uses ``label_matrix``)."""
-        layouts = self.layouts(labels)
-        if not layouts:
-            raise FileNotFoundError(f"no COCO files under {self.labels_dir(labels)}; build the set with "
-                                    f"'python dataset.py DATA_DIR {self.root}'")
         out: dict[tuple[str, int], np.ndarray] = {}
-        folds = [fold for fold, _ in self.fold_files(layouts[0], labels)]
-        for store in self.annotation_stores(layouts[0], folds, labels):
+        for _fold, store in self.fold_stores(labels):
             names = store.image_names()
             for row, cell, vec in zip(*store.cell_label_vectors(), strict=True):
                 key = (names[row], int(cell))

@@ -25,7 +25,6 @@ prepared set's cells change (the index records them).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -96,16 +95,8 @@ def cell_crops(image: np.ndarray, cells: np.ndarray, cell_ids, crop_size: int, c
 def cell_images(prepared: str | os.PathLike) -> list[tuple[int, AnnotationStore, int]]:
     """(fold, its annotation store, image row) of every image with cells, fold order: the order of
     a cell store's rows. The stores of the first layout the set has (the cells are the same in each)."""
-    ps = PreparedSet(prepared)
-    layouts = ps.layouts("image")
-    if not layouts:
-        raise FileNotFoundError(f"no COCO files under {ps.labels_dir('image')}; build the set with "
-                                f"'python dataset.py DATA_DIR {ps.root}'")
-    folds = [fold for fold, _ in ps.fold_files(layouts[0])]
-    out = []
-    for fold, store in zip(folds, ps.annotation_stores(layouts[0], folds), strict=True):
-        out += [(fold, store, int(row)) for row in np.flatnonzero(store.n_cells() > 0)]
-    return out
+    return [(fold, store, int(row)) for fold, store in PreparedSet(prepared).fold_stores()
+            for row in np.flatnonzero(store.n_cells() > 0)]
 
 
 CELL_DTYPE = np.dtype([("image", "<i4"), ("cell_id", "<i4"), ("fold", "<i2")])
@@ -187,10 +178,11 @@ def build_store(prepared: str | os.PathLike, kind: str, crop_size: int = 64, pro
     from hpa_scc.data.shard import check_shard, shard_of, shard_suffix
 
     prepared = Path(prepared)
+    source = PreparedSet(prepared)
     check_shard(shard)
     if kind == "features":
         from hpa_scc.models.features import FEATURE_NAMES, cell_features
-    images = cell_images(prepared)
+    images = cell_images(source)
     name = f"{crop_size}px" if kind == "crops" else "features"
     settings = {"format": CROP_FORMAT, "kind": kind, "crop_size": crop_size if kind == "crops" else None,
                 "cells": cells_fingerprint((store, row) for _, store, row in images),
@@ -224,7 +216,7 @@ def build_store(prepared: str | os.PathLike, kind: str, crop_size: int = 64, pro
         out, row = None, 0
         for k in tqdm(todo, desc=f"cell {kind}", disable=not progress, unit="image"):
             fold, store, image_row = images[k]
-            pixels = np.array(PreparedSet(prepared).read_image(names[k]))
+            pixels = np.array(source.read_image(names[k]))
             label = store.label_image(image_row, pixels.shape[1:])
             ids = np.unique(store.cell_ids(image_row)).tolist()
             values = (cell_crops(pixels, label, ids, crop_size) if kind == "crops"
@@ -261,7 +253,7 @@ def _merge_shards(folder: Path, name: str, settings: dict, names: list[str]) -> 
         array_path, cells_path, index_path = _store_files(folder, name)
         sources = np.concatenate([np.full(len(p), i) for i, p in enumerate(parts)]).astype(np.int64)
         local = np.concatenate([np.arange(len(p)) for p in parts]).astype(np.int64)
-        first = next(p.array for p in parts if len(p))
+        first = parts[0].array  # an empty part still has the right dtype and row shape
         with atomic_path(array_path, ".npy") as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(len(cells), *first.shape[1:]))
             for start in range(0, len(order), 65536):  # in chunks: never every crop in memory

@@ -40,9 +40,12 @@ STALE_TEMP_S = 3600.0
 FANOUT = 256
 
 
-def fanned(folder: str | os.PathLike, image_id: str, name: str) -> Path:
+def fanned(folder: str | os.PathLike, image_id: str, name: str, fanout: bool = True) -> Path:
     """folder/<xx>/<name>: ``xx`` two hex digits of crc32(image ID) mod 256, the same for every file
-    of one image (so its files sit together), spread evenly whatever the IDs look like."""
+    of one image (so its files sit together), spread evenly whatever the IDs look like.
+    ``fanout=False``: folder/<name>, where a folder made before (format 1) keeps its files."""
+    if not fanout:
+        return Path(folder) / name
     return Path(folder) / f"{zlib.crc32(image_id.encode('utf-8')) % FANOUT:02x}" / name
 
 
