@@ -36,6 +36,7 @@ from hpa_scc.data.annotations import AnnotationStore, load_store
 from hpa_scc.data.cache import cache_path
 from hpa_scc.data.images import read_labels, seg_paths
 from hpa_scc.utils.fileio import fanned
+from hpa_scc.utils.provenance import file_digest
 from hpa_scc.weak.targets import LAYOUTS, label_of
 
 PREPARE_JSON = "prepare.json"
@@ -195,6 +196,18 @@ class PreparedSet:
                                     f"'python dataset.py DATA_DIR {self.root}'")
         folds = [fold for fold, _ in self.fold_files(layouts[0], labels)]
         return list(zip(folds, self.annotation_stores(layouts[0], folds, labels), strict=True))
+
+    def data_digest(self, labels: str = "image", folds: list[int] | None = None) -> dict[str, str]:
+        """{"fold<K>": 16 hex digits} of the COCO file of each fold (all when ``folds`` is None), of
+        the first layout the set has for ``labels``: they change when an image, a cell or a label
+        does. What a run trained on; ``train`` records it and refuses to resume (or refit) on a
+        set whose digest changed, naming the folds (``provenance.changed``)."""
+        layouts = self.layouts(labels)
+        if not layouts:
+            raise FileNotFoundError(f"no COCO files under {self.labels_dir(labels)}; build the set with "
+                                    f"'python dataset.py DATA_DIR {self.root}'")
+        return {f"fold{fold}": file_digest(path) for fold, path in self.fold_files(layouts[0], labels)
+                if folds is None or fold in folds}
 
     def fold_cocos(self, labels: str = "image", layout: str | None = None) -> list[tuple[int, dict]]:
         """(fold, COCO dict) of every fold, in ``layout`` or else the first layout the set has
