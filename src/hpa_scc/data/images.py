@@ -258,3 +258,12 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"{path}: expected a 2-D integer label image with ids <= 65535, "
                              f"got {labels.dtype} {labels.shape}")
     return labels.astype(np.uint16)
+
+
+def image_stamp(record: ImageRecord, channels: str | int = "rgby", **extra) -> str:
+    """What an image's outputs are made from (``utils.provenance``): its channel files' names,
+    sizes and modification times, plus ``extra`` (labels, where an output copies them). A missing
+    channel raises ImageReadError naming it, as reading the image would."""
+    from hpa_scc.utils.provenance import sources_stamp
+
+    return sources_stamp((channel_path(record.folder, record.image_id, c) for c in channel_names(channels)), **extra)
