@@ -428,7 +428,10 @@ def _add_evaluate(sub) -> None:
 
 def _run_evaluate(args) -> int:
     from hpa_scc.evaluation.metric import evaluate_files, format_result
+    from hpa_scc.utils.fileio import refuse_overwrite
 
+    refuse_overwrite({"--out": args.out, "--plot": args.plot}, {"--solution": args.solution,
+                                                                "--submission": args.submission})
     result = evaluate_files(args.solution, args.submission, args.out)
     if args.plot:
         from hpa_scc.apps.visualize import plot_pr_curves

@@ -40,8 +40,9 @@ import cv2
 import numpy as np
 
 from hpa_scc.constants import NUM_CLASSES
-from hpa_scc.utils.fileio import atomic_path, fanned, write_text_atomic
-from hpa_scc.data.images import ImageReadError, ImageRecord, find_images, read_image, resize
+from hpa_scc.utils.fileio import atomic_path, fanned, refuse_inside, write_text_atomic
+from hpa_scc.utils.provenance import sidecar, sources_stamp, stamp, stamped, unstamp
+from hpa_scc.data.images import ImageReadError, ImageRecord, find_images, image_stamp, read_image, resize
 from hpa_scc.data.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
 from hpa_scc.utils.pool import run_pool, write_failures
 from hpa_scc.segment.folder import init_worker, segment_one, worker_segmenter, worker_settings
@@ -116,6 +117,7 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
     if batch_size < 1 or workers < 1:
         raise ValueError(f"--batch-size {batch_size} / --workers {workers}: each must be at least 1")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    refuse_inside(out_dir, data_dir, "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out_dir / "predict.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -127,7 +129,7 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                 raise FileNotFoundError(f"nothing to merge: {out_dir / 'predict.json'} not found; run the shards "
                                         "first (the same command with --shard I/N instead of --merge)")
             done, failures, seen = gather_shards(out_dir, [r.image_id for r in records],
-                                                 lambda i: record_path(out_dir, i).is_file())
+                                                 lambda i: sidecar(record_path(out_dir, i)).is_file())  # finished: stamped
             log.info("merging the records of %d images and %d shard failure log(s)", len(done), len(seen))
             return _write_outputs(out_dir, records, set(done), failures, allow_missing)
         by_id = {rec.image_id: rec for rec in records}
@@ -159,26 +161,27 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                                  "segmenter_options": segmenter_record(segmenter_options) or {},
                                  "files": "fanned"},  # records/<xx>/: an OUT of flat records is not resumed
                        "predict.json")
-        # Finished images are known by their records on disk; the records (every cell's mask at
-        # the original size) are read back one at a time for the outputs, never all held at once.
-        finished, failures, todo = set(), [], []
-        for rec in select_shard(records, shard):
-            if record_path(out_dir, rec.image_id).is_file():  # finished by an earlier run
-                finished.add(rec.image_id)
-            else:
-                todo.append(rec)
+        # Finished images are known by their records on disk, and reused only when made from the
+        # same inputs (the record's stamp, checked by the workers: ``_inputs_job``). The records
+        # (every cell's mask at the original size) are read back one at a time for the outputs.
+        finished, failures = set(), []
+        todo = select_shard(records, shard)
         settings = {"mode": mode, "data_dir": str(data_dir), "seg_dir": str(out_dir / "segmentation"),
-                    "model_size": loaded.image_size if loaded else None,
+                    "out_dir": str(out_dir), "model_size": loaded.image_size if loaded else None,
                     "in_channels": max(m.in_channels for m in members) if loaded else None}
         uses_segmenter = mode in ("segmenter", "image-labels", "random")
         stream = run_pool(_inputs_job, todo, workers=workers, initializer=init_worker,
                           initargs=(segmenter if uses_segmenter else None, segmenter_options or {}, settings),
                           desc="predict", progress=progress)
         batch: list[tuple[str, dict]] = []
+        how_done = {"reused": 0, "redone": 0}
         for i, (image_id, inputs, error) in enumerate(stream, start=1):
             if error is not None:
                 failures.append((image_id, error))
                 log.warning("skipped %s: %s", image_id, error)
+            elif inputs.get("reused"):
+                finished.add(image_id)
+                how_done["reused"] += 1
             else:
                 batch.append((image_id, inputs))
             if batch and (len(batch) == batch_size or i == len(todo)):
@@ -188,9 +191,17 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                         failures.append((image_id, error))
                         log.warning("skipped %s: %s", image_id, error)
                         continue
-                    write_text_atomic(record_path(out_dir, image_id), json.dumps(result, separators=(",", ":")))
+                    path = record_path(out_dir, image_id)
+                    source = dict(batch)[image_id]
+                    unstamp(path)  # a crash before the new stamp leaves no stamp: redone next time
+                    write_text_atomic(path, json.dumps(result, separators=(",", ":")))
+                    stamp(path, source["source"])
+                    how_done["redone"] += bool(source.get("redone"))
                     finished.add(image_id)
                 batch = []
+        if how_done["reused"] or how_done["redone"]:
+            log.info("%d image(s) reused from an earlier run, %d redone: their inputs changed%s", how_done["reused"],
+                     how_done["redone"], " (channel files or labels)" if mode == "image-labels" else " (channel files)")
         if shard is not None:
             failures.sort()
             write_failures(out_dir / f"failures{shard_suffix(shard)}.csv", failures)
@@ -244,15 +255,26 @@ def _write_outputs(out_dir: Path, records: list[ImageRecord], finished: set[str]
 
 
 def _inputs_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
-    """Worker: one image's CPU work -> what the model and the record need (never the full image)."""
+    """Worker: one image's CPU work -> what the model and the record need (never the full image);
+    {"reused": True} when its record was made from these very inputs (``utils.provenance``)."""
     s = worker_settings()
     try:
+        truth_mask = Path(s["data_dir"]) / "masks" / f"{record.image_id}.png"
+        # What the record is made from: the channel files (the true mask for "truth"), and the
+        # labels where the record copies them.
+        source = (sources_stamp([truth_mask]) if s["mode"] == "truth" else
+                  image_stamp(record, labels=list(record.labels or ())) if s["mode"] == "image-labels" else
+                  image_stamp(record))
+        path = record_path(s["out_dir"], record.image_id)
+        if stamped(path, source):
+            return record.image_id, {"reused": True}, None
+        inputs: dict = {"source": source, "redone": path.is_file()}
         if s["mode"] == "truth":
-            true_cells = read_labels(Path(s["data_dir"]) / "masks" / f"{record.image_id}.png")
-            return record.image_id, {"shape": true_cells.shape, "encoded": encode_label_image(true_cells),
+            true_cells = read_labels(truth_mask)
+            return record.image_id, {**inputs, "shape": true_cells.shape, "encoded": encode_label_image(true_cells),
                                      "n_cells": int(true_cells.max())}, None
         image = read_image(record.folder, record.image_id)
-        inputs: dict = {"shape": image.shape[1:]}
+        inputs["shape"] = image.shape[1:]
         if s["mode"] in ("segmenter", "image-labels", "random"):
             _, cell_labels, _ = segment_one(record, worker_segmenter(), Path(s["seg_dir"]), image, fanout=True)
             inputs["encoded"] = encode_label_image(cell_labels)

@@ -51,9 +51,9 @@ from hpa_scc.data.annotations import write_coco
 from hpa_scc.data.prepared import record_path as prepared_record
 from hpa_scc.data.cache import cache_path, cache_settings, is_cached, write_index
 from hpa_scc.constants import CHANNELS, CLASS_NAMES, format_labels
-from hpa_scc.utils.fileio import atomic_path, check_settings, write_npy_atomic, write_text_atomic
+from hpa_scc.utils.fileio import atomic_path, check_settings, refuse_inside, write_npy_atomic, write_text_atomic
 from hpa_scc.data.folds import assign_folds
-from hpa_scc.data.images import ImageReadError, ImageRecord, find_images, read_image, resize
+from hpa_scc.data.images import ImageReadError, ImageRecord, find_images, image_stamp, read_image, resize
 from hpa_scc.utils.pool import run_pool, write_failures
 from hpa_scc.segment import check_segmenter, segmenter_record
 from hpa_scc.segment.folder import init_worker, seg_paths, segment_one, worker_segmenter, worker_settings
@@ -113,6 +113,7 @@ def segment_folder(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
     """
     out_dir = Path(out_dir)
     check_shard(shard)
+    refuse_inside(out_dir, data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_segmenter(segmenter, **(segmenter_options or {}))  # fail now, not in every worker
     # Label images made by another segmenter are never mixed in: another one into this folder is refused.
@@ -186,19 +187,27 @@ def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None, str
     out = Path(s["out_dir"])
     record_path = prepared_record(out, record.image_id, s["fanout"])
     npy = cache_path(out / "cache", record.image_id, s["fanout"])
+    try:
+        source = image_stamp(record)  # what the record is made from: its channel files now
+    except ImageReadError as exc:
+        return record.image_id, None, str(exc), "new"
+    result = None
     if record_path.is_file() and is_cached(npy, (len(CHANNELS), s["size"], s["size"])):
         try:
             result = json.loads(record_path.read_text())
         except json.JSONDecodeError:
             result = None  # damaged: redo this image
-        if result is not None:
+        if result is not None and result.get("source") == source:
             labels = list(record.labels) if record.labels else None
             if result.get("labels") == labels:
                 return record.image_id, result, None, "reused"
             result["labels"] = labels  # the table changed: a record's labels follow it
             write_text_atomic(record_path, json.dumps(result, separators=(",", ":")))
             return record.image_id, result, None, "relabelled"
+    # made from other channel files (changed, replaced, or an earlier version without a stamp)
+    how = "redone" if result is not None else "new"
     try:
+        record_path.unlink(missing_ok=True)  # a crash below must not leave the old record vouching for new files
         image = read_image(record.folder, record.image_id)
         nuclei, cells, _ = segment_one(record, worker_segmenter(), out / "segmentation", image, fanout=s["fanout"])
         size = s["size"]
@@ -215,7 +224,7 @@ def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None, str
             cell["touches_border"] = border[cell["cell_id"]]
         result = {"image_id": record.image_id, "height": size, "width": size,
                   "orig_height": int(image.shape[1]), "orig_width": int(image.shape[2]),
-                  "labels": list(record.labels) if record.labels else None, "cells": encoded}
+                  "labels": list(record.labels) if record.labels else None, "cells": encoded, "source": source}
         truth = s.get("truth_dir")
         if truth:
             true_cells = read_labels(Path(truth) / "masks" / f"{record.image_id}.png")
@@ -225,9 +234,9 @@ def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None, str
             result["true_labels"] = {str(k): v[0] for k, v in transferred.items()}
             result["true_cell"] = {str(k): v[1] for k, v in transferred.items()}
         write_text_atomic(record_path, json.dumps(result, separators=(",", ":")))
-        return record.image_id, result, None, "new"
+        return record.image_id, result, None, how
     except (ImageReadError, OSError, ValueError) as exc:
-        return record.image_id, None, str(exc), "new"
+        return record.image_id, None, str(exc), how
 
 
 def coco_file(records: list[dict], layout: str, *, truth: bool = False, description: str = "") -> dict:
@@ -291,6 +300,7 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     if merge_only and shard is not None:
         raise ValueError("--merge gathers every shard; give it without --shard")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    refuse_inside(out_dir, data_dir)
     records = find_images(data_dir, labels_csv)
     unlabelled = [r.image_id for r in records if not r.labels]
     if unlabelled:
@@ -343,7 +353,10 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
         report.extra.append(f"  {how_done['relabelled']} finished image(s) relabelled: their labels changed in the "
                             "table")
     report.skipped_existing = how_done["reused"] + how_done["relabelled"]
-    report.written = how_done["new"]
+    report.written = how_done["new"] + how_done["redone"]
+    if how_done["redone"]:
+        report.extra.append(f"  {how_done['redone']} finished image(s) redone: their channel files changed (or were "
+                            "prepared by an earlier version, which recorded no stamp)")
     if shard is not None:
         report.extra.append(_merge_hint("prepare", out_dir, shard))
         return report

@@ -33,8 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from hpa_scc.constants import format_labels, parse_labels
-from hpa_scc.utils.fileio import atomic_path, check_settings, fanned, write_npy_atomic, write_text_atomic
-from hpa_scc.data.images import ImageReadError, ImageRecord, channel_names, find_images, read_image, resize
+from hpa_scc.utils.fileio import (atomic_path, check_settings, fanned, refuse_inside, write_npy_atomic,
+                                 write_text_atomic)
+from hpa_scc.data.images import (ImageReadError, ImageRecord, channel_names, find_images, image_stamp, read_image,
+                                 resize)
 from hpa_scc.utils.pool import run_pool, single_threaded_opencv, write_failures
 from hpa_scc.data.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
 
@@ -47,14 +49,16 @@ class CacheReport:
     out_dir: Path
     written: int = 0
     skipped_existing: int = 0
+    redone: int = 0  # of ``written``: cached before from channel files that have changed since
     failures: list[tuple[str, str]] = field(default_factory=list)  # (image id, error)
     failures_file: str = "failures.csv"
     extra: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [
-            f"cache {self.out_dir}: {self.written} images written, {self.skipped_existing} already cached, "
-            f"{len(self.failures)} failed"
+            f"cache {self.out_dir}: {self.written} images written"
+            f"{f' ({self.redone} redone: their channel files changed)' if self.redone else ''}, "
+            f"{self.skipped_existing} already cached, {len(self.failures)} failed"
         ]
         if self.failures:
             lines.append(f"failed inputs are listed in {self.out_dir / self.failures_file}; first ones:")
@@ -91,32 +95,42 @@ def _size_record(out_dir: str | os.PathLike, image_id: str, fanout: bool = True)
     return fanned(Path(out_dir) / "records", image_id, f"{image_id}.json", fanout)
 
 
-def _read_size_record(out_dir: Path, image_id: str, fanout: bool = True) -> tuple[int, int] | None:
-    try:
-        record = json.loads(_size_record(out_dir, image_id, fanout).read_text())
-        return int(record["height"]), int(record["width"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def cache_settings(size: int, channels: str = "rgby", fanout: bool = True) -> dict:
     """What cache.json records; every writer of a cache (cache, prepare) checks against it.
     ``fanout=False``: a format 1 cache (flat folders), which its writers keep flat when they resume it."""
     return {"format": CACHE_FORMAT if fanout else 1, "size": size, "channels": channels}
 
 
-def _cache_one(job: tuple[ImageRecord, str, int, str, bool]) -> tuple[str, tuple[int, int] | None, str | None]:
-    """Worker: read, resize and write one image. Returns (id, original (H, W), error)."""
+def _read_size_record(out_dir: Path, image_id: str, fanout: bool = True) -> tuple[tuple[int, int], str | None] | None:
+    """((H, W), source stamp or None) of a cached image, or None without a readable record."""
+    try:
+        record = json.loads(_size_record(out_dir, image_id, fanout).read_text())
+        return (int(record["height"]), int(record["width"])), record.get("source")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _cache_one(job: tuple[ImageRecord, str, int, str, bool]) -> tuple[str, tuple[int, int] | None, str | None, str]:
+    """Worker: read, resize and write one image, unless it is cached from these very channel files
+    (``image_stamp``). Returns (id, original (H, W), error, "reused"|"new"|"redone")."""
     record, out_dir, size, channels, fanout = job
     try:
+        source = image_stamp(record, channels)
+        npy = cache_path(out_dir, record.image_id, fanout)
+        known = _read_size_record(Path(out_dir), record.image_id, fanout)
+        if known and known[1] == source and is_cached(npy, (len(channel_names(channels)), size, size)):
+            return record.image_id, known[0], None, "reused"
         full = read_image(record.folder, record.image_id, channels=channels)
         small = np.stack([resize(plane, size) for plane in full])
-        write_npy_atomic(cache_path(out_dir, record.image_id, fanout), small)
+        # the old record goes first: a crash between the new array and its record leaves no stamp
+        # that could vouch for the array (it is redone)
+        _size_record(out_dir, record.image_id, fanout).unlink(missing_ok=True)
+        write_npy_atomic(npy, small)
         write_text_atomic(_size_record(out_dir, record.image_id, fanout),
-                          json.dumps({"height": int(full.shape[1]), "width": int(full.shape[2])}))
-        return record.image_id, full.shape[1:], None
+                          json.dumps({"height": int(full.shape[1]), "width": int(full.shape[2]), "source": source}))
+        return record.image_id, full.shape[1:], None, "redone" if known else "new"
     except (ImageReadError, OSError, ValueError) as exc:
-        return record.image_id, None, str(exc)
+        return record.image_id, None, str(exc), "new"
 
 
 def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size: int = 512,
@@ -131,39 +145,34 @@ def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size
     if size < 16:
         raise ValueError(f"--size {size} is too small; use at least 16 px (512 is the usual training size)")
     check_shard(shard)
-    n_channels = len(channel_names(channels))
+    refuse_inside(out_dir, data_dir)
     fanout = cache_fanout(out_dir)  # a format 1 cache is resumed as it is: flat
     check_settings(out_dir, cache_settings(size, channels, fanout))
     records = select_shard(find_images(data_dir, labels_csv), shard)
     suffix = shard_suffix(shard)
-    old_index = _read_index(out_dir / "index.csv")
-    if shard is not None:
-        old_index.update(_read_index(out_dir / f"index{suffix}.csv"))
     report = CacheReport(out_dir, failures_file=f"failures{suffix}.csv")
 
+    # Every image goes to the workers, which reuse it only when its record's stamp matches its
+    # channel files now (a changed or replaced image is redone): checking that in parallel is what
+    # keeps a resume over 100k images on a parallel file system quick.
     sizes: dict[str, tuple[int, int]] = {}
-    todo = []
-    for rec in records:
-        known = old_index.get(rec.image_id) or _read_size_record(out_dir, rec.image_id, fanout)
-        if known and is_cached(cache_path(out_dir, rec.image_id, fanout), (n_channels, size, size)):
-            sizes[rec.image_id] = known
-            report.skipped_existing += 1
-        else:
-            todo.append((rec, str(out_dir), size, channels, fanout))
-
     errors: dict[str, str] = {}
+    todo = [(rec, str(out_dir), size, channels, fanout) for rec in records]
     try:
-        for image_id, shape, error in run_pool(_cache_one, todo, workers=workers, initializer=single_threaded_opencv,
-                                               desc=f"cache {size}px", progress=progress, chunksize=4):
+        for image_id, shape, error, how in run_pool(_cache_one, todo, workers=workers,
+                                                    initializer=single_threaded_opencv, desc=f"cache {size}px",
+                                                    progress=progress, chunksize=4):
             if error is None:
                 sizes[image_id] = tuple(shape)
+                report.skipped_existing += how == "reused"
+                report.redone += how == "redone"
             else:
                 errors[image_id] = error
     finally:
         # Written even when interrupted, so the next run knows what is finished.
         write_index(out_dir / f"index{suffix}.csv", records, sizes)
         write_failures(out_dir / f"failures{suffix}.csv", errors.items())
-    report.written = len(todo) - len(errors)
+    report.written = len(todo) - len(errors) - report.skipped_existing
     report.failures = sorted(errors.items())
     for image_id, error in report.failures:
         log.warning("skipped %s: %s", image_id, error)

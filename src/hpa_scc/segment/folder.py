@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from hpa_scc.utils.fileio import write_png_atomic
-from hpa_scc.data.images import ImageReadError, ImageRecord, read_image
+from hpa_scc.utils.provenance import stamp, stamped, unstamp
+from hpa_scc.data.images import ImageReadError, ImageRecord, image_stamp, read_image
 from hpa_scc.utils.pool import single_threaded_opencv
 from hpa_scc.segment import build_segmenter
 from hpa_scc.data.images import read_labels, seg_paths
@@ -46,9 +47,11 @@ def check_segmentation(nuclei: np.ndarray, cells: np.ndarray, shape: tuple[int, 
 
 def segment_one(record: ImageRecord, segmenter, seg_dir: Path, image: np.ndarray | None = None,
                 fanout: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(nuclei, cells, computed_now) for one image: read from seg_dir if done, else segment and write."""
+    """(nuclei, cells, computed_now) for one image: read from seg_dir if done from these very
+    channel files (the cells file's stamp, ``utils.provenance``), else segment and write."""
     nuclei_path, cells_path = seg_paths(seg_dir, record.image_id, fanout)
-    if nuclei_path.is_file() and cells_path.is_file():
+    source = image_stamp(record)
+    if nuclei_path.is_file() and stamped(cells_path, source):
         try:
             return read_labels(nuclei_path), read_labels(cells_path), False
         except ImageReadError:
@@ -57,7 +60,9 @@ def segment_one(record: ImageRecord, segmenter, seg_dir: Path, image: np.ndarray
         image = read_image(record.folder, record.image_id)
     nuclei, cells = segmenter(image, record.image_id)
     check_segmentation(nuclei, cells, image.shape[1:], type(segmenter).__name__)
-    # cells last: an image is segmented when its cells file exists (both are checked above)
+    # cells last, then its stamp: an image is segmented when its cells file carries the stamp
+    unstamp(cells_path)
     write_png_atomic(nuclei_path, nuclei, compression=1)
     write_png_atomic(cells_path, cells, compression=1)
+    stamp(cells_path, source)
     return nuclei, cells, True

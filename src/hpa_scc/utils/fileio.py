@@ -194,3 +194,37 @@ def sweep_stale_temps(folder: str | os.PathLike, *, older_than_s: float = STALE_
         log.info("removed %d temporary file(s) that killed writers left in %s (e.g. %s)",
                  len(removed), folder, removed[0].name)
     return sorted(removed)
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def refuse_overwrite(outputs: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse, naming both options, an output file that is one of the inputs (or another output):
+    ``evaluate --out SUBMISSION`` would replace the submission with its score. Keys are the
+    options' names (``--out``), values paths or None (not given)."""
+    given = [(name, Path(p)) for name, p in {**inputs, **outputs}.items() if p is not None]
+    for name, path in ((n, Path(p)) for n, p in outputs.items() if p is not None):
+        for other, other_path in given:
+            if other != name and _same(path, other_path):
+                raise ValueError(f"{name} {path} is also {other}: writing it would overwrite that file; "
+                                 f"give {name} another path")
+
+
+# The sub-folders of a data folder that steps read (images, a synthetic set's truth).
+INPUT_SUBFOLDERS = ("train", "test", "masks", "nuclei")
+
+
+def refuse_inside(out_dir: str | os.PathLike, data_dir: str | os.PathLike, what: str = "OUT_DIR") -> None:
+    """Refuse an output folder that is the data folder, or one of the sub-folders whose files the
+    steps read (train/, test/, masks/, nuclei/), or inside one: outputs (cells.csv, records/) must
+    never land over or among the inputs. A new folder beside the images (DATA/pred) is fine."""
+    out, data = Path(out_dir).resolve(), Path(data_dir).resolve()
+    if out == data or (data in out.parents and out.relative_to(data).parts[0] in INPUT_SUBFOLDERS):
+        where = "the data folder" if out == data else f"inside the inputs of {data_dir}"
+        raise ValueError(f"{what} {out_dir} is {where}: its outputs could overwrite or mix with the inputs "
+                         f"(e.g. {data_dir}/cells.csv); write to another folder, e.g. {data.parent / (data.name + '-out')}")
