@@ -17,8 +17,10 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,8 @@ import tifffile
 
 from hpa_scc.constants import CHANNELS, LabelError, parse_labels
 from hpa_scc.utils.fileio import fanned
+
+log = logging.getLogger(__name__)
 
 # In the order they are tried when several files exist for one channel.
 EXTENSIONS: tuple[str, ...] = (".png", ".tif", ".tiff", ".tif.gz", ".tiff.gz", ".jpg", ".jpeg")
@@ -104,14 +108,48 @@ def _decode(path: Path) -> np.ndarray:
     return array
 
 
+# A 16-bit channel whose brightest pixel is below 1 % of the range reads as black (x / 257 < 3):
+# most likely 8-bit values saved in a 16-bit file. Warned once per file, and only for the first
+# DIM_WARNINGS files (a folder exported wrongly would otherwise repeat it for every image).
+DIM_16BIT_MAX = 656
+DIM_WARNINGS = 10
+_dim_warned: set[str] = set()
+_dim_lock = threading.Lock()
+
+
+def _warn_dim_16bit(array: np.ndarray, source: str | os.PathLike) -> None:
+    brightest = int(array.max(initial=0))
+    if brightest >= DIM_16BIT_MAX or brightest == 0:  # an all-zero channel is black in any depth
+        return
+    key = str(source)
+    with _dim_lock:
+        if key in _dim_warned or len(_dim_warned) >= DIM_WARNINGS:
+            return
+        _dim_warned.add(key)
+        last = len(_dim_warned) == DIM_WARNINGS
+    log.warning("%s is 16-bit but its brightest pixel is %d of 65535 (under 1 %% of the range): scaled by the "
+                "16-bit range it reads as black and no cell will be found; it was probably written with the wrong "
+                "bit depth: save it as 8-bit PNG%s", source or "a 16-bit channel", brightest,
+                " (the last such warning: further dim files are not reported)" if last else "")
+
+
 def to_uint8(array: np.ndarray, *, source: str | os.PathLike = "") -> np.ndarray:
-    """Scale a channel to uint8: 8-bit kept, 16-bit by the 16-bit range, float in [0, 1] by 255."""
+    """Scale a channel to uint8: 8-bit kept, 16-bit by the 16-bit range, float in [0, 1] by 255.
+
+    A 16-bit channel using under 1 % of its range is scaled all the same (it may truly be dark),
+    with a warning naming ``source``.
+    """
     if array.dtype == np.uint8:
         return array
     if array.dtype == np.uint16:
+        _warn_dim_16bit(array, source)
         # Rounded x * 255 / 65535 (= x / 257) in integers: exact and fast.
         return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    if array.dtype.kind == "f" and np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1:
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int(array.size - np.isfinite(array).sum())
+        raise ImageReadError(f"{source}: {bad} of {array.size} pixels are NaN or infinite (non-finite float values); "
+                             "re-export the channel as 8- or 16-bit PNG with real intensities")
+    if array.dtype.kind == "f" and array.min() >= 0 and array.max() <= 1:
         return np.round(array * 255).astype(np.uint8)
     raise ImageReadError(
         f"{source}: unsupported pixel type {array.dtype} (range {array.min()}..{array.max()}); "
@@ -201,6 +239,7 @@ def read_label_table(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
             where = f"{path} line {row_no} (ID {image_id})"
             if not image_id:
                 raise LabelError(f"{where}: empty ID")
+            check_image_id(image_id, where)
             if image_id in table:
                 raise LabelError(f"{where}: ID listed twice")
             table[image_id] = tuple(parse_labels(row["Label"] or "", where=where))
@@ -267,3 +306,11 @@ def image_stamp(record: ImageRecord, channels: str | int = "rgby", **extra) -> s
     from hpa_scc.utils.provenance import sources_stamp
 
     return sources_stamp((channel_path(record.folder, record.image_id, c) for c in channel_names(channels)), **extra)
+
+
+def check_image_id(image_id: str, where: str) -> None:
+    """An ID becomes part of file names (``<ID>_red.png``, ``records/<xx>/<ID>.json``): one with a
+    path separator, ``..`` or NUL would read or write outside the folders (``../../x``)."""
+    if any(bad in image_id for bad in ("/", "\\", "\0", "..")) or image_id == ".":
+        raise LabelError(f"{where}: the ID {image_id!r} holds a path separator, '..' or NUL, which would name "
+                         "files outside the data and output folders; rename the image and its row")
