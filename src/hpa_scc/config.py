@@ -5,13 +5,15 @@
 A config is a tree of dataclasses. ``load_config`` starts from the defaults below, merges the
 YAML file (which may name a ``base:`` YAML it extends), then ``key=value`` overrides (values
 parsed as YAML: ``3``, ``0.1``, ``true``, ``[1, 2]``, ``null``). An unknown key or a value of
-the wrong type is an error naming the key and the file. ``save_config`` writes the resolved
-config into the run folder.
+the wrong type is an error naming the key and the file; a YAML syntax error names the file (or
+the override), line and column. A float key takes ``1e-3`` (a string to YAML 1.1) as the number
+and refuses nan and inf. ``save_config`` writes the resolved config into the run folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -135,6 +137,22 @@ class ConfigError(ValueError):
     """An unknown key or a value of the wrong type; the message names the key and its source."""
 
 
+def _parse_yaml(text: str, source: str, column_offset: int = 0):
+    """``yaml.safe_load(text)``, its errors (syntax, python/... tags) raised as one-line ConfigErrors
+    naming ``source``, the line and the column; ``column_offset`` places a value inside an override."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1 + column_offset}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        what = f"{context}: {problem}" if context else problem
+        fix = ("a config holds plain values (numbers, strings, lists, mappings); tags like !!python/... are "
+               "refused" if "constructor" in problem else "fix the YAML syntax (quote a string holding [ ] { } : #)")
+        raise ConfigError(f"{source}{where}: {what}; {fix}") from None
+
+
 def _check_type(value, annotation, key: str, source: str):
     """Return ``value`` converted to ``annotation`` (int -> float allowed) or raise ConfigError."""
     origin = typing.get_origin(annotation)
@@ -156,14 +174,34 @@ def _check_type(value, annotation, key: str, source: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} in {source}: expected a list, got {value!r}")
         return [_check_type(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation in (int, float, str, bool):
+    if annotation is float:
+        return _check_float(value, key, source)
+    if annotation in (int, str, bool):
         if type(value) is not annotation:
             raise ConfigError(f"{key} in {source}: expected {annotation.__name__}, got {value!r} "
                               f"({type(value).__name__})")
         return value
     raise ConfigError(f"{key} in {source}: unsupported type {annotation}")
+
+
+def _check_float(value, key: str, source: str) -> float:
+    """A finite float from a float, an int, or a string that reads as one: YAML 1.1 (PyYAML) reads
+    ``1e-3`` (no dot) as a string, and nobody writing it means one. nan and inf are refused: no
+    setting means them, and they pass a ``> 0`` check only to wreck a run later."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = float(value)
+    if type(number) is not float:
+        raise ConfigError(f"{key} in {source}: expected float, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(number):
+        raise ConfigError(f"{key} in {source}: expected a finite number, got {value!r}; nan and inf are not "
+                          "settings, give a number")
+    return number
 
 
 def _merge(node, updates: dict, prefix: str, source: str) -> None:
@@ -189,7 +227,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]
         raise ConfigError(f"{path}: 'base' files form a cycle")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _parse_yaml(path.read_text(), str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     chain = []
@@ -204,7 +242,7 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not key=value (e.g. optim.lr=0.01)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = _parse_yaml(raw, f"override {text!r}", column_offset=len(key) + 1) if raw.strip() else None
     out: dict = {}
     node = out
     parts = key.strip().split(".")
@@ -240,7 +278,8 @@ D2_BACKBONES = ("resnet101_fpn", "resnext101_32x8d_fpn")
 
 
 # Numeric keys and what they may be (None, where a key allows it, is not checked): checked when a
-# config is loaded, so a bad value stops a run before its folder is made.
+# config is loaded, so a bad value stops a run before its folder is made. Every float is also
+# finite (_check_float), so these need not think of nan, whose comparisons are all False.
 RANGES = (
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -254,8 +293,19 @@ RANGES = (
     ("data.workers", lambda v: v >= 0, ">= 0"),
     ("data.image_size", lambda v: v >= 1, ">= 1"),
     ("data.crop_size", lambda v: v >= 1, ">= 1"),
+    ("data.val_fold", lambda v: v >= -1, ">= 0 (-1: every fold trains)"),
+    ("data.max_train_images", lambda v: v >= 1, ">= 1 (null: no cap)"),
+    ("data.max_val_images", lambda v: v >= 1, ">= 1 (null: no cap)"),
     ("model.box_score_thresh", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("model.feature_c", lambda v: v > 0, "> 0"),
+    ("model.trainable_backbone_layers", lambda v: v >= 0, ">= 0"),
+    ("model.box_detections_per_img", lambda v: v >= 1, ">= 1"),
+    ("model.rpn_post_nms_top_n_train", lambda v: v >= 1, ">= 1"),
+    ("model.rpn_post_nms_top_n_test", lambda v: v >= 1, ">= 1"),
+    ("model.box_batch_size_per_image", lambda v: v >= 1, ">= 1"),
+    ("model.anchor_sizes", lambda v: all(x >= 1 for x in v), "sizes >= 1 px (null: from data.image_size)"),
+    ("model.pixel_std", lambda v: all(x > 0 for x in v), "values > 0 (inputs are divided by them)"),
+    ("optim.step_milestones", lambda v: all(x >= 1 for x in v), "epochs >= 1"),
     ("train.max_epochs", lambda v: v >= 1, ">= 1"),
     ("train.images_per_gpu", lambda v: v >= 1, ">= 1"),
     ("train.accumulate_steps", lambda v: v >= 1, ">= 1"),
@@ -263,6 +313,7 @@ RANGES = (
     ("train.val_every_epochs", lambda v: v >= 1, ">= 1"),
     ("train.save_every_epochs", lambda v: v >= 1, ">= 1"),
     ("train.dist_timeout_min", lambda v: v >= 1, ">= 1"),
+    ("train.max_iters_per_epoch", lambda v: v >= 1, ">= 1 (null: no cap)"),
 )
 
 

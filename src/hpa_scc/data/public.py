@@ -39,7 +39,9 @@ Each request has a timeout (seconds without data), is retried with exponential b
 when the bytes received equal the Content-Length, the gzip stream ends with a valid CRC-32 and
 length (a cut file fails here) and the TIFF decodes. Every PNG is written atomically, so
 re-running the same command resumes: channels already written are skipped, and an image whose
-four PNGs exist makes no request at all.
+four PNGs exist makes no request at all. A channel fetched by a rerun must have the size of the
+channels already written, as in one run. When every image a run tried failed (the server down)
+the report says so (``DownloadReport.all_failed``) and the command exits 1.
 """
 
 from __future__ import annotations
@@ -392,16 +394,18 @@ def decode_tif_gz(data: bytes) -> np.ndarray:
     return array
 
 
-def convert(array: np.ndarray, *, bits: str = "native", size: int | None = None) -> np.ndarray:
+def convert(array: np.ndarray, *, bits: str = "native", size: int | None = None,
+            source: str = "downloaded channel") -> np.ndarray:
     """The PNG to write: resized to ``size`` (area averaging when shrinking), then 8-bit if asked.
 
     ``bits="native"`` keeps uint8 and uint16 as they are; ``"8"`` scales 16-bit by the 16-bit
     range, like images.to_uint8. Resizing comes first, so it averages the full-depth values.
+    ``source`` (the URL) names the channel in to_uint8's warnings and errors.
     """
     if size is not None:
         array = resize(array, size)
     if bits == "8" or array.dtype not in (np.uint8, np.uint16):
-        array = to_uint8(array, source="downloaded channel")
+        array = to_uint8(array, source=source)
     return array
 
 
@@ -424,6 +428,34 @@ class DownloadOptions:
     retries: int = 3  # further attempts after a failed one (not after 400/401/403/404/410)
     backoff_s: float = 1.0  # wait before retry k (0-based): backoff_s * 2**k
     base_url: str | None = None  # replaces the scheme and host of every Image prefix (a mirror)
+
+
+def png_shape(path: Path) -> tuple[int, int]:
+    """(height, width) of a PNG from its header (IHDR), without decoding the pixels."""
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        raise ImageReadError(f"{path} is not a PNG (no IHDR header); delete it and run again to fetch it anew")
+    return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+
+
+def _shapes_on_disk(image: PublicImage, out_dir: str | os.PathLike, options: DownloadOptions,
+                    stop: threading.Event | None, known: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The original size of each channel PNG of ``image`` that is on disk but not in ``known`` (the
+    partial record): the PNG's own size, or with --size (PNGs resized) the size of the file fetched
+    again. Needed when a finished image lost a channel (its record was dropped when it was complete)
+    or a folder was written before records were kept: else the channel fetched now is compared with nothing."""
+    shapes = {}
+    for channel in CHANNELS:
+        target = channel_png(out_dir, image.image_id, channel)
+        if channel in known or not target.is_file():
+            continue
+        if options.size is None:
+            shapes[channel] = png_shape(target)
+        else:  # rare: costs one more download of a channel already written
+            shapes[channel] = tuple(fetch_channel(channel_url(image.url_prefix, channel, options.base_url),
+                                                  options, stop).shape)
+    return shapes
 
 
 def fetch_channel(url: str, options: DownloadOptions, stop: threading.Event | None = None) -> np.ndarray:
@@ -466,6 +498,10 @@ def download_image(image: PublicImage, out_dir: str | os.PathLike, options: Down
             shapes = {c: tuple(s) for c, s in json.loads(partial.read_text()).items()
                       if channel_png(out_dir, image.image_id, c).is_file()}
     try:
+        on_disk = _shapes_on_disk(image, out_dir, options, stop, shapes)
+        if on_disk:
+            shapes.update(on_disk)
+            write_text_atomic(partial, json.dumps(shapes))
         for channel in CHANNELS:
             target = channel_png(out_dir, image.image_id, channel)
             if target.is_file():
@@ -474,9 +510,13 @@ def download_image(image: PublicImage, out_dir: str | os.PathLike, options: Down
             array = fetch_channel(url, options, stop)
             shapes[channel] = tuple(array.shape)
             if len(set(shapes.values())) > 1:
-                raise DownloadError("channel sizes differ: " + ", ".join(f"{c} {s[1]}x{s[0]}" for c, s in shapes.items()),
-                                    permanent=True)
-            write_png_atomic(target, convert(array, bits=options.bits, size=options.size))
+                written = [c for c in shapes if c != channel]
+                raise DownloadError(
+                    "channel sizes differ: " + ", ".join(f"{c} {s[1]}x{s[0]}" for c, s in shapes.items())
+                    + f"; {channel} is not written, the others are in {target.parent} ("
+                    + ", ".join(channel_png(out_dir, image.image_id, c).name for c in written)
+                    + "): the four channels of an image must have one size", permanent=True)
+            write_png_atomic(target, convert(array, bits=options.bits, size=options.size, source=url))
             write_text_atomic(partial, json.dumps(shapes))
         partial.unlink(missing_ok=True)
         return image.image_id, None, None
@@ -500,10 +540,19 @@ class DownloadReport:
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (image id, url, reason)
     complete: int = 0  # images listed in train.csv
 
+    @property
+    def all_failed(self) -> bool:
+        """Every image this run tried failed (the server down, a wrong --base-url): the CLI exits 1
+        even without --strict, as nothing was gained. A run with nothing to do has not failed."""
+        return bool(self.failures) and self.downloaded == 0
+
     def summary(self) -> str:
         lines = [self.table.summary(),
                  (f"download {self.out_dir}: {self.downloaded} images downloaded, {self.skipped_existing} already "
                   f"there, {len(self.failures)} failed; {self.complete} images in {self.out_dir / 'train.csv'}")]
+        if self.all_failed:
+            lines.append(f"every image of this run failed ({len(self.failures)}): check the network, the server and "
+                         "--base-url, then run again")
         if self.failures:
             lines.append(f"failed images are listed in {self.out_dir / 'failures.csv'} (run again to retry them); "
                          "first ones:")

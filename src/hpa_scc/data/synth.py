@@ -927,10 +927,13 @@ def write_synth_set(out_dir, n_images: int, *, size: int = 512, seed: int = 0, w
 
     metas = _load_metas(out)
     _write_tables(out, metas)
-    return _summarise(out, metas, size, seed, generated=len(todo), seconds=seconds)
+    return _summarise(out, metas, size, seed, requested=n_images, generated=len(todo), seconds=seconds)
 
 
-def _summarise(out: Path, metas: list[dict], size: int, seed: int, *, generated: int, seconds: float) -> dict:
+def _summarise(out: Path, metas: list[dict], size: int, seed: int, *, requested: int, generated: int,
+               seconds: float) -> dict:
+    """``requested``/``generated``/``skipped`` describe this call's images 0..requested-1; ``images``
+    and the counts describe the whole folder (its tables list every record in it)."""
     n_cells = [len(m["cells"]) for m in metas]
     image_counts, cell_counts = [0] * NUM_CLASSES, [0] * NUM_CLASSES
     for meta in metas:
@@ -941,7 +944,7 @@ def _summarise(out: Path, metas: list[dict], size: int, seed: int, *, generated:
                 cell_counts[label] += 1
     return {
         "out_dir": str(out), "size": size, "seed": seed,
-        "images": len(metas), "generated": generated, "skipped": len(metas) - generated,
+        "images": len(metas), "requested": requested, "generated": generated, "skipped": requested - generated,
         "seconds": seconds, "images_per_s": generated / seconds if generated and seconds > 0 else None,
         "cells": int(sum(n_cells)),
         "cells_per_image": {"min": min(n_cells, default=0), "mean": float(np.mean(n_cells)) if n_cells else 0.0,
@@ -961,8 +964,10 @@ def format_summary(summary: dict) -> str:
     speed = f", {summary['images_per_s']:.1f} images/s" if summary.get("images_per_s") else ""
     lines = [
         f"synthetic HPA set {summary['out_dir']} (seed {summary['seed']}, {summary['size']}x{summary['size']} px)",
-        f"  images: {summary['images']} ({summary['generated']} written now in {summary['seconds']:.1f} s{speed}, "
-        f"{summary['skipped']} already there)",
+        f"  images: {summary['requested']} asked for, {summary['generated']} written now in {summary['seconds']:.1f} s"
+        f"{speed}, {summary['skipped']} already there",
+        *([f"  the folder holds {summary['images']} images (an earlier call made more), all listed in train.csv; "
+            f"the counts below are over all {summary['images']}"] if summary["images"] != summary["requested"] else []),
         f"  cells: {summary['cells']}; per image min {cpi['min']} / mean {cpi['mean']:.1f} / max {cpi['max']}",
         f"  cut by the border: {summary['border_cells']} ({100 * summary['border_cells'] / cells:.0f} %); "
         f"mitotic: {summary['mitotic_cells']} ({100 * summary['mitotic_cells'] / cells:.1f} %)",
