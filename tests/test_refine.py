@@ -121,9 +121,10 @@ def test_refine_command(run, tmp_path, capsys):
     saved = json.loads((prepared / "coco_refined_r1" / "refine.json").read_text())
     assert saved["layout"] == "per_label" and saved["relative"] == 0.0 and len(saved["sweep"]) == 40
     assert (prepared / "coco_refined_r1" / "per_label" / "fold1.json").is_file()
-    assert main(["refine", str(run / "run"), str(prepared), "--name", "r", "--held-out-folds", "0",
-                 "--relative", "2", "-q"]) == 1
-    assert "relative must be in [0, 1]" in capsys.readouterr().err
+    for option, value in (("--relative", "2"), ("--threshold", "nan"), ("--threshold", "5")):
+        with pytest.raises(SystemExit) as stop:  # refused by the parser, before any model is loaded
+            main(["refine", str(run / "run"), str(prepared), "--name", "r", "--held-out-folds", "0", option, value])
+        assert stop.value.code == 2 and f"{value} is not a number in [0, 1]" in capsys.readouterr().err
     assert main(["refine", str(tmp_path / "nope"), str(prepared), "--name", "r", "--held-out-folds", "0"]) == 1
     assert "nope" in capsys.readouterr().err
 
@@ -197,3 +198,35 @@ def test_refine_as_a_job_array_scores_shards_and_merges_to_the_same_labels(run, 
     report_one = json.loads((one / "coco_r1" / "refine.json").read_text())
     report_parts = json.loads((parts / "coco_r1" / "refine.json").read_text())
     assert report_one == report_parts
+
+
+def test_a_refined_set_is_never_replaced_by_other_labels_nor_used_after_its_image_labels_changed(run, tmp_path,
+                                                                                                capsys):
+    """Issue 27 row 7: refine r1 again with another rule is refused (a run may have trained on r1);
+    after prepare relabels an image, training on r1 is refused, naming the changed fold."""
+    import shutil
+
+    from hpa_scc.apps.prepare import prepare_dataset
+    from hpa_scc.cli import main
+
+    data, prepared = tmp_path / "set", tmp_path / "prepared"
+    shutil.copytree(run / "set", data)
+    shutil.copytree(run / "prepared", prepared)
+    args = ["--name", "r1", "--held-out-folds", "0", "--threshold", "0", "--relative", "0.25", "--min-f1", "0", "-q"]
+    assert main(["refine", str(run / "run"), str(prepared)] + args) == 0
+    first = (prepared / "coco_r1" / "multilabel" / "fold1.json").read_bytes()
+    assert main(["refine", str(run / "run"), str(prepared)] + args) == 0  # the same command: allowed
+    other = [a if a != "0.25" else "0.5" for a in args]
+    assert main(["refine", str(run / "run"), str(prepared)] + other) == 1
+    err = capsys.readouterr().err
+    assert "holds labels refined from other inputs (relative: 0.25 -> 0.5)" in err and "another --name" in err
+    assert (prepared / "coco_r1" / "multilabel" / "fold1.json").read_bytes() == first
+    assert len(CellInstances(prepared, [0, 1], labels="r1")) > 0
+
+    rows = (data / "train.csv").read_text().splitlines()
+    image_id = rows[1].split(",")[0]
+    rows[1] = f"{image_id},7"
+    (data / "train.csv").write_text("\n".join(rows) + "\n")
+    prepare_dataset(data, prepared, size=128, n_folds=2, progress=False)
+    with pytest.raises(ValueError, match=r"coco_r1 was refined from image labels that have changed since \(fold\d"):
+        CellInstances(prepared, [0, 1], labels="r1")

@@ -76,6 +76,29 @@ def _add_cache(sub) -> None:
     p.set_defaults(func=_run_cache)
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a finite number in [0, 1] (thresholds, weights): 'nan' or 5 is an error
+    that names the value, not a run that makes every cell Negative."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:  # also false for nan
+        raise argparse.ArgumentTypeError(f"{text} is not a number in [0, 1]")
+    return value
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a finite number > 0 (seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number above 0")
+    return value
+
+
 def _add_labels(p) -> None:
     p.add_argument("--labels", type=Path, default=None, help="ID,Label table (default: DATA_DIR/train.csv if present)")
 
@@ -116,7 +139,17 @@ def _run_cache(args) -> int:
                              workers=args.workers, labels_csv=args.labels, progress=not args.quiet,
                              shard=_shard(args))
     print(report.summary())
-    return 1 if (args.strict and report.failures) else 0
+    return _exit_status(report.failures, report.written + report.skipped_existing, args.strict)
+
+
+def _exit_status(failures: list, done: int, strict: bool = False) -> int:
+    """1 when every input failed (nothing to go on with: a wrong folder, a dead server) or, with
+    --strict, when any did; else 0 (the failures are listed, and a rerun retries them)."""
+    if failures and not done:
+        print(f"error: every image failed ({len(failures)}), nothing was produced; the first: "
+              f"{failures[0][0]}: {failures[0][1]}", file=sys.stderr)
+        return 1
+    return 1 if (strict and failures) else 0
 
 
 def _add_split(sub) -> None:
@@ -186,7 +219,7 @@ def _run_segment(args) -> int:
                                 segmenter_options=_segmenter_options(args), workers=args.workers,
                                 labels_csv=args.labels, progress=not args.quiet, shard=_shard(args))
     print(report.summary())
-    return 0
+    return _exit_status(report.failures, report.written + report.skipped_existing)
 
 
 def _add_prepare(sub) -> None:
@@ -319,13 +352,13 @@ def _add_refine(sub) -> None:
     p.add_argument("--name", required=True, help="name of the refined labels, e.g. refined_r1 (-> coco_NAME/)")
     p.add_argument("--held-out-folds", type=int, nargs="+", required=True, metavar="K",
                    help="folds the model did not train on (its data.val_fold); the threshold is chosen on them")
-    p.add_argument("--relative", type=float, default=0.0, metavar="R",
+    p.add_argument("--relative", type=_fraction, default=0.0, metavar="R",
                    help="a cell must also reach R x the best cell's score for the label in its image "
                         "(0..1; default 0: the threshold alone)")
-    p.add_argument("--threshold", type=float, default=None, metavar="T",
+    p.add_argument("--threshold", type=_fraction, default=None, metavar="T",
                    help="fixed absolute threshold instead of the held-out choice; '--threshold 0 --relative 0.25' is "
                         "the relative rule alone, the one to use with a cell-level model (docs/RESULTS.md)")
-    p.add_argument("--min-f1", type=float, default=None, metavar="F",
+    p.add_argument("--min-f1", type=_fraction, default=None, metavar="F",
                    help="below this held-out image-label F1 the model is not trusted and the cells keep their "
                         "image labels (default: hpa_scc.apps.refine.MIN_HELD_OUT_F1, 0.5)")
     p.add_argument("--layout", choices=["per_label", "multilabel"], default=None,
@@ -380,7 +413,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--baseline", choices=["image-labels", "random", "truth"], default=None,
                    help="image-labels: every cell gets its image's labels at confidence 1; random: random confidences "
                         "(chance level); truth: a synthetic set's true cells and labels (must score 1.0)")
-    p.add_argument("--image-fusion", type=float, default=0.0, metavar="W",
+    p.add_argument("--image-fusion", type=_fraction, default=0.0, metavar="W",
                    help="blend each cell's confidences with its image's score (the best cell per class): "
                         "conf^(1-W) x image^W (default: 0, off)")
     _add_labels(p)
@@ -515,7 +548,7 @@ def _add_download_public(sub) -> None:
                    help="native: the file's bit depth, 16-bit kept (default); 8: scaled to 8-bit by the 16-bit range")
     g = p.add_argument_group("network")
     g.add_argument("--workers", type=int, default=8, metavar="N", help="parallel downloads (threads; default: 8)")
-    g.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds without data before a request is "
+    g.add_argument("--timeout", type=_positive, default=60.0, metavar="S", help="seconds without data before a request is "
                                                                "abandoned (default: 60)")
     g.add_argument("--retries", type=int, default=3, metavar="N", help="further attempts after a failed request (default: 3)")
     g.add_argument("--backoff", type=float, default=1.0, metavar="S", help="seconds before the first retry, doubled for each "
@@ -535,7 +568,7 @@ def _run_download_public(args) -> int:
                              exclude_train=args.exclude_train, limit=args.limit, options=options,
                              workers=args.workers, progress=not args.quiet, dry_run=args.dry_run)
     print(report.table.summary() if args.dry_run else report.summary())
-    return 1 if (args.strict and report.failures) else 0
+    return 1 if (args.strict and report.failures) or report.all_failed else 0
 
 
 def _add_merge_tables(sub) -> None:

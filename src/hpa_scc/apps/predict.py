@@ -150,6 +150,11 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
             raise ValueError(f"the image-labels baseline gives each cell its image's labels, and {len(unlabelled)} "
                              f"image(s) of {data_dir} have none (e.g. {unlabelled[0]}): give a table with --labels")
         truth = read_true_cell_labels(data_dir) if baseline == "truth" else None
+        if mode in ("segmenter", "image-labels", "random"):
+            from hpa_scc.segment import check_segmenter
+
+            # now, before the settings record: a missing package is fixed by the same command
+            check_segmenter(segmenter, **(segmenter_options or {}))
         # The per-image records of an earlier run are reused only for the same models and settings:
         # another model, checkpoint or option into the same OUT is refused, never mixed in.
         from hpa_scc.segment import segmenter_record

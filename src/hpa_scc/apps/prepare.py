@@ -116,10 +116,10 @@ def segment_folder(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
     refuse_inside(out_dir, data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_segmenter(segmenter, **(segmenter_options or {}))  # fail now, not in every worker
+    records = select_shard(find_images(data_dir, labels_csv), shard)  # inputs before the settings record
     # Label images made by another segmenter are never mixed in: another one into this folder is refused.
     check_settings(out_dir, {"segmenter": segmenter, "segmenter_options": segmenter_record(segmenter_options) or {}},
                    "segment.json")
-    records = select_shard(find_images(data_dir, labels_csv), shard)
     report = StepReport("segment", out_dir, failures_file=f"failures{shard_suffix(shard)}.csv")
     settings = {"out_dir": str(out_dir)}
     for image_id, now, error in run_pool(_segment_job, records, workers=workers, initializer=init_worker,
@@ -306,6 +306,10 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     if unlabelled:
         raise ValueError(f"prepare needs image labels, and {len(unlabelled)} image(s) have none (e.g. "
                          f"{unlabelled[0]}); give DATA_DIR/train.csv or --labels, or use 'segment' for unlabelled images")
+    if n_folds > 1 and len(records) < n_folds:  # now, not after every image is segmented
+        fix = "--folds 1 (one file, all.json)" if len(records) < 2 else f"--folds {len(records)} or fewer"
+        raise ValueError(f"--folds {n_folds} needs at least {n_folds} images and {data_dir} has {len(records)}; "
+                         f"use {fix}")
     if merge_only and not (out_dir / "prepare.json").is_file():
         raise FileNotFoundError(f"nothing to merge: {out_dir / 'prepare.json'} not found; run the shards first "
                                 "(the same command with --shard I/N instead of --merge)")

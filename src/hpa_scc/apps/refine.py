@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from hpa_scc.data.annotations import cells_fingerprint, write_coco
 from hpa_scc.data.shard import Shard, check_shard, complete_shard_counts, shard_of, shard_suffix
-from hpa_scc.utils.fileio import atomic_path, write_text_atomic
+from hpa_scc.utils.fileio import atomic_path, differences, write_text_atomic
 from hpa_scc.data.prepared import PreparedSet, cells_of, label_image
 from hpa_scc.weak.targets import (cell_instances, choose_threshold, label_quality, refine_labels,
                                   within_image_auc)
@@ -192,6 +192,23 @@ def _gather_parts(prepared: PreparedSet, name: str, layout: str, source: str, se
     return None
 
 
+def check_label_set(prepared: PreparedSet, name: str, made_from: dict) -> None:
+    """Refuse to replace ``coco_<name>`` when it was refined from anything else (another model or
+    checkpoint, rule, or image labels): one name, one set of labels, whatever ran on it."""
+    meta = prepared.labels_dir(name) / "refine.json"
+    if not meta.is_file():
+        return
+    try:
+        old = json.loads(meta.read_text()).get("made_from")
+    except ValueError:
+        old = None
+    if old != made_from:
+        diff = list(differences(old or {}, made_from)) if old else ["made by an earlier version, which did not record it"]
+        raise ValueError(f"{prepared.labels_dir(name)} holds labels refined from other inputs ({'; '.join(diff[:3])}); "
+                         "a run trained on them would continue on other labels: give another --name (e.g. "
+                         f"{name}_2), or delete that folder to refine it again")
+
+
 def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike, *, name: str,
                     held_out_folds: list[int], relative: float = 0.0, layout: str | None = None,
                     min_f1: float = MIN_HELD_OUT_F1, source: str = "image", checkpoint: str = "best.pt",
@@ -225,8 +242,16 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
         raise ValueError(f"refined labels need their own name, not {name!r} (e.g. refined_r1)")
     if not 0.0 <= relative <= 1.0:  # refine_labels checks it too, but only after every image is scored
         raise ValueError(f"relative must be in [0, 1] (a share of the image's best cell score), got {relative}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:  # nan too: it would make every cell Negative
+        raise ValueError(f"threshold must be in [0, 1] (a cell score), got {threshold}")
     prepared = PreparedSet(prepared_dir)
     loaded = load_run(run_dir, checkpoint, device)
+    # What the label set is made from. A set refined before from anything else is never replaced:
+    # a run may have trained on it, and its resume would silently continue on other labels.
+    made_from = {"model": model_identity(loaded), "source": source, "source_data": prepared.data_digest(source),
+                 "threshold": threshold, "relative": relative, "min_f1": min_f1,
+                 "held_out_folds": sorted(held_out_folds), "layout": layout}
+    check_label_set(prepared, name, made_from)
     layouts = [layout] if layout else list(prepared.layouts(source))
     if not layouts:
         raise FileNotFoundError(f"no COCO files in {prepared.labels_dir(source)}; build them with "
@@ -283,6 +308,10 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
             counts["before"] += len(ids) * len(set(image["labels"]))
             counts["after"] += sum(len(labels) for labels in new.values())
             counts["negative"] += sum(labels == [18] and 18 not in image["labels"] for labels in new.values())
+    # made_from first: a crash while the label files are written leaves them vouched for by the
+    # inputs being written, so the same command finishes them and another is refused
+    write_text_atomic(prepared.labels_dir(name) / "refine.json", json.dumps({"made_from": made_from,
+                                                                              "complete": False}, indent=2))
     for out_layout in layouts:
         out_base = prepared.labels_dir(name) / out_layout
         for fold, path in prepared.fold_files(out_layout, source):
@@ -320,6 +349,7 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
         sweep = [{"threshold": t, "relative": r, **quality(t, r)} for t in SWEEP_THRESHOLDS for r in SWEEP_RELATIVE]
     write_text_atomic(prepared.labels_dir(name) / "refine.json",
                       json.dumps({**report.__dict__, "min_f1": min_f1, "run_dir": str(run_dir),
-                                  "held_out_folds": held_out_folds, "layout": layout, "sweep": sweep}, indent=2))
+                                  "held_out_folds": held_out_folds, "layout": layout, "sweep": sweep,
+                                  "made_from": made_from}, indent=2))
     log.info(report.summary())
     return report

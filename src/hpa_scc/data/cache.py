@@ -146,9 +146,10 @@ def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size
         raise ValueError(f"--size {size} is too small; use at least 16 px (512 is the usual training size)")
     check_shard(shard)
     refuse_inside(out_dir, data_dir)
+    # the inputs first: a command that fails on them leaves no settings record to refuse its fix with
+    records = select_shard(find_images(data_dir, labels_csv), shard)
     fanout = cache_fanout(out_dir)  # a format 1 cache is resumed as it is: flat
     check_settings(out_dir, cache_settings(size, channels, fanout))
-    records = select_shard(find_images(data_dir, labels_csv), shard)
     suffix = shard_suffix(shard)
     report = CacheReport(out_dir, failures_file=f"failures{suffix}.csv")
 

@@ -36,7 +36,7 @@ from hpa_scc.data.annotations import AnnotationStore, load_store
 from hpa_scc.data.cache import cache_path
 from hpa_scc.data.images import read_labels, seg_paths
 from hpa_scc.utils.fileio import fanned
-from hpa_scc.utils.provenance import file_digest
+from hpa_scc.utils.provenance import changed, file_digest
 from hpa_scc.weak.targets import LAYOUTS, label_of
 
 PREPARE_JSON = "prepare.json"
@@ -139,6 +139,26 @@ class PreparedSet:
     def has_labels(self, labels: str) -> bool:
         return self.labels_dir(labels).is_dir()
 
+    def labels_fix(self, labels: str) -> str:
+        """How the COCO files of ``labels`` are made, for the error that finds them missing: prepare
+        for image labels, synth for the truth, a refinement round for any other name."""
+        if labels == "image":
+            return f"build them with 'python dataset.py DATA_DIR {self.root}' (python -m hpa_scc prepare)"
+        if labels == "truth":
+            return "only synthetic sets (with masks/ and cells.csv) have true cell labels"
+        here = ["image"] * self.has_labels("image") + ["truth"] * self.has_labels("truth") + sorted(
+            d.name.removeprefix("coco_") for d in self.root.glob("coco_*") if d.is_dir() and d.name != "coco_truth")
+        return (f"write it with a refinement round: python -m hpa_scc refine RUN_DIR {self.root} --name {labels} "
+                f"--held-out-folds K (label sets in this set: {', '.join(here) or 'none'})")
+
+    def first_layout(self, labels: str = "image", layout: str | None = None) -> str:
+        """``layout``, or else the first layout the set has for ``labels`` (the cells are the same in
+        every layout); none: an error saying how to make them."""
+        layouts = (layout,) if layout else self.layouts(labels)
+        if not layouts:
+            raise FileNotFoundError(f"no COCO files under {self.labels_dir(labels)}; {self.labels_fix(labels)}")
+        return layouts[0]
+
     def layouts(self, labels: str = "image") -> tuple[str, ...]:
         """The COCO layouts written for ``labels``, in LAYOUTS order."""
         return tuple(lay for lay in LAYOUTS if (self.labels_dir(labels) / lay).is_dir())
@@ -154,8 +174,7 @@ class PreparedSet:
                               f"names one; a set prepared with --layout holds that one only: prepare it again into "
                               f"another OUT_DIR, or train the head of the layout it holds, model.head=softmax for "
                               f"per_label)",
-                    "truth": "only synthetic sets (with masks/ and cells.csv) have true cell labels"}.get(
-                labels, "write it with a refinement round (bench/weak_supervision.py, hpa_scc.apps.refine)")
+                    }.get(labels) or self.labels_fix(labels)
             raise FileNotFoundError(f"{path} not found; {hint} (and check data.val_fold against the number of folds)")
         return path
 
@@ -166,7 +185,7 @@ class PreparedSet:
             return [(0, base / "all.json")]
         files = sorted(base.glob("fold*.json"), key=lambda p: int(p.stem[4:]))
         if not files:
-            raise FileNotFoundError(f"no COCO files in {base}; build them with 'python dataset.py DATA_DIR {self.root}'")
+            raise FileNotFoundError(f"no COCO files in {base}; {self.labels_fix(labels)}")
         return [(int(p.stem[4:]), p) for p in files]
 
     def read_folds(self, layout: str, folds: list[int], labels: str = "image") -> dict:
@@ -183,6 +202,7 @@ class PreparedSet:
     def annotation_stores(self, layout: str, folds: list[int], labels: str = "image") -> list[AnnotationStore]:
         """The annotation store of each fold's COCO file, memory-mapped (``data.annotations``); a file
         without one (a set prepared before stores existed) is read into memory, with a warning."""
+        self.check_refined(labels)
         fix = ("re-run the refinement round that wrote it" if labels not in ("image", "truth") else
                f"re-run the same prepare command on {self.root} (finished images are reused; it adds the stores)")
         return [load_store(self.coco_path(layout, fold, labels), fix) for fold in folds]
@@ -190,33 +210,42 @@ class PreparedSet:
     def fold_stores(self, labels: str = "image", layout: str | None = None) -> list[tuple[int, AnnotationStore]]:
         """(fold, annotation store) of every fold, in ``layout`` or else the first layout the set has
         (the cells are the same in every layout): ``fold_cocos`` without building a dict per cell."""
-        layouts = (layout,) if layout else self.layouts(labels)
-        if not layouts:
-            raise FileNotFoundError(f"no COCO files under {self.labels_dir(labels)}; build the set with "
-                                    f"'python dataset.py DATA_DIR {self.root}'")
-        folds = [fold for fold, _ in self.fold_files(layouts[0], labels)]
-        return list(zip(folds, self.annotation_stores(layouts[0], folds, labels), strict=True))
+        layout = self.first_layout(labels, layout)
+        folds = [fold for fold, _ in self.fold_files(layout, labels)]
+        return list(zip(folds, self.annotation_stores(layout, folds, labels), strict=True))
+
+    def check_refined(self, labels: str) -> None:
+        """A refined label set (``refine``) is made from the image labels of its time; once those
+        change (prepare rerun on a fixed or extended table) training on it would mix old labels in:
+        refused, naming the changed folds. Checked once per PreparedSet and label set."""
+        checked = self.__dict__.setdefault("_refined_checked", set())
+        if labels in ("image", "truth") or labels in checked:
+            return
+        try:
+            made = json.loads((self.labels_dir(labels) / "refine.json").read_text()).get("made_from") or {}
+        except (OSError, ValueError):
+            made = {}  # written by hand or by an earlier version: nothing recorded to check
+        if "source_data" in made:
+            folds = changed(made["source_data"], self.data_digest(made.get("source", "image")))
+            if folds:
+                raise ValueError(f"{self.labels_dir(labels)} was refined from {made.get('source', 'image')} labels "
+                                 f"that have changed since ({', '.join(folds)}: a prepare rerun relabelled, added "
+                                 f"or dropped images); refine again under a new name and train on that")
+        checked.add(labels)
 
     def data_digest(self, labels: str = "image", folds: list[int] | None = None) -> dict[str, str]:
         """{"fold<K>": 16 hex digits} of the COCO file of each fold (all when ``folds`` is None), of
         the first layout the set has for ``labels``: they change when an image, a cell or a label
         does. What a run trained on; ``train`` records it and refuses to resume (or refit) on a
         set whose digest changed, naming the folds (``provenance.changed``)."""
-        layouts = self.layouts(labels)
-        if not layouts:
-            raise FileNotFoundError(f"no COCO files under {self.labels_dir(labels)}; build the set with "
-                                    f"'python dataset.py DATA_DIR {self.root}'")
-        return {f"fold{fold}": file_digest(path) for fold, path in self.fold_files(layouts[0], labels)
+        return {f"fold{fold}": file_digest(path) for fold, path in self.fold_files(self.first_layout(labels), labels)
                 if folds is None or fold in folds}
 
     def fold_cocos(self, labels: str = "image", layout: str | None = None) -> list[tuple[int, dict]]:
         """(fold, COCO dict) of every fold, in ``layout`` or else the first layout the set has
         (the cells are the same in every layout)."""
-        layouts = (layout,) if layout else self.layouts(labels)
-        if not layouts:
-            raise FileNotFoundError(f"no COCO files under {self.labels_dir(labels)}; build the set with "
-                                    f"'python dataset.py DATA_DIR {self.root}'")
-        return [(fold, json.loads(path.read_text())) for fold, path in self.fold_files(layouts[0], labels)]
+        return [(fold, json.loads(path.read_text()))
+                for fold, path in self.fold_files(self.first_layout(labels, layout), labels)]
 
     def label_matrix(self, names: list[str], image_index: np.ndarray, cell_ids: np.ndarray,
                      labels: str = "image") -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ every resumable step calls on its folder before work, sweeps those once they are
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -74,10 +75,35 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and disk_full(exc, path.parent)  # before the partial file is freed
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if full:
+            raise DiskFullError(f"no space left on the device of {path.parent} while writing {path.name}; free "
+                                "space there (or write elsewhere), then run the same command again: finished "
+                                "work is kept") from exc
         raise
+
+
+class DiskFullError(RuntimeError):
+    """The output's file system is full. Not an OSError on purpose: the steps skip an image whose
+    read fails (OSError) and go on, but no image can be written now, so the step must stop."""
+
+
+# Below this many free bytes a failed write is taken as a full disk, whatever the writer said:
+# numpy says "N requested and M written", torch "[enforce fail at inline_container.cc]".
+FULL_BELOW_BYTES = 1 << 20
+
+
+def disk_full(exc: BaseException, folder: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < FULL_BELOW_BYTES
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -1,0 +1,123 @@
+"""The command line on bad input (issue 27 rows 10-13): a full disk stops the step with one line,
+every image failing is exit 1, a failed command leaves nothing that refuses its fix, and
+out-of-range numbers are refused by the parser."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import hpa_scc.utils.fileio as fileio
+from hpa_scc.cli import main
+from hpa_scc.data.cache import build_cache
+from hpa_scc.data.synth import write_synth_set
+from hpa_scc.utils.fileio import DiskFullError, atomic_path, write_npy_atomic
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "syn"
+    write_synth_set(out, 3, size=64, seed=9, progress=False)
+    return out
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_not_a_skipped_image(tmp_path, monkeypatch):
+    """Row 10: ENOSPC (or a writer's own words with no space left) stops the step."""
+    with pytest.raises(DiskFullError, match=f"no space left on the device of {tmp_path} while writing a.txt"):
+        with atomic_path(tmp_path / "a.txt") as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert not list(tmp_path.iterdir())  # the partial file is gone
+
+    # numpy's words on a full disk carry no errno: the free space decides
+    class Full:
+        f_bavail, f_frsize = 3, 4096
+
+    monkeypatch.setattr(fileio.os, "statvfs", lambda _: Full())
+
+    def short_save(path, array):
+        raise OSError("1048576 requested and 921472 written")
+
+    monkeypatch.setattr(fileio.np, "save", short_save)
+    with pytest.raises(DiskFullError, match="no space left"):
+        write_npy_atomic(tmp_path / "x.npy", np.zeros(3))
+
+
+def test_cache_stops_on_a_full_disk_and_keeps_what_was_done(syn, tmp_path, monkeypatch):
+    """Row 10 through a step: the first image that cannot be written ends the run (exit 1, one
+    line), instead of '3 of 3 skipped' and exit 0."""
+    class Full:
+        f_bavail, f_frsize = 0, 4096
+
+    monkeypatch.setattr(fileio.os, "statvfs", lambda _: Full())
+
+    def short_save(path, array):
+        raise OSError("1048576 requested and 921472 written")
+
+    monkeypatch.setattr(fileio.np, "save", short_save)
+    with pytest.raises(DiskFullError):
+        build_cache(syn, tmp_path / "c", size=32, workers=1, progress=False)
+    assert main(["cache", str(syn), str(tmp_path / "c"), "--size", "32", "--workers", "1", "-q"]) == 1
+
+
+def test_every_image_failing_is_exit_1(syn, tmp_path, capsys):
+    """Row 11: cache and segment of a folder whose every image is corrupt exit 1, naming one."""
+    bad = tmp_path / "bad"
+    shutil.copytree(syn, bad)
+    for png in (bad / "train").glob("*_green.png"):
+        png.write_bytes(b"not a png")
+    assert main(["cache", str(bad), str(tmp_path / "c"), "--size", "32", "--workers", "1", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "every image failed (3)" in err and "_green.png" in err
+    assert main(["segment", str(bad), str(tmp_path / "s"), "--workers", "1", "-q"]) == 1
+    assert "every image failed (3)" in capsys.readouterr().err
+    # one good image is enough for exit 0 (the failures are listed, a rerun retries them)
+    shutil.copy(syn / "train" / f"{sorted(os.listdir(syn / 'train'))[0].split('_')[0]}_green.png",
+                bad / "train")
+    assert main(["cache", str(bad), str(tmp_path / "c"), "--size", "32", "--workers", "1", "-q"]) == 0
+
+
+def test_a_failed_command_leaves_nothing_that_refuses_its_fix(syn, tmp_path, capsys):
+    """Row 12: a wrong data folder, then the right one with other settings, into one OUT."""
+    out = tmp_path / "cbx"
+    assert main(["cache", str(tmp_path / "nodir"), str(out), "--size", "48", "-q"]) == 1
+    assert "nodir" in capsys.readouterr().err and not (out / "cache.json").exists()
+    assert main(["cache", str(syn), str(out), "--size", "32", "--workers", "1", "-q"]) == 0
+
+    seg = tmp_path / "seg"
+    assert main(["segment", str(tmp_path / "nodir"), str(seg), "-q"]) == 1
+    assert not (seg / "segment.json").exists()
+
+    # predict with a segmenter that cannot start: refused before the settings record
+    pred = tmp_path / "pred"
+    assert main(["predict", "-", str(syn), "--out", str(pred), "--baseline", "image-labels", "--segmenter",
+                 "hpacellseg", "--workers", "1", "-q"]) == 1
+    capsys.readouterr()
+    assert not (pred / "predict.json").exists()
+    assert main(["predict", "-", str(syn), "--out", str(pred), "--baseline", "image-labels", "--workers", "1",
+                 "-q"]) == 0
+
+
+def test_more_folds_than_images_is_refused_before_any_work(syn, tmp_path, capsys):
+    """Row 12: --folds 20 on 3 images fails at once, before segmenting anything."""
+    out = tmp_path / "p20"
+    assert main(["prepare", str(syn), str(out), "--size", "32", "--folds", "20", "-q"]) == 1
+    assert "--folds 20 needs at least 20 images" in capsys.readouterr().err
+    assert not (out / "segmentation").exists() and not (out / "prepare.json").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["predict", "-", "DATA", "--out", "OUT", "--baseline", "random", "--image-fusion", "nan"],
+    ["predict", "-", "DATA", "--out", "OUT", "--baseline", "random", "--image-fusion", "1.5"],
+    ["refine", "RUN", "PREP", "--name", "r", "--held-out-folds", "0", "--threshold", "nan"],
+    ["refine", "RUN", "PREP", "--name", "r", "--held-out-folds", "0", "--min-f1", "-1"],
+])
+def test_out_of_range_numbers_are_refused_by_the_parser(command, capsys):
+    """Row 13: nan or out-of-range thresholds and weights are a usage error naming the value."""
+    with pytest.raises(SystemExit) as stop:
+        main(command)
+    assert stop.value.code == 2
+    assert f"{command[-1]} is not a number in [0, 1]" in capsys.readouterr().err
