@@ -162,3 +162,13 @@ def test_a_loader_workers_memory_stays_flat_over_thousands_of_images(tmp_path):
     _, dict_growth = growth("dicts")
     assert store_growth < 1.5, f"a worker's own memory grew {store_growth:.1f} MB over the last {n // 2} samples"
     assert dict_growth > 3 * max(store_growth, 1.0), (store_growth, dict_growth)
+
+
+def test_provenance_bench_reports_the_cost_and_a_redone_image(tmp_path):
+    """bench/provenance.py at 200 images: the figures are printed and one replaced channel is
+    one image redone."""
+    proc = subprocess.run([sys.executable, str(BENCH / "provenance.py"), "--images", "200",
+                           "--work", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "reuse check per image" in proc.stdout
+    assert "one image's channel replaced: 1 redone, 199 reused" in proc.stdout
