@@ -121,3 +121,34 @@ def test_out_of_range_numbers_are_refused_by_the_parser(command, capsys):
         main(command)
     assert stop.value.code == 2
     assert f"{command[-1]} is not a number in [0, 1]" in capsys.readouterr().err
+
+
+def test_a_step_into_another_steps_folder_is_refused(syn, tmp_path, capsys):
+    """Probe 2: cache (or predict) into a prepared set wrote its records/<xx>/<ID>.json over
+    prepare's; now refused, and the prepared records are untouched."""
+    prepared = tmp_path / "prep"
+    assert main(["prepare", str(syn), str(prepared), "--size", "32", "--folds", "2", "--workers", "1", "-q"]) == 0
+    records = {p: p.read_bytes() for p in (prepared / "records").rglob("*.json")}
+    capsys.readouterr()
+    assert main(["cache", str(syn), str(prepared), "--size", "32", "-q"]) == 1
+    assert "holds the output of another step (prepare.json)" in capsys.readouterr().err
+    assert main(["predict", "-", str(syn), "--out", str(prepared), "--baseline", "image-labels", "-q"]) == 1
+    assert "holds the output of another step (prepare.json)" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (prepared / "records").rglob("*.json")} == records
+    # and a prepared set is not a run
+    assert main(["predict", str(prepared), str(syn), "--out", str(tmp_path / "p"), "-q"]) == 1
+    assert "is not a training run: it has no config.yaml (it is a prepared set" in capsys.readouterr().err
+
+
+def test_probe_messages_name_the_file_and_the_fix(syn, tmp_path, capsys):
+    """Probe 2: a missing --labels table, a binary or empty CSV given to evaluate."""
+    assert main(["prepare", str(syn), str(tmp_path / "p"), "--labels", str(tmp_path / "nosuch.csv"), "-q"]) == 1
+    assert "label table" in (err := capsys.readouterr().err) and "nosuch.csv (--labels) not found" in err
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(b"ID,\xd0\xff\x00garbage")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert main(["evaluate", "--solution", str(binary), "--submission", str(syn / "solution.csv")]) == 1
+    assert "bin.csv is not a text CSV" in capsys.readouterr().err
+    assert main(["evaluate", "--solution", str(syn / "solution.csv"), "--submission", str(empty)]) == 1
+    assert "empty.csv is empty; expected the header ID,ImageWidth" in capsys.readouterr().err

@@ -103,7 +103,7 @@ def test_an_uninformed_model_leaves_the_weak_labels_alone(run, tmp_path):
         labels_by_cell(PreparedSet(prepared).read_folds("per_label", [0, 1]))
     with pytest.raises(ValueError, match="their own name"):
         refine_prepared(run / "run", prepared, layout="per_label", name="truth", held_out_folds=[0], progress=False)
-    with pytest.raises(ValueError, match="no held-out images"):
+    with pytest.raises(ValueError, match=r"--held-out-folds 7: .* has 2 fold\(s\) \(0-1\)"):  # before any scoring
         refine_prepared(run / "run", prepared, layout="per_label", name="r2", held_out_folds=[7], progress=False)
 
 

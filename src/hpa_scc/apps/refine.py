@@ -245,6 +245,10 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
     if threshold is not None and not 0.0 <= threshold <= 1.0:  # nan too: it would make every cell Negative
         raise ValueError(f"threshold must be in [0, 1] (a cell score), got {threshold}")
     prepared = PreparedSet(prepared_dir)
+    absent = sorted(set(held_out_folds) - set(range(prepared.n_folds)))
+    if absent:  # now, not after every cell is scored
+        raise ValueError(f"--held-out-folds {' '.join(map(str, absent))}: {prepared.root} has {prepared.n_folds} "
+                         f"fold(s) (0-{prepared.n_folds - 1}); give the run's data.val_fold")
     loaded = load_run(run_dir, checkpoint, device)
     # What the label set is made from. A set refined before from anything else is never replaced:
     # a run may have trained on it, and its resume would silently continue on other labels.

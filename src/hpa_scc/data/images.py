@@ -259,6 +259,9 @@ def find_images(data_dir: str | os.PathLike, labels_csv: str | os.PathLike | Non
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist")
+    if labels_csv and not Path(labels_csv).is_file():  # else the folder would be read as unlabelled
+        raise FileNotFoundError(f"label table {labels_csv} (--labels) not found; give an ID,Label CSV, or leave "
+                                f"--labels out to use {data_dir / 'train.csv'}")
     table_path = Path(labels_csv) if labels_csv else data_dir / "train.csv"
     image_dir = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
     if table_path.is_file():

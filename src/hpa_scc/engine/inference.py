@@ -54,6 +54,11 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: st
     from hpa_scc.config import load_config
 
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        what = (" (it is a prepared set: give the run folder that trained on it)" if (run_dir / "prepare.json").is_file()
+                else " (no such folder)" if not run_dir.is_dir() else "")
+        raise FileNotFoundError(f"{run_dir} is not a training run: it has no config.yaml{what}; give a train.run_dir, "
+                                "or '-' with --baseline")
     cfg = load_config(run_dir / "config.yaml")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     if cfg.model.engine == "detectron2":  # detectron2's own network behind the torchvision interface

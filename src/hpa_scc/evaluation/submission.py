@@ -237,32 +237,41 @@ def write_submission(path: str | os.PathLike, rows: Iterable[SubmissionRow]) -> 
 def read_submission(path: str | os.PathLike) -> list[SubmissionRow]:
     """Parse a submission CSV; malformed rows raise SubmissionError naming the file and row."""
     path = Path(path)
-    rows = []
     # A row holds every cell x label of an image: far past csv's default 128 KiB field limit.
     csv.field_size_limit(2**31 - 1)
-    with open(path, newline="", encoding="utf-8-sig") as fh:  # a spreadsheet's byte-order mark is not the header
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None or tuple(h.strip() for h in header) != HEADER:
-            raise SubmissionError(f"{path}: header is {header}, expected {','.join(HEADER)}")
-        for line_no, rec in enumerate(reader, start=2):
-            where = f"{path} line {line_no}"
-            if len(rec) != 4:
-                raise SubmissionError(f"{where}: expected 4 columns, got {len(rec)}")
-            image_id, width, height, text = rec
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # a spreadsheet's byte-order mark is not the header
+            return _read_rows(path, csv.reader(fh))
+    except UnicodeDecodeError as exc:
+        raise SubmissionError(f"{path} is not a text CSV (byte {exc.start} is not UTF-8): give the submission or "
+                              "solution CSV itself, not a compressed or binary file") from None
+
+
+def _read_rows(path: Path, reader) -> list[SubmissionRow]:
+    rows = []
+    header = next(reader, None)
+    if header is None:
+        raise SubmissionError(f"{path} is empty; expected the header {','.join(HEADER)} and one row per image")
+    if tuple(h.strip() for h in header) != HEADER:
+        raise SubmissionError(f"{path}: header is {header}, expected {','.join(HEADER)}")
+    for line_no, rec in enumerate(reader, start=2):
+        where = f"{path} line {line_no}"
+        if len(rec) != 4:
+            raise SubmissionError(f"{where}: expected 4 columns, got {len(rec)}")
+        image_id, width, height, text = rec
+        try:
+            row = SubmissionRow(image_id, int(width), int(height))
+        except ValueError:
+            raise SubmissionError(f"{where} (ID {image_id}): width/height {width!r}/{height!r} are not integers") from None
+        tokens = text.split()
+        if len(tokens) % 3:
+            raise SubmissionError(f"{where} (ID {image_id}): {len(tokens)} tokens, not label/confidence/mask triples")
+        for i in range(0, len(tokens), 3):
             try:
-                row = SubmissionRow(image_id, int(width), int(height))
-            except ValueError:
-                raise SubmissionError(f"{where} (ID {image_id}): width/height {width!r}/{height!r} are not integers") from None
-            tokens = text.split()
-            if len(tokens) % 3:
-                raise SubmissionError(f"{where} (ID {image_id}): {len(tokens)} tokens, not label/confidence/mask triples")
-            for i in range(0, len(tokens), 3):
-                try:
-                    label = check_label(int(tokens[i]))
-                    conf = float(tokens[i + 1])
-                except ValueError as exc:
-                    raise SubmissionError(f"{where} (ID {image_id}), triple {i // 3}: {exc}") from None
-                row.predictions.append((label, conf, tokens[i + 2]))
-            rows.append(row)
+                label = check_label(int(tokens[i]))
+                conf = float(tokens[i + 1])
+            except ValueError as exc:
+                raise SubmissionError(f"{where} (ID {image_id}), triple {i // 3}: {exc}") from None
+            row.predictions.append((label, conf, tokens[i + 2]))
+        rows.append(row)
     return rows

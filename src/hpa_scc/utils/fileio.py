@@ -139,6 +139,10 @@ def check_settings(out_dir: Path, settings: dict, name: str = "cache.json", *, s
     already swept).
     """
     meta = Path(out_dir) / name
+    others = [other for other in STEP_RECORDS if other != name and (Path(out_dir) / other).is_file()]
+    if others:  # e.g. cache into a prepared set: its records/<xx>/<ID>.json would replace prepare's
+        raise ValueError(f"{out_dir} holds the output of another step ({others[0]}); this one ({name}) would write "
+                         f"over its files: give it a folder of its own")
     text = json.dumps(settings, indent=2) + "\n"
     if not meta.is_file():
         meta.parent.mkdir(parents=True, exist_ok=True)
@@ -172,6 +176,8 @@ def check_settings(out_dir: Path, settings: dict, name: str = "cache.json", *, s
         sweep_stale_temps(meta.parent)
 
 
+# The settings records of the steps that fill a folder with per-image files; one folder, one step.
+STEP_RECORDS = ("cache.json", "prepare.json", "segment.json", "predict.json", "download.json")
 # What a step writes besides its results: settings records, failure lists, logs.
 NOT_RESULTS = re.compile(r"^(cache|prepare|segment|predict|download)\.json$|^failures.*\.csv$|\.log$")
 
