@@ -152,3 +152,29 @@ def test_probe_messages_name_the_file_and_the_fix(syn, tmp_path, capsys):
     assert "bin.csv is not a text CSV" in capsys.readouterr().err
     assert main(["evaluate", "--solution", str(syn / "solution.csv"), "--submission", str(empty)]) == 1
     assert "empty.csv is empty; expected the header ID,ImageWidth" in capsys.readouterr().err
+
+
+def test_split_and_synth_never_replace_a_label_table(syn, tmp_path, capsys):
+    """Probe 2: 'split T --out T' turned the label table into a folds table; synth into a Kaggle
+    folder replaced its train.csv."""
+    table = tmp_path / "train.csv"
+    shutil.copyfile(syn / "train.csv", table)
+    before = table.read_bytes()
+    assert main(["split", str(table), "--folds", "2", "--out", str(table)]) == 1
+    assert "--out" in (err := capsys.readouterr().err) and "is also LABELS_CSV" in err
+    assert table.read_bytes() == before
+    kaggle = tmp_path / "kaggle"
+    kaggle.mkdir()
+    (kaggle / "train.csv").write_text("ID,Label\nabc,0\n")
+    assert main(["synth", str(kaggle), "--images", "1", "--size", "64", "-q"]) == 1
+    assert "holds a label table (train.csv) that synth did not write" in capsys.readouterr().err
+    assert (kaggle / "train.csv").read_text() == "ID,Label\nabc,0\n"
+
+
+def test_sizes_and_areas_out_of_range_are_refused_before_any_work(syn, tmp_path, capsys):
+    """Probe 2: cache --size 100000 was killed for memory; --min-cell-area -5 was accepted."""
+    assert main(["cache", str(syn), str(tmp_path / "c"), "--size", "100000", "-q"]) == 1
+    assert "--size 100000 is out of range; use 16 to 4096 px" in capsys.readouterr().err
+    assert main(["prepare", str(syn), str(tmp_path / "p"), "--size", "32", "--min-cell-area", "-5", "-q"]) == 1
+    assert "--min-cell-area -5" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "p").exists()

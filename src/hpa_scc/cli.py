@@ -169,7 +169,10 @@ def _add_split(sub) -> None:
 def _run_split(args) -> int:
     from hpa_scc.data.folds import default_out, fold_class_counts, format_balance, split_table
 
+    from hpa_scc.utils.fileio import refuse_overwrite
+
     out = args.out or default_out(args.labels_csv, args.folds, args.seed)
+    refuse_overwrite({"--out": out}, {"LABELS_CSV": args.labels_csv})  # the table would become a folds table
     ids, labels, folds = split_table(args.labels_csv, out, args.folds, args.seed)
     print(format_balance(fold_class_counts(labels, folds)))
     print(f"{len(ids)} images in {args.folds} folds -> {out}")

@@ -50,7 +50,7 @@ from pycocotools import mask as coco_mask
 from hpa_scc.data.annotations import write_coco
 from hpa_scc.data.prepared import record_path as prepared_record
 from hpa_scc.data.cache import cache_path, cache_settings, is_cached, write_index
-from hpa_scc.constants import CHANNELS, CLASS_NAMES, format_labels
+from hpa_scc.constants import CHANNELS, CLASS_NAMES, MAX_SIZE, format_labels
 from hpa_scc.utils.fileio import atomic_path, check_settings, refuse_inside, write_npy_atomic, write_text_atomic
 from hpa_scc.data.folds import assign_folds
 from hpa_scc.data.images import ImageReadError, ImageRecord, find_images, image_stamp, read_image, resize
@@ -292,8 +292,10 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     """
     if layout not in LAYOUT_CHOICES:
         raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUT_CHOICES)}")
-    if size < 16:
-        raise ValueError(f"--size {size} is too small; use at least 16 px (512 is the usual training size)")
+    if not 16 <= size <= MAX_SIZE:  # past the largest HPA image (3072 px) only memory grows, by size^2
+        raise ValueError(f"--size {size} is out of range; use 16 to {MAX_SIZE} px (512 is the usual training size)")
+    if min_cell_area_px < 0:
+        raise ValueError(f"--min-cell-area {min_cell_area_px}: an area in px is 0 or more")
     if n_folds < 1:
         raise ValueError(f"--folds {n_folds}: use 1 (one file all.json) or more (5 is the usual)")
     check_shard(shard)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpa_scc.constants import format_labels, parse_labels
+from hpa_scc.constants import MAX_SIZE, format_labels, parse_labels
 from hpa_scc.utils.fileio import (atomic_path, check_settings, fanned, refuse_inside, write_npy_atomic,
                                  write_text_atomic)
 from hpa_scc.data.images import (ImageReadError, ImageRecord, channel_names, find_images, image_stamp, read_image,
@@ -142,8 +142,8 @@ def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size
     (index-shard<I>of<N>.csv, failures-shard<I>of<N>.csv); ``merge_cache`` gathers them.
     """
     out_dir = Path(out_dir)
-    if size < 16:
-        raise ValueError(f"--size {size} is too small; use at least 16 px (512 is the usual training size)")
+    if not 16 <= size <= MAX_SIZE:  # past the largest HPA image (3072 px) only memory grows, by size^2
+        raise ValueError(f"--size {size} is out of range; use 16 to {MAX_SIZE} px (512 is the usual training size)")
     check_shard(shard)
     refuse_inside(out_dir, data_dir)
     # the inputs first: a command that fails on them leaves no settings record to refuse its fix with

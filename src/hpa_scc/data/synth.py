@@ -910,6 +910,11 @@ def write_synth_set(out_dir, n_images: int, *, size: int = 512, seed: int = 0, w
         raise ValueError(f"--size {size}: synthetic images are {MIN_SIZE} to {MAX_SIZE} px (real HPA images are "
                          f"1728 to 3072 px; 512 is the usual)")
     out = Path(out_dir)
+    # The tables are rebuilt from OUT/meta/: a folder with a train.csv and no meta/ is someone's
+    # data set, whose label table would be replaced.
+    if (out / "train.csv").is_file() and not (out / "meta").is_dir():
+        raise ValueError(f"{out} holds a label table (train.csv) that synth did not write; synth would replace it: "
+                         "give a folder of its own")
     out.mkdir(parents=True, exist_ok=True)
     _check_params(out, size, seed)
     todo = []
