@@ -178,3 +178,18 @@ def test_sizes_and_areas_out_of_range_are_refused_before_any_work(syn, tmp_path,
     assert main(["prepare", str(syn), str(tmp_path / "p"), "--size", "32", "--min-cell-area", "-5", "-q"]) == 1
     assert "--min-cell-area -5" in capsys.readouterr().err
     assert not (tmp_path / "c").exists() and not (tmp_path / "p").exists()
+
+
+def test_visualize_into_the_images_and_a_public_id_with_dots_are_refused(syn, tmp_path, capsys):
+    """Probe 2: visualize --out DATA/train wrote PNGs among the channel files; a download table's
+    Image path with '..' gave an ID with '..'."""
+    from hpa_scc.data.public import image_id_from_url
+
+    assert main(["predict", "-", str(syn), "--out", str(tmp_path / "p"), "--baseline", "truth", "-q"]) == 0
+    n_files = len(list((syn / "train").iterdir()))
+    assert main(["visualize", str(tmp_path / "p"), str(syn), "--out", str(syn / "train"), "-q"]) == 1
+    assert "inside the inputs" in capsys.readouterr().err
+    assert len(list((syn / "train").iterdir())) == n_files
+    assert image_id_from_url("https://images.proteinatlas.org/10580/1758_B1_1") == "10580_1758_B1_1"
+    with pytest.raises(ValueError, match="path separator, '..'"):
+        image_id_from_url("/../../1_A1_1_")

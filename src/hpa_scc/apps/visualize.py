@@ -495,6 +495,9 @@ def visualize_main(pred_dir: str | os.PathLike, data_dir: str | os.PathLike, out
     from hpa_scc.evaluation.metric import evaluate_files
 
     pred_dir, out_dir = Path(pred_dir), Path(out_dir)
+    from hpa_scc.utils.fileio import refuse_inside
+
+    refuse_inside(out_dir, data_dir, "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path | list[Path]] = {}
     written["overlays"] = prediction_overlays(pred_dir, data_dir, out_dir, n, top_k=top_k)

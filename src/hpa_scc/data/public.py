@@ -81,7 +81,7 @@ from hpa_scc.constants import (
     parse_labels,
 )
 from hpa_scc.utils.fileio import atomic_path, write_png_atomic, write_text_atomic
-from hpa_scc.data.images import ImageReadError, read_label_table, resize, table_rows, to_uint8
+from hpa_scc.data.images import ImageReadError, check_image_id, read_label_table, resize, table_rows, to_uint8
 from hpa_scc.utils.pool import write_failures
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,9 @@ def image_id_from_url(prefix: str) -> str:
     if not parts:
         raise ValueError(f"Image {prefix!r} has no path; expected a URL prefix like "
                          "https://images.proteinatlas.org/10580/1758_B1_1")
-    return "_".join(parts[-2:])
+    image_id = "_".join(parts[-2:])
+    check_image_id(image_id, f"Image {prefix!r}")  # it names the files written
+    return image_id
 
 
 def channel_url(prefix: str, channel: str, base_url: str | None = None) -> str:
