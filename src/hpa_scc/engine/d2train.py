@@ -23,6 +23,13 @@ What it does, in order (``train_d2``):
    Checkpoints: ``model_NNNNNNN.pth`` every ``save_every_epochs`` and ``model_final.pth``;
    metrics in detectron2's ``metrics.json``.
 
+As with the torchvision engine, one run owns the folder: rank 0 holds ``RUN_DIR/.lock`` while it
+trains (``hpa_scc.utils.checkpoint.RunLock``: a second start is refused, a dead holder's lock taken
+over), ``data.json`` records the digest of the COCO folds it trains on and a resume on changed
+folds is refused, naming them. detectron2 reads its own ``.pth`` checkpoints with torch.load's
+default, ``weights_only=True`` since torch 2.6; a model-zoo ``.pkl`` (and the RGB(Y) conversion
+written into the run folder from it) is a pickle, read with pickle: give only files you trust.
+
 Processes: under torchrun (or srun) each process joins the group the environment describes;
 otherwise ``num_gpus`` > 1 (``GPUS`` env, else every visible GPU with ``train.device`` cuda)
 spawns through detectron2's own ``launch``; one process otherwise. On SIGUSR1/SIGTERM the
@@ -41,6 +48,7 @@ import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +57,8 @@ import yaml
 
 from hpa_scc.config import Config, resume_changes, RESUMABLE_CHANGES, save_config
 from hpa_scc.data.prepared import PreparedSet
-from hpa_scc.utils.checkpoint import unwrap
+from hpa_scc.utils.checkpoint import (DATA_FILE, LOCK_FILE, LOCK_REFRESH_S, RunLock, read_data_record, unwrap,
+                                     write_data_record)
 from hpa_scc.models.d2model import (CONVERTED_WEIGHTS, D2_CONFIG, build_d2_config, check_weights_fit,
                                     convert_zoo_weights, read_d2_weights, require_detectron2)
 
@@ -180,6 +189,7 @@ def _trainer_class():
         def __init__(self, run_dir: Path):
             self.run_dir = run_dir
             self.signalled = False
+            self.touched = time.monotonic()
             for sig in (signal.SIGUSR1, signal.SIGTERM):
                 signal.signal(sig, self._note)
 
@@ -187,6 +197,12 @@ def _trainer_class():
             self.signalled = True
 
         def after_step(self):
+            if comm.is_main_process() and time.monotonic() - self.touched >= LOCK_REFRESH_S:
+                # the run folder's lock, seen alive from another host (as RunLock.refresh; by path: under
+                # launch this is a spawned process, the lock is its parent's)
+                self.touched = time.monotonic()
+                if (self.run_dir / LOCK_FILE).is_file():
+                    os.utime(self.run_dir / LOCK_FILE)
             flag = torch.tensor([int(self.signalled)])
             if comm.get_world_size() > 1:  # one rank signalled: all stop after this step, or DDP would hang
                 flag = flag.to(self.trainer.cfg.MODEL.DEVICE)
@@ -256,20 +272,22 @@ def add_project_keys(d2cfg, cfg: Config) -> None:
                          "CLIP_GRAD_NORM": cfg.optim.clip_grad_norm or 0.0})  # 0: none
 
 
-def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True):
+def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True, lock: RunLock | None = None):
     """Resolve ``cfg`` against its prepared set and run folder; return detectron2's config.
 
-    With ``write`` (rank 0) the run folder gets config.yaml, d2_config.yaml and, for a .pkl
-    ``model.weights``, its RGB(Y) conversion.
+    With ``write`` (rank 0) the run folder gets config.yaml, d2_config.yaml, data.json and, for a
+    .pkl ``model.weights``, its RGB(Y) conversion; ``lock`` (train_d2's) is taken after the checks,
+    before the first of those is written.
     """
-    from hpa_scc.engine.train import resumes, split_folds  # the torchvision engine's rules, shared
+    from hpa_scc.engine.train import data_record, resumes, split_folds  # the torchvision engine's rules, shared
 
     require_detectron2()
     prepared = PreparedSet(cfg.data.prepared_dir)
     cfg.data.image_size = prepared.check_size(cfg.data.image_size, "data.image_size")
     run_dir = Path(cfg.train.run_dir)
-    check_d2_resume(cfg, run_dir)
     train_folds, val_folds = split_folds(cfg, prepared)
+    data = data_record(cfg, prepared, train_folds, val_folds)
+    check_d2_resume(cfg, run_dir, data)
     n_train = len(fold_records(prepared, cfg.data.layout, train_folds, cfg.data.labels, cfg.data.max_train_images))
 
     fresh = not resumes(cfg, run_dir, LAST_POINTER)  # else the checkpoint is loaded
@@ -292,6 +310,8 @@ def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True):
     d2cfg.DATASETS.TRAIN = (TRAIN_NAME,)
     d2cfg.DATASETS.TEST = ()  # scored afterwards by predict / evaluate
     if write:
+        if lock is not None:
+            lock.acquire()
         run_dir.mkdir(parents=True, exist_ok=True)
         if fresh:
             start_over(run_dir)
@@ -301,6 +321,7 @@ def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True):
         from hpa_scc.utils.fileio import write_text_atomic
 
         write_text_atomic(run_dir / D2_CONFIG, d2cfg.dump())
+        write_data_record(run_dir, data)
         (run_dir / PREEMPTED_JSON).unlink(missing_ok=True)
     log.info("detectron2 %s: %d training images (folds %s), %d iterations of %d images -> %s", cfg.model.backbone,
              n_train, train_folds, d2cfg.SOLVER.MAX_ITER, d2cfg.SOLVER.IMS_PER_BATCH, run_dir)
@@ -314,7 +335,7 @@ def start_over(run_dir: Path) -> None:
     weights conversion goes too: one left by an earlier start (another file, another channel
     count) is never what this start asked for, so it is made anew."""
     old = [p for p in [*run_dir.glob("model_*.pth"), run_dir / LAST_POINTER, run_dir / "metrics.json",
-                       run_dir / CONVERTED_WEIGHTS] if p.is_file()]
+                       run_dir / CONVERTED_WEIGHTS, run_dir / DATA_FILE] if p.is_file()]
     if old:
         log.warning("starting %s over (no checkpoint to resume, or train.resume=false): removing %s", run_dir,
                     ", ".join(sorted(p.name for p in old)))
@@ -322,10 +343,12 @@ def start_over(run_dir: Path) -> None:
             path.unlink()
 
 
-def check_d2_resume(cfg: Config, run_dir: Path) -> None:
-    """A folder with a detectron2 checkpoint resumes only with RESUMABLE_CHANGES (as the torchvision engine);
-    a folder of the torchvision engine's is refused (two runs would mix in it)."""
-    from hpa_scc.engine.train import refuse_other_engine, resumes
+def check_d2_resume(cfg: Config, run_dir: Path, data: dict | None = None) -> None:
+    """A folder with a detectron2 checkpoint resumes only with RESUMABLE_CHANGES and, given ``data``
+    (``train.data_record``), on the folds data.json recorded (as the torchvision engine); a folder
+    of the torchvision engine's is refused (two runs would mix in it)."""
+    from hpa_scc.engine.train import changed_data_error, refuse_other_engine, resumes
+    from hpa_scc.utils.checkpoint import changed_folds
 
     refuse_other_engine(run_dir, "detectron2")
     saved = run_dir / "config.yaml"
@@ -337,6 +360,10 @@ def check_d2_resume(cfg: Config, run_dir: Path) -> None:
         raise ValueError(f"{run_dir} holds a detectron2 run started with other settings ({lines}); use another "
                          f"train.run_dir, put them back, or set train.resume=false to start this folder over "
                          f"(a resume may change: {', '.join(RESUMABLE_CHANGES)})")
+    saved_data = read_data_record(run_dir) if data is not None else None  # None: an earlier version's run
+    changed = changed_folds(saved_data, data) if saved_data is not None else []
+    if changed:
+        raise changed_data_error(run_dir, data, changed)
     if allowed:
         log.info("resuming with changed settings: %s", ", ".join(f"{k} {a} -> {b}" for k, (a, b) in allowed.items()))
 
@@ -410,16 +437,23 @@ def train_d2(cfg: Config, num_gpus: int | None = None) -> str:
         raise ValueError(f"the detectron2 engine trains several processes on GPUs only; on CPU run one process "
                          f"(got {max(processes, num_gpus)}: unset GPUS / run without torchrun, or train.device=cuda)")
     under_launcher = _torchrun_group(device)
-    if under_launcher:
-        world = torch.distributed.get_world_size()
-        d2cfg = prepare_d2_run(cfg, num_gpus=world, write=torch.distributed.get_rank() == 0)
-        torch.distributed.barrier()  # the files exist before any rank reads them
+    # held by the process that writes the folder (rank 0, or the parent of launch's processes);
+    # taken by prepare_d2_run after its checks, let go however training ends
+    lock = RunLock(cfg.train.run_dir)
+    try:
+        if under_launcher:
+            world = torch.distributed.get_world_size()
+            main = torch.distributed.get_rank() == 0
+            d2cfg = prepare_d2_run(cfg, num_gpus=world, write=main, lock=lock if main else None)
+            torch.distributed.barrier()  # the files exist before any rank reads them
+            return _worker(d2cfg, cfg.train.resume)
+        d2cfg = prepare_d2_run(cfg, num_gpus=max(num_gpus, 1), lock=lock)
+        if num_gpus > 1:
+            launch(_worker, num_gpus, dist_url="auto", args=(d2cfg, cfg.train.resume))  # a free local port
+            return "preempted" if (Path(cfg.train.run_dir) / PREEMPTED_JSON).is_file() else "done"
         return _worker(d2cfg, cfg.train.resume)
-    d2cfg = prepare_d2_run(cfg, num_gpus=max(num_gpus, 1))
-    if num_gpus > 1:
-        launch(_worker, num_gpus, dist_url="auto", args=(d2cfg, cfg.train.resume))  # a free local port
-        return "preempted" if (Path(cfg.train.run_dir) / PREEMPTED_JSON).is_file() else "done"
-    return _worker(d2cfg, cfg.train.resume)
+    finally:
+        lock.release()
 
 
 __all__ = ["train_d2", "prepare_d2_run", "register_folds", "fold_records", "NpyMapper", "default_num_gpus"]

@@ -49,8 +49,9 @@ def model_identity(loaded: LoadedModel) -> dict:
 
 def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: str = "auto") -> LoadedModel:
     """The model of a run folder (its config.yaml + a checkpoint), in eval mode."""
+    from hpa_scc.engine.train import pick_device
     from hpa_scc.models.cells import build_family_model
-    from hpa_scc.utils.checkpoint import load_checkpoint
+    from hpa_scc.utils.checkpoint import load_checkpoint, load_model_state
     from hpa_scc.config import load_config
 
     run_dir = Path(run_dir)
@@ -60,7 +61,7 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: st
         raise FileNotFoundError(f"{run_dir} is not a training run: it has no config.yaml{what}; give a train.run_dir, "
                                 "or '-' with --baseline")
     cfg = load_config(run_dir / "config.yaml")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = pick_device(device, "--device")  # 'tpu' gets the list of choices, not torch's own text
     if cfg.model.engine == "detectron2":  # detectron2's own network behind the torchvision interface
         from hpa_scc.models.d2model import load_d2_run
 
@@ -81,7 +82,10 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: st
                else f"{run_dir} holds no checkpoint yet: train first (python -m hpa_scc train ...)"))
     cfg.model.weights = None  # the checkpoint below is the whole model
     model = build_family_model(cfg)
-    model.load_state_dict(load_checkpoint(path)["model"])
+    # a checkpoint of another run copied in: one line naming both, not torch's list of key names
+    load_model_state(model, load_checkpoint(path), path, cfg.model.family, cfg.model.backbone,
+                     f"{run_dir}/config.yaml describes another model; pass a checkpoint of this run (--checkpoint), "
+                     "or the run folder it came from")
     model.to(dev).eval()
     log.info("loaded %s (%s %s, %s head, %d px)", path, cfg.model.family, cfg.model.backbone, cfg.model.head,
              cfg.data.image_size)

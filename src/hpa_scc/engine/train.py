@@ -18,7 +18,14 @@ loop: ``resume_or_load``, ``train_one_epoch``, ``StopSignals``, ``end_of_epoch``
 and the save policy) or ``fit_features``; it returns a ``TrainResult``.
 
 The run folder gets: config.yaml (the resolved config), last.pt, best.pt, epoch_NNNN.pt,
-metrics.jsonl (one JSON line per log and per validation), train.log, tensorboard/.
+metrics.jsonl (one JSON line per log and per validation), train.log, tensorboard/, data.json (the
+digest of the COCO folds it trains and validates on) and, while it trains, .lock (host, PID, start).
+
+A run folder holds one run: a second start while one trains there is refused (``.lock``; one whose
+holder is gone is taken over, see ``hpa_scc.utils.checkpoint``); a fresh start (train.resume=false,
+or no last.pt) removes the earlier run's checkpoints and metrics, so predict never loads an older
+best.pt; a resume on data whose folds changed since (data.json) is refused, naming the folds
+(the ``features`` family fits again instead).
 """
 
 from __future__ import annotations
@@ -28,10 +35,12 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +52,10 @@ import yaml
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from hpa_scc.utils.checkpoint import (BEST, LAST, PREEMPTED_FILE, load_checkpoint, rng_state, save_checkpoint,
-                                     set_rng_state, unwrap, weights_digest)
+from hpa_scc.utils.checkpoint import (BEST, DATA_FILE, EPOCH_PATTERN, LAST, PREEMPTED_FILE, RunFolderLocked, RunLock,
+                                     changed_folds, check_model, epoch_name, load_checkpoint, load_model_state,
+                                     read_data_record, rng_state, save_checkpoint, set_rng_state, unwrap,
+                                     weights_digest, write_data_record)
 from hpa_scc.config import RESUMABLE_CHANGES, Config, resume_changes, save_config, to_dict
 from hpa_scc.engine.distributed import (DistInfo, barrier, cleanup, gather_objects, init_distributed,
                                        mean_across_ranks)
@@ -89,11 +100,22 @@ class EpochSampler(Sampler[int]):
         return max(self.per_rank - self.skip, 0)
 
 
-def pick_device(name: str) -> torch.device:
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def pick_device(name: str, key: str = "train.device") -> torch.device:
+    """The torch device ``name`` asks for (one of DEVICES; auto: cuda when one is visible), with a
+    one-line error naming ``key`` (predict's and refine's --device read the same names)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(name)):
+        raise ValueError(f"{key}={name!r} is not a device here; choose one of {', '.join(DEVICES)}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{key}={name} but no CUDA device is visible; use {key}=cpu or auto")
+        index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"{key}={name} but {count} CUDA device(s) are visible: use cuda:0 to cuda:{count - 1}")
     return torch.device(name)
 
 
@@ -170,11 +192,34 @@ class MetricsLog:
                     self.writer.add_scalar(f"{kind}/{k}", v, step)
             self.writer.flush()
 
+    def drop_after(self, step: int) -> None:
+        """On resume: remove the lines logged after ``step`` (the resumed checkpoint's global step).
+        A run stopped without saving (Ctrl-C, a kill, a crash) had logged steps, an epoch line
+        or a validation past its last.pt; the resumed run trains and logs those again, which
+        wrote the same epoch twice. A line cut short by the kill goes too."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if _logged_by(line, step)]
+        dropped = len(lines) - len(kept)
+        if dropped:
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+            log.info("metrics.jsonl: %d line(s) logged after the checkpoint's step %d removed (trained again now)",
+                     dropped, step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
 
-# The validation figure that picks best.pt, per model family.
+
+def _logged_by(line: str, step: int) -> bool:
+    """Whether a metrics.jsonl line is whole and logged at or before ``step``."""
+    try:
+        return json.loads(line)["step"] <= step
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 # The validation figure that picks best.pt, per model family.
 VAL_METRIC = {"maskrcnn": "segm_AP", "cell": "cell_AP", "features": "cell_AP"}
 FINISHED, PREEMPTED = "finished", "preempted"
@@ -205,6 +250,8 @@ class Run:
     prepared: PreparedSet
     run_dir: Path
     log_handler: logging.Handler | None
+    data: dict | None = None  # data_record: what it trains on (data.json, and every checkpoint)
+    lock: RunLock | None = None  # rank 0's hold on the run folder, released by end_run
 
 
 @dataclass
@@ -229,7 +276,9 @@ class Data:
 
 def start_run(cfg: Config) -> Run:
     """Device and ranks; the training size from the prepared set (before config.yaml records it);
-    the run folder with its config.yaml and train.log; seeds (``seed + rank``)."""
+    the checks of a resume (settings, data), then the run folder's lock (rank 0), and only then
+    anything written there: an earlier run's files gone on a fresh start, config.yaml, data.json,
+    train.log; seeds (``seed + rank``)."""
     device = pick_device(cfg.train.device)
     info = init_distributed(device, cfg.train.dist_timeout_min)
     if device.type == "cuda":
@@ -238,23 +287,81 @@ def start_run(cfg: Config) -> Run:
     prepared = PreparedSet(cfg.data.prepared_dir)
     cfg.data.image_size = prepared.check_size(cfg.data.image_size, "data.image_size")
     run_dir = Path(cfg.train.run_dir)
-    allowed = check_resume(cfg, run_dir)  # before anything in the folder is touched
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_handler = _setup_logging(run_dir, info)
-    if allowed and info.is_main:
-        log.info("resuming with changed settings: %s", ", ".join(f"{k} {a} -> {b}" for k, (a, b) in allowed.items()))
-    if info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        sweep_stale_temps(run_dir)  # a checkpoint half-written when the job was killed
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file() and not resumes(cfg, run_dir):
-            # a fresh start counts steps from 1 again: the earlier run's lines would mix with them
-            log.warning("starting %s over: the earlier run's metrics.jsonl is replaced", run_dir)
-            metrics.unlink()
+    # rank 0 reads the COCO folds (GBs on a big set) for all: the ranks check the same record
+    data = gather_objects(data_record(cfg, prepared, *split_folds(cfg, prepared)) if info.is_main else None, info)[0]
+    allowed = check_resume(cfg, run_dir, data)  # before anything in the folder is touched
+    lock = take_lock(run_dir, info)
+    log_handler = None
+    try:
+        log_handler = _setup_logging(run_dir, info)
+        if allowed and info.is_main:
+            log.info("resuming with changed settings: %s",
+                     ", ".join(f"{k} {a} -> {b}" for k, (a, b) in allowed.items()))
+        if info.is_main:
+            if not resumes(cfg, run_dir):
+                start_over(run_dir)
+            elif read_data_record(run_dir) is None:
+                log.warning("%s has no %s (a run of an earlier version): the data it trained on cannot be checked; "
+                            "recording the data it trains on from now", run_dir, DATA_FILE)
+            # a record of an earlier stop; the batch script must read only this start's
+            (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            write_data_record(run_dir, data)
+            sweep_stale_temps(run_dir)  # a checkpoint half-written when the job was killed
+    except BaseException:
+        _close_logging(log_handler)
+        if lock is not None:
+            lock.release()
+        raise
     random.seed(cfg.train.seed + info.rank)
     np.random.seed(cfg.train.seed + info.rank)
     torch.manual_seed(cfg.train.seed + info.rank)
-    return Run(cfg, device, info, prepared, run_dir, log_handler)
+    return Run(cfg, device, info, prepared, run_dir, log_handler, data, lock)
+
+
+def take_lock(run_dir: Path, info: DistInfo) -> RunLock | None:
+    """Rank 0 takes RUN_DIR/.lock (``hpa_scc.utils.checkpoint.RunLock``); every rank learns
+    whether it was refused and stops too (else the others would wait in their first collective)."""
+    lock, error = None, None
+    if info.is_main:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunFolderLocked as exc:
+            error = str(exc)
+    error = gather_objects(error, info)[0]
+    if error:
+        raise RunFolderLocked(error)
+    return lock
+
+
+def start_over(run_dir: Path) -> None:
+    """A fresh start (train.resume=false, or no last.pt) in a folder of an earlier run: its
+    checkpoints, metrics and records go, with a warning naming them. Else a run without
+    validation (no best.pt of its own) left the earlier best.pt for predict to load, and the
+    earlier run's steps would mix with this one's in metrics.jsonl (the detectron2 engine's
+    ``start_over`` does the same with its files)."""
+    old = [path for path in (run_dir / LAST, run_dir / BEST, *sorted(run_dir.glob(EPOCH_PATTERN)),
+                             run_dir / "metrics.jsonl", run_dir / PREEMPTED_FILE, run_dir / DATA_FILE)
+           if path.is_file()]
+    if old:
+        log.warning("starting %s over (train.resume=false, or no last.pt to resume): removing the earlier run's %s",
+                    run_dir, ", ".join(path.name for path in old))
+        for path in old:
+            path.unlink()
+
+
+def data_record(cfg: Config, prepared: PreparedSet, train_folds: list[int], val_folds: list[int]) -> dict:
+    """What a run trains on: the label set and the digest of each training and validation fold's
+    COCO file (``PreparedSet.data_digest``); saved in data.json and in every checkpoint."""
+    labels = cfg.data.labels
+    return {"labels": labels, "train": prepared.data_digest(labels, train_folds),
+            "val": prepared.data_digest(labels, val_folds) if val_folds else {}}
+
+
+def changed_data_error(run_dir: Path, record: dict, changed: list[str]) -> ValueError:
+    return ValueError(f"{run_dir} trained on other data: the prepared set's '{record['labels']}' labels changed in "
+                      f"{', '.join(changed)} since; resuming would mix two data sets: use a new train.run_dir, or "
+                      f"train.resume=false to start this folder over")
 
 
 def resumes(cfg: Config, run_dir: Path, checkpoint: str = LAST) -> bool:
@@ -278,10 +385,11 @@ def refuse_other_engine(run_dir: Path, engine: str) -> None:
                              "would mix with it: use another train.run_dir")
 
 
-def check_resume(cfg: Config, run_dir: Path) -> dict:
+def check_resume(cfg: Config, run_dir: Path, data: dict | None = None) -> dict:
     """A run folder with last.pt is resumed only with the settings it was started with, but for
     RESUMABLE_CHANGES (more epochs, logging, loaders): returns those, refuses the others naming
-    each key, before config.yaml is overwritten."""
+    each key, before config.yaml is overwritten. With ``data`` (``data_record``) it refuses too
+    when a fold changed since data.json recorded it (not the ``features`` family: it fits again)."""
     refuse_other_engine(run_dir, "torchvision")
     saved_path = run_dir / "config.yaml"
     if not (resumes(cfg, run_dir) and saved_path.is_file()):
@@ -293,13 +401,25 @@ def check_resume(cfg: Config, run_dir: Path) -> dict:
                          f"would mix two experiments. Use another train.run_dir, put the settings back, or set "
                          f"train.resume=false to start this folder over. (A resume may change: "
                          f"{', '.join(RESUMABLE_CHANGES)})")
+    if data is not None and cfg.model.family != "features":
+        saved = read_data_record(run_dir)  # None: a run of an earlier version, not checked (start_run warns)
+        changed = changed_folds(saved, data) if saved is not None else []
+        if changed:
+            raise changed_data_error(run_dir, data, changed)
     return allowed
 
 
+def _close_logging(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger("hpa_scc").removeHandler(handler)
+        handler.close()
+
+
 def end_run(run: Run) -> None:
-    if run.log_handler is not None:
-        logging.getLogger("hpa_scc").removeHandler(run.log_handler)
-        run.log_handler.close()
+    """The run folder's log and lock let go (after a finished, stopped or failed run alike)."""
+    _close_logging(run.log_handler)
+    if run.lock is not None:
+        run.lock.release()
     cleanup(run.info)
 
 
@@ -366,12 +486,22 @@ def fit_features(run: Run, data: Data) -> TrainResult:
     model = build_family_model(cfg)
     if resumes(cfg, run.run_dir):
         state = load_checkpoint(last)
-        if state.get("config") == to_dict(cfg):  # fitted already with these settings: nothing to redo
-            model.load_state_dict(state["model"])
-            log.info("features model already fitted with this config: %s", last)
+        check_model(state, last, cfg.model.family, cfg.model.backbone, RESUME_FIX)  # not refitted over another run's
+        # fitted already with these settings on this data: nothing to redo. A checkpoint without a
+        # data record (an earlier version's) is fitted again, once.
+        changed = changed_folds(state["data"], run.data) if state.get("data") and run.data else []
+        if state.get("config") != to_dict(cfg):
+            log.info("%s was fitted with another config: fitting again", last)
+        elif not state.get("data"):
+            log.info("%s records no data it was fitted on (an earlier version's): fitting again", last)
+        elif changed:
+            log.info("%s was fitted on other data (the '%s' labels changed in %s): fitting again", last,
+                     run.data["labels"], ", ".join(changed))
+        else:
+            load_model_state(model, state, last, cfg.model.family, cfg.model.backbone, RESUME_FIX)
+            log.info("features model already fitted with this config and data: %s", last)
             return TrainResult(FINISHED, model, run.run_dir, cfg.train.max_epochs,
                                best_metric=state.get("best_metric", -1.0), checkpoint=last)
-        log.info("%s was fitted with another config: fitting again", last)
     start = time.perf_counter()
     store = data.train_set.store
     fit_feature_classifier(model, store.array[data.train_set.rows], data.train_set.labels, c=cfg.model.feature_c,
@@ -387,10 +517,14 @@ def fit_features(run: Run, data: Data) -> TrainResult:
         metrics = MetricsLog(run.run_dir, True, False)
         metrics.write("val", 0, {"epoch": cfg.train.max_epochs, **scores})
         state = {"model": model.state_dict(), "epoch": cfg.train.max_epochs, "step_in_epoch": 0, "global_step": 0,
-                 "best_metric": best, "config": to_dict(cfg)}
+                 "best_metric": float(best), "config": to_dict(cfg), "family": cfg.model.family, "data": run.data}
         save_checkpoint(run.run_dir / BEST, state)
         save_checkpoint(last, state)
     return TrainResult(FINISHED, model, run.run_dir, cfg.train.max_epochs, best_metric=best, checkpoint=last)
+
+
+# What to do when a run folder's checkpoint is not this run's model.
+RESUME_FIX = "the folder mixes two runs; use another train.run_dir, or train.resume=false to start it over"
 
 
 def resume_or_load(run: Run, model, optimizer, scheduler) -> Progress:
@@ -401,7 +535,7 @@ def resume_or_load(run: Run, model, optimizer, scheduler) -> Progress:
     if not resumes(run.cfg, run.run_dir):
         return Progress()
     state = load_checkpoint(last)
-    model.load_state_dict(state["model"])
+    load_model_state(model, state, last, run.cfg.model.family, run.cfg.model.backbone, RESUME_FIX)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_rng(state, run)
@@ -429,13 +563,16 @@ def restore_rng(state: dict, run: Run) -> None:
                     "resumed run will not repeat the uninterrupted one exactly", len(saved), run.info.world_size)
 
 
-def checkpoint_state(cfg: Config, model, optimizer, scheduler, progress: Progress, rngs: list[dict]) -> dict:
+def checkpoint_state(cfg: Config, model, optimizer, scheduler, progress: Progress, rngs: list[dict],
+                     data: dict | None = None) -> dict:
     """Everything ``resume_or_load`` needs to continue exactly where ``progress`` stands;
-    ``rngs`` holds every rank's generators in rank order (``gather_objects(rng_state())``)."""
+    ``rngs`` holds every rank's generators in rank order (``gather_objects(rng_state())``);
+    ``data``: what the run trains on (``data_record``). Plain data only: load_checkpoint reads
+    it with weights_only (a numpy figure would be refused, hence float())."""
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
-            "global_step": progress.global_step, "best_metric": progress.best, "rng": rngs,
-            "config": to_dict(cfg)}
+            "global_step": progress.global_step, "best_metric": float(progress.best), "rng": rngs,
+            "config": to_dict(cfg), "family": cfg.model.family, "data": data}
 
 
 class StopSignals:
@@ -487,7 +624,7 @@ def end_of_epoch(run: Run, data: Data, model, progress: Progress, metrics: "Metr
     if run.info.is_main:
         save(run.run_dir / LAST, rngs)
         if epoch % cfg.train.save_every_epochs == 0:
-            save(run.run_dir / f"epoch_{epoch:04d}.pt", rngs)
+            save(run.run_dir / epoch_name(epoch), rngs)
     barrier(run.info)
 
 
@@ -499,16 +636,31 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     """
     run = start_run(cfg)
     try:
-        train_folds, val_folds = split_folds(cfg, run.prepared)
-        data = build_data(cfg, run.prepared, train_folds, val_folds, progress and run.info.is_main)
-        if len(data.train_set) == 0:
-            what = "images with cells" if cfg.model.family == "maskrcnn" else "cells"
-            raise ValueError(f"no training {what} in {run.prepared.root} folds {train_folds}")
-        if cfg.model.family == "features":  # fitted in one go by scikit-learn: no loop, no optimiser
-            return fit_features(run, data)
-        return fit(run, data, progress)
+        with warnings.catch_warnings():
+            # torch warns of more loader workers than cores in two long lines, twice per loader and
+            # rank; check_workers says it once, in one line
+            warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+            if run.info.is_main and cfg.model.family != "features":  # the features family uses no loader
+                check_workers(cfg.data.workers)
+            train_folds, val_folds = split_folds(cfg, run.prepared)
+            data = build_data(cfg, run.prepared, train_folds, val_folds, progress and run.info.is_main)
+            if len(data.train_set) == 0:
+                what = "images with cells" if cfg.model.family == "maskrcnn" else "cells"
+                raise ValueError(f"no training {what} in {run.prepared.root} folds {train_folds}")
+            if cfg.model.family == "features":  # fitted in one go by scikit-learn: no loop, no optimiser
+                return fit_features(run, data)
+            return fit(run, data, progress)
     finally:
         end_run(run)
+
+
+def check_workers(workers: int) -> None:
+    """One warning line when data.workers exceeds the CPU cores this process may use (a
+    SLURM allocation's, not the node's): the workers then compete for them and loading slows."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers > cores:
+        log.warning("data.workers=%d but this process may use %d CPU core(s): loading may be slower, not faster; "
+                    "set data.workers=%d or less", workers, cores, cores)
 
 
 def report_weights(info: DistInfo, model, global_step: int) -> None:
@@ -554,9 +706,13 @@ def fit(run: Run, data: Data, show_progress: bool = True) -> TrainResult:
              len(data.val_set or []), unit, info.world_size, cfg.train.images_per_gpu, unit,
              cfg.train.accumulate_steps, effective_batch, cfg.optim.lr, steps_per_epoch, device)
     metrics = MetricsLog(run.run_dir, info.is_main, cfg.train.tensorboard)
+    if resumes(cfg, run.run_dir):
+        metrics.drop_after(state.global_step)
 
     def save(path: Path, rngs: list[dict]) -> None:
-        save_checkpoint(path, checkpoint_state(cfg, model, optimizer, scheduler, state, rngs))
+        save_checkpoint(path, checkpoint_state(cfg, model, optimizer, scheduler, state, rngs, run.data))
+        if run.lock is not None:
+            run.lock.refresh()
 
     # On a GPU every host read of a loss stalls the queue: read (and check) them only when logging.
     sync_every = cfg.train.log_every_iters if device.type == "cuda" else 1
@@ -574,6 +730,8 @@ def fit(run: Run, data: Data, show_progress: bool = True) -> TrainResult:
                     state.global_step += 1
                     state.step_in_epoch = skip_steps + step
                     bar.update(1)
+                    if run.lock is not None:  # seen alive from another host (at most once a minute)
+                        run.lock.refresh()
                     if losses is not None:
                         bar.set_postfix(loss=f"{losses['loss']:.3f}")
                         if sync_every > 1 or state.global_step % cfg.train.log_every_iters == 0:
@@ -582,10 +740,15 @@ def fit(run: Run, data: Data, show_progress: bool = True) -> TrainResult:
                         stop.agree(info, device)
                     return stop.signal is not None or state.step_in_epoch >= steps_per_epoch
 
-                means = train_one_epoch(model, optimizer, scheduler, train_loader, device,
-                                        accumulate_steps=cfg.train.accumulate_steps,
-                                        clip_grad_norm=cfg.optim.clip_grad_norm, amp=cfg.train.amp,
-                                        sync_every=sync_every, on_step=on_step)
+                means = {}
+                # A stop on an epoch's last step saved step_in_epoch = steps_per_epoch: nothing is
+                # left of it (with max_iters_per_epoch the sampler still has samples, and a step
+                # more than the uninterrupted run would train).
+                if skip_steps < steps_per_epoch:
+                    means = train_one_epoch(model, optimizer, scheduler, train_loader, device,
+                                            accumulate_steps=cfg.train.accumulate_steps,
+                                            clip_grad_norm=cfg.optim.clip_grad_norm, amp=cfg.train.amp,
+                                            sync_every=sync_every, on_step=on_step)
                 bar.close()
                 means = mean_across_ranks(means, info, device)
                 if stop.signal is not None:

@@ -495,9 +495,10 @@ def build_cell_model(cfg, n_features: int | None = None) -> nn.Module:
     if cfg.weights == "imagenet" or (cfg.weights and Path(cfg.weights).suffix == ".pth"):
         load_cell_imagenet(model, cfg.backbone, cfg.in_channels, None if cfg.weights == "imagenet" else cfg.weights)
     elif cfg.weights:
-        from hpa_scc.utils.checkpoint import load_checkpoint
+        from hpa_scc.utils.checkpoint import load_checkpoint, load_model_state
 
-        model.load_state_dict(load_checkpoint(cfg.weights)["model"])
+        load_model_state(model, load_checkpoint(cfg.weights), cfg.weights, cfg.family, cfg.backbone,
+                         f"model.weights must be a checkpoint of a cell run with model.backbone={cfg.backbone}")
         log.info("cell model weights from %s", cfg.weights)
     return model
 

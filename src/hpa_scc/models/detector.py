@@ -484,11 +484,14 @@ def _read_weights(cfg: ModelConfig) -> tuple[str, dict] | None:
             raise ValueError("detectron2 .pkl weights are for the resnet101_fpn / resnext101_32x8d_fpn backbones")
         state = d2_to_torchvision(load_detectron2_checkpoint(path), None, keep_predictors=True)
         return "detectron2", state  # predictors kept here; _load_weights decides with the model's shapes
-    from hpa_scc.utils.checkpoint import load_checkpoint
+    from hpa_scc.utils.checkpoint import checkpoint_model, load_checkpoint
 
-    data = load_checkpoint(path)
+    data = load_checkpoint(path)  # plain data only: a file holding other objects is refused, never run
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
-        family = (data.get("config") or {}).get("model", {}).get("family", "maskrcnn")
+        family = checkpoint_model(data)[0] or "maskrcnn"
+        if family not in ("maskrcnn", "cell"):  # else a list of every key of its logistic regressions
+            raise ValueError(f"{path} holds a {family}-family model, which initialises no detector; give a Mask "
+                             "R-CNN or cell-model checkpoint, ImageNet weights or a detectron2 .pkl")
         if family == "cell":
             return "cell", _cell_backbone_keys(data, cfg, path)
         return "project", data["model"]
