@@ -427,3 +427,21 @@ def test_the_two_engines_do_not_share_a_run_folder(tiny, tmp_path):
     (d2 / "last_checkpoint").write_text("model_final.pth")
     with pytest.raises(ValueError, match=r"d2 holds a detectron2-engine run \(last_checkpoint\).*use another train\.run_dir"):
         check_resume(load_config(REPO / "configs" / "resnet101_fpn.yaml", [f"train.run_dir={d2}"]), d2)
+
+
+def test_a_crafted_d2_config_runs_no_code_on_predict(tmp_path):
+    """Issue 27 row 1: detectron2 reads a YAML it cannot safe-load with yaml.unsafe_load unless
+    told not to; a run folder's d2_config.yaml with a python tag must not run it."""
+    from hpa_scc.config import load_config
+    from hpa_scc.models.d2model import D2_CONFIG, load_d2_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last_checkpoint").write_text("model_0000001.pth")
+    (run / "model_0000001.pth").write_bytes(b"")
+    marker = tmp_path / "ran"
+    (run / D2_CONFIG).write_text(f"MODEL: !!python/object/apply:os.system ['touch {marker}']\n")
+    cfg = load_config(None, ["model.engine=detectron2", "model.backbone=resnet101_fpn", "model.head=softmax"])
+    with pytest.raises(Exception):
+        load_d2_run(run, cfg, "best.pt")
+    assert not marker.exists()

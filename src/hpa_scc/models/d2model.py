@@ -222,7 +222,8 @@ def read_d2_weights(path: str | os.PathLike) -> dict[str, np.ndarray | torch.Ten
     if path.suffix == ".pkl":
         return load_detectron2_checkpoint(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=False)  # detectron2 itself loads them so
+        # plain data only, as detectron2's Checkpointer reads them (torch >= 2.6): no code from a weights file
+        data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds on a file that is not a checkpoint
         raise ValueError(f"model.weights {path} is not a readable detectron2 .pth ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200]}); give a detectron2 checkpoint or a model-zoo .pkl") from None
@@ -310,7 +311,8 @@ def load_d2_run(run_dir: str | os.PathLike, cfg: Config, checkpoint: str) -> tup
         raise FileNotFoundError(f"no checkpoint {path}; {run_dir} holds {', '.join(there) or 'none'}")
     d2cfg = get_cfg()
     d2cfg.set_new_allowed(True)  # written by this detectron2, read back as is
-    d2cfg.merge_from_file(str(run_dir / D2_CONFIG))
+    # safe YAML only: detectron2 would fall back to yaml.unsafe_load, which runs a crafted file's code
+    d2cfg.merge_from_file(str(run_dir / D2_CONFIG), allow_unsafe=False)
     d2cfg.MODEL.WEIGHTS = ""
     d2cfg.MODEL.DEVICE = "cpu"  # load_run moves it
     if d2cfg.MODEL.RESNETS.NORM == "SyncBN":  # a multi-GPU run: the same parameters; one process needs no sync
