@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import hpa_scc.utils.fileio as fileio
+from conftest import REPO
 from hpa_scc.cli import main
 from hpa_scc.data.cache import build_cache
 from hpa_scc.data.synth import write_synth_set
@@ -193,3 +194,15 @@ def test_visualize_into_the_images_and_a_public_id_with_dots_are_refused(syn, tm
     assert image_id_from_url("https://images.proteinatlas.org/10580/1758_B1_1") == "10580_1758_B1_1"
     with pytest.raises(ValueError, match="path separator, '..'"):
         image_id_from_url("/../../1_A1_1_")
+
+
+def test_a_data_folder_is_not_a_run_folder(syn, tmp_path, capsys):
+    """Probe 2: train.run_dir=<a prepared set> trained into it; refused before anything is written."""
+    prepared = tmp_path / "prep"
+    assert main(["prepare", str(syn), str(prepared), "--size", "32", "--folds", "2", "--workers", "1", "-q"]) == 0
+    before = sorted(p.name for p in prepared.iterdir())
+    for run_dir in (prepared, syn):
+        assert main(["train", str(REPO / "configs" / "cell_features.yaml"), f"data.prepared_dir={prepared}",
+                     f"train.run_dir={run_dir}"]) == 1
+        assert "is a data folder" in capsys.readouterr().err
+    assert sorted(p.name for p in prepared.iterdir()) == before

@@ -377,7 +377,14 @@ ENGINE_FILES = {"torchvision": (LAST, BEST), "detectron2": ("last_checkpoint", "
 
 def refuse_other_engine(run_dir: Path, engine: str) -> None:
     """A run folder belongs to one engine: another engine's checkpoints there are refused, since
-    the two runs would mix (and predict would load the wrong kind)."""
+    the two runs would mix (and predict would load the wrong kind). Nor is a data folder (a prepared
+    set, a cache, a data set) a run folder: a fresh start there would clean out files it did not write."""
+    from hpa_scc.utils.fileio import STEP_RECORDS
+
+    data = [name for name in (*STEP_RECORDS, "train.csv") if (run_dir / name).is_file()]
+    if data:
+        raise ValueError(f"{run_dir} is a data folder ({data[0]}), not a run folder; a run there would mix with its "
+                         "files: use another train.run_dir (e.g. runs/NAME)")
     for other, names in ENGINE_FILES.items():
         found = [name for name in names if other != engine and (run_dir / name).is_file()]
         if found:
