@@ -26,39 +26,36 @@ def syn(tmp_path_factory):
     return out
 
 
-def test_a_full_disk_is_one_line_naming_the_folder_not_a_skipped_image(tmp_path, monkeypatch):
-    """Row 10: ENOSPC (or a writer's own words with no space left) stops the step."""
+def test_a_full_disk_is_one_line_naming_the_folder_not_a_skipped_image(tmp_path):
+    """Row 10: ENOSPC stops the step."""
     with pytest.raises(DiskFullError, match=f"no space left on the device of {tmp_path} while writing a.txt"):
         with atomic_path(tmp_path / "a.txt") as tmp:
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
     assert not list(tmp_path.iterdir())  # the partial file is gone
 
-    # numpy's words on a full disk carry no errno: the free space decides
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """A file system with 3 blocks free on which numpy's writes come up short, as on a full disk:
+    numpy's words then carry no errno, so the free space decides."""
     class Full:
         f_bavail, f_frsize = 3, 4096
-
-    monkeypatch.setattr(fileio.os, "statvfs", lambda _: Full())
 
     def short_save(path, array):
         raise OSError("1048576 requested and 921472 written")
 
+    monkeypatch.setattr(fileio.os, "statvfs", lambda _: Full())
     monkeypatch.setattr(fileio.np, "save", short_save)
+
+
+def test_a_short_write_with_no_space_left_is_a_full_disk(tmp_path, full_disk):
     with pytest.raises(DiskFullError, match="no space left"):
         write_npy_atomic(tmp_path / "x.npy", np.zeros(3))
 
 
-def test_cache_stops_on_a_full_disk_and_keeps_what_was_done(syn, tmp_path, monkeypatch):
+def test_cache_stops_on_a_full_disk_and_keeps_what_was_done(syn, tmp_path, full_disk):
     """Row 10 through a step: the first image that cannot be written ends the run (exit 1, one
     line), instead of '3 of 3 skipped' and exit 0."""
-    class Full:
-        f_bavail, f_frsize = 0, 4096
-
-    monkeypatch.setattr(fileio.os, "statvfs", lambda _: Full())
-
-    def short_save(path, array):
-        raise OSError("1048576 requested and 921472 written")
-
-    monkeypatch.setattr(fileio.np, "save", short_save)
     with pytest.raises(DiskFullError):
         build_cache(syn, tmp_path / "c", size=32, workers=1, progress=False)
     assert main(["cache", str(syn), str(tmp_path / "c"), "--size", "32", "--workers", "1", "-q"]) == 1
