@@ -89,4 +89,24 @@ def test_the_group_timeout_comes_from_the_config(monkeypatch, minutes):
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
     info = distributed.init_distributed(torch.device("cpu"), timeout_min=minutes)
-    assert info == DistInfo(1, 2, 0) and seen["backend"] == "gloo" and seen["timeout"].total_seconds() == 60 * minutes
+    assert info == DistInfo(1, 2, 0, 2) and seen["backend"] == "gloo" and seen["timeout"].total_seconds() == 60 * minutes
+
+
+def test_both_engines_read_the_launcher_through_one_function_and_honour_the_timeout(monkeypatch):
+    """Issue 28: detectron2's group used to read the environment itself and hard-code 60 minutes."""
+    pytest.importorskip("detectron2", reason="detectron2 is not installed; install with: bash scripts/setup.sh "
+                                             "--detectron2")
+    from detectron2.utils import comm
+
+    from hpa_scc.engine import d2train
+
+    seen = {}
+    for name, value in (("WORLD_SIZE", "4"), ("RANK", "3"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setattr(comm, "create_local_process_group", lambda n: seen.update(per_machine=n))
+    assert distributed.launcher_env() == DistInfo(3, 4, 1, 2)
+    assert d2train._torchrun_group("cpu", 7) is True
+    assert seen["timeout"].total_seconds() == 7 * 60 and seen["rank"] == 3 and seen["per_machine"] == 2

@@ -299,7 +299,7 @@ def _run_train(args) -> int:
     if cfg.model.engine == "detectron2":  # detectron2's trainer on the same config (engine/d2train.py)
         from hpa_scc.engine.d2train import train_d2
 
-        return EXIT_REQUEUE if train_d2(cfg) == "preempted" else 0
+        return EXIT_REQUEUE if train_d2(cfg) == PREEMPTED else 0
     result = train(cfg, progress=not args.quiet)
     # last.pt is saved (logged); the batch scripts requeue on this status
     return EXIT_REQUEUE if result.status == PREEMPTED else 0

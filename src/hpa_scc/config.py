@@ -22,6 +22,9 @@ from pathlib import Path
 
 import yaml
 
+from hpa_scc.constants import FAMILIES
+from hpa_scc.utils.device import DEVICES, is_device_name
+
 # The repository's configs/ folder (the package is installed editable, in the container too).
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -116,7 +119,7 @@ class TrainConfig:
     save_every_epochs: int = 1
     resume: bool = True  # resume from run_dir/last.pt when present
     max_iters_per_epoch: int | None = None  # cap, for smoke tests
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (hpa_scc.utils.device)
     log_every_iters: int = 20  # on CUDA also how often losses are read back (a host sync) and checked
     tensorboard: bool = True
     # How long a collective may wait, in minutes, before the process group gives up. Validation
@@ -264,9 +267,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
-# Model families (hpa_scc.models.cells) and the backbones each takes; the detector's are checked below.
-FAMILY_BACKBONES = {"maskrcnn": None, "cell": ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0"),
-                    "features": None}
 
 # The COCO layout each classification head trains on (prepare writes coco/<layout>/, both by default).
 HEAD_LAYOUT = {"softmax": "per_label", "multilabel": "multilabel"}
@@ -325,16 +325,18 @@ def validate(cfg: Config) -> None:
                "model.engine": (cfg.model.engine, ENGINES),
                "data.layout": (cfg.data.layout, (None, *HEAD_LAYOUT.values())),
                "optim.name": (cfg.optim.name, ("sgd", "adamw")),
-               "optim.schedule": (cfg.optim.schedule, ("cosine", "step")),
-               "train.device": (cfg.train.device, ("auto", "cpu", "cuda"))}
-    if cfg.model.family not in FAMILY_BACKBONES:
-        raise ConfigError(f"model.family = {cfg.model.family!r}; choose one of {list(FAMILY_BACKBONES)}")
+               "optim.schedule": (cfg.optim.schedule, ("cosine", "step"))}
+    if not is_device_name(cfg.train.device):
+        raise ConfigError(f"train.device = {cfg.train.device!r}; choose one of {', '.join(DEVICES)}")
+    if cfg.model.family not in FAMILIES:
+        raise ConfigError(f"model.family = {cfg.model.family!r}; choose one of {list(FAMILIES)}")
     if cfg.model.family != "maskrcnn":
         # the detector's head/layout keys do not apply; only the backbone is checked, for its family
         choices = {k: v for k, v in choices.items() if k not in ("model.backbone", "model.head", "data.layout")}
-        if cfg.model.family == "cell" and cfg.model.backbone not in FAMILY_BACKBONES["cell"]:
+        backbones = FAMILIES[cfg.model.family].backbones
+        if backbones and cfg.model.backbone not in backbones:
             raise ConfigError(f"model.backbone = {cfg.model.backbone!r} is not a cell-model backbone; choose one of "
-                              f"{list(FAMILY_BACKBONES['cell'])}")
+                              f"{list(backbones)}")
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r}; choose one of {list(allowed)}")

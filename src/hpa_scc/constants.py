@@ -7,6 +7,7 @@ a channel name or the ``|`` separator.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 # Class index -> name, as in the Kaggle 2021 "HPA Single Cell Classification" task.
 CLASS_NAMES: tuple[str, ...] = (
@@ -114,3 +115,25 @@ def labels_to_multihot(labels: Iterable[int]) -> list[int]:
 # The largest side a step resizes images to: the largest HPA images are 3072 px, and past them a
 # cached image only grows in memory (4 x size^2 bytes: 64 MB at 4096 px, 40 GB at 100,000 px).
 MAX_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A model family (``model.family``): the facts the config, the trainer and predict share.
+    Each family's code is its entry in ``engine.families`` (data, fit) and ``models`` (the model)."""
+
+    name: str
+    backbones: tuple[str, ...] | None  # None: checked elsewhere (the detector's, or none)
+    unit: str  # what one training sample is: "images" or "cells"
+    val_metric: str  # the validation figure that picks best.pt
+    loop: bool  # trained by the gradient loop; False: fitted once (no optimiser, no loader)
+
+
+# The one registry of model families: config.validate checks model.family against it, the
+# trainer and predict read their facts here (no parallel name lists).
+FAMILIES = {f.name: f for f in (
+    FamilySpec("maskrcnn", None, "images", "segm_AP", True),
+    FamilySpec("cell", ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0"), "cells", "cell_AP",
+               True),
+    FamilySpec("features", None, "cells", "cell_AP", False),
+)}

@@ -44,7 +44,6 @@ per_label layout only, the original implementation's; its limits are in models/d
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import signal
@@ -53,20 +52,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from hpa_scc.config import Config, resume_changes, RESUMABLE_CHANGES, save_config
+from hpa_scc.config import Config, save_config
 from hpa_scc.data.prepared import PreparedSet
-from hpa_scc.utils.checkpoint import (DATA_FILE, LOCK_FILE, LOCK_REFRESH_S, RunLock, read_data_record, unwrap,
-                                     write_data_record)
+from hpa_scc.engine.distributed import join_group, launcher_env
+from hpa_scc.utils.device import device_type
+from hpa_scc.engine.runfolder import (ENGINE_FILES, Status, check_resume, clear_preempted, data_record, mark_preempted,
+                                      resumes, split_folds, start_over, was_preempted)
+from hpa_scc.utils.checkpoint import LOCK_FILE, LOCK_REFRESH_S, RunLock, unwrap, write_data_record
 from hpa_scc.models.d2model import (CONVERTED_WEIGHTS, D2_CONFIG, build_d2_config, check_weights_fit,
                                     convert_zoo_weights, read_d2_weights, require_detectron2)
 
 log = logging.getLogger(__name__)
 
 TRAIN_NAME, VAL_NAME = "hpa_scc_train", "hpa_scc_val"
-PREEMPTED_JSON = "preempted.json"
-LAST_POINTER = "last_checkpoint"  # detectron2's Checkpointer names its newest file here
+LAST_POINTER = ENGINE_FILES["detectron2"][0]  # detectron2's Checkpointer names its newest file here
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def _trainer_class():
             it = self.trainer.iter
             self.trainer.checkpointer.save(f"model_{it:07d}", iteration=it)
             if comm.is_main_process():
-                (self.run_dir / PREEMPTED_JSON).write_text(json.dumps({"iteration": it}) + "\n")
+                mark_preempted(self.run_dir, {"iteration": it})
             log.info("signal: saved iteration %d in %s; run the same command to resume", it, self.run_dir)
             raise _Preempted()
 
@@ -279,15 +279,15 @@ def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True, lock: Run
     .pkl ``model.weights``, its RGB(Y) conversion; ``lock`` (train_d2's) is taken after the checks,
     before the first of those is written.
     """
-    from hpa_scc.engine.train import data_record, resumes, split_folds  # the torchvision engine's rules, shared
-
     require_detectron2()
     prepared = PreparedSet(cfg.data.prepared_dir)
     cfg.data.image_size = prepared.check_size(cfg.data.image_size, "data.image_size")
     run_dir = Path(cfg.train.run_dir)
     train_folds, val_folds = split_folds(cfg, prepared)
     data = data_record(cfg, prepared, train_folds, val_folds)
-    check_d2_resume(cfg, run_dir, data)
+    allowed = check_resume(cfg, run_dir, data, "detectron2")  # the torchvision engine's rule, shared
+    if allowed:
+        log.info("resuming with changed settings: %s", ", ".join(f"{k} {a} -> {b}" for k, (a, b) in allowed.items()))
     n_train = len(fold_records(prepared, cfg.data.layout, train_folds, cfg.data.labels, cfg.data.max_train_images))
 
     fresh = not resumes(cfg, run_dir, LAST_POINTER)  # else the checkpoint is loaded
@@ -314,7 +314,7 @@ def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True, lock: Run
             lock.acquire()
         run_dir.mkdir(parents=True, exist_ok=True)
         if fresh:
-            start_over(run_dir)
+            start_over(run_dir, "detectron2", extra=(CONVERTED_WEIGHTS,))
             if weights.endswith(CONVERTED_WEIGHTS):
                 convert_zoo_weights(cfg.model.weights, cfg.model.in_channels, run_dir / CONVERTED_WEIGHTS)
         save_config(cfg, run_dir / "config.yaml")
@@ -322,50 +322,10 @@ def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True, lock: Run
 
         write_text_atomic(run_dir / D2_CONFIG, d2cfg.dump())
         write_data_record(run_dir, data)
-        (run_dir / PREEMPTED_JSON).unlink(missing_ok=True)
+        clear_preempted(run_dir)
     log.info("detectron2 %s: %d training images (folds %s), %d iterations of %d images -> %s", cfg.model.backbone,
              n_train, train_folds, d2cfg.SOLVER.MAX_ITER, d2cfg.SOLVER.IMS_PER_BATCH, run_dir)
     return d2cfg
-
-
-def start_over(run_dir: Path) -> None:
-    """A fresh start (``train.resume=false``, or no checkpoint yet) in a folder that holds an
-    earlier detectron2 run: its checkpoints and metrics.json go, so that the new run's metrics are
-    not appended to the old ones and no older ``model_NNNNNNN.pth`` is taken for this run's. The
-    weights conversion goes too: one left by an earlier start (another file, another channel
-    count) is never what this start asked for, so it is made anew."""
-    old = [p for p in [*run_dir.glob("model_*.pth"), run_dir / LAST_POINTER, run_dir / "metrics.json",
-                       run_dir / CONVERTED_WEIGHTS, run_dir / DATA_FILE] if p.is_file()]
-    if old:
-        log.warning("starting %s over (no checkpoint to resume, or train.resume=false): removing %s", run_dir,
-                    ", ".join(sorted(p.name for p in old)))
-        for path in old:
-            path.unlink()
-
-
-def check_d2_resume(cfg: Config, run_dir: Path, data: dict | None = None) -> None:
-    """A folder with a detectron2 checkpoint resumes only with RESUMABLE_CHANGES and, given ``data``
-    (``train.data_record``), on the folds data.json recorded (as the torchvision engine); a folder
-    of the torchvision engine's is refused (two runs would mix in it)."""
-    from hpa_scc.engine.train import changed_data_error, refuse_other_engine, resumes
-    from hpa_scc.utils.checkpoint import changed_folds
-
-    refuse_other_engine(run_dir, "detectron2")
-    saved = run_dir / "config.yaml"
-    if not (resumes(cfg, run_dir, LAST_POINTER) and saved.is_file()):
-        return
-    allowed, refused = resume_changes(yaml.safe_load(saved.read_text()) or {}, cfg)
-    if refused:
-        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
-        raise ValueError(f"{run_dir} holds a detectron2 run started with other settings ({lines}); use another "
-                         f"train.run_dir, put them back, or set train.resume=false to start this folder over "
-                         f"(a resume may change: {', '.join(RESUMABLE_CHANGES)})")
-    saved_data = read_data_record(run_dir) if data is not None else None  # None: an earlier version's run
-    changed = changed_folds(saved_data, data) if saved_data is not None else []
-    if changed:
-        raise changed_data_error(run_dir, data, changed)
-    if allowed:
-        log.info("resuming with changed settings: %s", ", ".join(f"{k} {a} -> {b}" for k, (a, b) in allowed.items()))
 
 
 def _worker(d2cfg, resume: bool) -> str:
@@ -388,30 +348,22 @@ def _worker(d2cfg, resume: bool) -> str:
     try:
         trainer.train()
     except _Preempted:
-        return "preempted"
-    return "done"
+        return Status.PREEMPTED
+    return Status.FINISHED
 
 
-def _torchrun_group(device: str) -> bool:
-    """Join the process group torchrun/srun describe (with detectron2's per-machine group); False when there is none."""
-    from datetime import timedelta
-
+def _torchrun_group(device: str, timeout_min: int) -> bool:
+    """Join the process group torchrun/srun describe (``engine.distributed``, as the torchvision
+    engine does), with detectron2's per-machine group; False when there is none."""
     from detectron2.utils import comm
 
-    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
-    if world <= 1:
+    info = launcher_env()
+    if not info.distributed:
         return False
-    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
-    local = int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
-    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or world)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
-                                             timeout=timedelta(minutes=60))
+    join_group(info, device, timeout_min)
     if device == "cuda":
-        torch.cuda.set_device(local)
-    comm.create_local_process_group(per_machine)
+        torch.cuda.set_device(info.local_rank)
+    comm.create_local_process_group(info.local_world_size)
     return True
 
 
@@ -419,24 +371,23 @@ def default_num_gpus(cfg: Config) -> int:
     """GPUs for detectron2's launch: $GPUS, else every visible GPU when training on cuda, else 0 (CPU)."""
     if os.environ.get("GPUS", "").strip():
         return int(os.environ["GPUS"])
-    wants_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    return torch.cuda.device_count() if wants_cuda else 0
+    return torch.cuda.device_count() if device_type(cfg.train.device) == "cuda" else 0
 
 
 def train_d2(cfg: Config, num_gpus: int | None = None) -> str:
-    """Train ``cfg`` with detectron2 (module docstring); returns ``"done"`` or ``"preempted"``."""
+    """Train ``cfg`` with detectron2 (module docstring); returns Status.FINISHED or Status.PREEMPTED."""
     require_detectron2()
     from detectron2.engine import launch
 
-    device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_type(cfg.train.device)
     num_gpus = default_num_gpus(cfg) if num_gpus is None else num_gpus
-    processes = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    processes = launcher_env().world_size
     if device == "cpu" and max(processes, num_gpus) > 1:
         # detectron2 0.6's DefaultTrainer wraps the model in DDP with device_ids=[local rank], which
         # torch refuses for a CPU model
         raise ValueError(f"the detectron2 engine trains several processes on GPUs only; on CPU run one process "
                          f"(got {max(processes, num_gpus)}: unset GPUS / run without torchrun, or train.device=cuda)")
-    under_launcher = _torchrun_group(device)
+    under_launcher = _torchrun_group(device, cfg.train.dist_timeout_min)
     # held by the process that writes the folder (rank 0, or the parent of launch's processes);
     # taken by prepare_d2_run after its checks, let go however training ends
     lock = RunLock(cfg.train.run_dir)
@@ -450,7 +401,7 @@ def train_d2(cfg: Config, num_gpus: int | None = None) -> str:
         d2cfg = prepare_d2_run(cfg, num_gpus=max(num_gpus, 1), lock=lock)
         if num_gpus > 1:
             launch(_worker, num_gpus, dist_url="auto", args=(d2cfg, cfg.train.resume))  # a free local port
-            return "preempted" if (Path(cfg.train.run_dir) / PREEMPTED_JSON).is_file() else "done"
+            return Status.PREEMPTED if was_preempted(Path(cfg.train.run_dir)) else Status.FINISHED
         return _worker(d2cfg, cfg.train.resume)
     finally:
         lock.release()

@@ -1,8 +1,11 @@
-"""One process or many: decided only by the launcher's environment.
+"""One process or many, and on which device: decided only here, from the launcher's environment.
 
-torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; ``srun`` sets SLURM_PROCID / SLURM_NTASKS /
-SLURM_LOCALID (then MASTER_ADDR / MASTER_PORT must be exported by the batch script). With
-none of them, training runs as a single process.
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE; ``srun`` sets SLURM_PROCID /
+SLURM_NTASKS / SLURM_LOCALID / SLURM_NTASKS_PER_NODE (then MASTER_ADDR / MASTER_PORT must be
+exported by the batch script). With none of them, training runs as a single process.
+``launcher_env`` is the only reader of those variables and ``join_group`` the only place a
+process group is made (both engines; ``train.dist_timeout_min`` bounds every collective).
+A device setting is read by ``hpa_scc.utils.device`` alone.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes on this node
 
     @property
     def is_main(self) -> bool:
@@ -37,18 +41,28 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def init_distributed(device: torch.device, timeout_min: int = 60) -> DistInfo:
-    """Join the process group if the environment asks for one; NCCL on CUDA, else gloo.
-    ``timeout_min`` bounds every collective (see train.dist_timeout_min)."""
-    info = DistInfo(rank=_env_int("RANK", "SLURM_PROCID", default=0),
-                    world_size=_env_int("WORLD_SIZE", "SLURM_NTASKS", default=1),
-                    local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID", default=0))
+def launcher_env() -> DistInfo:
+    """This process's place among the launcher's processes (one process when there is no launcher)."""
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    return DistInfo(rank=_env_int("RANK", "SLURM_PROCID", default=0), world_size=world,
+                    local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID", default=0),
+                    local_world_size=_env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world))
+
+
+def join_group(info: DistInfo, device_kind: str, timeout_min: int) -> None:
+    """Join the process group ``info`` describes, once: NCCL on CUDA, else gloo."""
     if info.distributed and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
-                                timeout=timedelta(minutes=timeout_min))
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", rank=info.rank,
+                                world_size=info.world_size, timeout=timedelta(minutes=timeout_min))
+
+
+def init_distributed(device: torch.device, timeout_min: int = 60) -> DistInfo:
+    """Join the process group if the environment asks for one; NCCL on CUDA, else gloo.
+    ``timeout_min`` bounds every collective (see train.dist_timeout_min)."""
+    info = launcher_env()
+    join_group(info, device.type, timeout_min)
     return info
 
 

@@ -49,7 +49,7 @@ def model_identity(loaded: LoadedModel) -> dict:
 
 def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: str = "auto") -> LoadedModel:
     """The model of a run folder (its config.yaml + a checkpoint), in eval mode."""
-    from hpa_scc.engine.train import pick_device
+    from hpa_scc.utils.device import pick_device
     from hpa_scc.models.cells import build_family_model
     from hpa_scc.utils.checkpoint import load_checkpoint, load_model_state
     from hpa_scc.config import load_config

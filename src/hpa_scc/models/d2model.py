@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from hpa_scc.config import Config
+from hpa_scc.utils.device import device_type
 from hpa_scc.utils.fileio import atomic_path
 from hpa_scc.constants import NUM_CLASSES
 
@@ -150,7 +151,7 @@ def build_d2_config(cfg: Config, num_gpus: int = 1, n_train_images: int | None =
         # would leave a 101-layer net unnormalised), as the torchvision engine does.
         d2.MODEL.BACKBONE.FREEZE_AT = 0
         # SyncBN across GPUs (torch's SyncBatchNorm trains on CUDA only)
-        multi_gpu = num_gpus > 1 and (train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available()))
+        multi_gpu = num_gpus > 1 and device_type(train.device) == "cuda"
         d2.MODEL.RESNETS.NORM = "SyncBN" if multi_gpu else "BN"
 
     ipe = iters_per_epoch(n_train_images or 1, cfg, num_gpus)
@@ -172,7 +173,7 @@ def build_d2_config(cfg: Config, num_gpus: int = 1, n_train_images: int | None =
     # clips at optim.clip_grad_norm (it let a 32-step CPU run diverge); the torchvision engine
     # clips the norm of all gradients together. d2train's trainer does that (HPA.CLIP_GRAD_NORM).
     d2.SOLVER.CLIP_GRADIENTS.ENABLED = False
-    device = train.device if train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_type(train.device)
     d2.MODEL.DEVICE = device
     d2.SOLVER.AMP.ENABLED = bool(train.amp and device == "cuda")
     d2.DATALOADER.NUM_WORKERS = cfg.data.workers

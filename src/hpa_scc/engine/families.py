@@ -1,0 +1,134 @@
+"""Each model family's part of training, as entries of one registry (``FAMILIES`` in
+``hpa_scc.constants`` names them, with their backbones, for the config to validate against):
+
+- ``build_data``: the family's datasets, batching and validation (Mask R-CNN: the COCO folds;
+  ``cell``/``features``: the per-cell store);
+- ``fit_features``: the ``features`` family's one-off fit (no loop, no optimiser); the families
+  the loop trains (``FAMILIES[name].loop``) go through ``engine.train.fit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from hpa_scc.config import Config, to_dict
+from hpa_scc.constants import FAMILIES
+from hpa_scc.data.instances import CellInstances, collate, shadowed_warning
+from hpa_scc.data.prepared import PreparedSet
+from hpa_scc.engine.loop import evaluate
+from hpa_scc.engine.runfolder import FINISHED, RESUME_FIX, MetricsLog, Run, TrainResult, resumes
+from hpa_scc.models.cells import build_family_model
+from hpa_scc.utils.checkpoint import (BEST, LAST, changed_folds, check_model, load_checkpoint, load_model_state,
+                                     save_checkpoint)
+
+log = logging.getLogger("hpa_scc.engine.train")
+
+
+# The validation figure that picks best.pt, per model family (constants.FAMILIES).
+VAL_METRIC = {name: family.val_metric for name, family in FAMILIES.items()}
+
+
+@dataclass
+class Data:
+    """A family's training data: the sets, how to batch them and how to score the model on the validation set."""
+
+    train_set: Any
+    val_set: Any
+    collate_fn: Callable
+    validate: Callable[[torch.nn.Module, Any, torch.device], dict]
+
+
+def build_data(cfg: Config, prepared: PreparedSet, train_folds: list[int], val_folds: list[int],
+               progress: bool = True) -> Data:
+    """The family's datasets: Mask R-CNN trains on the COCO folds, cell models on stored crops."""
+    if cfg.model.family == "maskrcnn":
+        # uint8 samples: a quarter of the bytes through workers, pinned memory and the PCIe copy
+        common = {"layout": cfg.data.layout, "labels": cfg.data.labels, "in_channels": cfg.model.in_channels,
+                  "seed": cfg.train.seed, "uint8": True}
+        train_set = CellInstances(prepared, train_folds, augment=True, hflip_prob=cfg.data.hflip_prob,
+                                  vflip_prob=cfg.data.vflip_prob, rot90=cfg.data.rot90,
+                                  max_images=cfg.data.max_train_images, **common)
+        val_set = CellInstances(prepared, val_folds, max_images=cfg.data.max_val_images, **common) if val_folds else None
+        if cfg.model.head == "softmax":  # kept for fidelity with the original; see instances.shadowed_instances
+            shadowed, total = train_set.shadowed()
+            if shadowed:
+                log.warning(shadowed_warning(shadowed, total))
+
+        def validate(model, dataset, device):
+            loader = DataLoader(dataset, batch_size=cfg.train.images_per_gpu, collate_fn=collate,
+                                num_workers=cfg.data.workers)
+            return evaluate(model, loader, dataset.coco, device, amp=cfg.train.amp)
+
+        return Data(train_set, val_set, collate, validate)
+
+    from hpa_scc.models.cells import CellDataset, build_store, collate_cells, evaluate_cells
+
+    kind = "crops" if cfg.model.family == "cell" else "features"
+    store = build_store(prepared, kind, cfg.data.crop_size, progress=progress)
+    labels = store.labels(prepared, cfg.data.labels)  # float32 [cells, 19], aligned with the store's rows
+    crops = {"augment": True, "in_channels": cfg.model.in_channels, "seed": cfg.train.seed} if kind == "crops" else {}
+    train_set = CellDataset(store, store.select(train_folds)[: cfg.data.max_train_images], labels, **crops)
+    val_set = (CellDataset(store, store.select(val_folds)[: cfg.data.max_val_images], labels,
+                           **({"in_channels": cfg.model.in_channels} if kind == "crops" else {}))
+               if val_folds else None)
+
+    # A synthetic set's true cell labels: validation reports against them too.
+    truth = store.labels(prepared, "truth", strict=False) if prepared.layouts("truth") else None
+
+    def validate(model, dataset, device):
+        return evaluate_cells(model, dataset, device, truth)
+
+    return Data(train_set, val_set, collate_cells, validate)
+
+
+def fit_features(run: Run, data: Data) -> TrainResult:
+    """The ``features`` family: per-cell features + logistic regressions, fitted once, saved as
+    best.pt/last.pt like any run (so predict and refine load it the same way)."""
+    from hpa_scc.models.cells import fit_feature_classifier
+
+    cfg, last = run.cfg, run.run_dir / LAST
+    model = build_family_model(cfg)
+    if resumes(cfg, run.run_dir):
+        state = load_checkpoint(last)
+        check_model(state, last, cfg.model.family, cfg.model.backbone, RESUME_FIX)  # not refitted over another run's
+        # fitted already with these settings on this data: nothing to redo. A checkpoint without a
+        # data record (an earlier version's) is fitted again, once.
+        changed = changed_folds(state["data"], run.data) if state.get("data") and run.data else []
+        if state.get("config") != to_dict(cfg):
+            log.info("%s was fitted with another config: fitting again", last)
+        elif not state.get("data"):
+            log.info("%s records no data it was fitted on (an earlier version's): fitting again", last)
+        elif changed:
+            log.info("%s was fitted on other data (the '%s' labels changed in %s): fitting again", last,
+                     run.data["labels"], ", ".join(changed))
+        else:
+            load_model_state(model, state, last, cfg.model.family, cfg.model.backbone, RESUME_FIX)
+            log.info("features model already fitted with this config and data: %s", last)
+            return TrainResult(FINISHED, model, run.run_dir, cfg.train.max_epochs,
+                               best_metric=state.get("best_metric", -1.0), checkpoint=last)
+    start = time.perf_counter()
+    store = data.train_set.store
+    fit_feature_classifier(model, store.array[data.train_set.rows], data.train_set.labels, c=cfg.model.feature_c,
+                           seed=cfg.train.seed)
+    log.info("features: logistic regressions on %d cells x %d features in %.1f s", len(data.train_set),
+             store.array.shape[1], time.perf_counter() - start)
+    scores = {}
+    if data.val_set is not None:
+        scores = data.validate(model, data.val_set, torch.device("cpu"))
+        log.info("validation: %s", ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
+    best = scores.get(VAL_METRIC["features"], -1.0)
+    if run.info.is_main:
+        metrics = MetricsLog(run.run_dir, True, False)
+        metrics.write("val", 0, {"epoch": cfg.train.max_epochs, **scores})
+        state = {"model": model.state_dict(), "epoch": cfg.train.max_epochs, "step_in_epoch": 0, "global_step": 0,
+                 "best_metric": float(best), "config": to_dict(cfg), "family": cfg.model.family, "data": run.data}
+        save_checkpoint(run.run_dir / BEST, state)
+        save_checkpoint(last, state)
+    return TrainResult(FINISHED, model, run.run_dir, cfg.train.max_epochs, best_metric=best, checkpoint=last)
