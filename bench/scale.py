@@ -254,7 +254,7 @@ def stage(name: str, args: argparse.Namespace) -> dict:
         train(cfg, progress=False)
         shutil.rmtree(run, ignore_errors=True)
     elif name == "features":
-        from hpa_scc.models.cells import build_store
+        from hpa_scc.data.cells import build_store
 
         store = build_store(prepared, "features", progress=False)
         out["cells"] = len(store)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpa_scc.models.features import FEATURE_NAMES, GREEN_ABSOLUTE, cell_features
+from hpa_scc.data.features import FEATURE_NAMES, GREEN_ABSOLUTE, cell_features
 from hpa_scc.constants import NUM_CLASSES, parse_labels
 from hpa_scc.data.images import read_image
 from hpa_scc.data.images import read_labels

@@ -1,4 +1,4 @@
-"""Cell-level models (hpa_scc.models.cells): crops, the crop store, both families through train/predict/refine."""
+"""Cell-level models (hpa_scc.models.cells; crops and their store: hpa_scc.data.cells): both families through train/predict/refine."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from hpa_scc.models.cells import (CellClassifier, FeatureClassifier, build_store, cell_crops, cell_images,
-                                  fit_feature_classifier, macro_ap)
+from hpa_scc.data.cells import build_store, cell_crops, cell_images
+from hpa_scc.engine.families import fit_feature_classifier, macro_ap
+from hpa_scc.models.cells import CellClassifier, FeatureClassifier
 from hpa_scc.data.prepared import PreparedSet
 from hpa_scc.config import ConfigError, load_config
 from hpa_scc.constants import NUM_CLASSES

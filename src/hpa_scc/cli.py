@@ -325,7 +325,7 @@ def _add_cell_store(sub) -> None:
 
 
 def _run_cell_store(args) -> int:
-    from hpa_scc.models.cells import build_store
+    from hpa_scc.data.cells import build_store
 
     shard = None if args.merge else _shard(args)
     store = build_store(args.prepared, args.kind, args.crop_size, progress=not args.quiet, shard=shard,

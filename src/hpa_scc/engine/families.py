@@ -15,16 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from hpa_scc.config import Config, to_dict
-from hpa_scc.constants import FAMILIES
+from hpa_scc.constants import FAMILIES, NUM_CLASSES
+from hpa_scc.data.cells import CellDataset
 from hpa_scc.data.instances import CellInstances, collate, shadowed_warning
 from hpa_scc.data.prepared import PreparedSet
 from hpa_scc.engine.loop import evaluate
 from hpa_scc.engine.runfolder import FINISHED, RESUME_FIX, MetricsLog, Run, TrainResult, resumes
-from hpa_scc.models.cells import build_family_model
+from hpa_scc.models.cells import FeatureClassifier, build_family_model
 from hpa_scc.utils.checkpoint import (BEST, LAST, changed_folds, check_model, load_checkpoint, load_model_state,
                                      save_checkpoint)
 
@@ -68,7 +71,7 @@ def build_data(cfg: Config, prepared: PreparedSet, train_folds: list[int], val_f
 
         return Data(train_set, val_set, collate, validate)
 
-    from hpa_scc.models.cells import CellDataset, build_store, collate_cells, evaluate_cells
+    from hpa_scc.data.cells import build_store, collate_cells
 
     kind = "crops" if cfg.model.family == "cell" else "features"
     store = build_store(prepared, kind, cfg.data.crop_size, progress=progress)
@@ -91,8 +94,6 @@ def build_data(cfg: Config, prepared: PreparedSet, train_folds: list[int], val_f
 def fit_features(run: Run, data: Data) -> TrainResult:
     """The ``features`` family: per-cell features + logistic regressions, fitted once, saved as
     best.pt/last.pt like any run (so predict and refine load it the same way)."""
-    from hpa_scc.models.cells import fit_feature_classifier
-
     cfg, last = run.cfg, run.run_dir / LAST
     model = build_family_model(cfg)
     if resumes(cfg, run.run_dir):
@@ -132,3 +133,66 @@ def fit_features(run: Run, data: Data) -> TrainResult:
         save_checkpoint(run.run_dir / BEST, state)
         save_checkpoint(last, state)
     return TrainResult(FINISHED, model, run.run_dir, cfg.train.max_epochs, best_metric=best, checkpoint=last)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cell-level families' fit and validation
+
+def fit_feature_classifier(model: FeatureClassifier, features: np.ndarray, labels: np.ndarray, c: float = 1.0,
+                           seed: int = 0) -> FeatureClassifier:
+    """Fit ``model`` in place: standardisation + an L2 logistic regression per class (soft labels
+    above 0.5 count as positive). A class with no positive (or no negative) cell gets a constant."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.asarray(features, np.float64)
+    mean, scale = x.mean(0), x.std(0)
+    scale[scale < 1e-8] = 1.0
+    z = (x - mean) / scale
+    y = np.asarray(labels) > 0.5
+    weight = np.zeros((y.shape[1], x.shape[1]))
+    bias = np.zeros(y.shape[1])
+    for c_idx in range(y.shape[1]):
+        pos = y[:, c_idx].mean()
+        if pos in (0.0, 1.0):
+            bias[c_idx] = -9.0 if pos == 0 else 9.0
+            continue
+        clf = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(z, y[:, c_idx])
+        weight[c_idx], bias[c_idx] = clf.coef_[0], clf.intercept_[0]
+    with torch.no_grad():
+        model.mean.copy_(torch.from_numpy(mean).float())
+        model.scale.copy_(torch.from_numpy(scale).float())
+        model.linear.weight.copy_(torch.from_numpy(weight).float())
+        model.linear.bias.copy_(torch.from_numpy(bias).float())
+    return model
+
+
+@torch.no_grad()
+def score_store_rows(model: nn.Module, dataset: CellDataset, device: torch.device, batch_size: int = 256) -> np.ndarray:
+    """float32 [len(dataset), 19]: the model's scores for every row of ``dataset`` (no augmentation)."""
+    model.eval()
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        values = torch.stack([dataset[j][0] for j in range(start, min(start + batch_size, len(dataset)))])
+        out.append(model(values.to(device)).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)
+
+
+def macro_ap(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over classes (with positive and negative cells) of the average precision of cell scores."""
+    from sklearn.metrics import average_precision_score
+
+    y = labels > 0.5
+    aps = [average_precision_score(y[:, c], scores[:, c]) for c in range(y.shape[1]) if 0 < y[:, c].sum() < len(y)]
+    return float(np.mean(aps)) if aps else 0.0
+
+
+def evaluate_cells(model: nn.Module, dataset: CellDataset, device: torch.device,
+                   truth: np.ndarray | None = None) -> dict[str, float]:
+    """Validation of a cell-level model: macro AP of its cell scores against the cells' training
+    labels (``cell_AP``), and against the true labels where a synthetic set has them (``truth``:
+    float32 [len(store), 19], ``CellStore.labels(..., "truth")``)."""
+    scores = score_store_rows(model, dataset, device)
+    out = {"cell_AP": macro_ap(scores, dataset.labels), "cells": len(dataset)}
+    if truth is not None:
+        out["cell_AP_truth"] = macro_ap(scores, truth[dataset.rows])
+    return out

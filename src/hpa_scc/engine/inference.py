@@ -261,8 +261,32 @@ def segmenter_cell_scores(loaded: LoadedModel, smalls: list[np.ndarray], small_c
             return box_scores(loaded, smalls, small_cells, n_cells, tta)
         detections = detect_batch(loaded, smalls, tta)
         return [score_cells(cells, list(range(1, n + 1)), det) for cells, n, det in zip(small_cells, n_cells, detections)]
-    from hpa_scc.models.cells import cell_scores
 
     return [cell_scores(loaded.model, loaded.family, image, cells, range(1, n + 1), crop_size=loaded.crop_size,
                         in_channels=loaded.in_channels, device=loaded.device, tta=tta)
             for image, cells, n in zip(smalls, small_cells, n_cells)]
+
+
+def cell_scores(model: torch.nn.Module, family: str, image: np.ndarray, cells: np.ndarray, cell_ids, *,
+                crop_size: int, in_channels: int, device: torch.device, tta: bool = False) -> np.ndarray:
+    """float32 [K, 19]: a cell-level model's scores for the cells of one image (at the model's size).
+
+    ``tta``: crops are also scored flipped and rotated by 90 degrees (4 views), scores averaged.
+    """
+    from hpa_scc.data.cells import cell_crops
+    from hpa_scc.data.features import cell_features
+
+    ids = list(cell_ids)
+    if not ids:
+        return np.zeros((0, NUM_CLASSES), np.float32)
+    if family == "features":
+        values = torch.from_numpy(cell_features(image, cells, ids))
+    else:
+        values = torch.from_numpy(cell_crops(image[:in_channels], cells, ids, crop_size))
+    model.eval()
+    values = values.to(device)
+    with torch.no_grad():
+        if not tta or family == "features":
+            return model(values).float().cpu().numpy()
+        views = [values, values.flip(-1), torch.rot90(values, 1, (-2, -1)), torch.rot90(values.flip(-1), 1, (-2, -1))]
+        return torch.stack([model(v.contiguous()).float() for v in views]).mean(0).cpu().numpy()

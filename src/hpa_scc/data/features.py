@@ -7,7 +7,7 @@ one-vs-rest LogisticRegression) this is the floor any deep per-cell model must c
 network does not beat it, the network has not learnt more than "where in the cell is the green
 and how grainy is it".
 
-    from hpa_scc.models.features import FEATURE_NAMES, cell_features
+    from hpa_scc.data.features import FEATURE_NAMES, cell_features
     x = cell_features(image, cells, [1, 2, 3])   # float32 [3, len(FEATURE_NAMES)]
 
 Shapes: ``image`` uint8 [4, H, W] (channels R, G, B, Y as everywhere in the project), ``cells``
