@@ -85,3 +85,19 @@ def test_a_bad_value_stops_train_before_the_run_folder_exists(tmp_path):
                            "optim.lr=-0.01"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 1 and "optim.lr must be > 0, got -0.01" in proc.stderr
     assert not run.exists()
+
+
+def test_one_registry_of_families_names_what_the_models_build():
+    """Issue 28: constants.FAMILIES is the one list of families; the config validates against it
+    and the models build exactly its cell backbones (no parallel name lists)."""
+    from hpa_scc.constants import FAMILIES
+    from hpa_scc.engine.families import VAL_METRIC
+    from hpa_scc.models.cells import CELL_BACKBONES
+
+    assert set(CELL_BACKBONES) == set(FAMILIES["cell"].backbones)
+    assert VAL_METRIC == {name: f.val_metric for name, f in FAMILIES.items()}
+    with pytest.raises(ConfigError, match=r"model.family = 'nope'; choose one of \['maskrcnn', 'cell', 'features'\]"):
+        load_config(None, ["model.family=nope"])
+    with pytest.raises(ConfigError, match="train.device = 'tpu'; choose one of auto, cpu, cuda, cuda:N"):
+        load_config(None, ["train.device=tpu"])
+    assert load_config(None, ["train.device=cuda:1"]).train.device == "cuda:1"
