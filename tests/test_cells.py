@@ -183,7 +183,8 @@ def test_features_family_fits_in_one_go_and_ensembles_with_a_detector(prepared, 
                                                            "data.val_fold=-1"])
     assert cfg.data.image_size is None
     model = train(cfg, progress=False).model
-    assert cfg.data.image_size == 128 and load_config(run / "config.yaml").data.image_size == 128
+    # resolved in the run's copy (saved in config.yaml); the caller's config is not changed
+    assert cfg.data.image_size is None and load_config(run / "config.yaml").data.image_size == 128
     assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
     with pytest.raises(ValueError, match="prepared at 128 px but data.image_size is 256; leave data.image_size out"):
         train(load_config(Path("configs/cell_features.yaml"), [f"data.prepared_dir={p}", "data.image_size=256",

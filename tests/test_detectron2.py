@@ -51,7 +51,7 @@ def test_config_follows_the_project_config(tiny, tmp_path):
         "optim.schedule=step", "optim.step_milestones=[2]", "train.save_every_epochs=2", "optim.clip_grad_norm=5.0"))
     d2 = prepare_d2_run(cfg, num_gpus=1, write=False)
     n_train = len(PreparedSet(tiny / "prepared").read_folds("per_label", [1])["images"])  # val_fold 0 validates
-    assert cfg.data.image_size == 128 and n_train == 2
+    assert cfg.data.image_size is None and d2.INPUT.MAX_SIZE_TRAIN == 128 and n_train == 2
     assert d2.MODEL.ROI_HEADS.NUM_CLASSES == 19
     assert d2.MODEL.PIXEL_MEAN == pytest.approx([0.485 * 255, 0.456 * 255, 0.406 * 255, 0.485 * 255])
     assert len(d2.MODEL.PIXEL_STD) == 4

@@ -143,7 +143,7 @@ def test_the_training_size_follows_the_prepared_set(prepared, tmp_path):
     assert cfg.data.image_size is None
     run = start_run(cfg)
     end_run(run)
-    assert cfg.data.image_size == 64 and run.prepared.size == 64
+    assert cfg.data.image_size is None and run.cfg.data.image_size == 64 and run.prepared.size == 64
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved.data.image_size == 64  # the run folder records the resolved size
 

@@ -365,6 +365,20 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be {allowed}, got {value}")
 
 
+def with_values(cfg: Config, **values) -> Config:
+    """A copy of ``cfg`` with ``section__key=value`` set (``with_values(cfg, data__image_size=512)``):
+    a loaded config is never changed in place, so whoever holds one sees what they loaded, and a
+    step that resolves a value (the training size from the prepared set) passes the copy on."""
+    sections: dict[str, dict] = {}
+    for name, value in values.items():
+        section, _, key = name.partition("__")
+        if not hasattr(getattr(cfg, section, None), key):
+            raise ConfigError(f"unknown key {section}.{key}")
+        sections.setdefault(section, {})[key] = value
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)
+                                       for section, changes in sections.items()})
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpa_scc.config import Config, save_config
+from hpa_scc.config import Config, save_config, with_values
 from hpa_scc.data.prepared import PreparedSet
 from hpa_scc.engine.distributed import join_group, launcher_env
 from hpa_scc.utils.device import device_type
@@ -281,7 +281,7 @@ def prepare_d2_run(cfg: Config, num_gpus: int = 1, write: bool = True, lock: Run
     """
     require_detectron2()
     prepared = PreparedSet(cfg.data.prepared_dir)
-    cfg.data.image_size = prepared.check_size(cfg.data.image_size, "data.image_size")
+    cfg = with_values(cfg, data__image_size=prepared.check_size(cfg.data.image_size, "data.image_size"))
     run_dir = Path(cfg.train.run_dir)
     train_folds, val_folds = split_folds(cfg, prepared)
     data = data_record(cfg, prepared, train_folds, val_folds)

@@ -52,7 +52,7 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: st
     from hpa_scc.utils.device import pick_device
     from hpa_scc.models.cells import build_family_model
     from hpa_scc.utils.checkpoint import load_checkpoint, load_model_state
-    from hpa_scc.config import load_config
+    from hpa_scc.config import load_config, with_values
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -80,7 +80,7 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: st
             f"no checkpoint {run_dir / checkpoint}{fallback}; "
             + (f"{run_dir} holds {', '.join(there)}: pass one with --checkpoint" if there
                else f"{run_dir} holds no checkpoint yet: train first (python -m hpa_scc train ...)"))
-    cfg.model.weights = None  # the checkpoint below is the whole model
+    cfg = with_values(cfg, model__weights=None)  # the checkpoint below is the whole model
     model = build_family_model(cfg)
     # a checkpoint of another run copied in: one line naming both, not torch's list of key names
     load_model_state(model, load_checkpoint(path), path, cfg.model.family, cfg.model.backbone,

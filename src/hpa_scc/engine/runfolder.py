@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import yaml
 
-from hpa_scc.config import RESUMABLE_CHANGES, Config, resume_changes, save_config
+from hpa_scc.config import RESUMABLE_CHANGES, Config, resume_changes, save_config, with_values
 from hpa_scc.data.prepared import PreparedSet
 from hpa_scc.engine.distributed import DistInfo, cleanup, gather_objects, init_distributed
 from hpa_scc.utils.device import pick_device
@@ -160,7 +160,7 @@ def start_run(cfg: Config) -> Run:
         torch.cuda.set_device(info.local_rank)
         device = torch.device("cuda", info.local_rank)
     prepared = PreparedSet(cfg.data.prepared_dir)
-    cfg.data.image_size = prepared.check_size(cfg.data.image_size, "data.image_size")
+    cfg = with_values(cfg, data__image_size=prepared.check_size(cfg.data.image_size, "data.image_size"))
     run_dir = Path(cfg.train.run_dir)
     # rank 0 reads the COCO folds (GBs on a big set) for all: the ranks check the same record
     data = gather_objects(data_record(cfg, prepared, *split_folds(cfg, prepared)) if info.is_main else None, info)[0]

@@ -170,10 +170,12 @@ def end_of_epoch(run: Run, data: Data, model, progress: Progress, metrics: "Metr
 def train(cfg: Config, progress: bool = True) -> TrainResult:
     """Run (or resume) the training described by ``cfg``; see the module docstring.
 
-    ``cfg.data.image_size`` left unset is filled in with the prepared set's size. Returns a
+    ``cfg.data.image_size`` left unset is the prepared set's size (in the run's copy of ``cfg``,
+    saved in config.yaml; ``cfg`` itself is not changed). Returns a
     TrainResult; a SIGUSR1/SIGTERM ends it early with status PREEMPTED after saving last.pt.
     """
     run = start_run(cfg)
+    cfg = run.cfg  # resolved (the prepared set's size): the caller's config is left as it was
     try:
         with warnings.catch_warnings():
             # torch warns of more loader workers than cores in two long lines, twice per loader and
