@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
+from hpa_scc.apps.demo import FEATURES, MASKRCNN, MODEL_FOLDERS
 from hpa_scc.cli import main
 from hpa_scc.data.prepared import PreparedSet
 
@@ -83,6 +84,17 @@ def test_demo_end_to_end(tmp_path):
     assert float(truth_line.split()[-1]) == 1.0  # the truth scores exactly 1
     assert (out / "predict" / "model" / "submission.csv").is_file()
     assert (out / "predict" / "image-labels" / "metrics.json").is_file()
+    # overlays: the best trained model by the mAP printed above, and Mask R-CNN, each in its own folder
+    maps = {line[:40].strip(): float(line.split()[-1]) for line in proc.stdout.splitlines()
+            if line.startswith((MASKRCNN, FEATURES))}
+    best = max(maps, key=maps.get)
+    overlay_line = next(line for line in proc.stdout.splitlines() if line.startswith("overlays, "))
+    assert f"best model, {best} (mAP {maps[best]:.4f}): 2 in " in overlay_line and MASKRCNN in overlay_line
+    for name in {best, MASKRCNN}:
+        folder = out / "figures" / MODEL_FOLDERS[name][1]
+        assert str(folder) in overlay_line and len(list(folder.glob("*_overlay.png"))) == 2
+    assert not list((out / "figures").glob("*_overlay.png"))  # no overlays of unnamed models
+    assert {"per_class_ap.png", "training_curves.png"} <= {p.name for p in (out / "figures").iterdir()}
     assert "COCO mask AP per epoch" in proc.stdout
     assert {"last.pt", "best.pt", "metrics.jsonl", "config.yaml"} <= {p.name for p in (out / "train").iterdir()}
     ap = float(proc.stdout.split("mask AP at IoU 0.6: ")[1].split()[0])
