@@ -13,7 +13,7 @@
 #   HPA_SCC_SHUTDOWN_S  seconds torchrun gives its workers to save after a signal (default 240,
 #             inside the 300 s of '#SBATCH --signal=B:USR1@300')
 #
-# How the job is launched (plan_launch; the README has the table of sbatch flags):
+# How the job is launched (plan_launch; docs/CLUSTER.md has the table of sbatch flags):
 #   several tasks per node          -> srun, one rank per task (ranks from SLURM_PROCID/LOCALID)
 #   one task per node, NPROC > 1    -> torchrun on every node (srun when several nodes), NPROC each
 #   one task per node, several nodes -> srun, one rank per node
