@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hpa_scc"
@@ -118,3 +120,127 @@ def test_the_stage_check_sees_an_upward_arrow():
              "hpa_scc.weak.targets": {"hpa_scc.evaluation.metric"}}
     assert wrong_way(graph) == ["hpa_scc.data.synth -> hpa_scc.models.detector",
                                 "hpa_scc.weak.targets -> hpa_scc.evaluation.metric"]
+
+
+# --- one owner per on-disk format (STYLE.md habit 13) -------------------------------------------
+# Each format's file and folder names, by the module that owns (reads and writes) it. A name two
+# formats share (records/, cells.csv) has two owners; everyone else asks an owner for the path.
+FORMAT_NAMES = {
+    "data/synth.py": ("masks", "nuclei", "cells.csv", "solution.csv", "synth.json"),
+    "data/prepared.py": ("prepare.json", "folds.csv", "records", "segmentation", "coco_truth", "refine.json"),
+    "evaluation/predictions.py": ("predict.json", "predict.log", "submission.csv", "cells.csv", "records",
+                                  "segmentation"),
+    "segment/folder.py": ("segment.json",),
+    "data/cache.py": ("cache.json", "records"),
+    "data/public.py": ("download.json",),
+    "utils/fileio.py": ("failures*.csv",),  # a step's failure list, failures<suffix>.csv (fileio.failures_name)
+}
+# Uses left outside the owner, each with its reason; those modules are not this change's to edit,
+# and each entry says what it should ask instead. The list is meant to shrink.
+KNOWN_LITERALS = {
+    ("utils/fileio.py", "cache.json"): "STEP_RECORDS: one folder, one step (why fileio lists them: its comment)",
+    ("utils/fileio.py", "prepare.json"): "STEP_RECORDS",
+    ("utils/fileio.py", "segment.json"): "STEP_RECORDS",
+    ("utils/fileio.py", "predict.json"): "STEP_RECORDS",
+    ("utils/fileio.py", "download.json"): "STEP_RECORDS",
+    ("utils/fileio.py", "cells.csv"): "refuse_inside's message",
+    ("data/cache.py", "failures*.csv"): "its failures_file and merge: fileio.failures_name",
+    ("data/public.py", "failures*.csv"): "download's failure list: fileio.failures_name",
+    ("data/cells.py", "failures*.csv"): "a message: PreparedSet(...).failures_path()",
+    ("models/cells.py", "prepare.json"): "a message: PreparedSet(...).settings_path",
+    ("engine/inference.py", "prepare.json"): "load_run's hint: PreparedSet(run_dir).exists()",
+    ("cli.py", "solution.csv"): "visualize's default --solution: SynthSet(data_dir).solution_csv",
+    ("cli.py", "folds.csv"): "EXAMPLES, help text held in a variable",
+    ("cli.py", "failures*.csv"): "download's description, help text held in a variable",
+    ("apps/demo.py", "masks"): "the demo's segmentation score: SynthSet(data).mask_ids() and read_mask(id)",
+    ("apps/demo.py", "solution.csv"): "SynthSet(test).solution_csv",
+    ("apps/demo.py", "cells.csv"): "a message",
+}
+# Text for people, where naming a file is the point: docstrings and the CLI's help.
+HELP_KEYWORDS = ("help", "description", "epilog")
+
+
+def _name_pattern(name: str) -> re.Pattern:
+    """A file name (with a dot; * for any suffix, a shard's) anywhere in a literal; a folder name as
+    a path component of one."""
+    if "." in name:
+        any_suffix = r"[\w{}-]*"  # {}: an f-string's value
+        return re.compile(r"(?<![\w-])" + re.escape(name).replace(r"\*", any_suffix) + r"(?![\w])")
+    return re.compile(rf"(?<![\w-]){re.escape(name)}/|/{re.escape(name)}(?![\w-])")
+
+
+def _literals(tree: ast.AST) -> Iterator[tuple[str, bool]]:
+    """(text, joined by '/') of every string literal that is not a docstring or help text; an
+    f-string's values read as {}. ``joined``: an operand of '/' (a path component)."""
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and \
+                isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            skip.add(id(body[0].value))
+        if isinstance(node, ast.keyword) and node.arg in HELP_KEYWORDS:
+            skip |= {id(n) for n in ast.walk(node.value)}
+    joined = {id(side) for node in ast.walk(tree) if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div)
+              for side in (node.left, node.right)}
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.JoinedStr):
+            text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+            skip |= {id(v) for v in node.values}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value
+        else:
+            continue
+        yield text, id(node) in joined
+
+
+def format_literals(package_dir: Path = PACKAGE) -> list[str]:
+    """'module: name' for every format name typed outside its owners."""
+    owners: dict[str, set[str]] = {}
+    for owner, names in FORMAT_NAMES.items():
+        for name in names:
+            owners.setdefault(name, set()).add(owner)
+    found = []
+    for path in sorted(package_dir.rglob("*.py")):
+        module = path.relative_to(package_dir).as_posix()
+        literals = list(_literals(ast.parse(path.read_text())))
+        for name, where in owners.items():
+            if module in where:
+                continue
+            pattern = _name_pattern(name)
+            if any(pattern.search(text) or (joined and text == name) for text, joined in literals):
+                found.append(f"{module}: {name}")
+    return found
+
+
+def test_only_a_formats_owner_names_its_files():
+    """Prepare, predict, visualize and refine ask PreparedSet, SynthSet and PredictionFolder for
+    paths; what is left elsewhere is listed in KNOWN_LITERALS with its reason."""
+    known = {f"{module}: {name}" for module, name in KNOWN_LITERALS}
+    assert sorted(set(format_literals()) - known) == [], "a format's file named outside its owner"
+
+
+def test_the_format_check_sees_a_literal_path(tmp_path):
+    (tmp_path / "apps").mkdir()
+    (tmp_path / "apps" / "a.py").write_text(
+        '"""Reads masks/<ID>.png and prepare.json (a docstring: fine)."""\n'
+        'def f(out, data, i, s):\n'
+        '    return out / "prepare.json", data / "masks" / f"{i}.png", out / f"failures{s}.csv", "records/x"\n'
+        'def g(p):\n'
+        '    p.add_argument("x", help="submission.csv of predict")\n'
+        '    return {"masks": 1}["masks"]\n')
+    assert format_literals(tmp_path) == ["apps/a.py: masks", "apps/a.py: prepare.json", "apps/a.py: records",
+                                         "apps/a.py: failures*.csv"]
+
+
+def test_every_steps_settings_record_is_known_to_check_settings():
+    """A step's settings record is its owner's constant, and fileio's table, which refuses one
+    step's folder to another, holds every one of them."""
+    from hpa_scc.data.prepared import PREPARE_JSON
+    from hpa_scc.evaluation.predictions import PREDICT_JSON
+    from hpa_scc.segment.folder import SEGMENT_JSON
+    from hpa_scc.utils.fileio import NOT_RESULTS, STEP_RECORDS
+
+    for name in (PREPARE_JSON, PREDICT_JSON, SEGMENT_JSON):
+        assert name in STEP_RECORDS and NOT_RESULTS.search(name)

@@ -24,31 +24,31 @@ cell): conf^(1-W) x image^W (``targets.fuse_image_scores``); 0 (default) leaves 
 
 OUT_DIR gets ``submission.csv``, ``cells.csv`` (ID, cell, bbox, area, one confidence column per
 class), ``predict.log`` and ``records/<xx>/<ID>.json`` (per-image results, in 256 sub-folders by a
-hash of the ID: a rerun skips them).
+hash of the ID: a rerun skips them); ``hpa_scc.evaluation.predictions.PredictionFolder`` names
+every path of it and reads and writes the records.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from hpa_scc.constants import NUM_CLASSES
-from hpa_scc.utils.fileio import atomic_path, fanned, refuse_inside, write_text_atomic
-from hpa_scc.utils.provenance import sidecar, sources_stamp, stamp, stamped, unstamp
+from hpa_scc.utils.fileio import refuse_inside
+from hpa_scc.utils.provenance import sources_stamp
 from hpa_scc.data.images import ImageReadError, ImageRecord, find_images, image_stamp, read_image, resize
 from hpa_scc.data.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
 from hpa_scc.utils.pool import run_pool, write_failures
-from hpa_scc.segment.folder import init_worker, segment_one, worker_segmenter, worker_settings
-from hpa_scc.data.images import read_labels
-from hpa_scc.data.synth import read_true_cell_labels
-from hpa_scc.evaluation.submission import EncodedCell, SubmissionRow, encode_label_image, write_submission
+from hpa_scc.segment.folder import SegmenterSpec, init_worker, segment_one, worker_segmenter
+from hpa_scc.data.synth import SynthSet
+from hpa_scc.evaluation.predictions import PREDICT_JSON, PredictionFolder, encoded_result, image_result
+from hpa_scc.evaluation.submission import encode_label_image
 from hpa_scc.engine.inference import (LoadedModel, cells_from_detections, detect_batch, load_run, model_identity,
                                      segmenter_cell_scores)
 from hpa_scc.weak.targets import fuse_image_scores
@@ -58,28 +58,16 @@ BASELINES = ("image-labels", "truth", "random")
 CELL_MODES = ("segmenter", "model")
 
 
-def image_result(image_id: str, cells: np.ndarray, conf: np.ndarray, *, only_positive: bool = False) -> dict:
-    """Per-image record: each cell's mask encoded once, its bbox, area and 19 confidences."""
-    return encoded_result(image_id, cells.shape, encode_label_image(cells), conf, only_positive=only_positive)
+@dataclass(frozen=True)
+class PredictSettings:
+    """What a worker of ``predict`` needs, sent with each image (``_inputs_job``)."""
 
-
-def encoded_result(image_id: str, shape: tuple[int, int], encoded: list[EncodedCell], conf: np.ndarray, *,
-                   only_positive: bool = False) -> dict:
-    """``image_result`` from cells already encoded (``conf`` row k-1 belongs to cell id k)."""
-    cells = [{"cell": e.cell, "bbox": e.bbox, "area": e.area, "mask": e.mask,
-              "conf": [round(float(c), 6) for c in conf[e.cell - 1]]} for e in encoded]
-    return {"image_id": image_id, "height": int(shape[0]), "width": int(shape[1]), "only_positive": only_positive,
-            "cells": cells}
-
-
-def to_row(result: dict) -> SubmissionRow:
-    row = SubmissionRow(result["image_id"], result["width"], result["height"])
-    for cell in result["cells"]:
-        for c, value in enumerate(cell["conf"]):
-            if result["only_positive"] and value <= 0:
-                continue
-            row.predictions.append((c, value, cell["mask"]))
-    return row
+    mode: str  # a cell mode or a baseline
+    truth: SynthSet  # DATA_DIR as a synthetic set: its true cells, for the truth baseline
+    folder: PredictionFolder  # OUT_DIR
+    model_size: int | None  # the models' image size (None: no model)
+    in_channels: int | None
+    segmenter: SegmenterSpec
 
 
 def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -119,19 +107,19 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     refuse_inside(out_dir, data_dir, "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out_dir / "predict.log")
+    folder = PredictionFolder(out_dir)
+    handler = logging.FileHandler(folder.log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     try:
         records = find_images(data_dir, labels_csv)
         if merge_only:
-            if not (out_dir / "predict.json").is_file():
-                raise FileNotFoundError(f"nothing to merge: {out_dir / 'predict.json'} not found; run the shards "
+            if not folder.settings_path.is_file():
+                raise FileNotFoundError(f"nothing to merge: {folder.settings_path} not found; run the shards "
                                         "first (the same command with --shard I/N instead of --merge)")
-            done, failures, seen = gather_shards(out_dir, [r.image_id for r in records],
-                                                 lambda i: sidecar(record_path(out_dir, i)).is_file())  # finished: stamped
+            done, failures, seen = gather_shards(out_dir, [r.image_id for r in records], folder.is_finished)
             log.info("merging the records of %d images and %d shard failure log(s)", len(done), len(seen))
-            return _write_outputs(out_dir, records, set(done), failures, allow_missing)
+            return _write_outputs(folder, records, set(done), failures, allow_missing)
         by_id = {rec.image_id: rec for rec in records}
         loaded = load_run(run_dir, checkpoint, device) if baseline is None else None
         members = [loaded] + [load_run(r, checkpoint, device) for r in ensemble] if loaded else []
@@ -149,7 +137,7 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
         if baseline == "image-labels" and unlabelled:
             raise ValueError(f"the image-labels baseline gives each cell its image's labels, and {len(unlabelled)} "
                              f"image(s) of {data_dir} have none (e.g. {unlabelled[0]}): give a table with --labels")
-        truth = read_true_cell_labels(data_dir) if baseline == "truth" else None
+        truth = SynthSet(data_dir).true_labels() if baseline == "truth" else None
         if mode in ("segmenter", "image-labels", "random"):
             from hpa_scc.segment import check_segmenter
 
@@ -165,19 +153,18 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                                  "cell_scoring": cell_scoring, "segmenter": segmenter if mode != "truth" else None,
                                  "segmenter_options": segmenter_record(segmenter_options) or {},
                                  "files": "fanned"},  # records/<xx>/: an OUT of flat records is not resumed
-                       "predict.json")
+                       PREDICT_JSON)
         # Finished images are known by their records on disk, and reused only when made from the
         # same inputs (the record's stamp, checked by the workers: ``_inputs_job``). The records
         # (every cell's mask at the original size) are read back one at a time for the outputs.
         finished, failures = set(), []
         todo = select_shard(records, shard)
-        settings = {"mode": mode, "data_dir": str(data_dir), "seg_dir": str(out_dir / "segmentation"),
-                    "out_dir": str(out_dir), "model_size": loaded.image_size if loaded else None,
-                    "in_channels": max(m.in_channels for m in members) if loaded else None}
         uses_segmenter = mode in ("segmenter", "image-labels", "random")
-        stream = run_pool(_inputs_job, todo, workers=workers, initializer=init_worker,
-                          initargs=(segmenter if uses_segmenter else None, segmenter_options or {}, settings),
-                          desc="predict", progress=progress)
+        settings = PredictSettings(mode, SynthSet(data_dir), folder, loaded.image_size if loaded else None,
+                                   max(m.in_channels for m in members) if loaded else None,
+                                   SegmenterSpec(segmenter if uses_segmenter else None, segmenter_options or {}))
+        stream = run_pool(_inputs_job, [(settings, r) for r in todo], workers=workers, initializer=init_worker,
+                          initargs=(settings.segmenter,), desc="predict", progress=progress)
         batch: list[tuple[str, dict]] = []
         how_done = {"reused": 0, "redone": 0}
         for i, (image_id, inputs, error) in enumerate(stream, start=1):
@@ -196,11 +183,8 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                         failures.append((image_id, error))
                         log.warning("skipped %s: %s", image_id, error)
                         continue
-                    path = record_path(out_dir, image_id)
                     source = dict(batch)[image_id]
-                    unstamp(path)  # a crash before the new stamp leaves no stamp: redone next time
-                    write_text_atomic(path, json.dumps(result, separators=(",", ":")))
-                    stamp(path, source["source"])
+                    folder.write_record(image_id, result, source["source"])  # stamped last: a crash leaves it to redo
                     how_done["redone"] += bool(source.get("redone"))
                     finished.add(image_id)
                 batch = []
@@ -209,85 +193,67 @@ def predict_folder(run_dir: str | os.PathLike | None, data_dir: str | os.PathLik
                      how_done["redone"], " (channel files or labels)" if mode == "image-labels" else " (channel files)")
         if shard is not None:
             failures.sort()
-            write_failures(out_dir / f"failures{shard_suffix(shard)}.csv", failures)
+            write_failures(folder.failures_path(shard_suffix(shard)), failures)
             log.info("shard %d/%d: %d images predicted, %d skipped; once every shard has finished: python -m "
                      "hpa_scc predict RUN_DIR DATA_DIR --out %s --merge", *shard, len(finished), len(failures), out_dir)
-            return out_dir / "records"
-        return _write_outputs(out_dir, records, finished, failures, allow_missing)
+            return folder.records_dir
+        return _write_outputs(folder, records, finished, failures, allow_missing)
     finally:
         log.removeHandler(handler)
         handler.close()
 
 
-def record_path(out_dir: str | os.PathLike, image_id: str) -> Path:
-    """OUT/records/<xx>/<ID>.json: one predicted image (its cells' masks and confidences)."""
-    return fanned(Path(out_dir) / "records", image_id, f"{image_id}.json")
-
-
-def _write_outputs(out_dir: Path, records: list[ImageRecord], finished: set[str], failures: list[tuple[str, str]],
-                   allow_missing: bool) -> Path:
+def _write_outputs(folder: PredictionFolder, records: list[ImageRecord], finished: set[str],
+                   failures: list[tuple[str, str]], allow_missing: bool) -> Path:
     """failures.csv, then submission.csv and cells.csv from the finished images' records, read
     back one at a time in the table's order; returns the submission's path."""
-    n_done = sum(rec.image_id in finished for rec in records)
-
-    def ordered():
-        for rec in records:
-            if rec.image_id in finished:
-                yield json.loads(record_path(out_dir, rec.image_id).read_text())
-
-    write_failures(out_dir / "failures.csv", failures)
-    submission = out_dir / "submission.csv"
+    done = [rec.image_id for rec in records if rec.image_id in finished]
+    write_failures(folder.failures_path(), failures)
     if failures and not allow_missing:
         failures.sort()
-        submission.unlink(missing_ok=True)  # never leave a submission that lacks these IDs
+        folder.submission.unlink(missing_ok=True)  # never leave a submission that lacks these IDs
         raise ValueError(
             f"{len(failures)} of {len(records)} images could not be predicted (e.g. {failures[0][0]}: "
-            f"{failures[0][1]}); all are listed in {out_dir / 'failures.csv'}. A submission needs every ID: fix "
-            f"them and run again (the {n_done} finished images are kept), or pass --allow-missing to "
+            f"{failures[0][1]}); all are listed in {folder.failures_path()}. A submission needs every ID: fix "
+            f"them and run again (the {len(done)} finished images are kept), or pass --allow-missing to "
             f"write the submission without them")
     if failures:
         log.warning("%d image(s) left out of the submission (--allow-missing): %s", len(failures),
                     ", ".join(i for i, _ in failures[:10]))
-    write_submission(submission, (to_row(r) for r in ordered()))
-    with atomic_path(out_dir / "cells.csv", ".csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["ID", "cell", "x0", "y0", "x1", "y1", "area", *[f"conf_{c}" for c in range(NUM_CLASSES)]])
-        for r in ordered():
-            for cell in r["cells"]:
-                writer.writerow([r["image_id"], cell["cell"], *cell["bbox"], cell["area"], *cell["conf"]])
-    log.info("%d images predicted, %d skipped -> %s", n_done, len(failures), submission)
-    return submission
+    folder.write_tables(done)
+    log.info("%d images predicted, %d skipped -> %s", len(done), len(failures), folder.submission)
+    return folder.submission
 
 
-def _inputs_job(record: ImageRecord) -> tuple[str, dict | None, str | None]:
+def _inputs_job(job: tuple[PredictSettings, ImageRecord]) -> tuple[str, dict | None, str | None]:
     """Worker: one image's CPU work -> what the model and the record need (never the full image);
     {"reused": True} when its record was made from these very inputs (``utils.provenance``)."""
-    s = worker_settings()
+    s, record = job
     try:
-        truth_mask = Path(s["data_dir"]) / "masks" / f"{record.image_id}.png"
+        truth_mask = s.truth.mask_path(record.image_id)
         # What the record is made from: the channel files (the true mask for "truth"), and the
         # labels where the record copies them.
-        source = (sources_stamp([truth_mask]) if s["mode"] == "truth" else
-                  image_stamp(record, labels=list(record.labels or ())) if s["mode"] == "image-labels" else
+        source = (sources_stamp([truth_mask]) if s.mode == "truth" else
+                  image_stamp(record, labels=list(record.labels or ())) if s.mode == "image-labels" else
                   image_stamp(record))
-        path = record_path(s["out_dir"], record.image_id)
-        if stamped(path, source):
+        if s.folder.is_current(record.image_id, source):
             return record.image_id, {"reused": True}, None
-        inputs: dict = {"source": source, "redone": path.is_file()}
-        if s["mode"] == "truth":
-            true_cells = read_labels(truth_mask)
+        inputs: dict = {"source": source, "redone": s.folder.has_record(record.image_id)}
+        if s.mode == "truth":
+            true_cells = s.truth.read_mask(record.image_id)
             return record.image_id, {**inputs, "shape": true_cells.shape, "encoded": encode_label_image(true_cells),
                                      "n_cells": int(true_cells.max())}, None
         image = read_image(record.folder, record.image_id)
         inputs["shape"] = image.shape[1:]
-        if s["mode"] in ("segmenter", "image-labels", "random"):
-            _, cell_labels, _ = segment_one(record, worker_segmenter(), Path(s["seg_dir"]), image, fanout=True)
+        if s.mode in ("segmenter", "image-labels", "random"):
+            _, cell_labels, _ = segment_one(record, worker_segmenter(s.segmenter), s.folder.segmentation_dir, image,
+                                            fanout=True)
             inputs["encoded"] = encode_label_image(cell_labels)
             inputs["n_cells"] = int(cell_labels.max())
-        if s["model_size"]:
-            size = s["model_size"]
-            inputs["small"] = np.stack([resize(plane, size) for plane in image[: s["in_channels"]]])
-            if s["mode"] == "segmenter":
+        if s.model_size:
+            size = s.model_size
+            inputs["small"] = np.stack([resize(plane, size) for plane in image[: s.in_channels]])
+            if s.mode == "segmenter":
                 inputs["small_cells"] = cv2.resize(cell_labels, (size, size), interpolation=cv2.INTER_NEAREST)
         return record.image_id, inputs, None
     except (ImageReadError, OSError, ValueError) as exc:

@@ -8,8 +8,9 @@ On a cluster, a SLURM job array splits the images over its tasks (see hpa_scc.da
     sbatch --array=0-15 --wrap "python -m hpa_scc prepare DATA_DIR OUT_DIR --size 512 --shard slurm"
     python -m hpa_scc prepare DATA_DIR OUT_DIR --size 512 --merge    # after the last task
 
-``segment`` writes OUT_DIR/<ID>_cells.png and OUT_DIR/<ID>_nuclei.png (uint16, full size).
-``prepare`` writes, under OUT_DIR:
+``segment`` writes OUT_DIR/<ID>_cells.png and OUT_DIR/<ID>_nuclei.png (uint16, full size; the
+folder's layout is ``hpa_scc.segment.folder``'s).
+``prepare`` writes, under OUT_DIR, through ``hpa_scc.data.prepared.PreparedSet`` (which names every path):
     prepare.json                     the settings; a rerun with other settings fails
     segmentation/<xx>/<ID>_{cells,nuclei}.png   full-size label images (the segment step's output)
     cache/                           the resized uint8 image cache (see hpa_scc.data.cache)
@@ -34,7 +35,6 @@ cache/index.csv from the records, byte for byte what one unsharded run writes.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -48,22 +48,21 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from hpa_scc.data.annotations import write_coco
-from hpa_scc.data.prepared import record_path as prepared_record
-from hpa_scc.data.cache import cache_path, cache_settings, is_cached, write_index
-from hpa_scc.constants import CHANNELS, CLASS_NAMES, MAX_SIZE, format_labels
-from hpa_scc.utils.fileio import atomic_path, check_settings, refuse_inside, write_npy_atomic, write_text_atomic
+# The set's format, paths and COCO builder are its owner's (coco_file is still importable from here).
+from hpa_scc.data.prepared import PREPARE_FORMAT, PREPARE_JSON, PreparedSet, coco_file, labels_folder
+from hpa_scc.data.cache import cache_settings, is_cached, write_index
+from hpa_scc.constants import CHANNELS, MAX_SIZE
+from hpa_scc.utils.fileio import check_settings, failures_name, refuse_inside, write_npy_atomic
 from hpa_scc.data.folds import assign_folds
 from hpa_scc.data.images import ImageReadError, ImageRecord, find_images, image_stamp, read_image, resize
 from hpa_scc.utils.pool import run_pool, write_failures
 from hpa_scc.segment import check_segmenter, segmenter_record
-from hpa_scc.segment.folder import init_worker, seg_paths, segment_one, worker_segmenter, worker_settings
-from hpa_scc.data.images import read_labels
-from hpa_scc.data.synth import is_synthetic, read_true_cell_labels
+from hpa_scc.segment.folder import SEGMENT_JSON, SegmenterSpec, init_worker, seg_paths, segment_one, worker_segmenter
+from hpa_scc.data.synth import SynthSet
 from hpa_scc.data.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
-from hpa_scc.weak.targets import LAYOUTS, cell_instances, describe_cells, inherit_labels, keep_cells, transfer_labels
+from hpa_scc.weak.targets import LAYOUTS, describe_cells, keep_cells, transfer_labels
 
 log = logging.getLogger(__name__)
-PREPARE_FORMAT = 2  # 2: per-image files in hashed sub-folders (PreparedSet.fanout); a format 1 set is resumed flat
 # What ``layout`` may ask for -> the COCO layouts written. "both" (the default) lets any head
 # train on the prepared set; writing a layout costs only its JSON (the records are shared).
 LAYOUT_CHOICES = {"both": LAYOUTS, **{name: (name,) for name in LAYOUTS}}
@@ -83,7 +82,7 @@ class StepReport:
     skipped_existing: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
-    failures_file: str = "failures.csv"
+    failures_file: str = failures_name()
 
     def summary(self) -> str:
         head = (f"{self.name} {self.out_dir}: {self.written} images done now, "
@@ -94,9 +93,18 @@ class StepReport:
         return "\n".join(lines + self.extra)
 
 
-def _segment_job(record: ImageRecord) -> tuple[str, bool, str | None]:
+@dataclass(frozen=True)
+class SegmentSettings:
+    """What a worker of ``segment`` needs, sent with each image (``_segment_job``)."""
+
+    out_dir: Path
+    segmenter: SegmenterSpec
+
+
+def _segment_job(job: tuple[SegmentSettings, ImageRecord]) -> tuple[str, bool, str | None]:
+    settings, record = job
     try:
-        _, _, now = segment_one(record, worker_segmenter(), Path(worker_settings()["out_dir"]))
+        _, _, now = segment_one(record, worker_segmenter(settings.segmenter), settings.out_dir)
         return record.image_id, now, None
     except (ImageReadError, OSError, ValueError) as exc:
         return record.image_id, False, str(exc)
@@ -119,11 +127,11 @@ def segment_folder(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
     records = select_shard(find_images(data_dir, labels_csv), shard)  # inputs before the settings record
     # Label images made by another segmenter are never mixed in: another one into this folder is refused.
     check_settings(out_dir, {"segmenter": segmenter, "segmenter_options": segmenter_record(segmenter_options) or {}},
-                   "segment.json")
-    report = StepReport("segment", out_dir, failures_file=f"failures{shard_suffix(shard)}.csv")
-    settings = {"out_dir": str(out_dir)}
-    for image_id, now, error in run_pool(_segment_job, records, workers=workers, initializer=init_worker,
-                                         initargs=(segmenter, segmenter_options or {}, settings),
+                   SEGMENT_JSON)
+    report = StepReport("segment", out_dir, failures_file=failures_name(shard_suffix(shard)))
+    settings = SegmentSettings(out_dir, SegmenterSpec(segmenter, segmenter_options or {}))
+    for image_id, now, error in run_pool(_segment_job, [(settings, r) for r in records], workers=workers,
+                                         initializer=init_worker, initargs=(settings.segmenter,),
                                          desc="segment", progress=progress):
         if error:
             report.failures.append((image_id, error))
@@ -152,8 +160,8 @@ def merge_failures(out_dir: str | os.PathLike, data_dir: str | os.PathLike | Non
     finished, failures, seen = gather_shards(out_dir, ids,
                                              lambda image_id: all(p.is_file() for p in seg_paths(out_dir, image_id)))
     report = StepReport("merge segment", out_dir, skipped_existing=len(finished), failures=failures)
-    write_failures(out_dir / "failures.csv", report.failures)
-    report.extra.append(f"  merged {len(seen)} shard failure log(s) into {out_dir / 'failures.csv'}")
+    write_failures(out_dir / report.failures_file, report.failures)
+    report.extra.append(f"  merged {len(seen)} shard failure log(s) into {out_dir / report.failures_file}")
     return report
 
 
@@ -180,21 +188,34 @@ def encode_cells(cells_small: np.ndarray, cell_ids: list[int]) -> list[dict]:
     return out
 
 
-def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None, str]:
+@dataclass(frozen=True)
+class PrepareSettings:
+    """What a worker of ``prepare`` needs, sent with each image (``_prepare_job``)."""
+
+    prepared: PreparedSet  # the set being written, its per-image layout (fanout) given
+    size: int
+    min_cell_area_px: int
+    drop_border_cells: bool
+    segmenter: SegmenterSpec
+    truth: SynthSet | None = None  # a synthetic set's truth: its true labels go into the records
+
+
+def _prepare_job(job: tuple[PrepareSettings, ImageRecord, dict | None]) -> tuple[str, dict | None, str | None, str]:
     """Worker: one image -> (id, its record (cells at the training size, written last), error,
-    how: "new", "reused" or "relabelled" (reused, with the labels the table has now))."""
-    s = worker_settings()
-    out = Path(s["out_dir"])
-    record_path = prepared_record(out, record.image_id, s["fanout"])
-    npy = cache_path(out / "cache", record.image_id, s["fanout"])
+    how: "new", "reused" or "relabelled" (reused, with the labels the table has now)).
+    ``job``: the settings, the image, and its cells' true labels (synthetic sets; None: not in cells.csv)."""
+    s, record, true_labels = job
+    out = s.prepared
+    record_path = out.record_path(record.image_id)
+    npy = out.image_path(record.image_id)
     try:
         source = image_stamp(record)  # what the record is made from: its channel files now
     except ImageReadError as exc:
         return record.image_id, None, str(exc), "new"
     result = None
-    if record_path.is_file() and is_cached(npy, (len(CHANNELS), s["size"], s["size"])):
+    if record_path.is_file() and is_cached(npy, (len(CHANNELS), s.size, s.size)):
         try:
-            result = json.loads(record_path.read_text())
+            result = out.read_record(record.image_id)
         except json.JSONDecodeError:
             result = None  # damaged: redo this image
         if result is not None and result.get("source") == source:
@@ -202,79 +223,41 @@ def _prepare_job(record: ImageRecord) -> tuple[str, dict | None, str | None, str
             if result.get("labels") == labels:
                 return record.image_id, result, None, "reused"
             result["labels"] = labels  # the table changed: a record's labels follow it
-            write_text_atomic(record_path, json.dumps(result, separators=(",", ":")))
+            out.write_record(record.image_id, result)
             return record.image_id, result, None, "relabelled"
     # made from other channel files (changed, replaced, or an earlier version without a stamp)
     how = "redone" if result is not None else "new"
     try:
         record_path.unlink(missing_ok=True)  # a crash below must not leave the old record vouching for new files
         image = read_image(record.folder, record.image_id)
-        nuclei, cells, _ = segment_one(record, worker_segmenter(), out / "segmentation", image, fanout=s["fanout"])
-        size = s["size"]
+        nuclei, cells, _ = segment_one(record, worker_segmenter(s.segmenter), out.segmentation_dir, image,
+                                       fanout=out.fanout)
+        size = s.size
         write_npy_atomic(npy, np.stack([resize(plane, size) for plane in image]))
-        infos = keep_cells(describe_cells(cells), min_cell_area_px=s["min_cell_area_px"],
-                           drop_border_cells=s["drop_border_cells"])
+        infos = keep_cells(describe_cells(cells), min_cell_area_px=s.min_cell_area_px,
+                           drop_border_cells=s.drop_border_cells)
         cells_small = cv2.resize(cells, (size, size), interpolation=cv2.INTER_NEAREST)
         encoded = encode_cells(cells_small, [c.cell_id for c in infos])
         if not encoded:
-            raise NoCellsError(f"no cell found in {record.image_id} (after min area {s['min_cell_area_px']} px"
-                               f"{', border cells dropped' if s['drop_border_cells'] else ''}); image skipped")
+            raise NoCellsError(f"no cell found in {record.image_id} (after min area {s.min_cell_area_px} px"
+                               f"{', border cells dropped' if s.drop_border_cells else ''}); image skipped")
         border = {c.cell_id: c.touches_border for c in infos}
         for cell in encoded:
             cell["touches_border"] = border[cell["cell_id"]]
         result = {"image_id": record.image_id, "height": size, "width": size,
                   "orig_height": int(image.shape[1]), "orig_width": int(image.shape[2]),
                   "labels": list(record.labels) if record.labels else None, "cells": encoded, "source": source}
-        truth = s.get("truth_dir")
-        if truth:
-            true_cells = read_labels(Path(truth) / "masks" / f"{record.image_id}.png")
-            if record.image_id not in s["true_labels"]:
-                raise ValueError(f"{record.image_id} is not in {truth}/cells.csv; the synthetic set is incomplete")
-            transferred = transfer_labels(cells, true_cells, s["true_labels"][record.image_id])
+        if s.truth is not None:
+            true_cells = s.truth.read_mask(record.image_id)
+            if true_labels is None:
+                raise ValueError(f"{record.image_id} is not in {s.truth.cells_csv}; the synthetic set is incomplete")
+            transferred = transfer_labels(cells, true_cells, true_labels)
             result["true_labels"] = {str(k): v[0] for k, v in transferred.items()}
             result["true_cell"] = {str(k): v[1] for k, v in transferred.items()}
-        write_text_atomic(record_path, json.dumps(result, separators=(",", ":")))
+        out.write_record(record.image_id, result)
         return record.image_id, result, None, how
     except (ImageReadError, OSError, ValueError) as exc:
         return record.image_id, None, str(exc), how
-
-
-def coco_file(records: list[dict], layout: str, *, truth: bool = False, description: str = "") -> dict:
-    """Records -> a COCO instances dict (images in the given order, ids from their table index).
-
-    Weak: every cell carries its image's labels. ``truth``: each cell carries the true labels
-    transferred from the synthetic truth. Image records keep the image-level labels.
-    """
-    images, annotations = [], []
-    for rec in records:
-        cells = {c["cell_id"]: c for c in rec["cells"]}
-        if truth:
-            labels = {k: rec["true_labels"][str(k)] for k in cells}
-        else:
-            labels = inherit_labels(cells, rec["labels"])
-        images.append({"id": rec["index"], "file_name": f"{rec['image_id']}.npy", "image_name": rec["image_id"],
-                       "height": rec["height"], "width": rec["width"], "orig_height": rec["orig_height"],
-                       "orig_width": rec["orig_width"], "labels": rec["labels"]})
-        for inst in cell_instances(labels, layout):
-            cell = cells[inst.cell_id]
-            ann = {"id": len(annotations) + 1, "image_id": rec["index"], "category_id": inst.category_id,
-                   "segmentation": cell["segmentation"], "area": cell["area"], "bbox": cell["bbox"], "iscrowd": 0,
-                   "cell_id": inst.cell_id, "touches_border": cell["touches_border"]}
-            if inst.label_vector is not None:
-                ann["label_vector"] = list(inst.label_vector)
-            annotations.append(ann)
-    categories = [{"id": c + 1, "name": name, "supercategory": "location"} for c, name in enumerate(CLASS_NAMES)]
-    info = {"description": description, "layout": layout, "labels": "true cell labels" if truth else
-            "image labels inherited by every cell", "category_ids": "class index + 1; 0 is background"}
-    return {"info": info, "images": images, "annotations": annotations, "categories": categories}
-
-
-def _format_of(out_dir: Path) -> int:
-    """The format of the set prepared in ``out_dir`` (its prepare.json), PREPARE_FORMAT for a new one."""
-    try:
-        return int(json.loads((out_dir / "prepare.json").read_text()).get("format", 1))
-    except (OSError, ValueError):
-        return PREPARE_FORMAT
 
 
 def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size: int = 512,
@@ -312,40 +295,44 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
         fix = "--folds 1 (one file, all.json)" if len(records) < 2 else f"--folds {len(records)} or fewer"
         raise ValueError(f"--folds {n_folds} needs at least {n_folds} images and {data_dir} has {len(records)}; "
                          f"use {fix}")
-    if merge_only and not (out_dir / "prepare.json").is_file():
-        raise FileNotFoundError(f"nothing to merge: {out_dir / 'prepare.json'} not found; run the shards first "
-                                "(the same command with --shard I/N instead of --merge)")
+    if merge_only and not PreparedSet(out_dir).exists():
+        raise FileNotFoundError(f"nothing to merge: {PreparedSet(out_dir).settings_path} not found; run the shards "
+                                "first (the same command with --shard I/N instead of --merge)")
     if not merge_only:
         check_segmenter(segmenter, **(segmenter_options or {}))  # fail now, not in every worker
     out_dir.mkdir(parents=True, exist_ok=True)
     # A set prepared by format 1 (flat per-image folders) is resumed and merged as it is.
-    fanout = _format_of(out_dir) >= 2
+    written = PreparedSet(out_dir).written_format()
+    fanout = (PREPARE_FORMAT if written is None else written) >= 2
+    prepared = PreparedSet(out_dir, fanout=fanout)  # the layout decided here, before prepare.json records it
     recorded = {"format": PREPARE_FORMAT if fanout else 1, "size": size, "segmenter": segmenter, "layout": layout,
                 "min_cell_area_px": min_cell_area_px, "drop_border_cells": drop_border_cells, "folds": n_folds,
                 "seed": seed}
     if not merge_only:  # the merge segments nothing: its options are not asked again
         recorded["segmenter_options"] = segmenter_record(segmenter_options)  # None (no key before) without options
-    check_settings(out_dir, recorded, name="prepare.json")
-    check_settings(out_dir / "cache", cache_settings(size, fanout=fanout), sweep=False)  # out_dir's sweep covered it
+    check_settings(out_dir, recorded, name=PREPARE_JSON)
+    check_settings(prepared.cache_dir, cache_settings(size, fanout=fanout), sweep=False)  # out_dir's sweep covered it
     if merge_only:
         return merge_prepared(data_dir, out_dir, labels_csv=labels_csv)
-    synthetic = is_synthetic(data_dir)
-    settings = {"out_dir": str(out_dir), "size": size, "fanout": fanout, "min_cell_area_px": min_cell_area_px,
-                "drop_border_cells": drop_border_cells}
-    if synthetic:
-        settings.update(truth_dir=str(data_dir), true_labels=read_true_cell_labels(data_dir))
+    truth = SynthSet(data_dir)
+    truth = truth if truth.is_synthetic else None
+    true_labels = truth.true_labels() if truth is not None else {}
+    settings = PrepareSettings(prepared, size, min_cell_area_px, drop_border_cells,
+                               SegmenterSpec(segmenter, segmenter_options or {}), truth)
 
     todo = select_shard(records, shard)
     suffix = shard_suffix(shard)
-    report = StepReport("prepare", out_dir, failures_file=f"failures{suffix}.csv")
+    report = StepReport("prepare", out_dir, failures_file=prepared.failures_path(suffix).name)
     # Only each finished image's original size is kept here; its record (cells and RLE) stays on
     # disk until its fold's COCO file is written, so memory does not grow with the set.
     results: dict[str, tuple[int, int]] = {}
     how_done: Counter = Counter()
     try:
-        for image_id, result, error, how in run_pool(_prepare_job, todo, workers=workers, initializer=init_worker,
-                                                initargs=(segmenter, segmenter_options or {}, settings),
-                                                desc=f"prepare {size}px", progress=progress):
+        # each image travels with the settings and its own true labels (not the whole table)
+        jobs = [(settings, r, true_labels.get(r.image_id)) for r in todo]
+        for image_id, result, error, how in run_pool(_prepare_job, jobs, workers=workers, initializer=init_worker,
+                                                     initargs=(settings.segmenter,), desc=f"prepare {size}px",
+                                                     progress=progress):
             if error:
                 report.failures.append((image_id, error))
                 log.warning("skipped %s: %s", image_id, error)
@@ -354,7 +341,7 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
                 results[image_id] = (result["orig_height"], result["orig_width"])
     finally:
         report.failures.sort()
-        _write_logs(out_dir, todo, results, report.failures, suffix)
+        _write_logs(prepared, todo, results, report.failures, suffix)
     if how_done["relabelled"]:
         report.extra.append(f"  {how_done['relabelled']} finished image(s) relabelled: their labels changed in the "
                             "table")
@@ -370,8 +357,8 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
         raise ValueError(f"no image of {data_dir} could be prepared: all {len(report.failures)} failed (e.g. "
                          f"{report.failures[0][0]}: {report.failures[0][1]}); see {out_dir / report.failures_file}"
                          if report.failures else f"{data_dir} holds no image to prepare")
-    _write_coco(data_dir, out_dir, records, results, report, size=size, segmenter=segmenter, n_folds=n_folds,
-                seed=seed, layout=layout, fanout=fanout)
+    _write_coco(data_dir, prepared, records, results, report, size=size, segmenter=segmenter, n_folds=n_folds,
+                seed=seed, layout=layout)
     return report
 
 
@@ -384,17 +371,17 @@ def merge_prepared(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     some images have neither a record nor a line in a shard's failure log (a shard did not finish).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    meta = out_dir / "prepare.json"
-    if not meta.is_file():
-        raise FileNotFoundError(f"nothing to merge: {meta} not found; run the shards first (--shard I/N)")
-    s = json.loads(meta.read_text())
-    fanout = int(s.get("format", 1)) >= 2
+    prepared = PreparedSet(out_dir)
+    if not prepared.exists():
+        raise FileNotFoundError(f"nothing to merge: {prepared.settings_path} not found; run the shards first "
+                                "(--shard I/N)")
+    s = prepared.settings
     records = find_images(data_dir, labels_csv)
     results: dict[str, tuple[int, int]] = {}
 
     def done(image_id: str) -> bool:
         try:
-            rec = json.loads(prepared_record(out_dir, image_id, fanout).read_text())
+            rec = prepared.read_record(image_id)
             results[image_id] = (rec["orig_height"], rec["orig_width"])
             return True
         except (FileNotFoundError, json.JSONDecodeError):
@@ -402,51 +389,44 @@ def merge_prepared(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     _, failures, seen = gather_shards(out_dir, [r.image_id for r in records], done)
     report = StepReport("merge prepare", out_dir, skipped_existing=len(results), failures=failures)
-    _write_logs(out_dir, records, results, report.failures, "")
-    _write_coco(data_dir, out_dir, records, results, report, size=s["size"], segmenter=s["segmenter"],
-                n_folds=s["folds"], seed=s["seed"], layout=s["layout"], fanout=fanout)
+    _write_logs(prepared, records, results, report.failures, "")
+    _write_coco(data_dir, prepared, records, results, report, size=s["size"], segmenter=s["segmenter"],
+                n_folds=s["folds"], seed=s["seed"], layout=s["layout"])
     report.extra.append(f"  merged the records of {len(results)} images and {len(seen)} shard failure log(s)")
     return report
 
 
-def _write_logs(out_dir: Path, records: list[ImageRecord], results: dict[str, tuple[int, int]],
+def _write_logs(prepared: PreparedSet, records: list[ImageRecord], results: dict[str, tuple[int, int]],
                 failures: list[tuple[str, str]], suffix: str) -> None:
     """failures<suffix>.csv and cache/index<suffix>.csv of the images of ``records``."""
-    write_failures(out_dir / f"failures{suffix}.csv", failures)
-    write_index(out_dir / "cache" / f"index{suffix}.csv", [r for r in records if r.image_id in results], results)
+    write_failures(prepared.failures_path(suffix), failures)
+    write_index(prepared.cache_index_path(suffix), [r for r in records if r.image_id in results], results)
 
 
-def _write_coco(data_dir: Path, out_dir: Path, records: list[ImageRecord], finished: Mapping[str, object],
-                report: StepReport, *, size: int, segmenter: str, n_folds: int, seed: int, layout: str,
-                fanout: bool = True) -> None:
+def _write_coco(data_dir: Path, prepared: PreparedSet, records: list[ImageRecord], finished: Mapping[str, object],
+                report: StepReport, *, size: int, segmenter: str, n_folds: int, seed: int, layout: str) -> None:
     """folds.csv and the COCO files (with their stores) of every fold, from the records of the
     ``finished`` images of ``data_dir``, read from OUT_DIR/records/ one fold at a time: memory
     holds one fold's cells, not the whole set's."""
     # Folds come from the whole label table, so a skipped image never moves the others.
     folds = assign_folds([r.labels for r in records], n_folds, seed) if n_folds > 1 else np.zeros(len(records), int)
-    with atomic_path(out_dir / "folds.csv", ".csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["ID", "Label", "fold"])
-        for rec, fold in zip(records, folds, strict=True):
-            writer.writerow([rec.image_id, format_labels(rec.labels), int(fold)])
-    kinds = [("coco", False)] + ([("coco_truth", True)] if is_synthetic(data_dir) else [])
+    prepared.write_folds([r.image_id for r in records], [r.labels for r in records], folds)
+    kinds = [("image", False)] + ([("truth", True)] if SynthSet(data_dir).is_synthetic else [])
     n_cells = n_images = 0
     for fold in range(max(n_folds, 1)):
         subset = []
         for index, (rec, rec_fold) in enumerate(zip(records, folds, strict=True)):
             if rec_fold == fold and rec.image_id in finished:
-                saved = json.loads(prepared_record(out_dir, rec.image_id, fanout).read_text())
-                subset.append({**saved, "index": index + 1, "fold": fold})
+                subset.append({**prepared.read_record(rec.image_id), "index": index + 1, "fold": fold})
         n_images += len(subset)
         n_cells += sum(len(r["cells"]) for r in subset)
-        file_name = f"fold{fold}.json" if n_folds > 1 else "all.json"
-        for folder, truth in kinds:
+        for labels, truth in kinds:
             for name in LAYOUT_CHOICES[layout]:
                 coco = coco_file(subset, name, truth=truth,
                                  description=f"{data_dir.name}: fold {fold} of {n_folds}, {segmenter} cells, {size} px")
-                write_coco(out_dir / folder / name / file_name, coco)
+                write_coco(prepared.coco_target(name, fold, n_folds, labels), coco)
         del subset
-    for folder, _ in kinds:
+    for labels, _ in kinds:
         for name in LAYOUT_CHOICES[layout]:
-            report.extra.append(f"  {folder}/{name}/: {max(n_folds, 1)} COCO file(s), {n_cells} cells in "
-                                f"{n_images} images")
+            report.extra.append(f"  {labels_folder(labels)}/{name}/: {max(n_folds, 1)} COCO file(s), {n_cells} cells "
+                                f"in {n_images} images")

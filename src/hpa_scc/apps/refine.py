@@ -36,7 +36,7 @@ from tqdm import tqdm
 from hpa_scc.data.annotations import cells_fingerprint, write_coco
 from hpa_scc.data.shard import Shard, check_shard, complete_shard_counts, shard_of, shard_suffix
 from hpa_scc.utils.fileio import atomic_path, differences, write_text_atomic
-from hpa_scc.data.prepared import PreparedSet, cells_of, label_image
+from hpa_scc.data.prepared import PreparedSet, cell_annotation, cells_of, label_image
 from hpa_scc.weak.targets import (cell_instances, choose_threshold, label_quality, refine_labels,
                                   within_image_auc)
 
@@ -195,7 +195,7 @@ def _gather_parts(prepared: PreparedSet, name: str, layout: str, source: str, se
 def check_label_set(prepared: PreparedSet, name: str, made_from: dict) -> None:
     """Refuse to replace ``coco_<name>`` when it was refined from anything else (another model or
     checkpoint, rule, or image labels): one name, one set of labels, whatever ran on it."""
-    meta = prepared.labels_dir(name) / "refine.json"
+    meta = prepared.refine_record_path(name)
     if not meta.is_file():
         return
     try:
@@ -314,8 +314,8 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
             counts["negative"] += sum(labels == [18] and 18 not in image["labels"] for labels in new.values())
     # made_from first: a crash while the label files are written leaves them vouched for by the
     # inputs being written, so the same command finishes them and another is refused
-    write_text_atomic(prepared.labels_dir(name) / "refine.json", json.dumps({"made_from": made_from,
-                                                                              "complete": False}, indent=2))
+    write_text_atomic(prepared.refine_record_path(name), json.dumps({"made_from": made_from, "complete": False},
+                                                                    indent=2))
     for out_layout in layouts:
         out_base = prepared.labels_dir(name) / out_layout
         for fold, path in prepared.fold_files(out_layout, source):
@@ -328,13 +328,8 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
                     continue
                 cells = by_image[image["id"]]
                 for inst in cell_instances(new, out_layout):
-                    cell = cells[inst.cell_id]
-                    ann = {k: cell[k] for k in ("segmentation", "area", "bbox", "iscrowd", "cell_id", "touches_border")
-                           if k in cell}
-                    ann.update({"id": len(annotations) + 1, "image_id": image["id"], "category_id": inst.category_id})
-                    if inst.label_vector is not None:
-                        ann["label_vector"] = list(inst.label_vector)
-                    annotations.append(ann)
+                    annotations.append(cell_annotation(len(annotations) + 1, image["id"], inst, cells[inst.cell_id],
+                                                       ids_first=False))
             info = {**coco["info"], "labels": f"image labels refined by {run_dir} (threshold {threshold:.2f}, "
                                               f"relative {relative:.2f})"}
             write_coco(out_base / path.name, {**coco, "info": info, "annotations": annotations})
@@ -351,7 +346,7 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
         report.truth_before = quality(0.0, 0.0)  # threshold 0 keeps every image label: the weak labels
         report.truth_after = quality(threshold, relative)
         sweep = [{"threshold": t, "relative": r, **quality(t, r)} for t in SWEEP_THRESHOLDS for r in SWEEP_RELATIVE]
-    write_text_atomic(prepared.labels_dir(name) / "refine.json",
+    write_text_atomic(prepared.refine_record_path(name),
                       json.dumps({**report.__dict__, "min_f1": min_f1, "run_dir": str(run_dir),
                                   "held_out_folds": held_out_folds, "layout": layout, "sweep": sweep,
                                   "made_from": made_from}, indent=2))

@@ -231,40 +231,31 @@ def show_cells(image: np.ndarray, cells: np.ndarray, conf=None, truth_cells: np.
 # --- a prediction folder (predict.predict_folder's output) ------------------------------------
 
 def load_prediction(pred_dir: str | os.PathLike, image_id: str) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """(cell label image uint16 [H, W] at full size, {cell id: float [19]}) from records/<xx>/<ID>.json.
+    """(cell label image uint16 [H, W] at full size, {cell id: float [19]}) from records/<xx>/<ID>.json
+    (``PredictionFolder.label_image``).
 
     The record holds every cell's mask, whatever the cell mode or baseline that made it.
     """
-    from hpa_scc.evaluation.submission import decode_mask
+    from hpa_scc.evaluation.predictions import PredictionFolder
 
-    from hpa_scc.apps.predict import record_path
-
-    path = record_path(pred_dir, image_id)
-    if not path.is_file():
-        raise FileNotFoundError(f"no prediction record {path}; run predict on this image first")
-    record = json.loads(path.read_text())
-    cells = np.zeros((record["height"], record["width"]), np.uint16)
-    conf = {}
-    for cell in record["cells"]:
-        cells[decode_mask(cell["mask"], record["height"], record["width"])] = cell["cell"]
-        conf[int(cell["cell"])] = np.asarray(cell["conf"], np.float32)
-    return cells, conf
+    return PredictionFolder(pred_dir).label_image(image_id)
 
 
 def read_truth_table(data_dir: str | os.PathLike) -> dict[str, dict[int, list[int]]] | None:
     """A synthetic set's true cell labels {ID: {cell: classes}}, or None for any other folder."""
-    from hpa_scc.data.synth import is_synthetic, read_true_cell_labels
+    from hpa_scc.data.synth import SynthSet
 
-    return read_true_cell_labels(data_dir) if is_synthetic(data_dir) else None
+    data = SynthSet(data_dir)
+    return data.true_labels() if data.is_synthetic else None
 
 
 def prediction_ids(pred_dir: str | os.PathLike, data_dir: str | os.PathLike) -> list[str]:
     """IDs of ``data_dir``'s images (its order) that have a prediction record in ``pred_dir``."""
     from hpa_scc.data.images import find_images
+    from hpa_scc.evaluation.predictions import PredictionFolder
 
-    from hpa_scc.apps.predict import record_path
-
-    return [r.image_id for r in find_images(data_dir) if record_path(pred_dir, r.image_id).is_file()]
+    folder = PredictionFolder(pred_dir)
+    return [r.image_id for r in find_images(data_dir) if folder.has_record(r.image_id)]
 
 
 def show_prediction(pred_dir: str | os.PathLike, data_dir: str | os.PathLike, image_id: str, top_k: int = 2, *,
@@ -276,7 +267,7 @@ def show_prediction(pred_dir: str | os.PathLike, data_dir: str | os.PathLike, im
     ``read_truth_table``) saves re-reading cells.csv image after image.
     """
     from hpa_scc.data.images import find_images, read_image
-    from hpa_scc.data.images import read_labels
+    from hpa_scc.data.synth import SynthSet
 
     data_dir = Path(data_dir)
     record = {r.image_id: r for r in find_images(data_dir)}.get(image_id)
@@ -287,7 +278,7 @@ def show_prediction(pred_dir: str | os.PathLike, data_dir: str | os.PathLike, im
     table = truth_table if truth_table is not None else read_truth_table(data_dir)
     title = f"{image_id}: prediction"
     if table is not None and image_id in table:
-        truth_cells = read_labels(data_dir / "masks" / f"{image_id}.png")
+        truth_cells = SynthSet(data_dir).read_mask(image_id)
         return show_cells(image, cells, conf, truth_cells, table[image_id], top_k, title=title,
                           truth_title=f"{image_id}: truth", path=path, **kwargs)
     if record.labels:
@@ -298,9 +289,12 @@ def show_prediction(pred_dir: str | os.PathLike, data_dir: str | os.PathLike, im
 def prediction_overlays(pred_dir: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                         n: int = 4, *, top_k: int = 2, **kwargs) -> list[Path]:
     """For the first ``n`` predicted images of ``data_dir``: OUT_DIR/<ID>_overlay.png; their paths."""
+    from hpa_scc.evaluation.predictions import PredictionFolder
+
     ids = prediction_ids(pred_dir, data_dir)
     if not ids:
-        raise FileNotFoundError(f"no prediction records in {Path(pred_dir) / 'records'} for the images of {data_dir}")
+        raise FileNotFoundError(f"no prediction records in {PredictionFolder(pred_dir).records_dir} for the images "
+                                f"of {data_dir}")
     table = read_truth_table(data_dir)
     paths = []
     for image_id in ids[:n]:
@@ -318,6 +312,11 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     A detectron2-engine run logs detectron2's ``metrics.json`` instead: its rows come back in
     this project's form (``kind`` "train", ``step`` = iteration, ``loss`` = total_loss, the
     ``loss_*`` terms as they are).
+
+    Both files belong to the run folder (``engine.runfolder`` writes metrics.jsonl, detectron2's
+    JSONWriter metrics.json in ``engine.d2train``), which has no reader yet; this one belongs
+    there, beside the writers, and visualize would then only plot. Kept here until it moves, as
+    the run folder layer is not this module's to change.
     """
     path = Path(run_dir) / "metrics.jsonl"
     d2_path = Path(run_dir) / "metrics.json"
@@ -504,13 +503,16 @@ def visualize_main(pred_dir: str | os.PathLike, data_dir: str | os.PathLike, out
     if run_dir is not None:
         written["training_curves"] = save_figure(plot_training_curves(run_dir), out_dir / "training_curves.png")
     if solution is not None:
-        result = evaluate_files(solution, pred_dir / "submission.csv", out_json=out_dir / "eval.json")
+        from hpa_scc.evaluation.predictions import PredictionFolder
+
+        result = evaluate_files(solution, PredictionFolder(pred_dir).submission, out_json=out_dir / "eval.json")
         log.info("%s: mAP %.4f over %d classes", pred_dir, result.mAP, len(result.classes_scored()))
         written["eval_json"] = out_dir / "eval.json"
         series = {name: result.per_class_ap}
         for other, where in (compare or {}).items():
             where = Path(where)
-            series[other] = evaluate_files(solution, where / "submission.csv" if where.is_dir() else where).per_class_ap
+            submission = PredictionFolder(where).submission if where.is_dir() else where
+            series[other] = evaluate_files(solution, submission).per_class_ap
         written["per_class_ap"] = save_figure(
             plot_per_class_ap(series, title=f"per-class AP: {pred_dir}"), out_dir / "per_class_ap.png")
         written["pr_curves"] = save_figure(plot_pr_curves(result), out_dir / "pr_curves.png")

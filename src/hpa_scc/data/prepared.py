@@ -8,38 +8,46 @@
     ps.read_image("r0001")                    # uint8 [C, size, size] from the cache (memory-mapped)
     ps.true_cell_labels()                     # synthetic sets: {(image, cell): [labels]}, else None
 
-What lies in the folder (``hpa_scc.apps.prepare`` writes it):
+What lies in the folder (``hpa_scc.apps.prepare`` writes it through this object):
     prepare.json                          the settings: size, segmenter, layout, folds, seed
     segmentation/<xx>/<ID>_{cells,nuclei}.png  full-size label images (<xx>: see record_path)
     cache/images/<xx>/<ID>.npy            the images at ``size`` (uint8 [C, size, size])
+    cache/cache.json, cache/index.csv     the cache's settings and index (``hpa_scc.data.cache``)
+    records/<xx>/<ID>.json                one finished image: its cells at ``size`` (RLE), written last
     folds.csv                             ID,Label,fold
     coco[_truth|_NAME]/<layout>/fold<K>.json (all.json for one fold): cells with their labels:
                                           coco/ the image's labels (weak), coco_truth/ a synthetic
                                           set's true labels, coco_NAME/ a refinement round's
     coco[...]/<layout>/fold<K>.store      the same file as arrays the loader memory-maps
                                           (``hpa_scc.data.annotations``)
-Train, refine, predict's checks and the benchmarks ask this object instead of re-deriving paths.
+    coco_NAME/refine.json                 what a refinement round was made from (``apps.refine``)
+    failures.csv                          ID,error (failures-shard<I>of<N>.csv per shard)
+Train, refine, predict's checks and the benchmarks ask this object instead of re-deriving paths;
+``coco_file`` and ``cell_annotation`` build the COCO files prepare and refine write.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as coco_mask
 
-from hpa_scc.constants import NUM_CLASSES
+from hpa_scc.constants import CLASS_NAMES, NUM_CLASSES, format_labels
 from hpa_scc.data.annotations import AnnotationStore, load_store
 from hpa_scc.data.cache import cache_path
 from hpa_scc.data.images import read_labels, seg_paths
-from hpa_scc.utils.fileio import fanned
+from hpa_scc.utils.fileio import atomic_path, failures_name, fanned, write_text_atomic
 from hpa_scc.utils.provenance import changed, file_digest
-from hpa_scc.weak.targets import LAYOUTS, label_of
+from hpa_scc.weak.targets import LAYOUTS, Instance, cell_instances, inherit_labels, label_of
 
-PREPARE_JSON = "prepare.json"
+PREPARE_JSON = "prepare.json"  # the settings record (``fileio.check_settings``)
+PREPARE_FORMAT = 2  # 2: per-image files in hashed sub-folders (PreparedSet.fanout); a format 1 set is resumed flat
 
 
 def record_path(root: str | os.PathLike, image_id: str, fanout: bool = True) -> Path:
@@ -57,6 +65,55 @@ def labels_folder(labels: str) -> str:
     if not labels or "/" in labels or labels.startswith("."):
         raise ValueError(f"data.labels must be 'image', 'truth' or a name like 'refined_r1', got {labels!r}")
     return {"image": "coco", "truth": "coco_truth"}.get(labels, f"coco_{labels}")
+
+
+def coco_file_name(fold: int, n_folds: int) -> str:
+    """fold<K>.json, or all.json when the set has one fold."""
+    return f"fold{fold}.json" if n_folds > 1 else "all.json"
+
+
+def cell_annotation(ann_id: int, image_id: int, inst: Instance, cell: Mapping, *, ids_first: bool = True) -> dict:
+    """One COCO annotation: instance ``inst`` (``weak.targets.cell_instances``: the cell id, a
+    category, a label vector for the multilabel layout) of ``cell``, a mapping with the cell's mask
+    fields (segmentation, area, bbox; iscrowd, 0 when absent; touches_border, left out when absent).
+
+    ``ids_first=False`` puts id, image_id and category_id after the cell's fields: the key order
+    refine has always written, kept so that the same refinement writes the same bytes (a run
+    records the digest of the label files it trained on)."""
+    fields = {"segmentation": cell["segmentation"], "area": cell["area"], "bbox": cell["bbox"],
+              "iscrowd": cell.get("iscrowd", 0), "cell_id": inst.cell_id}
+    if "touches_border" in cell:
+        fields["touches_border"] = cell["touches_border"]
+    ids = {"id": ann_id, "image_id": image_id, "category_id": inst.category_id}
+    ann = {**ids, **fields} if ids_first else {**fields, **ids}
+    if inst.label_vector is not None:
+        ann["label_vector"] = list(inst.label_vector)
+    return ann
+
+
+def coco_file(records: list[dict], layout: str, *, truth: bool = False, description: str = "") -> dict:
+    """Prepared records (``PreparedSet.read_record``, each with its table ``index``) -> a COCO
+    instances dict (images in the given order, ids from their table index).
+
+    Weak: every cell carries its image's labels. ``truth``: each cell carries the true labels
+    transferred from the synthetic truth. Image records keep the image-level labels.
+    """
+    images, annotations = [], []
+    for rec in records:
+        cells = {c["cell_id"]: c for c in rec["cells"]}
+        if truth:
+            labels = {k: rec["true_labels"][str(k)] for k in cells}
+        else:
+            labels = inherit_labels(cells, rec["labels"])
+        images.append({"id": rec["index"], "file_name": f"{rec['image_id']}.npy", "image_name": rec["image_id"],
+                       "height": rec["height"], "width": rec["width"], "orig_height": rec["orig_height"],
+                       "orig_width": rec["orig_width"], "labels": rec["labels"]})
+        for inst in cell_instances(labels, layout):
+            annotations.append(cell_annotation(len(annotations) + 1, rec["index"], inst, cells[inst.cell_id]))
+    categories = [{"id": c + 1, "name": name, "supercategory": "location"} for c, name in enumerate(CLASS_NAMES)]
+    info = {"description": description, "layout": layout, "labels": "true cell labels" if truth else
+            "image labels inherited by every cell", "category_ids": "class index + 1; 0 is background"}
+    return {"info": info, "images": images, "annotations": annotations, "categories": categories}
 
 
 def label_image(annotations: list[dict], shape: tuple[int, int]) -> np.ndarray:
@@ -93,10 +150,15 @@ def cell_labels(coco: dict) -> dict[int, dict[int, list[int]]]:
 
 
 class PreparedSet:
-    """A prepared folder; every path and setting of it is read here (see the module docstring)."""
+    """A prepared folder; every path and setting of it is read here (see the module docstring).
 
-    def __init__(self, root: str | os.PathLike):
+    ``fanout``: the per-image file layout, for prepare while it writes the set (it decides the
+    format); left out, it is read from prepare.json.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, fanout: bool | None = None):
         self.root = Path(root)
+        self._fanout = fanout
 
     def __fspath__(self) -> str:  # a PreparedSet goes wherever a path to it does
         return str(self.root)
@@ -104,10 +166,25 @@ class PreparedSet:
     def __repr__(self) -> str:
         return f"PreparedSet({str(self.root)!r})"
 
+    @property
+    def settings_path(self) -> Path:
+        return self.root / PREPARE_JSON
+
+    def exists(self) -> bool:
+        """Whether the folder holds a prepared set (its prepare.json), finished or not."""
+        return self.settings_path.is_file()
+
+    def written_format(self) -> int | None:
+        """The format prepare.json records (1 when it names none), None when there is no readable one."""
+        try:
+            return int(json.loads(self.settings_path.read_text()).get("format", 1))
+        except (OSError, ValueError):
+            return None
+
     @cached_property
     def settings(self) -> dict:
         """prepare.json: what the set was prepared with."""
-        path = self.root / PREPARE_JSON
+        path = self.settings_path
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {self.root} is not a prepared set; make it with "
                                     f"'python dataset.py DATA_DIR {self.root} --size 512' (python -m hpa_scc prepare)")
@@ -145,7 +222,9 @@ class PreparedSet:
         if labels == "image":
             return f"build them with 'python dataset.py DATA_DIR {self.root}' (python -m hpa_scc prepare)"
         if labels == "truth":
-            return "only synthetic sets (with masks/ and cells.csv) have true cell labels"
+            from hpa_scc.data.synth import SynthSet
+
+            return f"only synthetic sets (with {SynthSet.MASKS}/ and {SynthSet.CELLS_CSV}) have true cell labels"
         here = ["image"] * self.has_labels("image") + ["truth"] * self.has_labels("truth") + sorted(
             d.name.removeprefix("coco_") for d in self.root.glob("coco_*") if d.is_dir() and d.name != "coco_truth")
         return (f"write it with a refinement round: python -m hpa_scc refine RUN_DIR {self.root} --name {labels} "
@@ -162,6 +241,14 @@ class PreparedSet:
     def layouts(self, labels: str = "image") -> tuple[str, ...]:
         """The COCO layouts written for ``labels``, in LAYOUTS order."""
         return tuple(lay for lay in LAYOUTS if (self.labels_dir(labels) / lay).is_dir())
+
+    def coco_target(self, layout: str, fold: int, n_folds: int, labels: str = "image") -> Path:
+        """Where fold ``fold`` of ``n_folds`` is written: coco[_truth|_NAME]/<layout>/fold<K>.json (all.json)."""
+        return self.labels_dir(labels) / layout / coco_file_name(fold, n_folds)
+
+    def refine_record_path(self, labels: str) -> Path:
+        """coco_NAME/refine.json: what a refinement round's labels were made from, and how it went."""
+        return self.labels_dir(labels) / "refine.json"
 
     def coco_path(self, layout: str, fold: int, labels: str = "image") -> Path:
         """coco[_truth|_NAME]/<layout>/fold<K>.json (all.json, fold 0, when the set has one fold)."""
@@ -222,7 +309,7 @@ class PreparedSet:
         if labels in ("image", "truth") or labels in checked:
             return
         try:
-            made = json.loads((self.labels_dir(labels) / "refine.json").read_text()).get("made_from") or {}
+            made = json.loads(self.refine_record_path(labels).read_text()).get("made_from") or {}
         except (OSError, ValueError):
             made = {}  # written by hand or by an earlier version: nothing recorded to check
         if "source_data" in made:
@@ -294,19 +381,60 @@ class PreparedSet:
             out.update({(names[i], c): labels for i, cells in cell_labels(coco).items() for c, labels in cells.items()})
         return out
 
-    # --- pixels -----------------------------------------------------------------------------
+    # --- the per-image files --------------------------------------------------------------------
     @property
     def fanout(self) -> bool:
         """Per-image files in hashed sub-folders (prepare format 2); format 1 sets keep them flat."""
+        if self._fanout is not None:
+            return self._fanout
         return int(self.settings.get("format", 1)) >= 2
 
+    @property
+    def cache_dir(self) -> Path:
+        """cache/: the resized images, a cache of ``hpa_scc.data.cache``'s layout."""
+        return self.root / "cache"
+
+    def cache_index_path(self, suffix: str = "") -> Path:
+        """cache/index<suffix>.csv: the cache's index (``data.cache.write_index``; suffix: a shard's)."""
+        return self.cache_dir / f"index{suffix}.csv"
+
+    @property
+    def segmentation_dir(self) -> Path:
+        """segmentation/: the full-size label images (``data.images.seg_paths``)."""
+        return self.root / "segmentation"
+
     def image_path(self, image_id: str) -> Path:
-        return cache_path(self.root / "cache", image_id, self.fanout)
+        return cache_path(self.cache_dir, image_id, self.fanout)
 
     def record_path(self, image_id: str) -> Path:
         """records/<xx>/<ID>.json: one finished image's cells at the training size (prepare writes it)."""
         return record_path(self.root, image_id, self.fanout)
 
+    def read_record(self, image_id: str) -> dict:
+        """One image's record; FileNotFoundError when it has none, ValueError when it is damaged."""
+        return json.loads(self.record_path(image_id).read_text())
+
+    def write_record(self, image_id: str, record: dict) -> None:
+        """records/<xx>/<ID>.json, atomically: the image is finished once it exists."""
+        write_text_atomic(self.record_path(image_id), json.dumps(record, separators=(",", ":")))
+
+    def failures_path(self, suffix: str = "") -> Path:
+        """failures<suffix>.csv: the images prepare skipped (suffix: a shard's, ``data.shard.shard_suffix``)."""
+        return self.root / failures_name(suffix)
+
+    @property
+    def folds_csv(self) -> Path:
+        return self.root / "folds.csv"
+
+    def write_folds(self, image_ids: list[str], labels: list, folds) -> None:
+        """folds.csv (ID,Label,fold), atomically: each image's fold, in the table's order."""
+        with atomic_path(self.folds_csv, ".csv") as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["ID", "Label", "fold"])
+            for image_id, image_labels, fold in zip(image_ids, labels, folds, strict=True):
+                writer.writerow([image_id, format_labels(image_labels), int(fold)])
+
+    # --- pixels -----------------------------------------------------------------------------
     def read_image(self, image_id: str) -> np.ndarray:
         """uint8 [C, size, size], memory-mapped; a missing or unreadable file names the fix."""
         path = self.image_path(image_id)
@@ -316,13 +444,17 @@ class PreparedSet:
             raise OSError(f"cannot read {path} (image {image_id}): {exc}; re-run prepare on the same folder to "
                           f"rebuild it") from None
 
+    def seg_paths(self, image_id: str) -> tuple[Path, Path]:
+        """(nuclei, cells) label image paths of one image under segmentation/."""
+        return seg_paths(self.segmentation_dir, image_id, self.fanout)
+
     def is_segmented(self, image_id: str) -> bool:
-        return seg_paths(self.root / "segmentation", image_id, self.fanout)[1].is_file()
+        return self.seg_paths(image_id)[1].is_file()
 
     def segmentation(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(nuclei, cells) uint16 [H, W] full-size label images of one image."""
-        return read_labels(seg_paths(self.root / "segmentation", image_id, self.fanout)[0]), self.cells(image_id)
+        return read_labels(self.seg_paths(image_id)[0]), self.cells(image_id)
 
     def cells(self, image_id: str) -> np.ndarray:
         """The uint16 [H, W] full-size cell label image alone (half the reading of ``segmentation``)."""
-        return read_labels(seg_paths(self.root / "segmentation", image_id, self.fanout)[1])
+        return read_labels(self.seg_paths(image_id)[1])

@@ -21,7 +21,8 @@ Image ``index`` of seed ``seed`` is drawn from ``np.random.default_rng([seed, in
 the same whatever the number of images or workers. All lengths are given in pixels at 512 px
 and scale with ``size / 512``.
 
-Layout written by ``write_synth_set`` (the Kaggle layout plus the truth):
+Layout written by ``write_synth_set`` (the Kaggle layout plus the truth); ``SynthSet`` names every
+path of it, for this module and for the steps that read the truth (prepare, predict, visualize):
     OUT/train.csv                   ID,Label (image labels, e.g. 8|5|0)
     OUT/train/<ID>_<channel>.png    8-bit red, green, blue, yellow
     OUT/masks/<ID>.png              uint16 cell label image (0 background, cells 1..N)
@@ -825,22 +826,136 @@ def generate_image(index: int, *, size: int = 512, seed: int = 0) -> SynthImage:
 
 
 # ============================================================================================
+# The set's folder
+# ============================================================================================
+class SynthSet:
+    """A synthetic set's folder: every path of it is named here (layout in the module docstring).
+
+        s = SynthSet("runs/demo/synthetic")
+        s.is_synthetic                  # True once written: it has cells.csv and masks/
+        s.mask_path("synth0-00003")     # masks/synth0-00003.png, the true cells
+        s.true_labels()                 # {ID: {cell id: labels}} from cells.csv
+    """
+
+    # The truth's names in the folder, for messages that tell a user what a synthetic set holds.
+    MASKS, CELLS_CSV = "masks", "cells.csv"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __fspath__(self) -> str:  # a SynthSet goes wherever a path to it does
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"SynthSet({str(self.root)!r})"
+
+    # --- the Kaggle layout, which the steps read as any data set (``data.images.find_images``) ----
+    @property
+    def labels_csv(self) -> Path:
+        """train.csv: ID,Label, the image labels."""
+        return self.root / "train.csv"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "train"
+
+    def channel_path(self, image_id: str, channel: str) -> Path:
+        """train/<ID>_<channel>.png, one 8-bit channel."""
+        return self.images_dir / f"{image_id}_{channel}.png"
+
+    # --- the truth -----------------------------------------------------------------------------
+    @property
+    def masks_dir(self) -> Path:
+        return self.root / self.MASKS
+
+    @property
+    def nuclei_dir(self) -> Path:
+        return self.root / "nuclei"
+
+    def mask_path(self, image_id: str) -> Path:
+        """masks/<ID>.png: the uint16 cell label image (0 background, cells 1..N)."""
+        return self.masks_dir / f"{image_id}.png"
+
+    def nuclei_path(self, image_id: str) -> Path:
+        """nuclei/<ID>.png: the uint16 nucleus label image (nucleus k inside cell k)."""
+        return self.nuclei_dir / f"{image_id}.png"
+
+    def read_mask(self, image_id: str) -> np.ndarray:
+        """The true cells of one image, uint16 [H, W]."""
+        from hpa_scc.data.images import read_labels
+
+        return read_labels(self.mask_path(image_id))
+
+    def mask_ids(self) -> list[str]:
+        """The IDs that have a true cell image, sorted."""
+        return [p.stem for p in sorted(self.masks_dir.glob("*.png"))]
+
+    @property
+    def cells_csv(self) -> Path:
+        """cells.csv: ID,cell,Label, each cell's true labels."""
+        return self.root / self.CELLS_CSV
+
+    @property
+    def solution_csv(self) -> Path:
+        """solution.csv: the truth in the Kaggle submission format."""
+        return self.root / "solution.csv"
+
+    @property
+    def is_synthetic(self) -> bool:
+        """Whether the folder is a synthetic set with its truth (cells.csv and masks/)."""
+        return self.cells_csv.is_file() and self.masks_dir.is_dir()
+
+    def true_labels(self) -> dict[str, dict[int, list[int]]]:
+        """cells.csv -> {image id: {cell id: labels}}; the cells are masks/<ID>.png."""
+        path = self.cells_csv
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: only a synthetic set (python -m hpa_scc synth) has true "
+                                    "cell labels")
+        table: dict[str, dict[int, list[int]]] = {}
+        with open(path, newline="") as fh:
+            for line_no, row in enumerate(csv.DictReader(fh), start=2):
+                table.setdefault(row["ID"], {})[int(row["cell"])] = parse_labels(row["Label"],
+                                                                                 where=f"{path} line {line_no}")
+        return table
+
+    # --- synth's own bookkeeping ----------------------------------------------------------------
+    @property
+    def meta_dir(self) -> Path:
+        return self.root / "meta"
+
+    def meta_path(self, image_id: str) -> Path:
+        """meta/<ID>.json: the per-image record, written last (an image is done when it exists)."""
+        return self.meta_dir / f"{image_id}.json"
+
+    @property
+    def params_path(self) -> Path:
+        """synth.json: the set's parameters (size, seed, version)."""
+        return self.root / "synth.json"
+
+
+def is_synthetic(data_dir: str | os.PathLike) -> bool:
+    """Whether a folder is a synthetic set with its truth (``SynthSet.is_synthetic``)."""
+    return SynthSet(data_dir).is_synthetic
+
+
+def read_true_cell_labels(data_dir: str | os.PathLike) -> dict[str, dict[int, list[int]]]:
+    """A synthetic set's cells.csv -> {image id: {cell id: labels}} (``SynthSet.true_labels``)."""
+    return SynthSet(data_dir).true_labels()
+
+
+# ============================================================================================
 # Writing a set
 # ============================================================================================
-def _meta_path(out: Path, image_id: str) -> Path:
-    return out / "meta" / f"{image_id}.json"
-
-
 def _write_one(task: tuple[str, int, int, int]) -> dict:
     """Generate image ``index`` and write its files; the meta record goes last (the done flag)."""
     out_dir, index, size, seed = task
-    out = Path(out_dir)
+    out = SynthSet(out_dir)
     synth = generate_image(index, size=size, seed=seed)
     iid = synth.image_id
     for name, plane in zip(CHANNELS, synth.image):
-        write_png_atomic(out / "train" / f"{iid}_{name}.png", plane)
-    write_png_atomic(out / "masks" / f"{iid}.png", synth.cells)
-    write_png_atomic(out / "nuclei" / f"{iid}.png", synth.nuclei)
+        write_png_atomic(out.channel_path(iid, name), plane)
+    write_png_atomic(out.mask_path(iid), synth.cells)
+    write_png_atomic(out.nuclei_path(iid), synth.nuclei)
     # The truth in submission form, one encoded mask per cell, kept in the record so the tables
     # can be rebuilt on resume without reading any image back.
     row = cells_to_row(iid, synth.cells, synth.cell_labels)
@@ -854,14 +969,14 @@ def _write_one(task: tuple[str, int, int, int]) -> dict:
                       "border": cell_id in border_ids, "mask": texts[0]})
     meta = {"id": iid, "index": index, "seed": seed, "size": size, "version": SYNTH_VERSION,
             "image_labels": synth.image_labels, "cells": cells}
-    write_text_atomic(_meta_path(out, iid), json.dumps(meta))
+    write_text_atomic(out.meta_path(iid), json.dumps(meta))
     return meta
 
 
-def _check_params(out: Path, size: int, seed: int) -> None:
+def _check_params(out: SynthSet, size: int, seed: int) -> None:
     """Record the set's parameters in OUT/synth.json, or fail if the folder holds another set."""
     params = {"size": size, "seed": seed, "version": SYNTH_VERSION}
-    path = out / "synth.json"
+    path = out.params_path
     if path.exists():
         old = json.loads(path.read_text())
         differ = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
@@ -873,12 +988,12 @@ def _check_params(out: Path, size: int, seed: int) -> None:
         write_text_atomic(path, json.dumps(params, indent=1) + "\n")
 
 
-def _load_metas(out: Path) -> list[dict]:
-    metas = [json.loads(p.read_text()) for p in sorted((out / "meta").glob("*.json"))]
+def _load_metas(out: SynthSet) -> list[dict]:
+    metas = [json.loads(p.read_text()) for p in sorted(out.meta_dir.glob("*.json"))]
     return sorted(metas, key=lambda m: (m["seed"], m["index"]))
 
 
-def _write_tables(out: Path, metas: list[dict]) -> None:
+def _write_tables(out: SynthSet, metas: list[dict]) -> None:
     """train.csv, cells.csv and solution.csv from the per-image records, each written atomically."""
     train, cells = io.StringIO(), io.StringIO()
     tw, cw = csv.writer(train, lineterminator="\n"), csv.writer(cells, lineterminator="\n")
@@ -892,9 +1007,9 @@ def _write_tables(out: Path, metas: list[dict]) -> None:
             cw.writerow([meta["id"], cell["cell"], format_labels(cell["labels"])])
             row.predictions += [(label, 1.0, cell["mask"]) for label in cell["labels"]]
         rows.append(row)
-    write_text_atomic(out / "train.csv", train.getvalue())
-    write_text_atomic(out / "cells.csv", cells.getvalue())
-    write_submission(out / "solution.csv", rows)
+    write_text_atomic(out.labels_csv, train.getvalue())
+    write_text_atomic(out.cells_csv, cells.getvalue())
+    write_submission(out.solution_csv, rows)
 
 
 def write_synth_set(out_dir, n_images: int, *, size: int = 512, seed: int = 0, workers: int = 1,
@@ -909,19 +1024,19 @@ def write_synth_set(out_dir, n_images: int, *, size: int = 512, seed: int = 0, w
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise ValueError(f"--size {size}: synthetic images are {MIN_SIZE} to {MAX_SIZE} px (real HPA images are "
                          f"1728 to 3072 px; 512 is the usual)")
-    out = Path(out_dir)
+    out = SynthSet(out_dir)
     # The tables are rebuilt from OUT/meta/: a folder with a train.csv and no meta/ is someone's
     # data set, whose label table would be replaced.
-    if (out / "train.csv").is_file() and not (out / "meta").is_dir():
-        raise ValueError(f"{out} holds a label table (train.csv) that synth did not write; synth would replace it: "
-                         "give a folder of its own")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.labels_csv.is_file() and not out.meta_dir.is_dir():
+        raise ValueError(f"{out.root} holds a label table (train.csv) that synth did not write; synth would replace "
+                         "it: give a folder of its own")
+    out.root.mkdir(parents=True, exist_ok=True)
     _check_params(out, size, seed)
     todo = []
     for index in range(n_images):
-        path = _meta_path(out, image_id_of(index, seed))
+        path = out.meta_path(image_id_of(index, seed))
         if not (path.exists() and json.loads(path.read_text()).get("size") == size):
-            todo.append((str(out), index, size, seed))
+            todo.append((str(out.root), index, size, seed))
 
     start = time.perf_counter()
     chunk = max(1, min(8, len(todo) // (4 * max(workers, 1))))
@@ -935,7 +1050,7 @@ def write_synth_set(out_dir, n_images: int, *, size: int = 512, seed: int = 0, w
     return _summarise(out, metas, size, seed, requested=n_images, generated=len(todo), seconds=seconds)
 
 
-def _summarise(out: Path, metas: list[dict], size: int, seed: int, *, requested: int, generated: int,
+def _summarise(out: SynthSet, metas: list[dict], size: int, seed: int, *, requested: int, generated: int,
                seconds: float) -> dict:
     """``requested``/``generated``/``skipped`` describe this call's images 0..requested-1; ``images``
     and the counts describe the whole folder (its tables list every record in it)."""
@@ -948,7 +1063,7 @@ def _summarise(out: Path, metas: list[dict], size: int, seed: int, *, requested:
             for label in cell["labels"]:
                 cell_counts[label] += 1
     return {
-        "out_dir": str(out), "size": size, "seed": seed,
+        "out_dir": str(out.root), "size": size, "seed": seed,
         "images": len(metas), "requested": requested, "generated": generated, "skipped": requested - generated,
         "seconds": seconds, "images_per_s": generated / seconds if generated and seconds > 0 else None,
         "cells": int(sum(n_cells)),
@@ -957,9 +1072,10 @@ def _summarise(out: Path, metas: list[dict], size: int, seed: int, *, requested:
         "border_cells": sum(c["border"] for m in metas for c in m["cells"]),
         "mitotic_cells": sum(c["mitotic"] for m in metas for c in m["cells"]),
         "image_counts": image_counts, "cell_counts": cell_counts,
-        "paths": {name: str(out / rel) for name, rel in (
-            ("train_csv", "train.csv"), ("images", "train"), ("masks", "masks"), ("nuclei", "nuclei"),
-            ("cells_csv", "cells.csv"), ("solution_csv", "solution.csv"), ("meta", "meta"))},
+        "paths": {name: str(path) for name, path in (
+            ("train_csv", out.labels_csv), ("images", out.images_dir), ("masks", out.masks_dir),
+            ("nuclei", out.nuclei_dir), ("cells_csv", out.cells_csv), ("solution_csv", out.solution_csv),
+            ("meta", out.meta_dir))},
     }
 
 
@@ -985,22 +1101,5 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SynthImage", "sample_image_labels", "assign_cell_labels", "generate_image", "write_synth_set",
-           "format_summary", "GREEN_PATTERNS", "image_id_of"]
-
-
-def is_synthetic(data_dir: str | os.PathLike) -> bool:
-    """Whether a folder is a synthetic set with its truth (cells.csv and masks/)."""
-    return (Path(data_dir) / "cells.csv").is_file() and (Path(data_dir) / "masks").is_dir()
-
-
-def read_true_cell_labels(data_dir: str | os.PathLike) -> dict[str, dict[int, list[int]]]:
-    """A synthetic set's cells.csv -> {image id: {cell id: labels}}; the cells are masks/<ID>.png."""
-    path = Path(data_dir) / "cells.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: only a synthetic set (python -m hpa_scc synth) has true cell labels")
-    table: dict[str, dict[int, list[int]]] = {}
-    with open(path, newline="") as fh:
-        for line_no, row in enumerate(csv.DictReader(fh), start=2):
-            table.setdefault(row["ID"], {})[int(row["cell"])] = parse_labels(row["Label"], where=f"{path} line {line_no}")
-    return table
+__all__ = ["SynthImage", "SynthSet", "sample_image_labels", "assign_cell_labels", "generate_image", "write_synth_set",
+           "format_summary", "GREEN_PATTERNS", "image_id_of", "is_synthetic", "read_true_cell_labels"]

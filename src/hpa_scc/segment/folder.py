@@ -1,8 +1,19 @@
 """Segmentation of one image, resumable: the label images already in a folder, or the
-segmenter's output written there (the step ``segment``, ``prepare`` and ``predict`` share)."""
+segmenter's output written there (the step ``segment``, ``prepare`` and ``predict`` share).
+
+A pool worker's route to its segmenter: each job carries its step's settings, among them a
+``SegmenterSpec``; ``init_worker(spec)``, the pool's initializer, builds that segmenter once in
+each worker process, and the job asks for it with ``worker_segmenter(settings.segmenter)``.
+
+The segment step's folder (``apps.prepare.segment_folder``):
+    segment.json                  the settings (SEGMENT_JSON); another segmenter there is refused
+    <ID>_{cells,nuclei}.png       uint16 label images at full size (``data.images.seg_paths``)
+    failures.csv                  ID,error (failures-shard<I>of<N>.csv per shard)
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,27 +25,38 @@ from hpa_scc.utils.pool import single_threaded_opencv
 from hpa_scc.segment import build_segmenter
 from hpa_scc.data.images import read_labels, seg_paths
 
-# The segmenter and settings of this process, set once per pool worker by ``init_worker``
-# (building a segmenter per image would reload its models every time).
-_WORKER: dict = {}
+SEGMENT_JSON = "segment.json"  # the segment step's settings record
 
 
-def init_worker(segmenter_name: str | None, segmenter_options: dict, settings: dict) -> None:
-    """Pool initializer of the steps that segment (segment, prepare, predict): one segmenter per
-    process (none when ``segmenter_name`` is None) and the step's settings."""
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """Which segmenter a step's workers use: its name (None: the step segments nothing) and options."""
+
+    name: str | None
+    options: dict = field(default_factory=dict)
+
+
+# The segmenter this process built for its step (``init_worker``): one per worker process, since
+# building one per image would reload its models every time. Jobs reach it by their spec.
+_BUILT: dict = {}
+
+
+def init_worker(spec: SegmenterSpec) -> None:
+    """Pool initializer of the steps that segment (segment, prepare, predict): single-threaded
+    OpenCV and this process's segmenter for ``spec`` (none when ``spec.name`` is None). A segmenter
+    that cannot be built stops the step (``utils.pool``), not one image at a time."""
     single_threaded_opencv()
-    _WORKER["segmenter"] = build_segmenter(segmenter_name, **segmenter_options) if segmenter_name else None
-    _WORKER["settings"] = settings
+    _BUILT.clear()
+    _BUILT["spec"] = spec
+    _BUILT["segmenter"] = build_segmenter(spec.name, **spec.options) if spec.name else None
 
 
-def worker_segmenter():
-    """This process's segmenter (``init_worker``)."""
-    return _WORKER["segmenter"]
-
-
-def worker_settings() -> dict:
-    """This process's step settings (``init_worker``)."""
-    return _WORKER["settings"]
+def worker_segmenter(spec: SegmenterSpec):
+    """The segmenter ``init_worker`` built in this process for ``spec``."""
+    if _BUILT.get("spec") != spec:
+        raise RuntimeError(f"no segmenter was built for {spec} in this process: run the job through "
+                           "run_pool(..., initializer=init_worker, initargs=(spec,))")
+    return _BUILT["segmenter"]
 
 
 def check_segmentation(nuclei: np.ndarray, cells: np.ndarray, shape: tuple[int, int], source: str) -> None:

@@ -50,6 +50,16 @@ def fanned(folder: str | os.PathLike, image_id: str, name: str, fanout: bool = T
     return Path(folder) / f"{zlib.crc32(image_id.encode('utf-8')) % FANOUT:02x}" / name
 
 
+# A step's failure list: failures.csv, or failures<suffix>.csv for a shard's own (``data.shard``:
+# failures-shard<I>of<N>.csv). Besides the settings records, the one file every step writes.
+FAILURES = "failures"
+
+
+def failures_name(suffix: str = "") -> str:
+    """failures<suffix>.csv: the name of a step's failure list (``suffix``: ``data.shard.shard_suffix``)."""
+    return f"{FAILURES}{suffix}.csv"
+
+
 def _umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it; put it back at once
     os.umask(mask)
@@ -162,7 +172,7 @@ def check_settings(out_dir: Path, settings: dict, name: str = "cache.json", *, s
                 os.unlink(tmp)
     old = json.loads(meta.read_text())
     changed = list(differences({k: old.get(k) for k in settings}, settings))
-    if changed and list(meta.parent.glob("failures*.csv")) and not holds_results(meta.parent):
+    if changed and list(meta.parent.glob(f"{FAILURES}*.csv")) and not holds_results(meta.parent):
         # An earlier run that ended having made nothing (every image failed: a bad model file, say)
         # has nothing to mix with. Without its failure list the folder may be a sibling array
         # task's that has only just started: then the first writer's settings stand.
@@ -177,9 +187,14 @@ def check_settings(out_dir: Path, settings: dict, name: str = "cache.json", *, s
 
 
 # The settings records of the steps that fill a folder with per-image files; one folder, one step.
+# Each name is its owner's constant (data.cache's cache.json, data.prepared.PREPARE_JSON,
+# segment.folder.SEGMENT_JSON, evaluation.predictions.PREDICT_JSON, data.public's download.json;
+# tests/test_architecture.py checks they are all here). They are listed here, not registered by
+# their owners at import, because the check must hold in a process that never imports an owner:
+# ``python -m hpa_scc cache`` imports data.cache alone and must still refuse a prepared set.
 STEP_RECORDS = ("cache.json", "prepare.json", "segment.json", "predict.json", "download.json")
 # What a step writes besides its results: settings records, failure lists, logs.
-NOT_RESULTS = re.compile(r"^(cache|prepare|segment|predict|download)\.json$|^failures.*\.csv$|\.log$")
+NOT_RESULTS = re.compile("^(" + "|".join(map(re.escape, STEP_RECORDS)) + f")$|^{FAILURES}.*\\.csv$|\\.log$")
 
 
 def holds_results(folder: Path) -> bool:
