@@ -496,10 +496,11 @@ def _add_visualize(sub) -> None:
 
 def _run_visualize(args) -> int:
     from hpa_scc.apps.visualize import visualize_main
+    from hpa_scc.data.synth import SynthSet
 
     solution = args.solution
-    if solution is None and (args.data_dir / "solution.csv").is_file():
-        solution = args.data_dir / "solution.csv"
+    if solution is None and SynthSet(args.data_dir).solution_csv.is_file():
+        solution = SynthSet(args.data_dir).solution_csv
     written = visualize_main(args.pred_dir, args.data_dir, args.out, run_dir=args.run, solution=solution,
                              n=args.images, top_k=args.top_k)
     for key, value in written.items():

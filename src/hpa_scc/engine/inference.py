@@ -56,7 +56,9 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: st
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        what = (" (it is a prepared set: give the run folder that trained on it)" if (run_dir / "prepare.json").is_file()
+        from hpa_scc.data.prepared import PreparedSet
+
+        what = (" (it is a prepared set: give the run folder that trained on it)" if PreparedSet(run_dir).exists()
                 else " (no such folder)" if not run_dir.is_dir() else "")
         raise FileNotFoundError(f"{run_dir} is not a training run: it has no config.yaml{what}; give a train.run_dir, "
                                 "or '-' with --baseline")
