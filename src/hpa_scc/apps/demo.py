@@ -15,7 +15,6 @@ break up the tables.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -102,27 +101,26 @@ def _run_steps(options: DemoOptions, cfg: Config | None) -> int:
 
 def segmentation_quality(data: Path, prepared: Path) -> str:
     """Step 3: cells found vs true cells, and the mask AP at IoU 0.6 of the prepared segmentation."""
-    from hpa_scc.data.images import read_labels
     from hpa_scc.data.prepared import PreparedSet
+    from hpa_scc.data.synth import SynthSet
     from hpa_scc.segment.quality import mask_ap
 
-    pset = PreparedSet(prepared)
-    ids = [p.stem for p in sorted((data / "masks").glob("*.png"))]
-    done = [i for i in ids if pset.is_segmented(i)]
+    pset, truth = PreparedSet(prepared), SynthSet(data)
+    done = [i for i in truth.mask_ids() if pset.is_segmented(i)]
     preds = [pset.cells(i) for i in done]
-    trues = [read_labels(data / "masks" / f"{i}.png") for i in done]
+    trues = [truth.read_mask(i) for i in done]
     n_pred, n_true = sum(int(np.count_nonzero(np.unique(p))) for p in preds), sum(int(t.max()) for t in trues)
     return f"cells found {n_pred}, true cells {n_true}, mask AP at IoU 0.6: {mask_ap(preds, trues, iou=0.6):.3f}"
 
 
 def train_detector(cfg: Config, progress: bool) -> Path:
     """Step 4: Mask R-CNN on the pseudo-masks with image labels; prints the validation AP per epoch."""
+    from hpa_scc.engine.runfolder import read_metrics
     from hpa_scc.engine.train import train
 
     print(f"\n[4/6] {cfg.model.backbone} Mask R-CNN, {cfg.train.max_epochs} epochs on CPU -> {cfg.train.run_dir}")
     train(cfg, progress=progress)
-    lines = (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()
-    aps = [json.loads(line)["segm_AP"] for line in lines if '"kind": "val"' in line]
+    aps = [row["segm_AP"] for row in read_metrics(cfg.train.run_dir) if row.get("kind") == "val"]
     if aps:
         print("validation (fold 0) COCO mask AP per epoch: " + ", ".join(f"{ap:.4f}" for ap in aps))
     return Path(cfg.train.run_dir)

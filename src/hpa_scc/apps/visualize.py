@@ -15,7 +15,6 @@ notebooks call these and nothing else.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -306,36 +305,6 @@ def prediction_overlays(pred_dir: str | os.PathLike, data_dir: str | os.PathLike
 
 # --- training curves ---------------------------------------------------------------------------
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The JSON lines of RUN_DIR/metrics.jsonl (a half-written last line of a live run is skipped).
-
-    A detectron2-engine run logs detectron2's ``metrics.json`` instead: its rows come back in
-    this project's form (``kind`` "train", ``step`` = iteration, ``loss`` = total_loss, the
-    ``loss_*`` terms as they are).
-
-    Both files belong to the run folder (``engine.runfolder`` writes metrics.jsonl, detectron2's
-    JSONWriter metrics.json in ``engine.d2train``), which has no reader yet; this one belongs
-    there, beside the writers, and visualize would then only plot. Kept here until it moves, as
-    the run folder layer is not this module's to change.
-    """
-    path = Path(run_dir) / "metrics.jsonl"
-    d2_path = Path(run_dir) / "metrics.json"
-    if not path.is_file() and d2_path.is_file():
-        path = d2_path
-    if not path.is_file():
-        raise FileNotFoundError(f"no {path}; is {run_dir} a training run folder?")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    if path == d2_path:
-        rows = [{"kind": "train", "step": r["iteration"], "loss": r["total_loss"],
-                 **{k: v for k, v in r.items() if k.startswith("loss_")}}
-                for r in rows if "iteration" in r and "total_loss" in r]
-    return rows
-
 
 def plot_training_curves(run_dir: str | os.PathLike, path: str | os.PathLike | None = None, *,
                          title: str | None = None):
@@ -346,6 +315,8 @@ def plot_training_curves(run_dir: str | os.PathLike, path: str | os.PathLike | N
     (segm_AP, segm_AP50).
     """
     import matplotlib
+
+    from hpa_scc.engine.runfolder import read_metrics
 
     rows = read_metrics(run_dir)
     by_kind: dict[str, list[dict]] = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -89,6 +90,35 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The JSON lines of RUN_DIR/metrics.jsonl (a half-written last line of a live run is skipped).
+
+    A detectron2-engine run logs detectron2's ``metrics.json`` instead: its rows come back in
+    this project's form (``kind`` "train", ``step`` = iteration, ``loss`` = total_loss, the
+    ``loss_*`` terms as they are).
+
+    Read here, beside the writer of metrics.jsonl (``MetricsLog``), for visualize, the demo and
+    notebooks alike.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    d2_path = Path(run_dir) / "metrics.json"
+    if not path.is_file() and d2_path.is_file():
+        path = d2_path
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}; is {run_dir} a training run folder?")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    if path == d2_path:
+        rows = [{"kind": "train", "step": r["iteration"], "loss": r["total_loss"],
+                 **{k: v for k, v in r.items() if k.startswith("loss_")}}
+                for r in rows if "iteration" in r and "total_loss" in r]
+    return rows
 
 
 def _logged_by(line: str, step: int) -> bool:
