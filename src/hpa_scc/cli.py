@@ -591,7 +591,7 @@ def _add_merge_tables(sub) -> None:
 
 
 def _run_merge_tables(args) -> int:
-    from hpa_scc.data.public import merge_tables
+    from hpa_scc.data.public_table import merge_tables
 
     print(merge_tables(args.kaggle_csv, args.public_csv, args.out, keep_first=args.keep_first).summary())
     return 0
