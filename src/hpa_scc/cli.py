@@ -2,6 +2,10 @@
 
 Every command is a thin wrapper over a package function, so the CLI, the sbatch files, the
 tests and the notebooks run the same code.
+
+Why one module of ~700 lines: it is argument parsing only, one ``_add_X`` / ``_run_X`` pair per
+command (17 of them) with the help texts users read; each ``_run_X`` calls one package function.
+Split by command, a reader would lose the one place that shows every command's options.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ Figures (each returns a matplotlib Figure and, given ``path``, writes it as PNG)
 metrics.jsonl), ``plot_per_class_ap`` and ``plot_pr_curves`` (the metric's ``EvalResult``).
 ``prediction_overlays`` and ``visualize_main`` write them into a folder; the evaluation
 notebooks call these and nothing else.
+
+Why ~490 lines: every figure of the project (overlays, PR curves, per-class AP, training curves,
+the notebook's tables) is drawn here, from the owners' readers (predictions, synthetic truth,
+run folder); it reads and writes no format of its own.
 """
 
 from __future__ import annotations

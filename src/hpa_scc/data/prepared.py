@@ -24,6 +24,9 @@ What lies in the folder (``hpa_scc.apps.prepare`` writes it through this object)
     failures.csv                          ID,error (failures-shard<I>of<N>.csv per shard)
 Train, refine, predict's checks and the benchmarks ask this object instead of re-deriving paths;
 ``coco_file`` and ``cell_annotation`` build the COCO files prepare and refine write.
+
+Why ~460 lines: the prepared set's one owner: every path, setting and reader/writer of the folder
+is here (issue 28), so nothing else names its files.
 """
 
 from __future__ import annotations

@@ -45,6 +45,10 @@ whose channels are alike gives the pretrained activations (HPA Kaggle recipe: Y 
 The stride placement and the input statistics are buffers (``backbone.body.stride_in_1x1``,
 ``transform.pixel_mean``/``pixel_std``): they travel in the state dict, so a checkpoint of a
 model made from detectron2's R101 predicts right even where the .pkl is absent.
+
+Why one module of ~600 lines: the four backbones, the two heads and their weight loading are one
+model family whose parts only make sense together (a head is built for a backbone's channels, the
+weights for both); the detectron2-engine model is models/d2model.py.
 """
 
 from __future__ import annotations
