@@ -15,15 +15,12 @@ import hpa_scc.utils.fileio as fileio
 from conftest import REPO
 from hpa_scc.cli import main
 from hpa_scc.data.cache import build_cache
-from hpa_scc.data.synth import write_synth_set
 from hpa_scc.utils.fileio import DiskFullError, atomic_path, write_npy_atomic
 
 
 @pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "syn"
-    write_synth_set(out, 3, size=64, seed=9, progress=False)
-    return out
+def syn(shared_data):
+    return shared_data.synth(images=3, size=64, seed=9)
 
 
 def test_a_full_disk_is_one_line_naming_the_folder_not_a_skipped_image(tmp_path):
@@ -181,7 +178,7 @@ def test_sizes_and_areas_out_of_range_are_refused_before_any_work(syn, tmp_path,
 def test_visualize_into_the_images_and_a_public_id_with_dots_are_refused(syn, tmp_path, capsys):
     """Probe 2: visualize --out DATA/train wrote PNGs among the channel files; a download table's
     Image path with '..' gave an ID with '..'."""
-    from hpa_scc.data.public import image_id_from_url
+    from hpa_scc.data.public_table import image_id_from_url
 
     assert main(["predict", "-", str(syn), "--out", str(tmp_path / "p"), "--baseline", "truth", "-q"]) == 0
     n_files = len(list((syn / "train").iterdir()))

@@ -118,6 +118,7 @@ def test_weak_supervision_refuses_unknown_methods_before_training(tmp_path, caps
     assert not (tmp_path / "weak").exists()  # nothing prepared or trained
 
 
+@pytest.mark.slow
 def test_train_step_times_both_engines_side_by_side():
     pytest.importorskip("detectron2", reason="detectron2 is not installed; install with: bash scripts/setup.sh --detectron2")
     figures = load("train_step").main(["--size", "128", "--batch", "1", "--steps", "1", "--warmup", "0",
@@ -148,7 +149,9 @@ def test_a_loader_workers_memory_stays_flat_over_thousands_of_images(tmp_path):
     from hpa_scc.data.annotations import open_store
 
     merge_prepared(data, prepared)
-    assert all(open_store(p) is not None for p in (prepared / "coco" / "multilabel").glob("fold*.json"))
+    folds = sorted((prepared / "coco" / "multilabel").glob("fold*.json"))
+    assert len(folds) == json.loads((prepared / "prepare.json").read_text())["folds"]
+    assert all(open_store(p) is not None for p in folds)  # merged with its annotation stores
 
     def growth(kind: str) -> tuple[int, float]:
         ds = scale.train_set(prepared, kind)

@@ -13,7 +13,8 @@ from hpa_scc.data.features import FEATURE_NAMES, GREEN_ABSOLUTE, cell_features
 from hpa_scc.constants import NUM_CLASSES, parse_labels
 from hpa_scc.data.images import read_image
 from hpa_scc.data.images import read_labels
-from hpa_scc.data.synth import generate_image, image_id_of, write_synth_set
+from hpa_scc.data.synth_draw import generate_image
+from hpa_scc.data.synth_layout import image_id_of
 
 F = len(FEATURE_NAMES)
 COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -161,18 +162,18 @@ def _load_set(out: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(xs), np.array(ys)
 
 
-def test_logistic_regression_learns_synthetic_cells(tmp_path):
+def test_logistic_regression_learns_synthetic_cells(shared_data):
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    write_synth_set(tmp_path / "train", 12, size=256, seed=1, progress=False)
-    write_synth_set(tmp_path / "test", 6, size=256, seed=2, progress=False)
-    assert (tmp_path / "test" / "masks" / f"{image_id_of(0, 2)}.png").is_file()
-    x_train, y_train = _load_set(tmp_path / "train")
-    x_test, y_test = _load_set(tmp_path / "test")
+    train = shared_data.synth(images=12, size=256, seed=1)
+    test = shared_data.synth(images=6, size=256, seed=2)
+    assert (test / "masks" / f"{image_id_of(0, 2)}.png").is_file()
+    x_train, y_train = _load_set(train)
+    x_test, y_test = _load_set(test)
     assert np.isfinite(x_train).all() and np.isfinite(x_test).all()
     classes = [c for c in range(NUM_CLASSES)
                if 0 < y_train[:, c].sum() < len(y_train) and 0 < y_test[:, c].sum() < len(y_test)]

@@ -11,9 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpa_scc.apps.prepare import prepare_dataset
-from hpa_scc.data.synth import write_synth_set
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -110,12 +107,16 @@ def test_one_backbone_table_for_the_fpn_runs():
 @pytest.mark.slow
 def test_sbatch_script_trains_checkpoints_on_usr1_and_resumes(tmp_path):
     """Outside SLURM the script runs one process; USR1 to it -> last.pt mid-epoch, exit 75; rerun finishes."""
+    from hpa_scc.apps.prepare import prepare_dataset
+    from hpa_scc.data.synth import write_synth_set
+
     write_synth_set(tmp_path / "set", 6, size=256, seed=41, progress=False)
     prepare_dataset(tmp_path / "set", tmp_path / "prepared", size=128, n_folds=2, progress=False)
+    prepared = tmp_path / "prepared"
     run = tmp_path / "run"
     env = {**os.environ, "RUN_DIR": str(run), "OMP_NUM_THREADS": "1"}
     env.pop("SLURM_JOB_ID", None)
-    args = ["bash", str(REPO / "run-model.sbatch"), "configs/smoke.yaml", f"data.prepared_dir={tmp_path / 'prepared'}",
+    args = ["bash", str(REPO / "run-model.sbatch"), "configs/smoke.yaml", f"data.prepared_dir={prepared}",
             "data.image_size=128", "train.images_per_gpu=1", "train.max_iters_per_epoch=4", "data.max_val_images=1",
             "-q"]
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -65,7 +65,6 @@ def test_reads_model_zoo_pickles(tmp_path):
         assert list(state) == list(arrays) and np.array_equal(state["backbone.fpn_lateral2.bias"], arrays["backbone.fpn_lateral2.bias"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("backbone", sorted(CONFIGS))
 def test_key_map_covers_the_whole_model_zoo_checkpoint(backbone):
     """Every key of the full detectron2 model maps to a key of ours with the same shape, and vice versa."""
@@ -126,7 +125,6 @@ def test_backbone_matches_detectron2(backbone):
     gc.collect()
 
 
-@pytest.mark.slow
 def test_build_model_keeps_or_drops_coco_predictors(tmp_path, caplog):
     """80 COCO classes: kept (background moved first) when asked and the counts agree; dropped for 19 classes."""
     rng = np.random.default_rng(0)

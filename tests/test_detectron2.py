@@ -26,15 +26,10 @@ MAIN = REPO / "detectron_code" / "main.py"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """root/set: 4 synthetic images at 256 px (with solution.csv); root/prepared at 128 px, 2 folds."""
-    from hpa_scc.apps.prepare import prepare_dataset
-    from hpa_scc.data.synth import write_synth_set
-
-    root = tmp_path_factory.mktemp("d2")
-    write_synth_set(root / "set", 4, size=256, seed=31, progress=False)
-    prepare_dataset(root / "set", root / "prepared", size=128, n_folds=2, progress=False)
-    return root
+def tiny(shared_data) -> Path:
+    """root/set: 4 synthetic images at 256 px (with solution.csv); root/prepared at 128 px, 2 folds
+    (the tiny run's data)."""
+    return shared_data.prepared(images=4, size=256, seed=31, prepare_size=128, folds=2)
 
 
 def d2_overrides(tiny: Path, run: Path, *extra: str) -> list[str]:
@@ -118,6 +113,7 @@ def run_main(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_main_trains_resumes_and_predict_evaluate_score_the_run(tiny, tmp_path):
     run = tmp_path / "run"
     common = ["--engine", "detectron2", "--backbone", "resnet101", *d2_overrides(tiny, run)[2:],
@@ -140,8 +136,9 @@ def test_main_trains_resumes_and_predict_evaluate_score_the_run(tiny, tmp_path):
 
     # the notebook's training curves read detectron2's metrics.json in the project's form
     from hpa_scc.apps import visualize
+    from hpa_scc.engine.runfolder import read_metrics
 
-    rows = visualize.read_metrics(run)
+    rows = read_metrics(run)
     assert [r["step"] for r in rows] == iterations and all(r["kind"] == "train" for r in rows)
     assert {"loss", "loss_cls", "loss_mask"} <= set(rows[-1])
     assert rows[-1]["loss"] == pytest.approx(json.loads((run / "metrics.json").read_text().splitlines()[-1])["total_loss"])
@@ -227,7 +224,7 @@ def test_same_weights_give_the_same_features_and_close_detections(tmp_path):
     see hpa_scc.models.d2model)."""
     from torchvision.ops import box_iou
 
-    from hpa_scc.data.synth import generate_image
+    from hpa_scc.data.synth_draw import generate_image
     from hpa_scc.models.d2model import D2Detector
     from hpa_scc.models.detector import build_model
 
@@ -274,6 +271,7 @@ def test_several_processes_on_cpu_are_refused_before_anything_is_written(tiny, t
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_usr1_saves_a_checkpoint_exits_75_and_the_rerun_resumes(tiny, tmp_path):
     """What scripts/slurm_train.sh relies on: SIGUSR1 -> a checkpoint after the current step,
     preempted.json, exit 75; the same command again starts from that checkpoint."""
@@ -307,7 +305,7 @@ def test_usr1_saves_a_checkpoint_exits_75_and_the_rerun_resumes(tiny, tmp_path):
 def test_the_evaluation_notebook_runs_on_a_detectron2_run(tiny, tmp_path, monkeypatch, kernel_env):
     """notebooks/Evaluate.ipynb takes a detectron2 run folder as any other: it predicts, scores
     and draws all its figures (the training curves from detectron2's metrics.json)."""
-    from test_notebooks import NOTEBOOKS, execute, figures
+    from test_notebooks import NOTEBOOKS, assert_scored, execute, figures
 
     run = tmp_path / "run"
     run_main("--engine", "detectron2", "--backbone", "resnet101", *d2_overrides(tiny, run)[2:], "train.images_per_gpu=1",
@@ -321,7 +319,7 @@ def test_the_evaluation_notebook_runs_on_a_detectron2_run(tiny, tmp_path, monkey
     assert not errors, errors
     assert figures(nb) == 5
     assert json.loads((tmp_path / "pred" / "predict.json").read_text())["models"][0]["checkpoint"] == "model_final.pth"
-    assert json.loads((tmp_path / "pred" / "eval.json").read_text())["mAP"] is not None
+    assert_scored(nb, tiny / "set", tmp_path / "pred")
 
 
 def fake_zoo_pkl(path: Path, seed: int, **shapes: tuple) -> dict[str, np.ndarray]:
@@ -392,6 +390,7 @@ def test_weights_that_do_not_fit_or_cannot_be_read_are_refused(tiny, tmp_path):
                           "resnext101_32x8d_fpn")
 
 
+@pytest.mark.slow
 def test_an_r101_file_does_not_start_the_x101_model(tiny, tmp_path):
     """detectron2 would only warn and train a mostly random network: main.py stops with the reason;
     the same file starts the R101 model."""

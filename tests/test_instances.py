@@ -9,18 +9,13 @@ import torch
 from hpa_scc.config import load_config
 from hpa_scc.data.instances import CellInstances, masks_to_boxes, random_flips, shadowed_instances
 from hpa_scc.data.prepared import PreparedSet
-from hpa_scc.apps.prepare import prepare_dataset
-from hpa_scc.data.synth import write_synth_set
 from hpa_scc.engine.train import EpochSampler, lr_lambda
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(shared_data):
     """One prepared set in the default layouts: both."""
-    root = tmp_path_factory.mktemp("inst")
-    write_synth_set(root / "set", 6, size=256, seed=11, progress=False)
-    prepare_dataset(root / "set", root / "prepared", size=64, n_folds=2, progress=False)
-    return root / "prepared"
+    return shared_data.prepared(images=6, size=256, seed=11, prepare_size=64, folds=2) / "prepared"
 
 
 def test_per_label_samples(prepared):

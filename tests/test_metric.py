@@ -175,11 +175,8 @@ def test_duplicate_ids_are_an_error():
         evaluate([row("a", (0, 1, A)), row("a", (0, 1, B))], [])
 
 
-def test_truth_as_prediction_on_a_synthetic_set_scores_one(tmp_path):
-    from hpa_scc.data.synth import write_synth_set
-
-    write_synth_set(tmp_path / "synth", 4, size=128, seed=0, progress=False)
-    solution = tmp_path / "synth" / "solution.csv"
+def test_truth_as_prediction_on_a_synthetic_set_scores_one(shared_data, tmp_path):
+    solution = shared_data.synth(images=4, size=128, seed=0) / "solution.csv"
     result = evaluate_files(solution, solution, out_json=tmp_path / "eval.json")
     plot_pr_curves(result, tmp_path / "pr.png")
     assert result.mAP == 1.0 and result.n_images == 4

@@ -187,7 +187,6 @@ def test_other_head_checkpoint_drops_predictors(tmp_path, caplog):
     assert "left at init" in caplog.text and "roi_heads.label_predictor" in caplog.text
 
 
-@pytest.mark.slow
 def test_stride_placement_travels_with_the_checkpoint(tmp_path):
     """A model made from detectron2's R101 strides in the 1x1 conv; its checkpoint must rebuild it so."""
     cfg = ModelConfig(backbone="resnet101_fpn", in_channels=3)

@@ -16,16 +16,15 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import make_tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("Evaluate.ipynb",)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(shared_data):
     """A synthetic set at 256 px and a DenseNet121 run trained for one step at 128 px."""
-    return make_tiny_run(tmp_path_factory.mktemp("run"))
+    return shared_data.tiny_run()
 
 
 def execute(name: str, cwd: Path) -> nbformat.NotebookNode:
@@ -37,6 +36,21 @@ def execute(name: str, cwd: Path) -> nbformat.NotebookNode:
 def figures(nb) -> int:
     return sum("image/png" in out.get("data", {}) for cell in nb.cells if cell.cell_type == "code"
                for out in cell.outputs)
+
+
+def assert_scored(nb, data: Path, pred: Path) -> None:
+    """The notebook's eval.json scores PRED_DIR's submission against DATA_DIR's solution as
+    evaluate_files does, and the notebook prints that mAP."""
+    from hpa_scc.evaluation.metric import evaluate_files
+    from hpa_scc.evaluation.submission import read_submission
+
+    saved = json.loads((pred / "eval.json").read_text())
+    expected = evaluate_files(data / "solution.csv", pred / "submission.csv")
+    assert Path(saved["submission"]).resolve() == (pred / "submission.csv").resolve()
+    assert saved["images"]["n_images"] == expected.n_images == len(read_submission(data / "solution.csv"))
+    assert 0 <= saved["mAP"] <= 1 and saved["mAP"] == pytest.approx(expected.mAP)
+    printed = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
+    assert f"mAP {expected.mAP:.6f}" in printed
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -66,7 +80,6 @@ def test_notebooks_execute_and_draw(run, kernel_env, tmp_path, monkeypatch):
         assert not errors, errors
         # per-class AP, PR curves, training curves and the two images shown
         assert figures(nb) == 5, name
-        assert (pred / "submission.csv").is_file() and (pred / "eval.json").is_file()
-        assert json.loads((pred / "eval.json").read_text())["mAP"] is not None
+        assert_scored(nb, run / "set", pred)
         if before is not None:
             assert (pred / "submission.csv").stat().st_mtime_ns == before  # existing predictions are used

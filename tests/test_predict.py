@@ -5,7 +5,6 @@ import csv
 import numpy as np
 import pytest
 
-from conftest import make_tiny_run
 from hpa_scc.apps.predict import predict_folder
 from hpa_scc.engine.inference import cells_from_detections, score_cells
 from hpa_scc.evaluation.submission import decode_mask, read_submission
@@ -13,9 +12,9 @@ from hpa_scc.data.images import seg_paths
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(shared_data):
     """A synthetic set at 256 px and a DenseNet121 run trained for one step at 128 px."""
-    return make_tiny_run(tmp_path_factory.mktemp("run"))
+    return shared_data.tiny_run()
 
 
 def read_cells(path):
@@ -72,6 +71,7 @@ def test_worker_pool_and_batches_give_the_same_records_and_log_a_corrupt_image(r
         assert "green" in failures[0]["error"]
 
 
+@pytest.mark.slow
 def test_model_cells_and_tta(run, tmp_path):
     out = predict_folder(run / "run", run / "set", tmp_path / "m", cells="model", tta=True, progress=False)
     rows = read_submission(out)

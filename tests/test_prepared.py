@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpa_scc.apps.prepare import prepare_dataset
 from hpa_scc.config import load_config
 from hpa_scc.data.images import read_labels
 from hpa_scc.data.prepared import PreparedSet, cell_labels, label_image, labels_folder
@@ -18,10 +17,9 @@ from hpa_scc.utils.fileio import fanned
 
 
 @pytest.fixture(scope="module")
-def prepared(synth, tmp_path_factory) -> PreparedSet:
-    out = tmp_path_factory.mktemp("prepared") / "p"
-    prepare_dataset(synth, out, size=64, n_folds=2, seed=0, progress=False)
-    return PreparedSet(out)
+def prepared(shared_data) -> PreparedSet:
+    """The conftest synth set (6 images at 128 px, seed 5) prepared at 64 px in 2 folds (fold seed 0)."""
+    return PreparedSet(shared_data.prepared(images=6, size=128, seed=5, prepare_size=64, folds=2) / "prepared")
 
 
 def test_the_settings_come_from_prepare_json(prepared):
@@ -119,7 +117,7 @@ def test_per_image_files_fan_out_and_a_flat_format_1_set_is_read_and_resumed(syn
     assert (old / "coco" / "multilabel" / "fold0.json").read_text() == (new / "coco" / "multilabel" / "fold0.json").read_text()
 
 
-def test_errors_name_the_folder_and_the_fix(prepared, tmp_path):
+def test_errors_name_the_folder_and_the_fix(prepared, shared_data, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"prepare.json not found: .* is not a prepared set; make it with "
                                                 r"'python dataset.py DATA_DIR"):
         PreparedSet(tmp_path).size
@@ -128,11 +126,11 @@ def test_errors_name_the_folder_and_the_fix(prepared, tmp_path):
     assert prepared.check_size(None, "data.image_size") == prepared.check_size(64, "data.image_size") == 64
     with pytest.raises(OSError, match=r"cannot read .*nope.npy \(image nope\).*re-run prepare"):
         prepared.read_image("nope")
-    prepared.image_path("zero").parent.mkdir(parents=True, exist_ok=True)
-    prepared.image_path("zero").write_bytes(b"")  # a copy cut short at zero bytes: EOFError in numpy
+    own = PreparedSet(shared_data.copy(prepared.root, tmp_path / "own"))
+    own.image_path("zero").parent.mkdir(parents=True, exist_ok=True)
+    own.image_path("zero").write_bytes(b"")  # a copy cut short at zero bytes: EOFError in numpy
     with pytest.raises(OSError, match=r"cannot read .*zero.npy \(image zero\).*re-run prepare"):
-        prepared.read_image("zero")
-    prepared.image_path("zero").unlink()
+        own.read_image("zero")
 
 
 def test_the_training_size_follows_the_prepared_set(prepared, tmp_path):

@@ -32,19 +32,9 @@ from hpa_scc.cli import main
 from hpa_scc.constants import CHANNELS, CLASS_NAMES
 from hpa_scc.data.images import find_images, read_image, resize, to_uint8
 from hpa_scc.data.cache import cache_path
-from hpa_scc.data.public import (
-    HPA_LOCATION_TO_CLASS,
-    KAGGLE_CELL_LINES,
-    DownloadOptions,
-    channel_png,
-    channel_url,
-    download_public,
-    filter_images,
-    image_id_from_url,
-    map_location_names,
-    merge_tables,
-    read_public_table,
-)
+from hpa_scc.data.public import DownloadOptions, channel_png, download_public
+from hpa_scc.data.public_table import (HPA_LOCATION_TO_CLASS, KAGGLE_CELL_LINES, channel_url, filter_images,
+                                      image_id_from_url, map_location_names, merge_tables, read_public_table)
 
 FAST = DownloadOptions(timeout_s=0.5, retries=2, backoff_s=0.01)  # 3 attempts, millisecond backoff
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import hpa_scc.apps.refine
-from conftest import make_tiny_run
 from hpa_scc.config import load_config
 from hpa_scc.constants import NEGATIVE, NUM_CLASSES
 from hpa_scc.data.instances import CellInstances
@@ -21,8 +20,10 @@ from hpa_scc.evaluation.submission import read_submission
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return make_tiny_run(tmp_path_factory.mktemp("refine"))
+def run(shared_data):
+    """A synthetic set at 256 px and a DenseNet121 run trained for one step at 128 px (its
+    prepared set is copied by every test that refines into it)."""
+    return shared_data.tiny_run()
 
 
 def labels_by_cell(coco: dict) -> dict[tuple[int, int], list[int]]:

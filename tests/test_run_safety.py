@@ -19,10 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpa_scc.apps.prepare import prepare_dataset
 from hpa_scc.config import load_config
 from hpa_scc.data.annotations import write_coco
-from hpa_scc.data.synth import write_synth_set
 from hpa_scc.engine.train import FINISHED, PREEMPTED, StopSignals, end_run, pick_device, start_run, train
 from hpa_scc.utils.checkpoint import (LOCK_FILE, LOCK_STALE_S, RunFolderLocked, load_checkpoint, rng_state,
                                       set_rng_state)
@@ -31,11 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("safety")
-    write_synth_set(root / "set", 8, size=256, seed=21, progress=False)
-    prepare_dataset(root / "set", root / "prepared", size=128, n_folds=2, progress=False)
-    return root / "prepared"
+def prepared(shared_data, tmp_path_factory) -> Path:
+    """The module's own copy (the cell models write their crop stores into it), the set beside it."""
+    shared = shared_data.prepared(images=8, size=256, seed=21, prepare_size=128, folds=2)
+    return shared_data.copy(shared, tmp_path_factory.mktemp("safety")) / "prepared"
 
 
 def cell_config(prepared: Path, run: Path, *extra: str):

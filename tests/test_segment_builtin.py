@@ -11,7 +11,7 @@ from hpa_scc.data.images import read_image
 from hpa_scc.segment import build_segmenter
 from hpa_scc.segment.builtin import BuiltinParams, BuiltinSegmenter
 from hpa_scc.segment.quality import iou_matrix, mask_ap, match_at, recall_at
-from hpa_scc.data.synth import generate_image
+from hpa_scc.data.synth_draw import generate_image
 
 REAL_ID = "5c27f04c-bb99-11e8-b2b9-ac1f6b6435d0"
 

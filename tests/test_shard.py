@@ -242,9 +242,14 @@ def test_cache_shards_then_merged_index_equals_one_run(damaged, tmp_path):
     data, _, (corrupt, _) = damaged
     build_cache(data, tmp_path / "whole", size=32, progress=False)
     out = tmp_path / "sharded"
+    written = 0
     for i in (0, 1, 2):
         report = build_cache(data, out, size=32, progress=False, shard=(i, 3))
-        assert f"failures-shard{i}of3.csv" in report.summary() or not report.failures
+        failed = [corrupt] if shard_of(corrupt, 3) == i else []  # the corrupt image fails in its own shard only
+        assert [image_id for image_id, _ in report.failures] == failed
+        assert (f"failures-shard{i}of3.csv" in report.summary()) == bool(failed)
+        written += report.written
+    assert written == len(list((data / "masks").glob("*.png"))) - 1  # every other image, each by one shard
     report = merge_cache(data, out)
     assert [i for i, _ in report.failures] == [corrupt]
     assert_same_files(tmp_path / "whole", out, ["index.csv", "failures.csv", "cache.json"])

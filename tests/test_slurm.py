@@ -17,7 +17,6 @@ import torch
 import yaml
 
 from hpa_scc.apps.prepare import prepare_dataset
-from hpa_scc.data.synth import write_synth_set
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -43,11 +42,8 @@ def require_cluster():
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("slurm")
-    write_synth_set(root / "set", 6, size=256, seed=51, progress=False)
-    prepare_dataset(root / "set", root / "prepared", size=128, n_folds=2, progress=False)
-    return root
+def prepared(shared_data) -> Path:
+    return shared_data.prepared(images=6, size=256, seed=51, prepare_size=128, folds=2)
 
 
 def submit(*args: str, env: dict | None = None, cwd: Path = REPO) -> str:

@@ -14,8 +14,9 @@ from scipy import ndimage
 
 from hpa_scc.constants import CHANNELS, CLASS_NAMES, MITOTIC_SPINDLE, NEGATIVE, NUM_CLASSES, parse_labels
 from hpa_scc.evaluation.submission import decode_mask, read_submission
-from hpa_scc.data.synth import (GREEN_PATTERNS, assign_cell_labels, format_summary, generate_image,
-                           sample_image_labels, write_synth_set)
+from hpa_scc.data.synth import format_summary, write_synth_set
+from hpa_scc.data.synth_draw import GREEN_PATTERNS, generate_image
+from hpa_scc.data.synth_layout import assign_cell_labels, sample_image_labels
 from hpa_scc.apps.visualize import overlay_outlines, to_rgb
 
 SIZE = 128  # small enough for speed; the layout scales with the size, so the cells are the same

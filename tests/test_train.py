@@ -15,8 +15,6 @@ import torch
 
 from hpa_scc.config import load_config
 from hpa_scc.engine.loop import NonFiniteLossError
-from hpa_scc.apps.prepare import prepare_dataset
-from hpa_scc.data.synth import write_synth_set
 from hpa_scc.cli import EXIT_REQUEUE
 from hpa_scc.engine.train import FINISHED, PREEMPTED, train
 
@@ -24,11 +22,8 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    write_synth_set(root / "set", 8, size=256, seed=21, progress=False)
-    prepare_dataset(root / "set", root / "prepared", size=128, n_folds=2, progress=False)
-    return root / "prepared"
+def prepared(shared_data) -> Path:
+    return shared_data.prepared(images=8, size=256, seed=21, prepare_size=128, folds=2) / "prepared"
 
 
 def overrides(prepared: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -154,6 +149,7 @@ def test_non_finite_loss_stops_with_the_loss_dict(prepared, tmp_path, monkeypatc
     assert not (tmp_path / "nan" / "last.pt").exists()  # a NaN model is never saved
 
 
+@pytest.mark.slow
 def test_train_cli_errors_are_clear(prepared, tmp_path):
     proc = cli(str(HERE.parent / "configs" / "smoke.yaml"), "optim.lr=fast")
     assert proc.returncode == 1 and "optim.lr in override 'optim.lr=fast': expected float" in proc.stderr
@@ -163,7 +159,6 @@ def test_train_cli_errors_are_clear(prepared, tmp_path):
     assert proc.returncode == 1 and "prepared at 128 px but data.image_size is 256; leave data.image_size out" in proc.stderr
 
 
-@pytest.mark.slow
 def test_a_signal_in_process_returns_preempted_after_saving_and_keeps_the_caller_alive(prepared, tmp_path):
     """A notebook calling train() gets a PREEMPTED result (last.pt saved), not an exception or a SystemExit."""
     import threading
@@ -188,6 +183,7 @@ def test_a_signal_in_process_returns_preempted_after_saving_and_keeps_the_caller
     assert signal.getsignal(signal.SIGUSR1) is before  # the caller's handler is back
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings_and_allows_more_epochs(prepared, tmp_path, caplog):
     run = tmp_path / "run"
     assert train(load_config(None, overrides(prepared, run, "train.max_epochs=1")), progress=False).status == FINISHED

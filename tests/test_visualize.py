@@ -12,16 +12,15 @@ import pytest
 from hpa_scc.constants import CLASS_NAMES, NUM_CLASSES
 from hpa_scc.evaluation.metric import evaluate_files
 from hpa_scc.apps.predict import predict_folder
-from hpa_scc.data.synth import write_synth_set
 from hpa_scc.apps.visualize import (SHORT_NAMES, load_prediction, plot_per_class_ap, plot_pr_curves,
                                plot_training_curves, prediction_overlays, show_cells, short_name, visualize_main)
 
 
 @pytest.fixture(scope="module")
-def predicted(tmp_path_factory):
+def predicted(shared_data, tmp_path_factory):
     """A synthetic set of 3 images at 128 px and its truth baseline (the true cells and labels) as predictions."""
     root = tmp_path_factory.mktemp("visualize")
-    write_synth_set(root / "set", 3, size=128, seed=5, progress=False)
+    shared_data.copy(shared_data.synth(images=3, size=128, seed=5), root / "set")
     predict_folder(None, root / "set", root / "pred", baseline="truth", progress=False)
     return root
 
