@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from hpa_scc.constants import FAMILIES
+from hpa_scc.constants import FAMILIES, FEATURE_CLASSIFIERS, MIL_POOLING
 from hpa_scc.utils.device import DEVICES, is_device_name
 
 # The repository's configs/ folder (the package is installed editable, in the container too).
@@ -63,7 +63,21 @@ class ModelConfig:
     rpn_post_nms_top_n_train: int = 2000  # proposals per image kept for the RoI heads, training
     rpn_post_nms_top_n_test: int = 1000  # same, inference
     box_batch_size_per_image: int = 512  # RoIs sampled per image for the box/class loss
-    feature_c: float = 1.0  # family features: inverse L2 strength of each class's logistic regression
+    # Family features: the per-cell classifier. logistic: one L2 logistic regression per class
+    # (the simplest baseline); boosting: gradient-boosted trees per class (scikit-learn's
+    # HistGradientBoosting): nonlinear in the features, and the stronger model at every seed pair
+    # of bench/weak_supervision.py, on weak labels and on the truth (docs/RESULTS.md).
+    feature_classifier: str = "logistic"
+    feature_c: float = 1.0  # logistic (and MIL): inverse L2 strength, as scikit-learn's C
+    boost_iters: int = 200  # boosting: trees per class
+    boost_lr: float = 0.05  # boosting: learning rate (shrinkage of each tree)
+    boost_leaves: int = 15  # boosting: leaves per tree
+    # Multiple-instance learning (family features, logistic): none trains each cell on its labels;
+    # lse | attention | max | mean | noisy_or pool the cells' logits into their image's and take the
+    # loss against the image's labels (hpa_scc.weak.mil): what an image label really says.
+    mil: str = "none"
+    mil_sharpness: float = 2.0  # lse: r (-> 0: the mean logit, -> inf: the max)
+    mil_epochs: int = 300  # full-batch Adam steps of the MIL fit
 
 
 @dataclass
@@ -298,6 +312,11 @@ RANGES = (
     ("data.max_val_images", lambda v: v >= 1, ">= 1 (null: no cap)"),
     ("model.box_score_thresh", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("model.feature_c", lambda v: v > 0, "> 0"),
+    ("model.boost_iters", lambda v: v >= 1, ">= 1"),
+    ("model.boost_lr", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("model.boost_leaves", lambda v: v >= 2, ">= 2"),
+    ("model.mil_sharpness", lambda v: v > 0, "> 0"),
+    ("model.mil_epochs", lambda v: v >= 1, ">= 1"),
     ("model.trainable_backbone_layers", lambda v: v >= 0, ">= 0"),
     ("model.box_detections_per_img", lambda v: v >= 1, ">= 1"),
     ("model.rpn_post_nms_top_n_train", lambda v: v >= 1, ">= 1"),
@@ -325,7 +344,9 @@ def validate(cfg: Config) -> None:
                "model.engine": (cfg.model.engine, ENGINES),
                "data.layout": (cfg.data.layout, (None, *HEAD_LAYOUT.values())),
                "optim.name": (cfg.optim.name, ("sgd", "adamw")),
-               "optim.schedule": (cfg.optim.schedule, ("cosine", "step"))}
+               "optim.schedule": (cfg.optim.schedule, ("cosine", "step")),
+               "model.feature_classifier": (cfg.model.feature_classifier, FEATURE_CLASSIFIERS),
+               "model.mil": (cfg.model.mil, ("none", *MIL_POOLING))}
     if not is_device_name(cfg.train.device):
         raise ConfigError(f"train.device = {cfg.train.device!r}; choose one of {', '.join(DEVICES)}")
     if cfg.model.family not in FAMILIES:
@@ -347,6 +368,11 @@ def validate(cfg: Config) -> None:
         if cfg.model.head != "softmax":
             raise ConfigError("model.engine=detectron2 trains detectron2's own softmax head on the per_label layout: "
                               "set model.head=softmax (detectron_code/main.py --engine detectron2 does)")
+    if cfg.model.mil != "none" and (cfg.model.family != "features" or cfg.model.feature_classifier != "logistic"):
+        raise ConfigError(f"model.mil={cfg.model.mil} trains the features family's logistic model (trees take no "
+                          f"MIL loss, the cell family has no MIL loss yet), not family {cfg.model.family!r} with "
+                          f"feature_classifier {cfg.model.feature_classifier!r}; set model.mil=none or "
+                          "model.family=features model.feature_classifier=logistic")
     expected_layout = HEAD_LAYOUT.get(cfg.model.head)  # checked above for the detector only
     if cfg.data.layout is None:
         cfg.data.layout = expected_layout or HEAD_LAYOUT[ModelConfig.head]

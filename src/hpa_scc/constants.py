@@ -137,3 +137,8 @@ FAMILIES = {f.name: f for f in (
                True),
     FamilySpec("features", None, "cells", "cell_AP", False),
 )}
+
+# Multiple-instance learning: how the cells' logits pool into the image's (hpa_scc.weak.mil).
+MIL_POOLING = ("lse", "attention", "max", "mean", "noisy_or")
+# The per-cell classifiers of the features family (model.feature_classifier).
+FEATURE_CLASSIFIERS = ("logistic", "boosting")

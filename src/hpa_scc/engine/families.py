@@ -27,7 +27,7 @@ from hpa_scc.data.instances import CellInstances, collate, shadowed_warning
 from hpa_scc.data.prepared import PreparedSet
 from hpa_scc.engine.loop import evaluate
 from hpa_scc.engine.runfolder import FINISHED, RESUME_FIX, MetricsLog, Run, TrainResult, resumes
-from hpa_scc.models.cells import FeatureClassifier, build_family_model
+from hpa_scc.models.cells import FeatureClassifier, TreeEnsembleClassifier, build_family_model
 from hpa_scc.utils.checkpoint import (BEST, LAST, changed_folds, check_model, load_checkpoint, load_model_state,
                                      save_checkpoint)
 
@@ -115,11 +115,23 @@ def fit_features(run: Run, data: Data) -> TrainResult:
             return TrainResult(FINISHED, model, run.run_dir, cfg.train.max_epochs,
                                best_metric=state.get("best_metric", -1.0), checkpoint=last)
     start = time.perf_counter()
-    store = data.train_set.store
-    fit_feature_classifier(model, store.array[data.train_set.rows], data.train_set.labels, c=cfg.model.feature_c,
-                           seed=cfg.train.seed)
-    log.info("features: logistic regressions on %d cells x %d features in %.1f s", len(data.train_set),
-             store.array.shape[1], time.perf_counter() - start)
+    store, rows, m = data.train_set.store, data.train_set.rows, cfg.model
+    features, labels = np.asarray(store.array[rows]), data.train_set.labels
+    if m.feature_classifier == "boosting":
+        fit_feature_boosting(model, features, labels, iters=m.boost_iters, lr=m.boost_lr, leaves=m.boost_leaves,
+                             seed=cfg.train.seed)
+        what = f"boosted trees ({m.boost_iters} per class)"
+    elif m.mil != "none":
+        # a bag is an image; its labels are its cells' labels' union (the image labels, for data.labels=image)
+        _, bag = np.unique(np.asarray(store.cells["image"][rows]), return_inverse=True)
+        fit_feature_mil(model, features, bag, labels, rule=m.mil, sharpness=m.mil_sharpness, c=m.feature_c,
+                        epochs=m.mil_epochs, seed=cfg.train.seed)
+        what = f"MIL ({m.mil} pooling over {bag.max() + 1 if len(bag) else 0} images)"
+    else:
+        fit_feature_classifier(model, features, labels, c=m.feature_c, seed=cfg.train.seed)
+        what = "logistic regressions"
+    log.info("features: %s on %d cells x %d features in %.1f s", what, len(data.train_set), store.array.shape[1],
+             time.perf_counter() - start)
     scores = {}
     if data.val_set is not None:
         scores = data.validate(model, data.val_set, torch.device("cpu"))
@@ -163,6 +175,93 @@ def fit_feature_classifier(model: FeatureClassifier, features: np.ndarray, label
         model.scale.copy_(torch.from_numpy(scale).float())
         model.linear.weight.copy_(torch.from_numpy(weight).float())
         model.linear.bias.copy_(torch.from_numpy(bias).float())
+    return model
+
+
+def fit_feature_mil(model: FeatureClassifier, features: np.ndarray, bag: np.ndarray, labels: np.ndarray, *,
+                    rule: str = "lse", sharpness: float = 2.0, c: float = 1.0, epochs: int = 300,
+                    seed: int = 0) -> FeatureClassifier:
+    """Fit ``model`` in place with a multiple-instance loss (``weak.mil.mil_loss``): the cells'
+    logits pooled per image (``bag`` int [N], 0..B-1) against the image's labels, the union of
+    its cells' ``labels`` [N, 19]. Full-batch Adam, ``epochs`` steps, with the L2 penalty a
+    logistic regression of inverse strength ``c`` has per cell (||W||^2 / (2 c N)); standardised
+    features, as ``fit_feature_classifier``. Deterministic for a seed on the CPU."""
+    from hpa_scc.weak.mil import mil_loss
+
+    x = np.asarray(features, np.float64)
+    mean, scale = x.mean(0), x.std(0)
+    scale[scale < 1e-8] = 1.0
+    bag_t = torch.as_tensor(np.asarray(bag, np.int64))
+    n_bags = int(bag_t.max()) + 1 if len(bag_t) else 0
+    cell_labels = torch.as_tensor(np.asarray(labels) > 0.5, dtype=torch.float32)
+    image_labels = torch.zeros((n_bags, cell_labels.shape[1])).scatter_reduce(
+        0, bag_t[:, None].expand_as(cell_labels), cell_labels, "amax", include_self=False)
+    with torch.no_grad():
+        model.mean.copy_(torch.from_numpy(mean).float())
+        model.scale.copy_(torch.from_numpy(scale).float())
+    z = model.standardise(torch.from_numpy(x).float())
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters()]
+    with torch.no_grad():  # small random start, reproducible for a seed
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.01)
+    weights = [model.linear.weight] + ([model.attention.weight] if model.attention is not None else [])
+    l2 = 1.0 / (2.0 * c * max(len(z), 1))
+    optimiser = torch.optim.Adam(params, lr=0.01)
+    for _ in range(epochs):
+        attention = model.attention(z) if model.attention is not None else None
+        loss = mil_loss(model.linear(z), bag_t, image_labels, rule, sharpness, attention)
+        loss = loss + l2 * sum((w ** 2).sum() for w in weights)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the MIL loss became {loss.item()} (rule {rule}, sharpness {sharpness}); "
+                                     "lower model.mil_sharpness or raise model.feature_c's regularisation")
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model
+
+
+def fit_feature_boosting(model: TreeEnsembleClassifier, features: np.ndarray, labels: np.ndarray, *,
+                         iters: int = 200, lr: float = 0.05, leaves: int = 15, seed: int = 0) -> TreeEnsembleClassifier:
+    """Fit ``model`` in place: one scikit-learn HistGradientBoostingClassifier per class (soft
+    labels above 0.5 are positive; no early stopping, so a fit does not depend on a random
+    validation split), its trees copied into the model's tensors. A class with no positive (or
+    no negative) cell gets a constant, as ``fit_feature_classifier``."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    x = np.asarray(features, np.float64)
+    y = np.asarray(labels) > 0.5
+    baseline = np.zeros(y.shape[1])
+    trees: list[tuple[int, np.ndarray]] = []
+    for c_idx in range(y.shape[1]):
+        pos = y[:, c_idx].mean() if len(y) else 0.0
+        if pos in (0.0, 1.0):
+            baseline[c_idx] = -9.0 if pos == 0 else 9.0
+            continue
+        clf = HistGradientBoostingClassifier(max_iter=iters, learning_rate=lr, max_leaf_nodes=leaves,
+                                             l2_regularization=1.0, early_stopping=False, random_state=seed)
+        clf.fit(x, y[:, c_idx])
+        baseline[c_idx] = float(np.ravel(clf._baseline_prediction)[0])
+        trees += [(c_idx, predictors[0].nodes) for predictors in clf._predictors]
+    width = max((len(nodes) for _, nodes in trees), default=1)
+    tables = {name: np.zeros((len(trees), width), dtype) for name, dtype in
+              (("feature", np.int64), ("threshold", np.float64), ("left", np.int64), ("right", np.int64),
+               ("leaf", bool), ("value", np.float64), ("missing_left", bool))}
+    tables["leaf"][:] = True  # padding: leaves of value 0, never reached
+    for t, (_, nodes) in enumerate(trees):
+        n = len(nodes)
+        tables["feature"][t, :n] = nodes["feature_idx"]
+        tables["threshold"][t, :n] = nodes["num_threshold"]
+        tables["left"][t, :n] = nodes["left"]
+        tables["right"][t, :n] = nodes["right"]
+        tables["leaf"][t, :n] = nodes["is_leaf"].astype(bool)
+        tables["value"][t, :n] = np.where(nodes["is_leaf"].astype(bool), nodes["value"], 0.0)
+        tables["missing_left"][t, :n] = nodes["missing_go_to_left"].astype(bool)
+    depth = max((int(nodes["depth"].max()) for _, nodes in trees), default=0)
+    state = {name: torch.from_numpy(table) for name, table in tables.items()}
+    state.update(tree_class=torch.tensor([c for c, _ in trees], dtype=torch.int64),
+                 baseline=torch.from_numpy(baseline), depth=torch.tensor(depth))
+    model.load_state_dict(state)
     return model
 
 

@@ -119,18 +119,77 @@ class FeatureClassifier(_MultiLabelModel):
     """The features baseline as a module: standardise, then one logistic regression per class.
 
     ``forward(features float [B, F], targets=None)`` -> probabilities [B, 19] (or the BCE loss
-    dict with targets). Fitted by ``fit_feature_classifier`` (scikit-learn), never by SGD.
+    dict with targets). Fitted by ``engine.families`` (scikit-learn, or a MIL loss over the
+    cells of each image: ``fit_feature_mil``), never by the training loop.
+    ``attention=True`` adds the per-class attention logits of MIL's attention pooling
+    (``weak.mil``, Ilse et al. 2018), used while fitting only: a cell's score is its own logit.
     """
 
-    def __init__(self, n_features: int, num_classes: int = NUM_CLASSES):
+    def __init__(self, n_features: int, num_classes: int = NUM_CLASSES, attention: bool = False):
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("scale", torch.ones(n_features))
         self.linear = nn.Linear(n_features, num_classes)
+        self.attention = nn.Linear(n_features, num_classes) if attention else None
+
+    def standardise(self, features) -> torch.Tensor:
+        x = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+        return (x.float() - self.mean) / self.scale
 
     def logits(self, features) -> torch.Tensor:
+        return self.linear(self.standardise(features))
+
+
+class TreeEnsembleClassifier(_MultiLabelModel):
+    """Gradient-boosted trees per class (scikit-learn's HistGradientBoostingClassifier, fitted by
+    ``engine.families.fit_feature_boosting``) held as tensors, so a checkpoint stays a plain
+    state dict (``torch.load(weights_only=True)``, no pickled estimator) and predicts on any device.
+
+    Every tree of every class is one row of the node tables (``feature``, ``threshold``,
+    ``left``, ``right``, ``leaf``, ``value``, ``missing_left``: [T, M], padded with leaves of value
+    0); ``tree_class`` [T] says whose logit a tree adds to, ``baseline`` [19] where it starts. A
+    cell walks all trees at once, ``depth`` steps: x <= threshold goes left, NaN where
+    ``missing_left`` says. The tables are sized by the fit: loading a state dict takes its shapes.
+    """
+
+    TABLES = {"feature": torch.int64, "threshold": torch.float64, "left": torch.int64, "right": torch.int64,
+              "leaf": torch.bool, "value": torch.float64, "missing_left": torch.bool}
+    STATE_SIZED = (*TABLES, "tree_class")  # utils.checkpoint: shapes come from the state loaded
+
+    def __init__(self, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        for name, dtype in self.TABLES.items():
+            self.register_buffer(name, torch.zeros((0, 1), dtype=dtype))
+        self.register_buffer("tree_class", torch.zeros(0, dtype=torch.int64))
+        self.register_buffer("baseline", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("depth", torch.zeros((), dtype=torch.int64))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the tables' sizes are the fit's: take them from the state being loaded
+        for name in self.STATE_SIZED:
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.baseline.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def logits(self, features, chunk: int = 4096) -> torch.Tensor:
         x = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
-        return self.linear((x.float() - self.mean) / self.scale)
+        x = x.to(torch.float64)
+        out = self.baseline.expand(len(x), -1).clone()
+        if not len(self.tree_class):
+            return out.float()
+        trees = torch.arange(len(self.tree_class), device=x.device)
+        for start in range(0, len(x), chunk):  # [cells, trees] node indices: bounded memory at any N
+            rows = x[start:start + chunk]
+            node = torch.zeros((len(rows), len(trees)), dtype=torch.int64, device=x.device)
+            for _ in range(int(self.depth)):
+                feature, threshold = self.feature[trees, node], self.threshold[trees, node]
+                value = rows.gather(1, feature)
+                left = torch.where(torch.isnan(value), self.missing_left[trees, node], value <= threshold)
+                step = torch.where(left, self.left[trees, node], self.right[trees, node])
+                node = torch.where(self.leaf[trees, node], node, step)
+            leaf_values = self.value[trees, node]  # [cells, trees]
+            out[start:start + chunk].index_add_(1, self.tree_class, leaf_values)
+        return out.float()
 
 
 def load_cell_imagenet(model: CellClassifier, backbone: str, in_channels: int, path: str | None = None) -> None:
@@ -177,7 +236,9 @@ def build_cell_model(cfg, n_features: int | None = None) -> nn.Module:
     if cfg.family == "features":
         from hpa_scc.data.features import FEATURE_NAMES
 
-        return FeatureClassifier(n_features or len(FEATURE_NAMES))
+        if cfg.feature_classifier == "boosting":
+            return TreeEnsembleClassifier()
+        return FeatureClassifier(n_features or len(FEATURE_NAMES), attention=cfg.mil == "attention")
     model = CellClassifier(cfg.backbone, cfg.in_channels, mean=cfg.pixel_mean, std=cfg.pixel_std)
     if cfg.weights == "imagenet" or (cfg.weights and Path(cfg.weights).suffix == ".pth"):
         load_cell_imagenet(model, cfg.backbone, cfg.in_channels, None if cfg.weights == "imagenet" else cfg.weights)

@@ -171,8 +171,9 @@ def load_model_state(model: torch.nn.Module, state: dict, path: str | os.PathLik
     own, saved = model.state_dict(), state["model"]
     missing = [k for k in own if k not in saved]
     unexpected = [k for k in saved if k not in own]
+    sized_by_state = getattr(model, "STATE_SIZED", ())  # tables whose sizes the fit chose (boosted trees)
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in saved.items()
-              if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+              if k in own and k not in sized_by_state and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
         example = (shapes or unexpected or missing)[0]
         raise ValueError(f"{path} does not fit this {family} {backbone} model ({len(missing)} missing, "

@@ -1,0 +1,207 @@
+"""Multiple-instance learning (hpa_scc.weak.mil) and the features family's MIL and boosted fits."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hpa_scc.config import ConfigError, load_config
+from hpa_scc.constants import NUM_CLASSES
+from hpa_scc.engine.families import fit_feature_boosting, fit_feature_classifier, fit_feature_mil
+from hpa_scc.models.cells import FeatureClassifier, TreeEnsembleClassifier
+from hpa_scc.weak.mil import POOLING, bag_softmax, mil_loss, pool_logits
+
+
+def test_each_pooling_rule_gives_its_value():
+    logits = torch.tensor([[0.0, 2.0], [1.0, -1.0], [3.0, 0.5], [-2.0, 4.0]])
+    bag = torch.tensor([0, 0, 1, 1])
+    assert torch.allclose(pool_logits(logits, bag, 2, "max"), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    assert torch.allclose(pool_logits(logits, bag, 2, "mean"), torch.tensor([[0.5, 0.5], [0.5, 2.25]]))
+    r = 2.0
+    lse = torch.log((torch.exp(r * logits[:2]).mean(0))) / r
+    assert torch.allclose(pool_logits(logits, bag, 2, "lse", r)[0], lse)
+    # lse lies between the mean and the max, and tends to each at the ends of the sharpness
+    assert torch.allclose(pool_logits(logits, bag, 2, "lse", 1e-4), pool_logits(logits, bag, 2, "mean"), atol=1e-3)
+    assert torch.allclose(pool_logits(logits, bag, 2, "lse", 200.0), pool_logits(logits, bag, 2, "max"), atol=1e-2)
+    # noisy-OR: P(image) = 1 - prod(1 - p_i)
+    p = torch.sigmoid(logits[:2])
+    noisy = 1 - (1 - p).prod(0)
+    assert torch.allclose(torch.sigmoid(pool_logits(logits, bag, 2, "noisy_or")[0]), noisy, atol=1e-6)
+    # ... and stays finite where every cell is sure
+    big = pool_logits(torch.full((3, 1), 40.0), torch.zeros(3, dtype=torch.long), 1, "noisy_or")
+    assert torch.isfinite(big).all() and big.item() > 40
+    # attention: weights that sum to 1 per bag, the image logit their weighted mean
+    attention = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [5.0, 0.0], [5.0, 0.0]])
+    w = bag_softmax(attention, bag, 2)
+    assert torch.allclose(w[:2, 0], torch.tensor([0.25, 0.75])) and torch.allclose(w[2:, 1], torch.tensor([0.5, 0.5]))
+    pooled = pool_logits(logits, bag, 2, "attention", attention=attention)
+    assert torch.allclose(pooled[0, 0], torch.tensor(0.75)) and torch.allclose(pooled[1, 1], torch.tensor(2.25))
+
+
+def test_pooling_refuses_what_it_cannot_pool():
+    logits, bag = torch.zeros(3, 2), torch.tensor([0, 0, 2])
+    with pytest.raises(ValueError, match="unknown MIL pooling 'median'; choose one of lse, attention"):
+        pool_logits(logits, torch.tensor([0, 0, 1]), 2, "median")
+    with pytest.raises(ValueError, match="1 of 3 bags have no cell"):
+        pool_logits(logits, bag, 3, "max")
+    with pytest.raises(ValueError, match="attention pooling needs the model's attention logits"):
+        pool_logits(logits, torch.tensor([0, 0, 1]), 2, "attention")
+    with pytest.raises(ValueError, match="sharpness must be > 0"):
+        pool_logits(logits, torch.tensor([0, 0, 1]), 2, "lse", 0.0)
+
+
+def test_mil_loss_is_the_image_level_bce_and_its_gradient_reaches_the_cells():
+    logits = torch.tensor([[2.0], [-3.0], [-1.0]], requires_grad=True)
+    bag = torch.tensor([0, 0, 1])
+    labels = torch.tensor([[1.0], [0.0]])
+    loss = mil_loss(logits, bag, labels, "max")
+    expected = (torch.nn.functional.softplus(torch.tensor(-2.0)) + torch.nn.functional.softplus(torch.tensor(-1.0))) / 2
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    # max pooling: only each image's best cell gets a gradient
+    assert logits.grad[1, 0] == 0 and logits.grad[0, 0] < 0 and logits.grad[2, 0] > 0
+
+
+def _toy_bags(seed: int = 0, images: int = 60, cells: int = 6):
+    """Images of ``cells`` cells; class 0 is in an image's labels when at least one of its cells
+    shows it, and a cell shows it when its feature 0 is high. Feature 1 is a decoy: high in every
+    cell of a positive image (an image-level trait, e.g. its brightness), so the inherited labels
+    favour it while MIL, which asks only for one positive cell per positive image, does not."""
+    rng = np.random.default_rng(seed)
+    x, labels, bag, truth = [], [], [], []
+    for i in range(images):
+        positive = i % 2 == 0
+        shows = np.zeros(cells, bool)
+        if positive:
+            shows[rng.choice(cells, size=1 + rng.integers(2), replace=False)] = True
+        f0 = np.where(shows, 2.0, 0.0) + rng.normal(0, 0.3, cells)
+        f1 = (1.5 if positive else 0.0) + rng.normal(0, 0.3, cells)
+        x.append(np.stack([f0, f1, rng.normal(size=cells)], 1))
+        label = np.zeros((cells, NUM_CLASSES), np.float32)
+        label[:, 0] = positive
+        label[:, 18] = not positive
+        labels.append(label)
+        bag.append(np.full(cells, i))
+        truth.append(shows)
+    return (np.concatenate(x).astype(np.float32), np.concatenate(labels), np.concatenate(bag),
+            np.concatenate(truth))
+
+
+def _within_image_first(scores: np.ndarray, bag: np.ndarray, truth: np.ndarray) -> float:
+    """Share of positive images whose best-scored cell truly shows the class."""
+    hits = [truth[bag == b][np.argmax(scores[bag == b])] for b in np.unique(bag[truth]) if truth[bag == b].any()]
+    return float(np.mean(hits))
+
+
+def _within_image_auc(scores: np.ndarray, bag: np.ndarray, truth: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    aucs = [roc_auc_score(truth[bag == b], scores[bag == b]) for b in np.unique(bag)
+            if 0 < truth[bag == b].sum() < (bag == b).sum()]
+    return float(np.mean(aucs))
+
+
+@pytest.mark.parametrize("rule", ["lse", "attention", "max"])
+def test_mil_ranks_the_cell_that_carries_the_class_first_where_image_labels_do_not(rule):
+    x, labels, bag, truth = _toy_bags()
+    mil = fit_feature_mil(FeatureClassifier(3, attention=rule == "attention"), x, bag, labels, rule=rule, epochs=300)
+    inherited = fit_feature_classifier(FeatureClassifier(3), x, labels)
+    with torch.no_grad():
+        s_mil, s_inh = mil(torch.from_numpy(x)).numpy()[:, 0], inherited(torch.from_numpy(x)).numpy()[:, 0]
+    assert _within_image_first(s_mil, bag, truth) >= 0.95
+    assert _within_image_auc(s_mil, bag, truth) > 0.95
+    # the image-labels model learnt the decoy: within an image it separates the cells barely
+    assert _within_image_auc(s_inh, bag, truth) < 0.8
+    assert _within_image_auc(s_mil, bag, truth) - _within_image_auc(s_inh, bag, truth) > 0.15
+    # the MIL model's largest weight is on the feature that marks the cell (the image's trait
+    # still helps it tell positive images from negative ones)
+    w = mil.linear.weight[0].detach().abs()
+    assert w[0] > w[1] and w[0] > w[2]
+
+
+def test_mil_fit_is_deterministic_for_a_seed():
+    x, labels, bag, _ = _toy_bags(seed=1)
+    a = fit_feature_mil(FeatureClassifier(3), x, bag, labels, rule="lse", epochs=50, seed=3)
+    b = fit_feature_mil(FeatureClassifier(3), x, bag, labels, rule="lse", epochs=50, seed=3)
+    c = fit_feature_mil(FeatureClassifier(3), x, bag, labels, rule="lse", epochs=50, seed=4)
+    assert torch.equal(a.linear.weight, b.linear.weight) and not torch.equal(a.linear.weight, c.linear.weight)
+    with pytest.raises(FloatingPointError, match="the MIL loss became nan"):
+        fit_feature_mil(FeatureClassifier(3), np.where(x > 1, np.nan, x), bag, labels, epochs=2)
+
+
+def test_boosted_trees_as_tensors_predict_what_scikit_learn_predicts():
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6)).astype(np.float32)
+    x[::17, 2] = np.nan  # missing values take the side the fit chose
+    y = np.zeros((300, NUM_CLASSES), np.float32)
+    y[:, 0] = x[:, 0] + 0.5 * x[:, 1] ** 2 > 0.5  # not linear in the features
+    y[:, 3] = np.nan_to_num(x[:, 2]) > 0
+    y[:, 18] = 1 - y[:, 0]
+    model = fit_feature_boosting(TreeEnsembleClassifier(), x, y, iters=30, lr=0.1, leaves=7)
+    with torch.no_grad():
+        p = model(torch.from_numpy(x)).numpy()
+    for c in (0, 3, 18):
+        ref = HistGradientBoostingClassifier(max_iter=30, learning_rate=0.1, max_leaf_nodes=7, l2_regularization=1.0,
+                                             early_stopping=False, random_state=0).fit(x.astype(np.float64), y[:, c] > 0.5)
+        assert np.abs(p[:, c] - ref.predict_proba(x.astype(np.float64))[:, 1]).max() < 1e-6
+    assert p[:, 5].max() < 0.01  # a class no cell has: a constant, no trees
+    assert int(model.tree_class.bincount(minlength=NUM_CLASSES)[0]) == 30
+    # a checkpoint is a plain state dict: a fresh module takes the tables' sizes from it
+    fresh = TreeEnsembleClassifier()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert np.array_equal(fresh(torch.from_numpy(x)).numpy(), p)
+        # scored in small chunks: the same scores
+        assert np.array_equal(fresh.logits(torch.from_numpy(x), chunk=7).sigmoid().numpy(), p)
+
+
+def test_config_allows_mil_only_where_there_is_a_mil_loss():
+    cfg = load_config(Path("configs/cell_features_mil.yaml"))
+    assert cfg.model.mil == "lse" and cfg.model.family == "features"
+    assert load_config(Path("configs/cell_features_boosted.yaml")).model.feature_classifier == "boosting"
+    with pytest.raises(ConfigError, match="model.mil = 'softmax'; choose one of"):
+        load_config(None, ["model.family=features", "model.mil=softmax"])
+    with pytest.raises(ConfigError, match="trees take no MIL loss"):
+        load_config(Path("configs/cell_features_boosted.yaml"), ["model.mil=lse"])
+    with pytest.raises(ConfigError, match="model.mil=lse trains the features family"):
+        load_config(Path("configs/cell_resnet18.yaml"), ["model.mil=lse"])
+    with pytest.raises(ConfigError, match="model.feature_classifier = 'svm'"):
+        load_config(None, ["model.family=features", "model.feature_classifier=svm"])
+    assert set(POOLING) >= {"lse", "attention", "max", "noisy_or"}
+
+
+@pytest.fixture(scope="module")
+def prepared(shared_data, tmp_path_factory) -> Path:
+    """6 synthetic images prepared at 128 px in 2 folds; this module's copy (the fits write the feature store)."""
+    shared = shared_data.prepared(images=6, size=256, seed=11, prepare_size=128, folds=2)
+    return shared_data.copy(shared, tmp_path_factory.mktemp("mil"))
+
+
+@pytest.mark.parametrize("overrides", [["model.feature_classifier=boosting", "model.boost_iters=20"],
+                                       ["model.mil=attention", "model.mil_epochs=50"]])
+def test_the_features_variants_train_and_predict_through_the_commands(prepared, tmp_path, overrides):
+    from hpa_scc.apps.predict import predict_folder
+    from hpa_scc.engine.train import train
+
+    run = tmp_path / "run"
+    cfg = load_config(Path("configs/cell_features.yaml"), [f"data.prepared_dir={prepared / 'prepared'}",
+                                                           f"train.run_dir={run}", "data.val_fold=-1", *overrides])
+    model = train(cfg, progress=False).model
+    kind = TreeEnsembleClassifier if "boosting" in overrides[0] else FeatureClassifier
+    assert isinstance(model, kind)
+    predict_folder(run, prepared / "set", tmp_path / "pred", workers=1, progress=False)
+    conf = np.loadtxt(tmp_path / "pred" / "cells.csv", delimiter=",", skiprows=1, usecols=range(7, 7 + NUM_CLASSES))
+    assert conf.shape[1] == NUM_CLASSES and 0 <= conf.min() and conf.max() <= 1
+    # predict loaded the checkpoint into a fresh model: the same scores as the fitted one
+    from hpa_scc.engine.inference import load_run
+
+    loaded = load_run(run, device="cpu")
+    assert type(loaded.model) is kind
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name].cpu(), value), name
