@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -85,8 +86,29 @@ DET_CONFIG = {
 DEFAULT_METHODS = ["image-labels", "random", "features", "features-oracle", "features-refined", "cell", "cell-oracle",
                    "cell-refined", "ensemble", "ensemble-oracle", "maskrcnn-refined:densenet121_fpn", "truth"]
 BASELINES = ("image-labels", "random", "truth")
-CELL_METHODS = ("features", "features-oracle", "features-refined", "cell", "cell-oracle", "cell-refined",
-                "ensemble", "ensemble-oracle")
+REFINED = "features_r1"  # labels refined by the logistic features model (image labels, folds 1-2)
+MIL_REFINED = "mil_r1"  # labels refined by the MIL features model (log-sum-exp, folds 1-2)
+# The features-based rows: method -> (config, overrides, training labels); None = a refined set
+FEATURE_ROWS = {
+    "features": ("cell_features.yaml", [], "image"),
+    "features-oracle": ("cell_features.yaml", [], "truth"),
+    "features-refined": ("cell_features.yaml", [], REFINED),
+    "features-mil": ("cell_features_mil.yaml", [], "image"),
+    "features-mil-attention": ("cell_features_mil.yaml", ["model.mil=attention"], "image"),
+    "features-mil-refined": ("cell_features.yaml", [], MIL_REFINED),
+    "boosted": ("cell_features_boosted.yaml", [], "image"),
+    "boosted-oracle": ("cell_features_boosted.yaml", [], "truth"),
+    "boosted-refined": ("cell_features_boosted.yaml", [], REFINED),
+    "boosted-mil-refined": ("cell_features_boosted.yaml", [], MIL_REFINED),
+}
+# Per-cell means of two features rows' scores (predict --ensemble)
+FEATURE_ENSEMBLES = {"features-mil-ensemble": ("features-mil-refined", "boosted-mil-refined"),
+                     "features-ensemble-oracle": ("features-oracle", "boosted-oracle")}
+CELL_METHODS = (*FEATURE_ROWS, *FEATURE_ENSEMBLES, "cell", "cell-oracle", "cell-refined", "ensemble", "ensemble-oracle")
+# Each row's twin trained on the true cell labels (the "/ its oracle" column)
+ORACLE_OF = {"features": "features-oracle", "boosted": "boosted-oracle", "cell": "cell-oracle",
+             "ensemble": "ensemble-oracle", "features-mil-ensemble": "features-ensemble-oracle",
+             "maskrcnn": "maskrcnn-oracle"}
 DETECTOR_KINDS = ("maskrcnn", "maskrcnn-oracle", "maskrcnn-refined")
 
 
@@ -105,7 +127,6 @@ def method_error(method: str) -> str | None:
         return None
     return (f"unknown method {method!r}; choose from {', '.join(BASELINES + CELL_METHODS)} or "
             f"{'|'.join(DETECTOR_KINDS)}:BACKBONE, any of them with +fusion")
-REFINED = "features_r1"
 FUSION = 0.3
 
 
@@ -139,24 +160,34 @@ class Protocol:
         self.seconds[key] = float(stamp.read_text())
         return run_dir
 
-    def features(self, labels: str, val_fold: int = -1, key: str | None = None) -> Path:
-        return self._train(key or f"features-{labels}", "cell_features.yaml",
-                           [f"data.labels={labels}", f"data.val_fold={val_fold}"])
+    def features(self, labels: str, val_fold: int = -1, key: str | None = None, config: str = "cell_features.yaml",
+                 overrides: tuple[str, ...] = ()) -> Path:
+        return self._train(key or f"{Path(config).stem}-{labels}" + "".join(f"-{o.split('=')[-1]}" for o in overrides),
+                           config, [f"data.labels={labels}", f"data.val_fold={val_fold}", *overrides])
 
-    def refined_labels(self) -> str:
-        """features_r1: a features model fitted on folds 1-2 narrows every training cell's labels."""
-        report = self.prepared / f"coco_{REFINED}" / "refine.json"
+    def refined_labels(self, name: str = REFINED) -> str:
+        """A refinement round: a features model fitted on the image labels of folds 1-2 (logistic
+        for features_r1, MIL for mil_r1) scores every training cell; a cell keeps an image label
+        where it scores at least ``relative`` x the image's best cell for it."""
+        report = self.prepared / f"coco_{name}" / "refine.json"
         if not report.is_file():
-            run = self.features("image", val_fold=0, key="features-image-fold0")
+            config = {REFINED: "cell_features.yaml", MIL_REFINED: "cell_features_mil.yaml"}[name]
+            run = self.features("image", val_fold=0, key=f"{Path(config).stem}-image-fold0", config=config)
             start = time.perf_counter()
-            result = refine_prepared(run, self.prepared, name=REFINED, held_out_folds=[0], threshold=0.0,
+            result = refine_prepared(run, self.prepared, name=name, held_out_folds=[0], threshold=0.0,
                                      relative=self.relative, min_f1=0.0, progress=False)
-            self.seconds["refine"] = time.perf_counter() - start
+            self.seconds[f"refine-{name}"] = time.perf_counter() - start
             print(f"  {result.summary()}", flush=True)
         saved = json.loads(report.read_text())
         if saved["relative"] != self.relative:
             raise SystemExit(f"{report} was made with --relative {saved['relative']}; use a new --out")
-        return REFINED
+        return name
+
+    def feature_row(self, method: str) -> Path:
+        config, overrides, labels = FEATURE_ROWS[method]
+        if labels in (REFINED, MIL_REFINED):
+            labels = self.refined_labels(labels)
+        return self.features(labels, config=config, overrides=tuple(overrides))
 
     def cell(self, labels: str, backbone: str = "resnet18", crop_size: int | None = None) -> Path:
         """A cell-level CNN; fold 0 validates (weak labels) and picks best.pt: early stopping, which
@@ -184,9 +215,12 @@ class Protocol:
         trained = []
         if base in BASELINES:
             options.update(run_dir=None, baseline=base)
-        elif base.startswith("features"):
-            labels = {"features": "image", "features-oracle": "truth", "features-refined": None}[base]
-            options["run_dir"] = self.features(labels or self.refined_labels())
+        elif base in FEATURE_ROWS:
+            options["run_dir"] = self.feature_row(base)
+        elif base in FEATURE_ENSEMBLES:
+            first, second = FEATURE_ENSEMBLES[base]
+            options.update(run_dir=self.feature_row(first), ensemble=[self.feature_row(second)])
+            trained.append(Path(options["ensemble"][0]).name)
         elif base in ("cell", "cell-oracle", "cell-refined"):
             labels = {"cell": "image", "cell-oracle": "truth", "cell-refined": None}[base]
             options["run_dir"] = self.cell(labels or self.refined_labels())
@@ -251,17 +285,37 @@ def test_auc(test_set: Path, pred_dir: Path) -> float | None:
     return None if np.isnan(auc) else round(float(auc), 4)
 
 
+def oracle_of(method: str) -> str | None:
+    """The row that trains ``method``'s model on the true cell labels (None: a baseline or an oracle)."""
+    base = method.removesuffix("+fusion")
+    if "oracle" in base or base in BASELINES:
+        return None
+    kind, colon, backbone = base.partition(":")
+    if colon:
+        return f"maskrcnn-oracle:{backbone}"
+    for name in sorted(ORACLE_OF, key=len, reverse=True):
+        if base == name or base.startswith(name + "-"):
+            return ORACLE_OF[name]
+    return None
+
+
+def is_weak(method: str) -> bool:
+    """A row trained on image labels alone (no truth): the rows the targets are about."""
+    return method.removesuffix("+fusion") not in BASELINES and "oracle" not in method
+
+
 def format_markdown(rows: list[dict], params: dict, refinement: dict | None = None) -> str:
-    oracle = {r["method"].replace("-oracle", ""): r["mAP"] for r in rows if "-oracle" in r["method"]}
+    by_method = {r["method"]: r["mAP"] for r in rows}
+    best_oracle = max((r["mAP"] for r in rows if "oracle" in r["method"]), default=None)
     lines = [f"Protocol parameters: {json.dumps(params)}", "",
-             "| method | mAP@0.6 | / its oracle | within-image AUC | training s | predict s |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| method | mAP@0.6 | / its oracle | / best oracle | within-image AUC | training s | predict s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        family = r["method"].removesuffix("+fusion").replace("-refined", "")
-        ref = oracle.get(family)
-        ratio = f"{r['mAP'] / ref:.3f}" if ref and "-oracle" not in r["method"] else ""
+        ref = by_method.get(oracle_of(r["method"]) or "")
+        ratio = f"{r['mAP'] / ref:.3f}" if ref else ""
+        best = f"{r['mAP'] / best_oracle:.3f}" if best_oracle and is_weak(r["method"]) else ""
         auc = "" if r["within_image_auc"] is None else f"{r['within_image_auc']:.3f}"
-        lines.append(f"| {r['method']} | {r['mAP']:.4f} | {ratio} | {auc} | {r['seconds']:.0f} | "
+        lines.append(f"| {r['method']} | {r['mAP']:.4f} | {ratio} | {best} | {auc} | {r['seconds']:.0f} | "
                      f"{r['predict_seconds']:.0f} |")
     if refinement and refinement.get("truth_after"):
         b, a = refinement["truth_before"], refinement["truth_after"]
@@ -283,7 +337,71 @@ def format_markdown(rows: list[dict], params: dict, refinement: dict | None = No
     return "\n".join(lines) + "\n"
 
 
+def summarise(pairs: list[dict]) -> dict:
+    """Every row over the seed pairs that measured it: mean, sd (n-1), min and max of mAP and
+    AUC, mean training seconds, and for the weak rows each pair's mAP over that pair's best
+    oracle row (its minimum is what "holds at any seed" asks of)."""
+    methods = list(dict.fromkeys(r["method"] for pair in pairs for r in pair["rows"]))
+    out = []
+    for method in methods:
+        values, aucs, seconds, ratios = [], [], [], []
+        for pair in pairs:
+            rows = {r["method"]: r for r in pair["rows"]}
+            if method not in rows:
+                continue
+            values.append(rows[method]["mAP"])
+            if rows[method]["within_image_auc"] is not None:
+                aucs.append(rows[method]["within_image_auc"])
+            seconds.append(rows[method]["seconds"])
+            oracles = [r["mAP"] for r in pair["rows"] if "oracle" in r["method"]]
+            if oracles and is_weak(method):
+                ratios.append(rows[method]["mAP"] / max(oracles))
+        v = np.array(values)
+        out.append({"method": method, "pairs": len(v), "mean": float(v.mean()),
+                    "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "min": float(v.min()), "max": float(v.max()),
+                    "values": [round(float(x), 4) for x in v],
+                    "auc_mean": float(np.mean(aucs)) if aucs else None, "seconds_mean": float(np.mean(seconds)),
+                    "min_over_best_oracle": float(min(ratios)) if ratios else None})
+    return {"pairs": [{"train_seed": p["params"]["train_seed"], "test_seed": p["params"]["test_seed"]} for p in pairs],
+            "rows": out}
+
+
+def format_summary(summary: dict) -> str:
+    seeds = ", ".join(f"{p['train_seed']}/{p['test_seed']}" for p in summary["pairs"])
+    lines = [f"Seed pairs (train/test): {seeds}", "",
+             "| method | pairs | mAP mean +- sd | min | max | min / best oracle of its pair | AUC mean | training s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in summary["rows"]:
+        ratio = "" if r["min_over_best_oracle"] is None else f"{r['min_over_best_oracle']:.3f}"
+        auc = "" if r["auc_mean"] is None else f"{r['auc_mean']:.3f}"
+        lines.append(f"| {r['method']} | {r['pairs']} | {r['mean']:.4f} +- {r['sd']:.4f} | {r['min']:.4f} | "
+                     f"{r['max']:.4f} | {ratio} | {auc} | {r['seconds_mean']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """One seed pair (OUT), or with ``--seeds K`` K pairs (train_seed + i, test_seed + i) in
+    OUT/pair-<train>-<test>/ and their summary in OUT/summary.json and OUT/summary.md."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.seeds == 1:
+        return run_pair(parser, args)
+    pairs = []
+    for i in range(args.seeds):
+        pair = argparse.Namespace(**{**vars(args), "train_seed": args.train_seed + i, "test_seed": args.test_seed + i,
+                                     "out": args.out / f"pair-{args.train_seed + i}-{args.test_seed + i}"})
+        print(f"=== seed pair {i + 1}/{args.seeds}: {pair.train_seed} / {pair.test_seed}", flush=True)
+        pairs.append(run_pair(parser, pair))
+    summary = summarise(pairs)
+    write_text_atomic(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    table = format_summary(summary)
+    write_text_atomic(args.out / "summary.md", table)
+    print("\n" + table + f"\n-> {args.out / 'summary.json'}, {args.out / 'summary.md'}")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/weak"))
@@ -299,7 +417,15 @@ def main(argv: list[str] | None = None) -> dict:
                              "(default: %(default)s)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a profile value, e.g. --set det_epochs=10 --set cell_epochs=20")
-    args = parser.parse_args(argv)
+    parser.add_argument("--seeds", type=int, default=1, metavar="K",
+                        help="run K seed pairs (train seed + i, test seed + i) and summarise them: mean +- sd, min")
+    return parser
+
+
+def run_pair(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The protocol at one seed pair (args.train_seed / args.test_seed) in args.out."""
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     errors = [e for e in map(method_error, args.methods) if e]
     if errors:
         parser.error("; ".join(errors))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -205,3 +206,41 @@ def test_the_features_variants_train_and_predict_through_the_commands(prepared, 
     assert type(loaded.model) is kind
     for name, value in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name].cpu(), value), name
+
+
+def test_refinement_rounds_retrain_on_the_last_round_and_stop_when_the_held_out_f1_does(prepared, tmp_path, capsys):
+    from hpa_scc.apps.refine import refine_rounds
+    from hpa_scc.cli import main
+    from hpa_scc.data.prepared import PreparedSet
+    from hpa_scc.engine.train import train
+
+    p = prepared / "prepared"
+    run = tmp_path / "mil"
+    train(load_config(Path("configs/cell_features_mil.yaml"), [f"data.prepared_dir={p}", f"train.run_dir={run}",
+                                                               "data.val_fold=0", "model.mil_epochs=100"]),
+          progress=False)
+    assert main(["refine", str(run), str(p), "--name", "rr", "--held-out-folds", "0", "--threshold", "0",
+                 "--relative", "0.25", "--min-f1", "0", "--rounds", "3", "-q"]) == 0
+    out = capsys.readouterr().out
+    ps = PreparedSet(p)
+    reports = [json.loads(ps.refine_record_path(f"rr{k}").read_text()) for k in (1, 2, 3)
+               if ps.refine_record_path(f"rr{k}").is_file()]
+    assert len(reports) >= 2 and f"round {len(reports)}:" in out
+    f1 = [r["held_out_f1"] for r in reports]
+    # it went on while the held-out F1 rose and stopped at the first round that did not raise it
+    assert all(f1[i] > f1[i - 1] for i in range(1, len(f1) - 1))
+    assert len(f1) == 3 or f1[-1] <= f1[-2]
+    best = max(range(len(f1)), key=lambda i: (f1[i], -i)) + 1
+    assert f"best round: rr{best} (train with data.labels=rr{best})" in out
+    # round 2's model is the run's config trained on round 1's labels, inside what refine writes
+    model = ps.labels_dir("rr1") / "model"
+    saved = load_config(model / "config.yaml")
+    assert saved.data.labels == "rr1" and saved.model.mil == "lse" and reports[1]["run_dir"] == str(model)
+    # a second call resumes: the same labels, nothing retrained
+    before = (model / "best.pt").stat().st_mtime_ns
+    name, again = refine_rounds(run, p, name="rr", rounds=3, held_out_folds=[0], threshold=0.0, relative=0.25,
+                                min_f1=0.0, progress=False)
+    assert name == f"rr{best}" and [r.held_out_f1 for r in again] == pytest.approx(f1)
+    assert (model / "best.pt").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        refine_rounds(run, p, name="rr", rounds=0)

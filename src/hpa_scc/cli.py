@@ -372,6 +372,11 @@ def _add_refine(sub) -> None:
                    help="COCO layout to refine (default: every layout the prepared set has)")
     p.add_argument("--checkpoint", default="best.pt", help="checkpoint in RUN_DIR (default: best.pt, else last.pt)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--rounds", type=int, default=1, metavar="N",
+                   help="up to N rounds: round k retrains RUN_DIR's config on round k-1's labels (in "
+                        "PREPARED/coco_NAME<k-1>/model) and refines again, into coco_NAME1 .. coco_NAMEN; they stop "
+                        "when the held-out image-label F1 no longer improves and the best round is named "
+                        "(default 1: one refinement, into coco_NAME)")
     _add_shard_args(p)
     p.set_defaults(func=_run_refine)
 
@@ -381,6 +386,20 @@ def _run_refine(args) -> int:
 
     options = {} if args.min_f1 is None else {"min_f1": args.min_f1}  # the default lives in hpa_scc.apps.refine
     shard = None if args.merge else _shard(args)
+    if args.rounds != 1:
+        from hpa_scc.apps.refine import refine_rounds
+
+        if shard is not None or args.merge:
+            raise SystemExit("refine: --rounds trains between rounds; run sharded scoring one round at a time "
+                             "(--rounds 1 with --shard, then train on the labels)")
+        best, reports = refine_rounds(args.run_dir, args.prepared_dir, name=args.name, rounds=args.rounds,
+                                      held_out_folds=args.held_out_folds, relative=args.relative, layout=args.layout,
+                                      checkpoint=args.checkpoint, threshold=args.threshold, device=args.device,
+                                      progress=not args.quiet, **options)
+        for k, report in enumerate(reports, 1):
+            print(f"round {k}: {report.summary()}")
+        print(f"best round: {best} (train with data.labels={best})")
+        return 0
     report = refine_prepared(args.run_dir, args.prepared_dir, name=args.name, held_out_folds=args.held_out_folds,
                              relative=args.relative, layout=args.layout, checkpoint=args.checkpoint,
                              threshold=args.threshold, device=args.device, progress=not args.quiet,

@@ -352,3 +352,53 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
                                   "made_from": made_from}, indent=2))
     log.info(report.summary())
     return report
+
+
+def refine_rounds(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike, *, name: str, rounds: int,
+                  progress: bool = True, **options) -> tuple[str, list[RefineReport]]:
+    """Refinement rounds: round 1 refines with the model of ``run_dir`` into ``coco_<name>1``;
+    round k trains ``run_dir``'s config again on round k-1's labels (into
+    ``PREPARED/coco_<name><k-1>/model``, inside what refine owns) and refines with it into
+    ``coco_<name><k>``. The rounds stop at ``rounds`` or as soon as a round's held-out
+    image-label F1 (``RefineReport.held_out_f1``: how well the model's best cell per held-out
+    image recovers the image's labels, chosen without any cell's truth) is no better than the
+    round before; the labels to train on are those of the best round. ``options`` are
+    ``refine_prepared``'s (``held_out_folds`` defaults to the run's validation fold).
+
+    Returns (the best round's label name, every round's report). Each round resumes: a finished
+    round's labels are reused when made from the same model (``check_label_set``) and a
+    finished fit is not refitted (train's resume).
+    """
+    from hpa_scc.config import load_config
+    from hpa_scc.engine.train import train
+
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    prepared = PreparedSet(prepared_dir)
+    config = Path(run_dir) / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} is missing: refinement rounds retrain the run's config; give a run folder "
+                                "made by 'train'")
+    val_fold = load_config(config).data.val_fold
+    if "held_out_folds" not in options:
+        if val_fold < 0:
+            raise ValueError(f"{run_dir} trained on every fold (data.val_fold=-1): no held-out images to stop the "
+                             "rounds on; train with data.val_fold=K or give held_out_folds")
+        options["held_out_folds"] = [val_fold]
+    reports: list[RefineReport] = []
+    model_dir = Path(run_dir)
+    for k in range(1, rounds + 1):
+        if k > 1:
+            model_dir = prepared.labels_dir(f"{name}{k - 1}") / "model"
+            cfg = load_config(config, [f"data.labels={name}{k - 1}", f"train.run_dir={model_dir}",
+                                       f"data.prepared_dir={prepared.root}"])
+            train(cfg, progress=progress)
+        report = refine_prepared(model_dir, prepared.root, name=f"{name}{k}", progress=progress, **options)
+        reports.append(report)
+        log.info("round %d: held-out image-label F1 %.4f", k, report.held_out_f1)
+        if k > 1 and report.held_out_f1 <= reports[-2].held_out_f1:
+            break
+    best = max(range(len(reports)), key=lambda i: (reports[i].held_out_f1, -i))
+    log.info("refinement rounds: %s%d has the best held-out image-label F1 (%.4f) of %d round(s): train with "
+             "data.labels=%s%d", name, best + 1, reports[best].held_out_f1, len(reports), name, best + 1)
+    return f"{name}{best + 1}", reports
