@@ -104,7 +104,8 @@ FEATURE_ROWS = {
 # Per-cell means of two features rows' scores (predict --ensemble)
 FEATURE_ENSEMBLES = {"features-mil-ensemble": ("features-mil-refined", "boosted-mil-refined"),
                      "features-ensemble-oracle": ("features-oracle", "boosted-oracle")}
-CELL_METHODS = (*FEATURE_ROWS, *FEATURE_ENSEMBLES, "cell", "cell-oracle", "cell-refined", "ensemble", "ensemble-oracle")
+CELL_METHODS = (*FEATURE_ROWS, *FEATURE_ENSEMBLES, "cell", "cell-oracle", "cell-refined", "cell-mil", "cell-mil-refined",
+                "ensemble", "ensemble-oracle")
 # Each row's twin trained on the true cell labels (the "/ its oracle" column)
 ORACLE_OF = {"features": "features-oracle", "boosted": "boosted-oracle", "cell": "cell-oracle",
              "ensemble": "ensemble-oracle", "features-mil-ensemble": "features-ensemble-oracle",
@@ -189,15 +190,18 @@ class Protocol:
             labels = self.refined_labels(labels)
         return self.features(labels, config=config, overrides=tuple(overrides))
 
-    def cell(self, labels: str, backbone: str = "resnet18", crop_size: int | None = None) -> Path:
+    def cell(self, labels: str, backbone: str = "resnet18", crop_size: int | None = None, mil: bool = False) -> Path:
         """A cell-level CNN; fold 0 validates (weak labels) and picks best.pt: early stopping, which
-        a few hundred cells need (every fold and the last epoch: 0.77 vs 0.82 on the seed-0 set)."""
+        a few hundred cells need (every fold and the last epoch: 0.77 vs 0.82 on the seed-0 set).
+        ``mil``: trained on whole images by the MIL loss (configs/cell_resnet18_mil.yaml, its
+        images per step: about the cells per step of the other rows)."""
         crop = crop_size or self.p["crop_size"]
-        key = f"cell-{backbone}-{crop}px-{labels}-val0"
+        key = f"cell-{backbone}-{crop}px-{labels}-val0" + ("-mil" if mil else "")
         val_fold = 0
-        return self._train(key, "cell_resnet18.yaml", [
+        batch = [] if mil else [f"train.images_per_gpu={self.p['cell_batch']}"]
+        return self._train(key, "cell_resnet18_mil.yaml" if mil else "cell_resnet18.yaml", [
             f"model.backbone={backbone}", f"data.labels={labels}", f"data.crop_size={crop}", f"data.val_fold={val_fold}",
-            f"train.max_epochs={self.p['cell_epochs']}", f"train.images_per_gpu={self.p['cell_batch']}"])
+            f"train.max_epochs={self.p['cell_epochs']}", *batch])
 
     def maskrcnn(self, backbone: str, labels: str, weights: Path | None = None) -> Path:
         key = f"maskrcnn-{backbone}-{labels}" + ("-cellinit" if weights else "")
@@ -224,6 +228,10 @@ class Protocol:
         elif base in ("cell", "cell-oracle", "cell-refined"):
             labels = {"cell": "image", "cell-oracle": "truth", "cell-refined": None}[base]
             options["run_dir"] = self.cell(labels or self.refined_labels())
+        elif base == "cell-mil":
+            options["run_dir"] = self.cell("image", mil=True)
+        elif base == "cell-mil-refined":  # the crop CNN on the labels the MIL features model refined
+            options["run_dir"] = self.cell(self.refined_labels(MIL_REFINED))
         elif base in ("ensemble", "ensemble-oracle"):
             labels = self.refined_labels() if base == "ensemble" else "truth"
             options.update(run_dir=self.cell(labels), ensemble=[self.features(labels)])

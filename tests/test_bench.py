@@ -78,8 +78,14 @@ def test_weak_supervision_table_reports_ratios_auc_and_label_quality():
                   "truth_before": {"precision": 0.623, "recall": 0.8, "f1": 0.7, "exact": 0.497},
                   "truth_after": {"precision": 0.763, "recall": 0.818, "f1": 0.789, "exact": 0.6}}
     text = bench.format_markdown(rows, {"profile": "cpu"}, refinement)
-    assert "| features-refined | 0.9000 | 0.978 | 0.880 | 7 | 9 |" in text
-    assert "| image-labels | 0.6300 |  |  | 0 | 3 |" in text
+    # / its oracle and / the best oracle of the pair (the same here), for the weak rows only
+    assert "| features-refined | 0.9000 | 0.978 | 0.978 | 0.880 | 7 | 9 |" in text
+    assert "| image-labels | 0.6300 |  |  |  | 0 | 3 |" in text
+    assert "| features-oracle | 0.9200 |  |  | 0.900 | 7 | 9 |" in text
+    assert bench.oracle_of("boosted-mil-refined") == "boosted-oracle"
+    assert bench.oracle_of("features-mil-ensemble") == "features-ensemble-oracle"
+    assert bench.oracle_of("maskrcnn-refined:densenet121_fpn") == "maskrcnn-oracle:densenet121_fpn"
+    assert bench.oracle_of("truth") is None and bench.oracle_of("cell-oracle") is None
     assert "| features_r1 (relative 0.25; the features model ranks the cells of an image at AUC 0.899) | 0.763 |" in text
     assert "| image-labels | 0.50 |" in text and "Nucleoplasm" not in text.split("Per-class")[0]
 

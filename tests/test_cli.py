@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from hpa_scc.apps.demo import FEATURES, MASKRCNN, MODEL_FOLDERS
+from hpa_scc.config import load_config
 from hpa_scc.cli import main
 from hpa_scc.data.prepared import PreparedSet
 
@@ -76,10 +77,15 @@ def test_demo_end_to_end(tmp_path):
     assert " INFO " not in proc.stderr and not proc.stderr.startswith("INFO"), proc.stderr[-2000:]
     log = (out / "demo.log").read_text()
     assert "INFO hpa_scc.apps.predict: 2 images predicted, 0 skipped" in log and "INFO hpa_scc.apps.refine:" in log
-    assert "features_r1: threshold 0.00, relative 0.25" in proc.stdout
-    features_line = next(line for line in proc.stdout.splitlines() if line.startswith("per-cell features, refined"))
+    assert "mil_r1: threshold 0.00, relative 0.25" in proc.stdout
+    features_line = next(line for line in proc.stdout.splitlines() if line.startswith("per-cell features, MIL-refined"))
     assert 0.0 < float(features_line.split()[-1]) <= 1.0
     assert (out / "predict" / "features-refined" / "submission.csv").is_file()
+    # the logistic and boosted refits on the MIL-refined labels, averaged per cell
+    assert load_config(out / "boosted-refined" / "config.yaml").model.feature_classifier == "boosting"
+    assert load_config(out / "features-mil" / "config.yaml").model.mil == "lse"
+    settings = (out / "predict" / "features-refined" / "predict.json").read_text()
+    assert str((out / "boosted-refined").resolve()) in settings and str((out / "features-refined").resolve()) in settings
     truth_line = next(line for line in proc.stdout.splitlines() if line.startswith("baseline: the truth"))
     assert float(truth_line.split()[-1]) == 1.0  # the truth scores exactly 1
     assert (out / "predict" / "model" / "submission.csv").is_file()

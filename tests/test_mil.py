@@ -170,8 +170,11 @@ def test_config_allows_mil_only_where_there_is_a_mil_loss():
         load_config(None, ["model.family=features", "model.mil=softmax"])
     with pytest.raises(ConfigError, match="trees take no MIL loss"):
         load_config(Path("configs/cell_features_boosted.yaml"), ["model.mil=lse"])
-    with pytest.raises(ConfigError, match="model.mil=lse trains the features family"):
-        load_config(Path("configs/cell_resnet18.yaml"), ["model.mil=lse"])
+    assert load_config(Path("configs/cell_resnet18_mil.yaml")).model.mil == "lse"
+    with pytest.raises(ConfigError, match="model.mil=attention trains the features family's logistic model or"):
+        load_config(Path("configs/cell_resnet18.yaml"), ["model.mil=attention"])
+    with pytest.raises(ConfigError, match="not family 'maskrcnn'"):
+        load_config(None, ["model.mil=lse"])
     with pytest.raises(ConfigError, match="model.feature_classifier = 'svm'"):
         load_config(None, ["model.family=features", "model.feature_classifier=svm"])
     assert set(POOLING) >= {"lse", "attention", "max", "noisy_or"}
@@ -244,3 +247,37 @@ def test_refinement_rounds_retrain_on_the_last_round_and_stop_when_the_held_out_
     assert (model / "best.pt").stat().st_mtime_ns == before
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         refine_rounds(run, p, name="rr", rounds=0)
+
+
+def test_the_crop_cnn_trains_on_bags_of_cells_with_the_mil_loss(prepared, tmp_path):
+    from hpa_scc.data.cells import CellBagDataset, build_store, collate_bags
+    from hpa_scc.data.prepared import PreparedSet
+    from hpa_scc.engine.train import train
+
+    p = prepared / "prepared"
+    store = build_store(p, "crops", 32, progress=False)
+    labels = store.labels(PreparedSet(p), "image")
+    bags = CellBagDataset(store, np.arange(len(store))[::-1], labels)  # any row order: grouped by image
+    assert len(bags) == len(store.names) and sum(t["cells"] for _, t in (bags[i] for i in range(len(bags)))) == len(store)
+    crops, target = bags[0]
+    image = store.cells["image"][bags.cells.rows[0]]
+    assert crops.shape[0] == target["cells"] == int((store.cells["image"] == image).sum())
+    assert torch.equal(target["label_vector"], torch.from_numpy(labels[store.cells["image"] == image].max(0)))
+    values, targets = collate_bags([bags[0], bags[1]])
+    assert values.shape[0] == targets[0]["cells"] + targets[1]["cells"]
+
+    run = tmp_path / "cellmil"
+    cfg = load_config(Path("configs/cell_resnet18_mil.yaml"), [
+        f"data.prepared_dir={p}", f"train.run_dir={run}", "data.crop_size=32", "train.max_epochs=1",
+        "train.images_per_gpu=2", "data.workers=0", "train.tensorboard=false"])
+    result = train(cfg, progress=False)
+    assert "2 images (bags of cells) x 1 accumulation" in (run / "train.log").read_text()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if r.get("kind") == "epoch"]
+    assert epochs and "mean_loss_mil" in epochs[-1] and math.isfinite(epochs[-1]["mean_loss_mil"])
+    val = [r for r in rows if r.get("kind") == "val"]
+    assert val and 0 <= val[-1]["cell_AP"] <= 1  # validated cell by cell, as any cell model
+    model = result.model.eval()
+    with torch.no_grad():
+        scores = model(values[:3].float() / 255)
+    assert scores.shape == (3, NUM_CLASSES) and 0 <= float(scores.min()) and float(scores.max()) <= 1

@@ -72,7 +72,8 @@ class ModelConfig:
     boost_iters: int = 200  # boosting: trees per class
     boost_lr: float = 0.05  # boosting: learning rate (shrinkage of each tree)
     boost_leaves: int = 15  # boosting: leaves per tree
-    # Multiple-instance learning (family features, logistic): none trains each cell on its labels;
+    # Multiple-instance learning (family features with logistic, or cell: then train.images_per_gpu
+    # counts images, each with all its cells): none trains each cell on its labels;
     # lse | attention | max | mean | noisy_or pool the cells' logits into their image's and take the
     # loss against the image's labels (hpa_scc.weak.mil): what an image label really says.
     mil: str = "none"
@@ -368,11 +369,15 @@ def validate(cfg: Config) -> None:
         if cfg.model.head != "softmax":
             raise ConfigError("model.engine=detectron2 trains detectron2's own softmax head on the per_label layout: "
                               "set model.head=softmax (detectron_code/main.py --engine detectron2 does)")
-    if cfg.model.mil != "none" and (cfg.model.family != "features" or cfg.model.feature_classifier != "logistic"):
-        raise ConfigError(f"model.mil={cfg.model.mil} trains the features family's logistic model (trees take no "
-                          f"MIL loss, the cell family has no MIL loss yet), not family {cfg.model.family!r} with "
-                          f"feature_classifier {cfg.model.feature_classifier!r}; set model.mil=none or "
-                          "model.family=features model.feature_classifier=logistic")
+    if cfg.model.mil != "none":
+        mil_ok = ((cfg.model.family == "features" and cfg.model.feature_classifier == "logistic")
+                  or (cfg.model.family == "cell" and cfg.model.mil != "attention"))
+        if not mil_ok:
+            raise ConfigError(f"model.mil={cfg.model.mil} trains the features family's logistic model or (any rule "
+                              f"but attention) the cell family, not family {cfg.model.family!r} with "
+                              f"feature_classifier {cfg.model.feature_classifier!r} (trees take no MIL loss; the "
+                              "detector and the crop CNN have no attention head); set model.mil=none, or another "
+                              "family or rule")
     expected_layout = HEAD_LAYOUT.get(cfg.model.head)  # checked above for the detector only
     if cfg.data.layout is None:
         cfg.data.layout = expected_layout or HEAD_LAYOUT[ModelConfig.head]

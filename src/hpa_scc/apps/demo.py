@@ -3,7 +3,7 @@
 Six steps, each a call into the package the other commands make too: a synthetic HPA set;
 the training set built from it (builtin segmentation, cache, COCO per fold); the segmentation
 scored against the synthetic truth; Mask R-CNN trained on image labels; the per-cell features
-model fitted, its labels refined once and refitted; a held-out synthetic set predicted by both
+model trained by MIL, its labels refined once, a logistic and a boosted model refitted and averaged; a held-out synthetic set predicted by both
 models and both baselines and scored with the competition metric, with each cell's predicted
 labels drawn beside the truth for the best model (by that score) and for Mask R-CNN, each in its
 own folder (OUT/figures/overlays_<model>/). Everything goes under one
@@ -126,34 +126,39 @@ def train_detector(cfg: Config, progress: bool) -> Path:
     return Path(cfg.train.run_dir)
 
 
-def train_cell_model(out: Path, prepared: Path) -> Path:
-    """Step 5: the per-cell features model, refined: fitted on folds 1-2, it narrows every
-    training cell's image labels (relative rule), then it is refitted on every fold and label."""
+def train_cell_model(out: Path, prepared: Path) -> tuple[Path, Path]:
+    """Step 5: the per-cell method of docs/RESULTS.md: a features model trained by MIL on the
+    image labels of folds 1-2 narrows every training cell's labels (relative rule, mil_r1); a
+    logistic and a boosted-trees features model are fitted on them (every fold) and averaged
+    per cell at prediction. Returns the two run folders."""
     from hpa_scc.apps.refine import RELATIVE_RULE, refine_prepared
     from hpa_scc.engine.train import train
 
     common = [f"data.prepared_dir={prepared}"]  # the training size follows the prepared set
-    print("\n[5/6] per-cell features + logistic regressions on image labels, refined once (seconds)")
-    first = out / "features"
-    train(load_config(CONFIGS_DIR / "cell_features.yaml", common + [f"train.run_dir={first}"]), progress=False)
-    report = refine_prepared(first, prepared, name="features_r1", held_out_folds=[0], threshold=0.0,
+    print("\n[5/6] per-cell features: MIL on image labels, labels refined once, logistic + boosted trees refitted "
+          "(seconds)")
+    first = out / "features-mil"
+    train(load_config(CONFIGS_DIR / "cell_features_mil.yaml", common + [f"train.run_dir={first}"]), progress=False)
+    report = refine_prepared(first, prepared, name="mil_r1", held_out_folds=[0], threshold=0.0,
                              relative=RELATIVE_RULE, min_f1=0.0, progress=False)
     print(report.summary())
-    refined = out / "features-refined"
-    train(load_config(CONFIGS_DIR / "cell_features.yaml", common + [f"train.run_dir={refined}", "data.val_fold=-1",
-                                                               "data.labels=features_r1"]), progress=False)
-    return refined
+    refit = common + ["data.val_fold=-1", "data.labels=mil_r1"]
+    logistic, boosted = out / "features-refined", out / "boosted-refined"
+    train(load_config(CONFIGS_DIR / "cell_features.yaml", refit + [f"train.run_dir={logistic}"]), progress=False)
+    train(load_config(CONFIGS_DIR / "cell_features_boosted.yaml", refit + [f"train.run_dir={boosted}"]),
+          progress=False)
+    return logistic, boosted
 
 
 # The trained models step 6 scores, by their console name: (prediction folder under OUT/predict,
 # overlay folder under OUT/figures). The baselines are scored too but have no overlays.
 MASKRCNN = "Mask R-CNN (segmenter cells)"
-FEATURES = "per-cell features, refined"
+FEATURES = "per-cell features, MIL-refined"
 MODEL_FOLDERS = {MASKRCNN: ("model", "overlays_maskrcnn"), FEATURES: ("features-refined", "overlays_features-refined")}
 N_OVERLAYS = 4
 
 
-def predict_and_score(options: DemoOptions, run_dir: Path, cell_run: Path | None = None) -> None:
+def predict_and_score(options: DemoOptions, run_dir: Path, cell_runs: tuple[Path, Path] | None = None) -> None:
     """Step 6: a held-out synthetic test set, predicted and scored next to both baselines; the cells
     of the best model by mAP, and of Mask R-CNN, drawn beside the truth."""
     from hpa_scc.apps.predict import predict_folder
@@ -167,7 +172,7 @@ def predict_and_score(options: DemoOptions, run_dir: Path, cell_run: Path | None
     print(f"\n[6/6] predict a held-out synthetic set ({n_test} images, seed {options.seed + 1}) and score it")
     write_synth_set(test, n_test, size=options.size, seed=options.seed + 1, workers=options.workers, progress=False)
     runs = {MASKRCNN: {"run_dir": run_dir},
-            **({FEATURES: {"run_dir": cell_run}} if cell_run else {}),
+            **({FEATURES: {"run_dir": cell_runs[0], "ensemble": [cell_runs[1]]}} if cell_runs else {}),
             "baseline: image labels on every cell": {"run_dir": None, "baseline": "image-labels"},
             "baseline: the truth (sanity check)": {"run_dir": None, "baseline": "truth"}}
     print(f"{'':<40}{'mAP@0.6':>10}")

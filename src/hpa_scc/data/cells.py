@@ -287,6 +287,40 @@ class CellDataset(Dataset):
         return value, {"label_vector": torch.from_numpy(self.labels[j]), "row": int(self.rows[j])}
 
 
+class CellBagDataset(Dataset):
+    """The cells of a CellStore grouped by image, for multiple-instance learning: sample i ->
+    (crops or features of image i's cells [K, ...], {"label_vector": the image's labels [19],
+    the union of its cells' labels; "cells": K}). A cell is read (and augmented) as in
+    ``CellDataset``; ``images_per_gpu`` counts images per step."""
+
+    def __init__(self, store: CellStore, rows, labels: np.ndarray | None, *,
+                 augment: bool = False, in_channels: int = 4, seed: int = 0):
+        rows = np.asarray(rows, np.int64)
+        rows = rows[np.argsort(store.cells["image"][rows], kind="stable")]  # each image's cells together
+        images = np.asarray(store.cells["image"][rows])
+        starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]]) if len(rows) else np.zeros(0, np.int64)
+        self.offsets = np.r_[starts, len(rows)].astype(np.int64)
+        self.cells = CellDataset(store, rows, labels, augment=augment, in_channels=in_channels, seed=seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.cells.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int):
+        first, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        values = torch.stack([self.cells[j][0] for j in range(first, end)])
+        label = torch.from_numpy((self.cells.labels[first:end] > 0.5).any(0).astype(np.float32))
+        return values, {"label_vector": label, "cells": end - first}
+
+
+def collate_bags(batch):
+    """Bag batches: every image's cells in one tensor (image after image) and one target per image."""
+    values, targets = zip(*batch)
+    return torch.cat(values), list(targets)
+
+
 def collate_cells(batch):
     """Cell batches: one stacked tensor (crops or features) and the targets as a list."""
     values, targets = zip(*batch)

@@ -71,13 +71,16 @@ def build_data(cfg: Config, prepared: PreparedSet, train_folds: list[int], val_f
 
         return Data(train_set, val_set, collate, validate)
 
-    from hpa_scc.data.cells import build_store, collate_cells
+    from hpa_scc.data.cells import CellBagDataset, build_store, collate_bags, collate_cells
 
     kind = "crops" if cfg.model.family == "cell" else "features"
     store = build_store(prepared, kind, cfg.data.crop_size, progress=progress)
     labels = store.labels(prepared, cfg.data.labels)  # float32 [cells, 19], aligned with the store's rows
     crops = {"augment": True, "in_channels": cfg.model.in_channels, "seed": cfg.train.seed} if kind == "crops" else {}
-    train_set = CellDataset(store, store.select(train_folds)[: cfg.data.max_train_images], labels, **crops)
+    # MIL (the cell family): the training samples are images, bags of their cells
+    bags = kind == "crops" and cfg.model.mil != "none"
+    train_set = (CellBagDataset if bags else CellDataset)(store, store.select(train_folds)[: cfg.data.max_train_images],
+                                                          labels, **crops)
     val_set = (CellDataset(store, store.select(val_folds)[: cfg.data.max_val_images], labels,
                            **({"in_channels": cfg.model.in_channels} if kind == "crops" else {}))
                if val_folds else None)
@@ -88,7 +91,7 @@ def build_data(cfg: Config, prepared: PreparedSet, train_folds: list[int], val_f
     def validate(model, dataset, device):
         return evaluate_cells(model, dataset, device, truth)
 
-    return Data(train_set, val_set, collate_cells, validate)
+    return Data(train_set, val_set, collate_bags if bags else collate_cells, validate)
 
 
 def fit_features(run: Run, data: Data) -> TrainResult:

@@ -241,7 +241,8 @@ def fit(run: Run, data: Data, show_progress: bool = True) -> TrainResult:
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # SLURM's node name where there is one
         rank_line(f"rank {info.rank}/{info.world_size} on {node}: device {device}")
     effective_batch = cfg.train.images_per_gpu * info.world_size * cfg.train.accumulate_steps
-    unit = FAMILIES[cfg.model.family].unit
+    # what one training sample is: MIL trains the cell family on images (bags of their cells)
+    unit = "images (bags of cells)" if cfg.model.mil != "none" else FAMILIES[cfg.model.family].unit
     log.info("%s %s, %d train / %d val %s, %d ranks x %d %s x %d accumulation = %d per step, lr %g, "
              "%d steps per epoch, device %s", cfg.model.family, cfg.model.backbone, len(data.train_set),
              len(data.val_set or []), unit, info.world_size, cfg.train.images_per_gpu, unit,

@@ -76,13 +76,24 @@ CELL_IMAGENET = {"resnet18": ("ResNet18_Weights", "conv1.weight", "fc."),
 
 class _MultiLabelModel(nn.Module):
     """The detectors' calling convention for a model with ``logits(x) -> [B, 19]``: with targets
-    the multi-label BCE against their ``label_vector``s ({"loss_bce"}), else sigmoid scores."""
+    the multi-label BCE against their ``label_vector``s ({"loss_bce"}), else sigmoid scores.
+    With ``mil`` set (a ``weak.mil`` pooling rule) the targets are images (bags: ``"cells"`` rows
+    of the batch each, in order, ``data.cells.CellBagDataset``) and the loss is MIL's ({"loss_mil"})."""
+
+    mil: str = "none"
+    mil_sharpness: float = 2.0
 
     def forward(self, inputs, targets: list[dict] | None = None):
         logits = self.logits(inputs)
         if targets is None:
             return logits.sigmoid()
         target = torch.stack([t["label_vector"] for t in targets]).to(logits.dtype)
+        if self.mil != "none":
+            from hpa_scc.weak.mil import mil_loss
+
+            sizes = torch.tensor([int(t["cells"]) for t in targets], device=logits.device)
+            bag = torch.repeat_interleave(torch.arange(len(targets), device=logits.device), sizes)
+            return {"loss_mil": mil_loss(logits.float(), bag, target.float(), self.mil, self.mil_sharpness)}
         return {"loss_bce": F.binary_cross_entropy_with_logits(logits, target)}
 
 
@@ -240,6 +251,7 @@ def build_cell_model(cfg, n_features: int | None = None) -> nn.Module:
             return TreeEnsembleClassifier()
         return FeatureClassifier(n_features or len(FEATURE_NAMES), attention=cfg.mil == "attention")
     model = CellClassifier(cfg.backbone, cfg.in_channels, mean=cfg.pixel_mean, std=cfg.pixel_std)
+    model.mil, model.mil_sharpness = cfg.mil, cfg.mil_sharpness  # the training loss only (no weights)
     if cfg.weights == "imagenet" or (cfg.weights and Path(cfg.weights).suffix == ".pth"):
         load_cell_imagenet(model, cfg.backbone, cfg.in_channels, None if cfg.weights == "imagenet" else cfg.weights)
     elif cfg.weights:
