@@ -399,6 +399,12 @@ def main(argv: list[str] | None = None) -> dict:
     for i in range(args.seeds):
         pair = argparse.Namespace(**{**vars(args), "train_seed": args.train_seed + i, "test_seed": args.test_seed + i,
                                      "out": args.out / f"pair-{args.train_seed + i}-{args.test_seed + i}"})
+        if args.summary_only:  # every row each pair's results.json holds, from any earlier invocation
+            saved = pair.out / "results.json"
+            if not saved.is_file():
+                parser.error(f"--summary-only: {saved} is missing; run that pair first (without --summary-only)")
+            pairs.append(json.loads(saved.read_text()))
+            continue
         print(f"=== seed pair {i + 1}/{args.seeds}: {pair.train_seed} / {pair.test_seed}", flush=True)
         pairs.append(run_pair(parser, pair))
     summary = summarise(pairs)
@@ -427,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a profile value, e.g. --set det_epochs=10 --set cell_epochs=20")
     parser.add_argument("--seeds", type=int, default=1, metavar="K",
                         help="run K seed pairs (train seed + i, test seed + i) and summarise them: mean +- sd, min")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="with --seeds: summarise the pairs' saved results (every row any run of them measured) "
+                             "without running anything")
     return parser
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -181,3 +182,27 @@ def test_provenance_bench_reports_the_cost_and_a_redone_image(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "reuse check per image" in proc.stdout
     assert "one image's channel replaced: 1 redone, 199 reused" in proc.stdout
+
+
+def test_weak_supervision_summary_over_seed_pairs():
+    bench = load("weak_supervision")
+
+    def pair(seed, weak, oracle, boosted_oracle=None):
+        rows = [{"method": "features-mil-refined", "mAP": weak, "within_image_auc": 0.9, "seconds": 2},
+                {"method": "features-oracle", "mAP": oracle, "within_image_auc": 0.95, "seconds": 1},
+                {"method": "truth", "mAP": 1.0, "within_image_auc": None, "seconds": 0}]
+        if boosted_oracle:
+            rows.append({"method": "boosted-oracle", "mAP": boosted_oracle, "within_image_auc": 0.96, "seconds": 8})
+        return {"params": {"train_seed": seed, "test_seed": seed + 5000}, "rows": rows}
+
+    summary = bench.summarise([pair(100, 0.90, 0.95), pair(101, 0.86, 0.90, 0.96), pair(102, 0.92, 0.94)])
+    rows = {r["method"]: r for r in summary["rows"]}
+    weak = rows["features-mil-refined"]
+    assert weak["pairs"] == 3 and weak["mean"] == pytest.approx(0.8933, abs=1e-4)
+    assert weak["sd"] == pytest.approx(np.std([0.90, 0.86, 0.92], ddof=1)) and weak["min"] == 0.86
+    # each pair against its own best oracle row: 0.90/0.95, 0.86/0.96 (the boosted oracle), 0.92/0.94
+    assert weak["min_over_best_oracle"] == pytest.approx(0.86 / 0.96)
+    assert rows["boosted-oracle"]["pairs"] == 1 and rows["truth"]["min_over_best_oracle"] is None
+    text = bench.format_summary(summary)
+    assert "Seed pairs (train/test): 100/5100, 101/5101, 102/5102" in text
+    assert "| features-mil-refined | 3 | 0.8933 +- 0.0306 | 0.8600 | 0.9200 | 0.896 | 0.900 | 2 |" in text
