@@ -182,24 +182,32 @@ class TreeEnsembleClassifier(_MultiLabelModel):
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.baseline.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def logits(self, features, chunk: int = 4096) -> torch.Tensor:
+    def logits(self, features, chunk: int = 2048) -> torch.Tensor:
         x = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
-        x = x.to(torch.float64)
+        x = x.to(torch.float64)  # sklearn's thresholds are float64: compared as it compares them
         out = self.baseline.expand(len(x), -1).clone()
-        if not len(self.tree_class):
+        n_trees, width = self.feature.shape
+        if not n_trees or not len(x):
             return out.float()
-        trees = torch.arange(len(self.tree_class), device=x.device)
+        # Flat node tables (node k of tree t at t * width + k) in which a leaf's children are
+        # itself: a cell that reached its leaf stays there, so every step is the same 5 gathers.
+        base = torch.arange(n_trees, device=x.device)[:, None] * width
+        own = torch.arange(width, device=x.device).expand(n_trees, width)
+        left = (torch.where(self.leaf, own, self.left) + base).flatten()
+        right = (torch.where(self.leaf, own, self.right) + base).flatten()
+        feature, threshold = self.feature.flatten(), self.threshold.flatten()
+        missing_left, value = self.missing_left.flatten(), self.value.flatten()
+        has_nan = bool(torch.isnan(x).any())
         for start in range(0, len(x), chunk):  # [cells, trees] node indices: bounded memory at any N
             rows = x[start:start + chunk]
-            node = torch.zeros((len(rows), len(trees)), dtype=torch.int64, device=x.device)
+            node = base[:, 0].expand(len(rows), n_trees)
             for _ in range(int(self.depth)):
-                feature, threshold = self.feature[trees, node], self.threshold[trees, node]
-                value = rows.gather(1, feature)
-                left = torch.where(torch.isnan(value), self.missing_left[trees, node], value <= threshold)
-                step = torch.where(left, self.left[trees, node], self.right[trees, node])
-                node = torch.where(self.leaf[trees, node], node, step)
-            leaf_values = self.value[trees, node]  # [cells, trees]
-            out[start:start + chunk].index_add_(1, self.tree_class, leaf_values)
+                v = rows.gather(1, feature[node])
+                go_left = v <= threshold[node]
+                if has_nan:  # NaN compares False: it goes where the fit sent missing values
+                    go_left |= torch.isnan(v) & missing_left[node]
+                node = torch.where(go_left, left[node], right[node])
+            out[start:start + chunk].index_add_(1, self.tree_class, value[node])
         return out.float()
 
 

@@ -1,0 +1,80 @@
+"""The features family's classifiers at scale: fit and per-cell scoring time, side by side.
+
+    .venv/bin/python bench/feature_models.py                    # 3,000 training cells, 8,192 scored
+    .venv/bin/python bench/feature_models.py --train-cells 50000 --score-cells 100000
+
+Fabricated data (said so): 78 standard-normal features per cell (as many as
+``hpa_scc.data.features``), 19 classes each positive where its own feature plus noise exceeds
+0.5. Rows:
+- logistic: ``fit_feature_classifier`` (19 scikit-learn logistic regressions) and the
+  FeatureClassifier module scoring;
+- boosted: ``fit_feature_boosting`` (19 HistGradientBoosting ensembles, the config's defaults:
+  200 trees of 15 leaves) and TreeEnsembleClassifier scoring every tree as tensors (what predict
+  and refine run), beside scikit-learn's own compiled ``predict_proba`` of the same 19 ensembles:
+  the ratio says what keeping the trees as tensors costs;
+- mil: ``fit_feature_mil`` (log-sum-exp pooling over bags of 20 cells, 300 full-batch steps).
+Prints one table; scoring figures are microseconds per cell, all threads of the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from hpa_scc.constants import NUM_CLASSES
+from hpa_scc.engine.families import fit_feature_boosting, fit_feature_classifier, fit_feature_mil
+from hpa_scc.models.cells import FeatureClassifier, TreeEnsembleClassifier
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-cells", type=int, default=3000)
+    parser.add_argument("--score-cells", type=int, default=8192)
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.train_cells, 78)).astype(np.float32)
+    y = (x[:, :NUM_CLASSES] + rng.normal(size=(args.train_cells, NUM_CLASSES)) > 0.5).astype(np.float32)
+    xs = torch.from_numpy(rng.normal(size=(args.score_cells, 78)).astype(np.float32))
+    rows = {}
+    logistic, fit = timed(lambda: fit_feature_classifier(FeatureClassifier(78), x, y))
+    with torch.no_grad():
+        _, score = timed(lambda: logistic(xs))
+    rows["logistic"] = (fit, score)
+    boosted, fit = timed(lambda: fit_feature_boosting(TreeEnsembleClassifier(), x, y))
+    with torch.no_grad():
+        p_tensor, score = timed(lambda: boosted(xs).numpy())
+    rows["boosted (trees as tensors)"] = (fit, score)
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    # scikit-learn's own prediction of the same ensembles (refitted: same data, same seed, same trees)
+    models = [HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, max_leaf_nodes=15, l2_regularization=1.0,
+                                             early_stopping=False, random_state=0).fit(x.astype(np.float64), y[:, c] > 0.5)
+              for c in range(NUM_CLASSES)]
+    p_sklearn, score = timed(lambda: np.stack([m.predict_proba(xs.numpy().astype(np.float64))[:, 1] for m in models], 1))
+    rows["boosted (scikit-learn predict_proba)"] = (None, score)
+    bag = np.arange(args.train_cells) // 20
+    _, fit = timed(lambda: fit_feature_mil(FeatureClassifier(78), x, bag, y))
+    rows["mil (lse)"] = (fit, None)
+    print(f"{args.train_cells} training cells, {args.score_cells} scored, {torch.get_num_threads()} torch threads")
+    print(f"{'model':<40}{'fit s':>10}{'score us/cell':>16}")
+    for name, (fit, score) in rows.items():
+        fit_text = "" if fit is None else f"{fit:.1f}"
+        score_text = "" if score is None else f"{score / args.score_cells * 1e6:.1f}"
+        print(f"{name:<40}{fit_text:>10}{score_text:>16}")
+    ratio = rows["boosted (trees as tensors)"][1] / rows["boosted (scikit-learn predict_proba)"][1]
+    agree = float(np.abs(p_tensor - p_sklearn).max())
+    print(f"trees as tensors / scikit-learn scoring time: {ratio:.2f}x; largest probability difference {agree:.1e}")
+    return {"rows": rows, "ratio": ratio, "max_difference": agree}
+
+
+if __name__ == "__main__":
+    main()
