@@ -172,10 +172,17 @@ class Protocol:
             f"data.workers={self.p['workers']}", "train.tensorboard=false", "train.save_every_epochs=1000",
             f"train.seed={self.seed}", *overrides])
         stamp = run_dir / "bench_seconds.txt"  # the training's own time, kept for resumed invocations
+        # what the run was trained with: a finished run is reused only for the same config file and overrides
+        settings = {"config": (REPO / "configs" / config).read_text(), "overrides": overrides}
+        record = run_dir / "bench_settings.json"
+        if stamp.is_file() and record.is_file() and json.loads(record.read_text()) != settings:
+            raise SystemExit(f"{run_dir} was trained with other settings ({record}: configs/{config} or the "
+                             "overrides changed); use a new --out")
         if not stamp.is_file():
             start = time.perf_counter()
             print(f"  train {key}", flush=True)
             train(cfg, progress=False)
+            write_text_atomic(record, json.dumps(settings, indent=2))
             write_text_atomic(stamp, f"{time.perf_counter() - start:.1f}\n")
         self.seconds[key] = float(stamp.read_text())
         return run_dir

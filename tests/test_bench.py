@@ -109,6 +109,12 @@ def test_weak_supervision_protocol_end_to_end_at_a_tiny_size(tmp_path, capsys):
     with pytest.raises(SystemExit):  # other parameters into the same folder are refused
         bench.main(args[:-5] + ["--train-seed", "3", "--methods", "features"])
     assert "other parameters" in capsys.readouterr().err
+    # a run trained with another config file or overrides is refused, not reused
+    record = out / "runs" / "cell_features-image" / "bench_settings.json"
+    assert json.loads(record.read_text())["overrides"] == ["data.labels=image", "data.val_fold=-1"]
+    record.write_text(json.dumps({"config": "model: {family: features, feature_c: 0.1}\n", "overrides": []}))
+    with pytest.raises(SystemExit, match="cell_features-image was trained with other settings"):
+        bench.main(args)
 
 
 def test_weak_supervision_refuses_unknown_methods_before_training(tmp_path, capsys):
