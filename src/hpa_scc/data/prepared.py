@@ -45,7 +45,7 @@ from hpa_scc.constants import CLASS_NAMES, NUM_CLASSES, format_labels
 from hpa_scc.data.annotations import AnnotationStore, load_store
 from hpa_scc.data.cache import cache_path
 from hpa_scc.data.images import read_labels, seg_paths
-from hpa_scc.utils.fileio import atomic_path, failures_name, fanned, write_text_atomic
+from hpa_scc.utils.fileio import OwnedFolder, atomic_path, failures_name, fanned, write_text_atomic
 from hpa_scc.utils.provenance import changed, file_digest
 from hpa_scc.weak.targets import LAYOUTS, Instance, cell_instances, inherit_labels, label_of
 
@@ -152,7 +152,7 @@ def cell_labels(coco: dict) -> dict[int, dict[int, list[int]]]:
     return {i: {c: sorted(v) for c, v in cells.items()} for i, cells in out.items()}
 
 
-class PreparedSet:
+class PreparedSet(OwnedFolder):
     """A prepared folder; every path and setting of it is read here (see the module docstring).
 
     ``fanout``: the per-image file layout, for prepare while it writes the set (it decides the
@@ -160,14 +160,8 @@ class PreparedSet:
     """
 
     def __init__(self, root: str | os.PathLike, *, fanout: bool | None = None):
-        self.root = Path(root)
+        super().__init__(root)
         self._fanout = fanout
-
-    def __fspath__(self) -> str:  # a PreparedSet goes wherever a path to it does
-        return str(self.root)
-
-    def __repr__(self) -> str:
-        return f"PreparedSet({str(self.root)!r})"
 
     @property
     def settings_path(self) -> Path:

@@ -49,13 +49,13 @@ from hpa_scc.constants import CLASS_NAMES, CHANNELS, NUM_CLASSES, format_labels,
 from hpa_scc.data.synth_draw import generate_image
 from hpa_scc.data.synth_layout import MAX_SIZE, MIN_SIZE, SYNTH_VERSION, image_id_of
 from hpa_scc.evaluation.submission import SubmissionRow, cells_to_row, write_submission
-from hpa_scc.utils.fileio import write_png_atomic, write_text_atomic
+from hpa_scc.utils.fileio import OwnedFolder, write_png_atomic, write_text_atomic
 from hpa_scc.utils.pool import run_pool, single_threaded_opencv
 
 # ============================================================================================
 # The set's folder
 # ============================================================================================
-class SynthSet:
+class SynthSet(OwnedFolder):
     """A synthetic set's folder: every path of it is named here (layout in the module docstring).
 
         s = SynthSet("runs/demo/synthetic")
@@ -66,15 +66,6 @@ class SynthSet:
 
     # The truth's names in the folder, for messages that tell a user what a synthetic set holds.
     MASKS, CELLS_CSV = "masks", "cells.csv"
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-
-    def __fspath__(self) -> str:  # a SynthSet goes wherever a path to it does
-        return str(self.root)
-
-    def __repr__(self) -> str:
-        return f"SynthSet({str(self.root)!r})"
 
     # --- the Kaggle layout, which the steps read as any data set (``data.images.find_images``) ----
     @property

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import numpy as np
 from hpa_scc.constants import NUM_CLASSES
 from hpa_scc.evaluation.submission import (EncodedCell, SubmissionRow, decode_mask, encode_label_image,
                                            write_submission)
-from hpa_scc.utils.fileio import atomic_path, failures_name, fanned, write_text_atomic
+from hpa_scc.utils.fileio import OwnedFolder, atomic_path, failures_name, fanned, write_text_atomic
 from hpa_scc.utils.provenance import sidecar, stamp, stamped, unstamp
 
 PREDICT_JSON = "predict.json"  # the settings record (``fileio.check_settings``)
@@ -66,17 +65,8 @@ def to_row(result: dict) -> SubmissionRow:
     return row
 
 
-class PredictionFolder:
+class PredictionFolder(OwnedFolder):
     """A prediction folder (``predict``'s OUT); every path of it is named here (module docstring)."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-
-    def __fspath__(self) -> str:  # a PredictionFolder goes wherever a path to it does
-        return str(self.root)
-
-    def __repr__(self) -> str:
-        return f"PredictionFolder({str(self.root)!r})"
 
     @property
     def settings_path(self) -> Path:

@@ -96,6 +96,20 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
+class OwnedFolder:
+    """A folder whose files one class names (PreparedSet, SynthSet, PredictionFolder): the root, and
+    the instance going wherever a path to the folder does (``os.fspath``, ``open``, ``Path``)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r})"
+
+
 class DiskFullError(RuntimeError):
     """The output's file system is full. Not an OSError on purpose: the steps skip an image whose
     read fails (OSError) and go on, but no image can be written now, so the step must stop."""
