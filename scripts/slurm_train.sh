@@ -85,7 +85,8 @@ echo "job $JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $MODE, device $DEVICE -> $R
 echo "+ ${LAUNCH[*]}"
 # The trainer saves last.pt, writes RUN_DIR/preempted.json and exits 75 on SIGUSR1/SIGTERM;
 # forward the batch shell's signal (sbatch --signal=B:USR1@300) to it, then requeue: the next
-# start resumes from last.pt.
+# start resumes from last.pt. (The marker's name is utils.checkpoint.PREEMPTED_FILE, which owns the
+# run folder's names; a shell script cannot import it, so tests/test_launch.py checks they agree.)
 rm -f "$RUN_DIR/preempted.json"
 SIGNALLED=0
 "${LAUNCH[@]}" &

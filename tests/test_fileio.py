@@ -37,9 +37,9 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, mask, expected):
     write_text_atomic(tmp_path / "a.txt", "x")
     write_npy_atomic(tmp_path / "a.npy", np.zeros(3))
     write_png_atomic(tmp_path / "a.png", np.zeros((4, 4), np.uint8))
-    check_settings(tmp_path, {"size": 1}, "settings.json")
+    check_settings(tmp_path, {"size": 1}, "cache.json")
     assert {p.name: mode(p) for p in tmp_path.iterdir()} == {n: expected for n in
-                                                             ("a.txt", "a.npy", "a.png", "settings.json")}
+                                                             ("a.txt", "a.npy", "a.png", "cache.json")}
 
 
 def test_a_whole_step_writes_readable_files(tmp_path, umask):

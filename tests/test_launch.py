@@ -175,3 +175,13 @@ def test_gpus_the_job_was_not_given_are_named(tmp_path, bin_dir):
     assert "train.device=cpu" in records[0]["args"]
     proc, records = launch(tmp_path, bin_dir, {**job(1, 1, 0), "GPUS": "2"})
     assert "train.device=cuda" in records[0]["args"] and "--nproc-per-node" in records[0]["args"]
+
+
+def test_the_script_names_the_run_folders_preemption_marker():
+    """The shell reads the marker the trainer writes by name: the name must be the run folder
+    owner's (utils.checkpoint.PREEMPTED_FILE), or a requeue after a signal would never happen."""
+    from hpa_scc.utils.checkpoint import PREEMPTED_FILE
+
+    text = SCRIPT.read_text()
+    uses = [line for line in text.splitlines() if "preempt" in line and ".json" in line and not line.startswith("#")]
+    assert uses and all(f'$RUN_DIR/{PREEMPTED_FILE}' in line for line in uses), uses

@@ -100,10 +100,10 @@ def test_every_id_in_exactly_one_shard_whatever_the_order_or_the_set():
 
 
 def test_settings_file_created_by_concurrent_shards(tmp_path):
-    check_settings(tmp_path / "a", {"size": 64})
-    check_settings(tmp_path / "a", {"size": 64})  # the same settings again: fine
+    check_settings(tmp_path / "a", {"size": 64}, "cache.json")
+    check_settings(tmp_path / "a", {"size": 64}, "cache.json")  # the same settings again: fine
     with pytest.raises(ValueError, match=r"size: 64 -> 32"):
-        check_settings(tmp_path / "a", {"size": 32})
+        check_settings(tmp_path / "a", {"size": 32}, "cache.json")
     # Many writers at once: the same settings all pass; of different ones exactly one wins.
     for trial in range(5):
         outcomes = []
@@ -111,7 +111,7 @@ def test_settings_file_created_by_concurrent_shards(tmp_path):
 
         def write(value):
             try:
-                check_settings(folder, {"size": value})
+                check_settings(folder, {"size": value}, "cache.json")
                 outcomes.append(value)
             except ValueError:
                 pass

@@ -163,7 +163,7 @@ def predict_and_score(options: DemoOptions, run_dir: Path, cell_runs: tuple[Path
     of the best model by mAP, and of Mask R-CNN, drawn beside the truth."""
     from hpa_scc.apps.predict import predict_folder
     from hpa_scc.apps.visualize import plot_pr_curves, prediction_overlays, visualize_main
-    from hpa_scc.data.synth import write_synth_set
+    from hpa_scc.data.synth import SynthSet, write_synth_set
     from hpa_scc.evaluation.metric import evaluate_files
 
     out = options.out
@@ -171,6 +171,7 @@ def predict_and_score(options: DemoOptions, run_dir: Path, cell_runs: tuple[Path
     n_test = max(options.images // 3, 2)
     print(f"\n[6/6] predict a held-out synthetic set ({n_test} images, seed {options.seed + 1}) and score it")
     write_synth_set(test, n_test, size=options.size, seed=options.seed + 1, workers=options.workers, progress=False)
+    solution = SynthSet(test).solution_csv
     runs = {MASKRCNN: {"run_dir": run_dir},
             **({FEATURES: {"run_dir": cell_runs[0], "ensemble": [cell_runs[1]]}} if cell_runs else {}),
             "baseline: image labels on every cell": {"run_dir": None, "baseline": "image-labels"},
@@ -180,14 +181,14 @@ def predict_and_score(options: DemoOptions, run_dir: Path, cell_runs: tuple[Path
     for name, kwargs in runs.items():
         pred = out / "predict" / (MODEL_FOLDERS[name][0] if name in MODEL_FOLDERS else kwargs["baseline"])
         submission = predict_folder(data_dir=test, out_dir=pred, progress=options.progress, **kwargs)
-        result = evaluate_files(test / "solution.csv", submission, pred / "metrics.json")
+        result = evaluate_files(solution, submission, pred / "metrics.json")
         plot_pr_curves(result, pred / "pr_curves.png")
         print(f"{name:<40}{result.mAP:>10.4f}")
         if name in MODEL_FOLDERS:
             model_map[name] = result.mAP
     visualize_main(out / "predict" / MODEL_FOLDERS[MASKRCNN][0], test, out / "figures", run_dir=run_dir,
-                   solution=test / "solution.csv", n=0)  # the overlays follow, one folder per model
-    print(f"submissions, cells.csv, metrics.json and PR curves under {out / 'predict'}; "
+                   solution=solution, n=0)  # the overlays follow, one folder per model
+    print(f"submissions, per-cell tables, metrics.json and PR curves under {out / 'predict'}; "
           f"Mask R-CNN's per-class AP and training curves under {out / 'figures'}")
     # Overlays of the best trained model by the scores above (at the demo's CPU budget Mask R-CNN
     # gives nearly every cell the same labels), and of Mask R-CNN when it is not the best.

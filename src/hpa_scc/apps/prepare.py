@@ -50,7 +50,7 @@ from pycocotools import mask as coco_mask
 from hpa_scc.data.annotations import write_coco
 # The set's format, paths and COCO builder are its owner's (coco_file is still importable from here).
 from hpa_scc.data.prepared import PREPARE_FORMAT, PREPARE_JSON, PreparedSet, coco_file, labels_folder
-from hpa_scc.data.cache import cache_settings, is_cached, write_index
+from hpa_scc.data.cache import CACHE_JSON, cache_settings, is_cached, write_index
 from hpa_scc.constants import CHANNELS, MAX_SIZE
 from hpa_scc.utils.fileio import check_settings, failures_name, refuse_inside, write_npy_atomic
 from hpa_scc.data.folds import assign_folds
@@ -311,7 +311,7 @@ def prepare_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     if not merge_only:  # the merge segments nothing: its options are not asked again
         recorded["segmenter_options"] = segmenter_record(segmenter_options)  # None (no key before) without options
     check_settings(out_dir, recorded, name=PREPARE_JSON)
-    check_settings(prepared.cache_dir, cache_settings(size, fanout=fanout), sweep=False)  # out_dir's sweep covered it
+    check_settings(prepared.cache_dir, cache_settings(size, fanout=fanout), CACHE_JSON, sweep=False)  # out_dir's sweep covered it
     if merge_only:
         return merge_prepared(data_dir, out_dir, labels_csv=labels_csv)
     truth = SynthSet(data_dir)

@@ -33,14 +33,15 @@ from pathlib import Path
 import numpy as np
 
 from hpa_scc.constants import MAX_SIZE, format_labels, parse_labels
-from hpa_scc.utils.fileio import (atomic_path, check_settings, fanned, refuse_inside, write_npy_atomic,
-                                 write_text_atomic)
+from hpa_scc.utils.fileio import (SETTINGS_RECORDS, atomic_path, check_settings, failures_name, fanned, refuse_inside,
+                                 write_npy_atomic, write_text_atomic)
 from hpa_scc.data.images import (ImageReadError, ImageRecord, channel_names, find_images, image_stamp, read_image,
                                  resize)
 from hpa_scc.utils.pool import run_pool, single_threaded_opencv, write_failures
 from hpa_scc.data.shard import Shard, check_shard, gather_shards, select_shard, shard_suffix
 
 log = logging.getLogger(__name__)
+CACHE_JSON = SETTINGS_RECORDS["cache"]  # the settings record (fileio.check_settings)
 CACHE_FORMAT = 2  # 2: per-image files in hashed sub-folders (1: flat, read only)
 
 
@@ -51,7 +52,7 @@ class CacheReport:
     skipped_existing: int = 0
     redone: int = 0  # of ``written``: cached before from channel files that have changed since
     failures: list[tuple[str, str]] = field(default_factory=list)  # (image id, error)
-    failures_file: str = "failures.csv"
+    failures_file: str = failures_name()
     extra: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -74,7 +75,7 @@ def cache_path(out_dir: str | os.PathLike, image_id: str, fanout: bool = True) -
 def cache_fanout(out_dir: str | os.PathLike) -> bool:
     """Whether a cache folder keeps its files in hashed sub-folders (its cache.json's format >= 2)."""
     try:
-        return int(json.loads((Path(out_dir) / "cache.json").read_text()).get("format", 1)) >= 2
+        return int(json.loads((Path(out_dir) / CACHE_JSON).read_text()).get("format", 1)) >= 2
     except (OSError, ValueError):
         return True  # no settings yet: a cache this version writes
 
@@ -149,9 +150,9 @@ def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size
     # the inputs first: a command that fails on them leaves no settings record to refuse its fix with
     records = select_shard(find_images(data_dir, labels_csv), shard)
     fanout = cache_fanout(out_dir)  # a format 1 cache is resumed as it is: flat
-    check_settings(out_dir, cache_settings(size, channels, fanout))
+    check_settings(out_dir, cache_settings(size, channels, fanout), CACHE_JSON)
     suffix = shard_suffix(shard)
-    report = CacheReport(out_dir, failures_file=f"failures{suffix}.csv")
+    report = CacheReport(out_dir, failures_file=failures_name(suffix))
 
     # Every image goes to the workers, which reuse it only when its record's stamp matches its
     # channel files now (a changed or replaced image is redone): checking that in parallel is what
@@ -172,7 +173,7 @@ def build_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size
     finally:
         # Written even when interrupted, so the next run knows what is finished.
         write_index(out_dir / f"index{suffix}.csv", records, sizes)
-        write_failures(out_dir / f"failures{suffix}.csv", errors.items())
+        write_failures(out_dir / failures_name(suffix), errors.items())
     report.written = len(todo) - len(errors) - report.skipped_existing
     report.failures = sorted(errors.items())
     for image_id, error in report.failures:
@@ -191,7 +192,7 @@ def merge_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     if some images have neither a cache file nor a failure line (a shard did not finish).
     """
     out_dir = Path(out_dir)
-    meta = out_dir / "cache.json"
+    meta = out_dir / CACHE_JSON
     if not meta.is_file():
         raise FileNotFoundError(f"nothing to merge: {meta} not found; run the shards first (--shard I/N)")
     settings = json.loads(meta.read_text())
@@ -206,7 +207,7 @@ def merge_cache(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         lambda image_id: image_id in known and is_cached(cache_path(out_dir, image_id, fanout), shape))
     sizes = {image_id: known[image_id] for image_id in finished}
     write_index(out_dir / "index.csv", records, sizes)
-    write_failures(out_dir / "failures.csv", failures)
+    write_failures(out_dir / failures_name(), failures)
     report = CacheReport(out_dir, skipped_existing=len(sizes), failures=failures)
     report.extra.append(f"merged {len(seen)} shard log(s) into {out_dir / 'index.csv'}")
     return report

@@ -183,7 +183,7 @@ def build_store(prepared: str | os.PathLike, kind: str, crop_size: int = 64, pro
     todo = [k for k in range(len(images)) if shard is None or shard_of(names[k], shard[1]) == shard[0]]
     n = sum(len(np.unique(images[k][1].cell_ids(images[k][2]))) for k in todo)
     if n == 0 and shard is None:
-        raise ValueError(f"{prepared} has no cells; check its failures.csv and segmentation")
+        raise ValueError(f"{prepared} has no cells; check {PreparedSet(prepared).failures_path()} and its segmentation")
     folder.mkdir(parents=True, exist_ok=True)
     out_name = name + shard_suffix(shard)
     array_path, cells_path, index_path = _store_files(folder, out_name)

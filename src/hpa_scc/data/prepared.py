@@ -45,11 +45,11 @@ from hpa_scc.constants import CLASS_NAMES, NUM_CLASSES, format_labels
 from hpa_scc.data.annotations import AnnotationStore, load_store
 from hpa_scc.data.cache import cache_path
 from hpa_scc.data.images import read_labels, seg_paths
-from hpa_scc.utils.fileio import OwnedFolder, atomic_path, failures_name, fanned, write_text_atomic
+from hpa_scc.utils.fileio import SETTINGS_RECORDS, OwnedFolder, atomic_path, failures_name, fanned, write_text_atomic
 from hpa_scc.utils.provenance import changed, file_digest
 from hpa_scc.weak.targets import LAYOUTS, Instance, cell_instances, inherit_labels, label_of
 
-PREPARE_JSON = "prepare.json"  # the settings record (``fileio.check_settings``)
+PREPARE_JSON = SETTINGS_RECORDS["prepare"]  # the settings record (``fileio.check_settings``)
 PREPARE_FORMAT = 2  # 2: per-image files in hashed sub-folders (PreparedSet.fanout); a format 1 set is resumed flat
 
 

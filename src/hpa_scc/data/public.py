@@ -56,7 +56,7 @@ from hpa_scc.constants import (
     CHANNELS,
     format_labels,
 )
-from hpa_scc.utils.fileio import atomic_path, write_png_atomic, write_text_atomic
+from hpa_scc.utils.fileio import SETTINGS_RECORDS, atomic_path, failures_name, write_png_atomic, write_text_atomic
 from hpa_scc.data.images import ImageReadError, resize, to_uint8
 from hpa_scc.utils.pool import write_failures
 
@@ -65,6 +65,7 @@ from hpa_scc.data.public_table import (SOURCE, PublicImage, TableReport, channel
 
 log = logging.getLogger(__name__)
 
+DOWNLOAD_JSON = SETTINGS_RECORDS["download"]  # the settings record (fileio.check_settings)
 PERMANENT_HTTP_CODES = frozenset({400, 401, 403, 404, 410})  # retrying cannot help
 
 
@@ -295,7 +296,7 @@ class DownloadReport:
             lines.append(f"every image of this run failed ({len(self.failures)}): check the network, the server and "
                          "--base-url, then run again")
         if self.failures:
-            lines.append(f"failed images are listed in {self.out_dir / 'failures.csv'} (run again to retry them); "
+            lines.append(f"failed images are listed in {self.out_dir / failures_name()} (run again to retry them); "
                          "first ones:")
             lines += [f"  {image_id}: {reason} [{url}]" for image_id, url, reason in self.failures[:5]]
         return "\n".join(lines)
@@ -330,9 +331,9 @@ def download_public(table: str | os.PathLike, out_dir: str | os.PathLike, *, lab
     if limit is not None and limit < 0:
         raise ValueError(f"--limit must be >= 0, got {limit}")
     out_dir = Path(out_dir)
-    if (out_dir / "train.csv").is_file() and not (out_dir / "download.json").is_file():
+    if (out_dir / "train.csv").is_file() and not (out_dir / DOWNLOAD_JSON).is_file():
         # Never overwrite a label table this command did not write (OUT_DIR = the Kaggle folder by mistake).
-        raise ValueError(f"{out_dir / 'train.csv'} exists and was not written by download-public (no download.json); "
+        raise ValueError(f"{out_dir / 'train.csv'} exists and was not written by download-public (no {DOWNLOAD_JSON}); "
                          "choose an OUT_DIR of its own (e.g. data/public), then merge the tables with merge-tables")
     images, table_report = read_public_table(table)
     images = filter_images(images, table_report, labels=labels, cell_lines=cell_lines, exclude_train=exclude_train,
@@ -347,7 +348,7 @@ def download_public(table: str | os.PathLike, out_dir: str | os.PathLike, *, lab
         report.skipped_existing = sum(is_complete(out_dir, img.image_id) for img in images)
         report.complete = report.skipped_existing
         return report
-    check_settings(out_dir, download_settings(options), name="download.json")
+    check_settings(out_dir, download_settings(options), name=DOWNLOAD_JSON)
     (out_dir / "train").mkdir(parents=True, exist_ok=True)
 
     todo = [img for img in images if not is_complete(out_dir, img.image_id)]
@@ -376,7 +377,7 @@ def download_public(table: str | os.PathLike, out_dir: str | os.PathLike, *, lab
         # Written even when interrupted: the files are the truth, these tables describe them.
         report.complete = write_public_table(out_dir / "train.csv", images, out_dir)
         report.failures = [(i, url, reason) for i, (url, reason) in sorted(failures.items())]
-        write_failures(out_dir / "failures.csv", report.failures, header=("ID", "url", "reason"))
+        write_failures(out_dir / failures_name(), report.failures, header=("ID", "url", "reason"))
     return report
 
 

@@ -32,10 +32,10 @@ import numpy as np
 from hpa_scc.constants import NUM_CLASSES
 from hpa_scc.evaluation.submission import (EncodedCell, SubmissionRow, decode_mask, encode_label_image,
                                            write_submission)
-from hpa_scc.utils.fileio import OwnedFolder, atomic_path, failures_name, fanned, write_text_atomic
+from hpa_scc.utils.fileio import SETTINGS_RECORDS, OwnedFolder, atomic_path, failures_name, fanned, write_text_atomic
 from hpa_scc.utils.provenance import sidecar, stamp, stamped, unstamp
 
-PREDICT_JSON = "predict.json"  # the settings record (``fileio.check_settings``)
+PREDICT_JSON = SETTINGS_RECORDS["predict"]  # the settings record (``fileio.check_settings``)
 
 
 # --- the per-image record ---------------------------------------------------------------------

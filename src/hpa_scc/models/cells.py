@@ -244,7 +244,7 @@ def build_family_model(cfg) -> nn.Module:
         from hpa_scc.models.detector import build_model
 
         if cfg.data.image_size is None:
-            raise ValueError("data.image_size is unset: train takes it from the prepared set (prepare.json); "
+            raise ValueError("data.image_size is unset: train takes it from the prepared set's settings record; "
                              "set it to build a Mask R-CNN outside training")
         return build_model(cfg.model, image_size=cfg.data.image_size)
     return build_cell_model(cfg.model)

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from hpa_scc.utils.fileio import write_png_atomic
+from hpa_scc.utils.fileio import SETTINGS_RECORDS, write_png_atomic
 from hpa_scc.utils.provenance import stamp, stamped, unstamp
 from hpa_scc.data.images import ImageReadError, ImageRecord, image_stamp, read_image
 from hpa_scc.utils.pool import single_threaded_opencv
 from hpa_scc.segment import build_segmenter
 from hpa_scc.data.images import read_labels, seg_paths
 
-SEGMENT_JSON = "segment.json"  # the segment step's settings record
+SEGMENT_JSON = SETTINGS_RECORDS["segment"]  # the segment step's settings record
 
 
 @dataclass(frozen=True)

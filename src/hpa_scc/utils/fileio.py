@@ -152,8 +152,9 @@ def write_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(tmp, array)
 
 
-def check_settings(out_dir: Path, settings: dict, name: str = "cache.json", *, sweep: bool = True) -> None:
-    """Record ``settings`` in ``out_dir/name``, or fail if the folder was made with others.
+def check_settings(out_dir: Path, settings: dict, name: str, *, sweep: bool = True) -> None:
+    """Record ``settings`` in ``out_dir/name`` (one of ``SETTINGS_RECORDS``), or fail if the folder was made
+    with others.
 
     Safe when several processes (the tasks of a job array) start on one folder at once: the file
     is created by a hard link from a finished temporary file, which fails if the name exists, so
@@ -162,6 +163,8 @@ def check_settings(out_dir: Path, settings: dict, name: str = "cache.json", *, s
     the folder are removed (``sweep_stale_temps``; ``sweep=False`` for a folder inside one
     already swept).
     """
+    if name not in STEP_RECORDS:
+        raise ValueError(f"{name!r} is not a step's settings record (fileio.SETTINGS_RECORDS: {', '.join(STEP_RECORDS)})")
     meta = Path(out_dir) / name
     others = [other for other in STEP_RECORDS if other != name and (Path(out_dir) / other).is_file()]
     if others:  # e.g. cache into a prepared set: its records/<xx>/<ID>.json would replace prepare's
@@ -200,13 +203,16 @@ def check_settings(out_dir: Path, settings: dict, name: str = "cache.json", *, s
         sweep_stale_temps(meta.parent)
 
 
-# The settings records of the steps that fill a folder with per-image files; one folder, one step.
-# Each name is its owner's constant (data.cache's cache.json, data.prepared.PREPARE_JSON,
-# segment.folder.SEGMENT_JSON, evaluation.predictions.PREDICT_JSON, data.public's download.json;
-# tests/test_architecture.py checks they are all here). They are listed here, not registered by
-# their owners at import, because the check must hold in a process that never imports an owner:
-# ``python -m hpa_scc cache`` imports data.cache alone and must still refuse a prepared set.
-STEP_RECORDS = ("cache.json", "prepare.json", "segment.json", "predict.json", "download.json")
+# The settings record of each step that fills a folder with per-image files; one folder, one step.
+# check_settings writes and compares these files, so this module owns their names; each step's
+# folder owner takes its constant from here (data.cache.CACHE_JSON, data.prepared.PREPARE_JSON,
+# segment.folder.SEGMENT_JSON, evaluation.predictions.PREDICT_JSON, data.public.DOWNLOAD_JSON).
+# They are not registered by their owners at import because the check must hold in a process that
+# never imports an owner: ``python -m hpa_scc cache`` imports data.cache alone and must still
+# refuse a prepared set.
+SETTINGS_RECORDS = {"cache": "cache.json", "prepare": "prepare.json", "segment": "segment.json",
+                    "predict": "predict.json", "download": "download.json"}
+STEP_RECORDS = tuple(SETTINGS_RECORDS.values())
 # What a step writes besides its results: settings records, failure lists, logs.
 NOT_RESULTS = re.compile("^(" + "|".join(map(re.escape, STEP_RECORDS)) + f")$|^{FAILURES}.*\\.csv$|\\.log$")
 
