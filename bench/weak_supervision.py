@@ -47,7 +47,11 @@ features model refined, ``features_r1``):
   multilabel head, segmenter cells scored through the RoI heads (``--cell-scoring boxes``).
   ``maskrcnn-refined`` trains on features_r1 and, for the DenseNet121 backbones, starts from a
   cell-level DenseNet121 trained on 48 px crops of the same labels (``model.weights`` = its
-  checkpoint): what the detector gets from the cell model;
+  checkpoint): what the detector gets from the cell model; ``maskrcnn-mil-refined`` the same on
+  mil_r1 (its init: the cell DenseNet121 on mil_r1); ``maskrcnn-distilled`` (distillation): the
+  same init, trained to match the MIL features model's cell scores as soft targets
+  (``mil_soft``: ``refine --soft relative`` with the model that refines mil_r1; the ablation of
+  soft against hard targets is ``maskrcnn-mil-refined``);
 - any method with ``+fusion`` also predicts with ``--image-fusion 0.3``.
 
 Writes OUT/results.json (one record per row: method, mAP, within_image_auc, seconds = training,
@@ -107,6 +111,7 @@ DEFAULT_METHODS = ["image-labels", "random", "features", "features-oracle", "fea
 BASELINES = ("image-labels", "random", "truth")
 REFINED = "features_r1"  # labels refined by the logistic features model (image labels, folds 1-2)
 MIL_REFINED = "mil_r1"  # labels refined by the MIL features model (log-sum-exp, folds 1-2)
+MIL_SOFT = "mil_soft"  # that model's cell scores as soft targets (refine --soft relative): distillation
 # The features-based rows: method -> (config, overrides, training labels); None = a refined set
 FEATURE_ROWS = {
     "features": ("cell_features.yaml", [], "image"),
@@ -129,7 +134,7 @@ CELL_METHODS = (*FEATURE_ROWS, *FEATURE_ENSEMBLES, "cell", "cell-oracle", "cell-
 ORACLE_OF = {"features": "features-oracle", "boosted": "boosted-oracle", "cell": "cell-oracle",
              "ensemble": "ensemble-oracle", "features-mil-ensemble": "features-ensemble-oracle",
              "maskrcnn": "maskrcnn-oracle"}
-DETECTOR_KINDS = ("maskrcnn", "maskrcnn-oracle", "maskrcnn-refined")
+DETECTOR_KINDS = ("maskrcnn", "maskrcnn-oracle", "maskrcnn-refined", "maskrcnn-mil-refined", "maskrcnn-distilled")
 
 
 def method_error(method: str) -> str | None:
@@ -198,11 +203,13 @@ class Protocol:
         where it scores at least ``relative`` x the image's best cell for it."""
         report = self.prepared / f"coco_{name}" / "refine.json"
         if not report.is_file():
-            config = {REFINED: "cell_features.yaml", MIL_REFINED: "cell_features_mil.yaml"}[name]
+            config = {REFINED: "cell_features.yaml", MIL_REFINED: "cell_features_mil.yaml",
+                      MIL_SOFT: "cell_features_mil.yaml"}[name]
             run = self.features("image", val_fold=0, key=f"{Path(config).stem}-image-fold0", config=config)
             start = time.perf_counter()
             result = refine_prepared(run, self.prepared, name=name, held_out_folds=[0], threshold=0.0,
-                                     relative=self.relative, min_f1=0.0, progress=False)
+                                     relative=self.relative, min_f1=0.0, progress=False,
+                                     soft="relative" if name == MIL_SOFT else None)
             self.seconds[f"refine-{name}"] = time.perf_counter() - start
             print(f"  {result.summary()}", flush=True)
         saved = json.loads(report.read_text())
@@ -263,13 +270,16 @@ class Protocol:
             options.update(run_dir=self.cell(labels), ensemble=[self.features(labels)])
         elif base.startswith("maskrcnn"):
             kind, _, backbone = base.partition(":")
-            if kind == "maskrcnn-refined":
-                refined = self.refined_labels()
+            if kind in ("maskrcnn-refined", "maskrcnn-mil-refined", "maskrcnn-distilled"):
+                # the trunk starts from the cell DenseNet121 on the row's hard labels; the head
+                # trains on them, or (distilled) on the MIL model's soft targets
+                refined = self.refined_labels(REFINED if kind == "maskrcnn-refined" else MIL_REFINED)
+                targets = self.refined_labels(MIL_SOFT) if kind == "maskrcnn-distilled" else refined
                 weights = None
                 if backbone.startswith("densenet121"):
                     weights = self.cell(refined, "densenet121", crop_size=48) / "best.pt"
                     trained.append(f"cell-densenet121-48px-{refined}-val0")
-                options["run_dir"] = self.maskrcnn(backbone, refined, weights)
+                options["run_dir"] = self.maskrcnn(backbone, targets, weights)
             else:
                 labels = {"maskrcnn": "image", "maskrcnn-oracle": "truth"}[kind]
                 options["run_dir"] = self.maskrcnn(backbone, labels)

@@ -231,3 +231,56 @@ def test_a_refined_set_is_never_replaced_by_other_labels_nor_used_after_its_imag
     prepare_dataset(data, prepared, size=128, n_folds=2, progress=False)
     with pytest.raises(ValueError, match=r"coco_r1 was refined from image labels that have changed since \(fold\d"):
         CellInstances(prepared, [0, 1], labels="r1")
+
+
+def test_soft_refinement_writes_the_teachers_targets_that_a_detector_reads(run, monkeypatch, tmp_path):
+    """Distillation: refine --soft writes each cell's soft targets (weak.targets.soft_targets) as its
+    multilabel label vector, and the detector's dataset hands them to the head as they are."""
+    import shutil
+
+    from hpa_scc.cli import main
+    from hpa_scc.weak.targets import soft_targets
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(run / "prepared", prepared)
+    truth = labels_by_cell(PreparedSet(prepared).read_folds("per_label", [0, 1], labels="truth"))
+    scores = {}
+
+    def teacher(loaded, prepared_dir, image, cells, tta=False):  # informative, and different per cell
+        rng = np.random.default_rng(image["id"])
+        conf = rng.uniform(0.05, 0.3, (len(cells), NUM_CLASSES)).astype(np.float32)
+        for row, cell_id in enumerate(sorted(cells)):
+            conf[row, truth[(image["id"], cell_id)]] += 0.6
+        scores[image["id"]] = (image["labels"], sorted(cells), conf)
+        return conf
+
+    monkeypatch.setattr(hpa_scc.apps.refine, "score_image_cells", teacher)
+    report = refine_prepared(run / "run", prepared, name="soft_r1", held_out_folds=[0], soft="relative",
+                             progress=False)
+    assert report.soft == "relative" and "soft targets, relative scale" in report.summary()
+    assert not (prepared / "coco_soft_r1" / "per_label").exists()  # label vectors: the multilabel layout only
+    soft = PreparedSet(prepared).read_folds("multilabel", [0, 1], labels="soft_r1")
+    written = {(a["image_id"], a["cell_id"]): a["label_vector"] for a in soft["annotations"]}
+    assert len(written) == sum(len(ids) for _, ids, _ in scores.values())
+    for image_id, (labels, ids, conf) in scores.items():
+        expected = soft_targets(labels, conf, "relative")
+        for row, cell_id in enumerate(ids):
+            assert written[(image_id, cell_id)] == pytest.approx(expected[row].tolist(), abs=5e-5)
+    values = np.array(list(written.values()))
+    assert ((values > 0.01) & (values < 0.99)).any()  # soft, not 0/1
+    assert json.loads((prepared / "coco_soft_r1" / "refine.json").read_text())["made_from"]["soft"] == "relative"
+    # what Mask R-CNN's multilabel head trains on: the same vectors, as float tensors
+    ds = CellInstances(prepared, [1], "multilabel", labels="soft_r1")
+    _, target = ds[0]
+    image_id = ds.image(0)["id"]
+    ids = sorted(k for i, k in written if i == image_id)
+    assert target["label_vectors"].dtype.is_floating_point
+    assert target["label_vectors"].numpy() == pytest.approx(np.array([written[(image_id, k)] for k in ids]), abs=1e-6)
+    # the same name with hard labels is another label set: refused; per_label and --rounds refused
+    with pytest.raises(ValueError, match="refined from other inputs"):
+        refine_prepared(run / "run", prepared, name="soft_r1", held_out_folds=[0], progress=False)
+    with pytest.raises(ValueError, match="the multilabel layout holds them, not 'per_label'"):
+        refine_prepared(run / "run", prepared, name="s2", held_out_folds=[0], soft="raw", layout="per_label")
+    with pytest.raises(SystemExit, match="without --rounds"):
+        main(["refine", str(run / "run"), str(prepared), "--name", "s3", "--held-out-folds", "0", "--soft", "raw",
+              "--rounds", "2"])

@@ -143,3 +143,34 @@ def test_within_image_auc_measures_how_a_model_ranks_the_cells_of_an_image():
     assert np.isnan(within_image_auc([[NEGATIVE]], [flat], [[[NEGATIVE]] * 4])[0])
     with pytest.raises(ValueError, match="confidence rows"):
         within_image_auc([[0]], [flat], [[[0]]])
+
+
+# --- distillation targets ---------------------------------------------------------------------------
+def test_soft_targets_keep_the_teachers_ranking_within_what_the_image_labels_allow():
+    from hpa_scc.weak.targets import soft_instances, soft_targets
+
+    conf = np.zeros((3, NUM_CLASSES), np.float32)
+    conf[:, 0] = [0.8, 0.4, 0.1]  # an image label: shares of the best cell
+    conf[:, 5] = [0.2, 0.3, 0.9]  # scored high, but the image does not carry it
+    conf[:, 7] = [0.0, 0.0, 0.0]  # an image label no cell scores: every cell may show it
+    relative = soft_targets([0, 7], conf)
+    assert relative[:, 0] == pytest.approx([1.0, 0.5, 0.125])
+    assert (relative[:, 5] == 0).all() and (relative[:, 7] == 1).all()
+    assert relative[:, NEGATIVE] == pytest.approx([0.0, 0.0, 0.0])  # class 7 fits every cell
+    raw = soft_targets([0], conf, "raw")
+    assert raw[:, 0] == pytest.approx([0.8, 0.4, 0.1]) and raw[:, NEGATIVE] == pytest.approx([0.2, 0.6, 0.9])
+    assert np.count_nonzero(raw) == 6  # nothing outside the image's labels and Negative
+    negative = soft_targets([NEGATIVE], conf)
+    assert (negative[:, NEGATIVE] == 1).all() and negative.sum() == 3
+    with pytest.raises(ValueError, match="unknown soft target scale 'max'"):
+        soft_targets([0], conf, "max")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        soft_targets([0], np.full((1, NUM_CLASSES), np.nan))
+    # as instances: rounded vectors, the category the highest target's
+    instances = soft_instances({4: raw[1], 2: raw[0]})
+    assert [i.cell_id for i in instances] == [2, 4]
+    assert instances[0].category_id == 1 and instances[1].category_id == NEGATIVE + 1
+    assert instances[1].label_vector[0] == pytest.approx(0.4) and len(instances[1].label_vector) == NUM_CLASSES
+    assert soft_instances({1: np.full(NUM_CLASSES, 1 / 3)})[0].label_vector[0] == 0.3333
+    with pytest.raises(ValueError, match="cell 1: soft targets must lie in"):
+        soft_instances({1: np.full(NUM_CLASSES, 1.5)})

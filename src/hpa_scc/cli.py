@@ -352,7 +352,10 @@ def _add_refine(sub) -> None:
         epilog="examples:\n  python -m hpa_scc refine runs/weak data/prepared512 --name refined_r1 --held-out-folds 0\n"
                "  python -m hpa_scc train configs/densenet121.yaml data.labels=refined_r1 train.run_dir=runs/r1\n"
                "  python -m hpa_scc refine runs/r1 data/prepared512 --name refined_r2 --held-out-folds 0 "
-               "--relative 0.5",
+               "--relative 0.5\n"
+               "  # distillation: the best cell model's scores as soft targets for Mask R-CNN's multilabel head\n"
+               "  python -m hpa_scc refine runs/teacher data/prepared512 --name soft_r1 --held-out-folds 0 --soft relative\n"
+               "  python -m hpa_scc train configs/densenet121.yaml data.labels=soft_r1 model.head=multilabel",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="training run folder (config.yaml and best.pt/last.pt)")
     p.add_argument("prepared_dir", type=Path, help="the prepared set it trained on ('prepare' output)")
@@ -377,6 +380,11 @@ def _add_refine(sub) -> None:
                         "PREPARED/coco_NAME<k-1>/model) and refines again, into coco_NAME1 .. coco_NAMEN; they stop "
                         "when the held-out image-label F1 no longer improves and the best round is named "
                         "(default 1: one refinement, into coco_NAME)")
+    p.add_argument("--soft", choices=["relative", "raw"], default=None,
+                   help="write the model's cell scores as soft targets instead of labels (distillation: a student's "
+                        "multilabel head learns to match them; multilabel layout only): an image label's target is the "
+                        "cell's score over the image's best cell's (relative) or the score itself (raw), a class the "
+                        "image lacks is 0, Negative is 1 minus the highest (hpa_scc.weak.targets.soft_targets)")
     _add_shard_args(p)
     p.set_defaults(func=_run_refine)
 
@@ -392,6 +400,9 @@ def _run_refine(args) -> int:
         if shard is not None or args.merge:
             raise SystemExit("refine: --rounds trains between rounds; run sharded scoring one round at a time "
                              "(--rounds 1 with --shard, then train on the labels)")
+        if args.soft:
+            raise SystemExit("refine: --soft writes a student's targets, the last step; give it without --rounds "
+                             "(with the best round's model)")
         best, reports = refine_rounds(args.run_dir, args.prepared_dir, name=args.name, rounds=args.rounds,
                                       held_out_folds=args.held_out_folds, relative=args.relative, layout=args.layout,
                                       checkpoint=args.checkpoint, threshold=args.threshold, device=args.device,
@@ -403,7 +414,7 @@ def _run_refine(args) -> int:
     report = refine_prepared(args.run_dir, args.prepared_dir, name=args.name, held_out_folds=args.held_out_folds,
                              relative=args.relative, layout=args.layout, checkpoint=args.checkpoint,
                              threshold=args.threshold, device=args.device, progress=not args.quiet,
-                             shard=shard, merge_only=args.merge, **options)
+                             shard=shard, merge_only=args.merge, soft=args.soft, **options)
     if report is None:
         print(f"shard {shard[0]}/{shard[1]} scored; once every shard is done: the same command with --merge")
     else:

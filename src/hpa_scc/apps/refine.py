@@ -37,8 +37,8 @@ from hpa_scc.data.annotations import cells_fingerprint, write_coco
 from hpa_scc.data.shard import Shard, check_shard, complete_shard_counts, shard_of, shard_suffix
 from hpa_scc.utils.fileio import atomic_path, differences, write_text_atomic
 from hpa_scc.data.prepared import PreparedSet, cell_annotation, cells_of, label_image
-from hpa_scc.weak.targets import (cell_instances, choose_threshold, label_quality, refine_labels,
-                                  within_image_auc)
+from hpa_scc.weak.targets import (SOFT_SCALES, cell_instances, choose_threshold, label_quality, refine_labels,
+                                  soft_instances, soft_targets, within_image_auc)
 
 log = logging.getLogger("hpa_scc.apps.refine")
 
@@ -56,7 +56,8 @@ class RefineReport:
     kept_image_labels: bool = False  # the model was not trusted (held-out F1 < min_f1): labels unchanged
     truth_auc: float | None = None  # within_image_auc of the model's cell scores (synthetic sets only)
     truth_before: dict | None = None  # label_quality of the source labels (synthetic sets only)
-    truth_after: dict | None = None  # ... of the refined labels
+    truth_after: dict | None = None  # ... of the refined labels (soft targets: those >= SOFT_CUT)
+    soft: str | None = None  # soft targets written (weak.targets.soft_targets' scale), not labels
 
     def summary(self) -> str:
         rule = f"threshold {self.threshold:.2f}" + (f", relative {self.relative:.2f}" if self.relative else "")
@@ -65,6 +66,8 @@ class RefineReport:
                 f"{self.negative_cells} cells left Negative")
         if self.kept_image_labels:
             text += " (held-out F1 too low: image labels kept)"
+        elif self.soft:
+            text += f" (soft targets, {self.soft} scale: labels counted at >= {SOFT_CUT})"
         if self.truth_auc is not None:
             text += f"; the model ranks the cells of an image at AUC {self.truth_auc:.3f} (truth)"
         if self.truth_before and self.truth_after:
@@ -85,6 +88,8 @@ MIN_HELD_OUT_F1 = 0.5
 # (seed 0, docs/RESULTS.md) it raised the labels' F1 against the truth from 0.70 to ~0.85 with the
 # features model; it was fixed there and then checked, unchanged, at other seeds.
 RELATIVE_RULE = 0.25
+# Soft targets are counted and compared with the truth as the labels they hold at >= this value.
+SOFT_CUT = 0.5
 SWEEP_THRESHOLDS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 SWEEP_RELATIVE = (0.0, 0.25, 0.5, 0.75, 0.9)
 
@@ -213,7 +218,7 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
                     held_out_folds: list[int], relative: float = 0.0, layout: str | None = None,
                     min_f1: float = MIN_HELD_OUT_F1, source: str = "image", checkpoint: str = "best.pt",
                     threshold: float | None = None, device: str = "auto", progress: bool = True,
-                    shard: Shard | None = None, merge_only: bool = False) -> RefineReport | None:
+                    shard: Shard | None = None, merge_only: bool = False, soft: str | None = None) -> RefineReport | None:
     """Relabel every cell of a prepared set with the model of ``run_dir`` (see module docstring).
 
     ``source``: the labels the refinement narrows down; always the image labels' COCO here
@@ -227,6 +232,10 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
     stricter than typical positive cells need); with ``relative`` it gives the relative rule
     alone, e.g. ``threshold=0, relative=0.25`` (RELATIVE_RULE, the cell-model default).
     ``layout``: None writes every layout the source labels have (the cells are the same).
+    ``soft``: write the model's scores as soft targets instead of labels (distillation: a student
+    trains its multilabel head to match them; ``weak.targets.soft_targets``, scale ``relative``
+    or ``raw``), in the multilabel layout only; the threshold is still chosen and reported, and a
+    model below ``min_f1`` still leaves the image labels.
 
     At scale, as a SLURM job array: ``shard=(I, N)`` scores the cells of shard I's images only
     into coco_<name>/scores-shard<I>of<N>.npz (a finished part is reused; returns None); then a
@@ -244,6 +253,11 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
         raise ValueError(f"relative must be in [0, 1] (a share of the image's best cell score), got {relative}")
     if threshold is not None and not 0.0 <= threshold <= 1.0:  # nan too: it would make every cell Negative
         raise ValueError(f"threshold must be in [0, 1] (a cell score), got {threshold}")
+    if soft is not None and soft not in SOFT_SCALES:
+        raise ValueError(f"unknown soft target scale {soft!r}; choose one of {list(SOFT_SCALES)}")
+    if soft is not None and layout not in (None, "multilabel"):
+        raise ValueError(f"soft targets are label vectors: the multilabel layout holds them, not {layout!r}; "
+                         "leave --layout out or give multilabel")
     prepared = PreparedSet(prepared_dir)
     absent = sorted(set(held_out_folds) - set(range(prepared.n_folds)))
     if absent:  # now, not after every cell is scored
@@ -255,8 +269,12 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
     made_from = {"model": model_identity(loaded), "source": source, "source_data": prepared.data_digest(source),
                  "threshold": threshold, "relative": relative, "min_f1": min_f1,
                  "held_out_folds": sorted(held_out_folds), "layout": layout}
+    if soft is not None:  # only then: label sets refined before soft targets existed keep their record
+        made_from["soft"] = soft
     check_label_set(prepared, name, made_from)
     layouts = [layout] if layout else list(prepared.layouts(source))
+    if soft is not None:
+        layouts = [name for name in layouts if name == "multilabel"]
     if not layouts:
         raise FileNotFoundError(f"no COCO files in {prepared.labels_dir(source)}; build them with "
                                 f"'python dataset.py DATA_DIR {prepared.root}'")
@@ -302,8 +320,15 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
             evaluated = [(img["labels"], conf, [truth[(img["image_name"], c)] for c in ids])
                          for img, ids, conf in scored.values() if ids]
 
-    new_labels = {key: dict(zip(ids, refine_labels(image["labels"], conf, threshold, relative), strict=True))
-                  for key, (image, ids, conf) in scored.items() if ids}
+    soft = None if kept else soft  # an untrusted model's scores are not targets either
+    targets = {key: dict(zip(ids, soft_targets(image["labels"], conf, soft), strict=True))
+               for key, (image, ids, conf) in scored.items() if ids} if soft else {}
+    if soft:  # the labels the targets hold at >= SOFT_CUT, for the counts and the truth comparison
+        new_labels = {key: {c: np.flatnonzero(v >= SOFT_CUT).tolist() or [18] for c, v in cells.items()}
+                      for key, cells in targets.items()}
+    else:
+        new_labels = {key: dict(zip(ids, refine_labels(image["labels"], conf, threshold, relative), strict=True))
+                      for key, (image, ids, conf) in scored.items() if ids}
     counts: Counter = Counter()
     for image, ids, _ in scored.values():
         if ids:
@@ -327,14 +352,16 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
                 if not new:
                     continue
                 cells = by_image[image["id"]]
-                for inst in cell_instances(new, out_layout):
+                instances = (soft_instances(targets[(fold, image["id"])]) if soft else cell_instances(new, out_layout))
+                for inst in instances:
                     annotations.append(cell_annotation(len(annotations) + 1, image["id"], inst, cells[inst.cell_id],
                                                        ids_first=False))
-            info = {**coco["info"], "labels": f"image labels refined by {run_dir} (threshold {threshold:.2f}, "
-                                              f"relative {relative:.2f})"}
+            info = {**coco["info"], "labels": (f"soft targets from the cell scores of {run_dir} ({soft} scale)" if soft
+                                               else f"image labels refined by {run_dir} (threshold {threshold:.2f}, "
+                                                    f"relative {relative:.2f})")}
             write_coco(out_base / path.name, {**coco, "info": info, "annotations": annotations})
     report = RefineReport(name, threshold, f1, counts["cells"], counts["before"], counts["after"], counts["negative"],
-                          relative, kept)
+                          relative, kept, soft=soft)
     sweep = []
     if evaluated:
         def quality(t: float, r: float) -> dict:
@@ -344,7 +371,12 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
         auc, _ = within_image_auc(*zip(*evaluated, strict=True))
         report.truth_auc = None if np.isnan(auc) else auc
         report.truth_before = quality(0.0, 0.0)  # threshold 0 keeps every image label: the weak labels
-        report.truth_after = quality(threshold, relative)
+        if soft:
+            hard = [new_labels[(image_fold[img["id"]], img["id"])] for img, ids, _ in scored.values() if ids]
+            report.truth_after = label_quality([cells[c] for cells in hard for c in sorted(cells)],
+                                               [cell for _, _, true in evaluated for cell in true])
+        else:
+            report.truth_after = quality(threshold, relative)
         sweep = [{"threshold": t, "relative": r, **quality(t, r)} for t in SWEEP_THRESHOLDS for r in SWEEP_RELATIVE]
     write_text_atomic(prepared.refine_record_path(name),
                       json.dumps({**report.__dict__, "min_f1": min_f1, "run_dir": str(run_dir),

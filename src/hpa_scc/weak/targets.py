@@ -81,7 +81,7 @@ class Instance:
 
     cell_id: int
     category_id: int  # 1..19; in the multilabel layout, the cell's first label
-    label_vector: tuple[int, ...] | None = None  # multilabel layout only
+    label_vector: tuple[float, ...] | None = None  # multilabel layout only: 0/1, or soft targets (distillation)
 
 
 def cell_instances(cell_labels: Mapping[int, Iterable[int]], layout: str) -> list[Instance]:
@@ -149,6 +149,56 @@ def refine_labels(image_labels: Iterable[int], conf: np.ndarray, threshold: floa
         return [[NEGATIVE] for _ in range(len(conf))]
     cut = np.maximum(threshold, relative * conf.max(axis=0))  # per class: the stricter of the two rules
     return [[c for c in labels if row[c] >= cut[c]] or [NEGATIVE] for row in conf]
+
+
+# --- distillation: the teacher's cell scores as soft targets -----------------------------------------
+SOFT_SCALES = ("relative", "raw")
+
+
+def soft_targets(image_labels: Iterable[int], conf: np.ndarray, scale: str = "relative") -> np.ndarray:
+    """A teacher's per-cell scores as the soft targets a student matches, float32 [K, 19].
+
+    Only what the image labels allow: a class the image does not carry is 0 for every cell (the
+    image labels are the only supervision we trust). For a class it carries, ``relative``: the
+    cell's score over the image's best cell's score for the class, so the best cell gets 1 (an
+    image label says at least one cell shows it) and the others their share of it, the same
+    comparison refine's relative rule cuts at; ``raw``: the teacher's score itself. Negative (18)
+    gets 1 minus the cell's highest target: a cell that fits none of its image's labels is
+    Negative, as refine's hard labels make it. An image labelled Negative makes every cell Negative.
+    """
+    if scale not in SOFT_SCALES:
+        raise ValueError(f"unknown soft target scale {scale!r}; choose one of {list(SOFT_SCALES)}")
+    labels = sorted({check_label(i) for i in image_labels})
+    if not labels:
+        raise ValueError("an image needs at least one label to make its cells' targets (Negative is 18)")
+    conf = np.asarray(conf, dtype=np.float32).reshape(-1, NUM_CLASSES)
+    if not np.isfinite(conf).all():
+        raise ValueError("the teacher's cell scores hold NaN or inf: check the teacher run (a diverged fit)")
+    out = np.zeros_like(conf)
+    shown = [c for c in labels if c != NEGATIVE]
+    if not shown:
+        out[:, NEGATIVE] = 1.0
+        return out
+    scores = np.clip(conf[:, shown], 0.0, 1.0)
+    if scale == "relative":
+        best = scores.max(axis=0, keepdims=True)
+        scores = np.divide(scores, best, out=np.ones_like(scores), where=best > 0)  # no signal: every cell may show it
+    out[:, shown] = scores
+    out[:, NEGATIVE] = 1.0 - scores.max(axis=1)
+    return out
+
+
+def soft_instances(cell_targets: Mapping[int, np.ndarray], decimals: int = 4) -> list[Instance]:
+    """{cell id: float [19] targets} -> multilabel instances (cells in id order) whose label vector
+    is the targets rounded to ``decimals`` (the COCO files stay small and the same scores write
+    the same bytes) and whose category is the highest target's."""
+    out = []
+    for cell_id in sorted(cell_targets):
+        vector = np.round(np.asarray(cell_targets[cell_id], np.float64).reshape(NUM_CLASSES), decimals)
+        if not ((vector >= 0) & (vector <= 1)).all():
+            raise ValueError(f"cell {cell_id}: soft targets must lie in [0, 1], got {vector.min()}..{vector.max()}")
+        out.append(Instance(int(cell_id), category_id(int(vector.argmax())), tuple(float(v) for v in vector)))
+    return out
 
 
 def label_quality(predicted: Sequence[Iterable[int]], truth: Sequence[Iterable[int]]) -> dict[str, float]:
