@@ -160,6 +160,16 @@ def test_boosted_trees_as_tensors_predict_what_scikit_learn_predicts():
         assert np.array_equal(fresh(torch.from_numpy(x)).numpy(), p)
         # scored in small chunks: the same scores
         assert np.array_equal(fresh.logits(torch.from_numpy(x), chunk=7).sigmoid().numpy(), p)
+    # the walk's flat tables are built once per state: another state loaded into the same module
+    # (after it has scored) scores as that state does, not from the tables cached before
+    other = fit_feature_boosting(TreeEnsembleClassifier(), x, 1 - y, iters=30, lr=0.1, leaves=7)
+    with torch.no_grad():
+        expected = other(torch.from_numpy(x)).numpy()
+        fresh.load_state_dict(other.state_dict())
+        assert np.array_equal(fresh(torch.from_numpy(x)).numpy(), expected)
+        fresh.leaf.fill_(True)  # changed in place: every root a leaf, every cell stays there
+        rooted = fresh(torch.from_numpy(x)).numpy()
+        assert not np.array_equal(rooted, expected) and (rooted == rooted[0]).all()
 
 
 def test_config_allows_mil_only_where_there_is_a_mil_loss():

@@ -182,32 +182,44 @@ class TreeEnsembleClassifier(_MultiLabelModel):
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.baseline.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _flat_tables(self) -> tuple[torch.Tensor, ...]:
+        """Flat node tables (node k of tree t at t * width + k) in which a leaf's children are
+        itself: a cell that reached its leaf stays there, so every step is the same gathers.
+        Built once per state (cached on the tables' storage and version: a load, a move to
+        another device or an in-place change rebuilds them); building them cost more than the
+        walk itself for one image's cells."""
+        key = tuple((table.data_ptr(), table._version, table.device) for table in
+                    (self.feature, self.threshold, self.left, self.right, self.leaf, self.value))
+        if getattr(self, "_flat_key", None) != key:
+            n_trees, width = self.feature.shape
+            base = torch.arange(n_trees, device=self.feature.device)[:, None] * width
+            own = torch.arange(width, device=self.feature.device).expand(n_trees, width)
+            self._flat = (base[:, 0], (torch.where(self.leaf, own, self.left) + base).flatten(),
+                          (torch.where(self.leaf, own, self.right) + base).flatten(), self.feature.flatten(),
+                          self.threshold.flatten(), self.missing_left.flatten(), self.value.flatten())
+            self._flat_key = key
+        return self._flat
+
     def logits(self, features, chunk: int = 2048) -> torch.Tensor:
         x = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
         x = x.to(torch.float64)  # sklearn's thresholds are float64: compared as it compares them
         out = self.baseline.expand(len(x), -1).clone()
-        n_trees, width = self.feature.shape
+        n_trees = self.feature.shape[0]
         if not n_trees or not len(x):
             return out.float()
-        # Flat node tables (node k of tree t at t * width + k) in which a leaf's children are
-        # itself: a cell that reached its leaf stays there, so every step is the same 5 gathers.
-        base = torch.arange(n_trees, device=x.device)[:, None] * width
-        own = torch.arange(width, device=x.device).expand(n_trees, width)
-        left = (torch.where(self.leaf, own, self.left) + base).flatten()
-        right = (torch.where(self.leaf, own, self.right) + base).flatten()
-        feature, threshold = self.feature.flatten(), self.threshold.flatten()
-        missing_left, value = self.missing_left.flatten(), self.value.flatten()
+        roots, left, right, feature, threshold, missing_left, value = self._flat_tables()
         has_nan = bool(torch.isnan(x).any())
         for start in range(0, len(x), chunk):  # [cells, trees] node indices: bounded memory at any N
             rows = x[start:start + chunk]
-            node = base[:, 0].expand(len(rows), n_trees)
+            node = roots.expand(len(rows), n_trees)
             for _ in range(int(self.depth)):
-                v = rows.gather(1, feature[node])
-                go_left = v <= threshold[node]
+                # torch.take: a flat gather, ~1.7x faster than indexing with a 2-D index tensor
+                v = rows.gather(1, torch.take(feature, node))
+                go_left = v <= torch.take(threshold, node)
                 if has_nan:  # NaN compares False: it goes where the fit sent missing values
-                    go_left |= torch.isnan(v) & missing_left[node]
-                node = torch.where(go_left, left[node], right[node])
-            out[start:start + chunk].index_add_(1, self.tree_class, value[node])
+                    go_left |= torch.isnan(v) & torch.take(missing_left, node)
+                node = torch.where(go_left, torch.take(left, node), torch.take(right, node))
+            out[start:start + chunk].index_add_(1, self.tree_class, torch.take(value, node))
         return out.float()
 
 
