@@ -215,3 +215,15 @@ def test_weak_supervision_summary_over_seed_pairs():
     text = bench.format_summary(summary)
     assert "Seed pairs (train/test): 100/5100, 101/5101, 102/5102" in text
     assert "| features-mil-refined | 3 | 0.8933 +- 0.0306 | 0.8600 | 0.9200 | 0.896 | 0.900 | 2 |" in text
+
+
+@pytest.mark.slow
+def test_feature_models_bench_prints_its_rows_and_the_trees_agree_with_scikit_learn(capsys):
+    bench = load("feature_models")
+    result = bench.main(["--train-cells", "300", "--score-cells", "100", "--trees", "15"])
+    out = capsys.readouterr().out
+    assert set(result["rows"]) == {"logistic", "boosted (trees as tensors)", "boosted (scikit-learn predict_proba)",
+                                   "boosted, 20 cells per call", "boosted, 20 cells per call, tables rebuilt",
+                                   "mil (lse)"}
+    assert result["max_difference"] < 1e-6 and result["cached_speedup"] > 0
+    assert "tables rebuilt each call / built once" in out and "300 training cells, 100 scored" in out
