@@ -200,7 +200,7 @@ class TreeEnsembleClassifier(_MultiLabelModel):
             self._flat_key = key
         return self._flat
 
-    def logits(self, features, chunk: int = 2048) -> torch.Tensor:
+    def logits(self, features, chunk: int = 512) -> torch.Tensor:
         x = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
         x = x.to(torch.float64)  # sklearn's thresholds are float64: compared as it compares them
         out = self.baseline.expand(len(x), -1).clone()
@@ -209,7 +209,9 @@ class TreeEnsembleClassifier(_MultiLabelModel):
             return out.float()
         roots, left, right, feature, threshold, missing_left, value = self._flat_tables()
         has_nan = bool(torch.isnan(x).any())
-        for start in range(0, len(x), chunk):  # [cells, trees] node indices: bounded memory at any N
+        # [cells, trees] node indices a chunk at a time: bounded memory at any N; 512 cells (x 3,800
+        # trees: 15 MB a table) ran 1.9x faster than 2,048 on this 2-core machine (side by side, 2026-12-05)
+        for start in range(0, len(x), chunk):
             rows = x[start:start + chunk]
             node = roots.expand(len(rows), n_trees)
             for _ in range(int(self.depth)):
