@@ -40,6 +40,9 @@ features model refined, ``features_r1``):
   ``cell-mil-refined``;
 - gradient-boosted trees on the same features (``configs/cell_features_boosted.yaml``):
   ``boosted``, ``boosted-oracle``, ``boosted-refined`` (features_r1), ``boosted-mil-refined``;
+- ``features-mil-soft``, ``boosted-mil-soft``: the logistic and boosted features models fitted to
+  ``mil_soft``'s soft targets (each cell a positive row weighted by its target and a negative one
+  by the rest: distillation into the features models);
 - ``features-mil-ensemble``: features-mil-refined and boosted-mil-refined averaged per cell (the
   method docs/RESULTS.md names, chosen on seed pairs the report does not use);
   ``features-ensemble-oracle``: the same two on the true labels;
@@ -124,6 +127,9 @@ FEATURE_ROWS = {
     "boosted-oracle": ("cell_features_boosted.yaml", [], "truth"),
     "boosted-refined": ("cell_features_boosted.yaml", [], REFINED),
     "boosted-mil-refined": ("cell_features_boosted.yaml", [], MIL_REFINED),
+    # distilled: fitted to the MIL model's soft targets (weighted rows) instead of its hard labels
+    "features-mil-soft": ("cell_features.yaml", [], MIL_SOFT),
+    "boosted-mil-soft": ("cell_features_boosted.yaml", [], MIL_SOFT),
 }
 # Per-cell means of two features rows' scores (predict --ensemble)
 FEATURE_ENSEMBLES = {"features-mil-ensemble": ("features-mil-refined", "boosted-mil-refined"),
@@ -219,7 +225,7 @@ class Protocol:
 
     def feature_row(self, method: str) -> Path:
         config, overrides, labels = FEATURE_ROWS[method]
-        if labels in (REFINED, MIL_REFINED):
+        if labels in (REFINED, MIL_REFINED, MIL_SOFT):
             labels = self.refined_labels(labels)
         return self.features(labels, config=config, overrides=tuple(overrides))
 

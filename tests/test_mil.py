@@ -291,3 +291,36 @@ def test_the_crop_cnn_trains_on_bags_of_cells_with_the_mil_loss(prepared, tmp_pa
     with torch.no_grad():
         scores = model(values[:3].float() / 255)
     assert scores.shape == (3, NUM_CLASSES) and 0 <= float(scores.min()) and float(scores.max()) <= 1
+
+
+def test_soft_targets_fit_as_weighted_rows_and_hard_labels_fit_as_before():
+    """Distillation into the features models: a soft target t is a positive row of weight t and a
+    negative one of weight 1 - t, so a fit on soft targets reproduces them; 0/1 labels give the
+    same rows, unweighted, as before soft targets existed."""
+    from hpa_scc.engine.families import soft_rows
+
+    x = np.array([[0.0], [1.0], [2.0]])
+    xs, ys, ws = soft_rows(x, np.array([1.0, 0.25, 0.0]))
+    assert xs[:, 0].tolist() == [0.0, 2.0, 1.0, 1.0] and ys.tolist() == [True, False, True, False]
+    assert ws.tolist() == [1.0, 1.0, 0.25, 0.75]
+    xs, ys, ws = soft_rows(x, np.array([1.0, 0.0, 1.0]))
+    assert ws is None and xs is x and ys.tolist() == [True, False, True]
+    # two groups of cells with soft targets 0.8 and 0.2 for class 0: both fits recover them
+    rng = np.random.default_rng(0)
+    group = np.repeat([0, 1], 200)
+    features = np.stack([group + rng.normal(0, 0.05, 400), rng.normal(size=400)], 1).astype(np.float32)
+    labels = np.zeros((400, NUM_CLASSES), np.float32)
+    labels[:, 0] = np.where(group == 0, 0.8, 0.2)
+    labels[:, 18] = 1.0 - labels[:, 0]
+    with torch.no_grad():
+        logistic = fit_feature_classifier(FeatureClassifier(2), features, labels, c=100.0)(torch.from_numpy(features))
+        trees = fit_feature_boosting(TreeEnsembleClassifier(), features, labels, iters=50, leaves=3)(
+            torch.from_numpy(features))
+    for p in (logistic.numpy(), trees.numpy()):
+        assert p[group == 0, 0].mean() == pytest.approx(0.8, abs=0.03)
+        assert p[group == 1, 0].mean() == pytest.approx(0.2, abs=0.03)
+    # thresholded at 0.5 (what hard labels at 0.5 would say), group 0 would score near 1 instead
+    with torch.no_grad():
+        hard = fit_feature_classifier(FeatureClassifier(2), features, (labels > 0.5).astype(np.float32), c=100.0)(
+            torch.from_numpy(features)).numpy()
+    assert hard[group == 0, 0].mean() > 0.95

@@ -153,25 +153,54 @@ def fit_features(run: Run, data: Data) -> TrainResult:
 # ----------------------------------------------------------------------------------------------
 # The cell-level families' fit and validation
 
+def soft_rows(x: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One class's targets as a weighted binary problem: (x, y, sample weights). A soft target t
+    (0 < t < 1: distillation, ``refine --soft``) becomes the cell twice, positive with weight t
+    and negative with weight 1 - t, whose weighted log-loss is the cross-entropy against t; 0/1
+    targets stay one row each, unweighted (weights None when every target is 0 or 1: the fit is
+    then the same as before soft targets existed)."""
+    target = np.asarray(target, np.float64)
+    soft = (target > 0) & (target < 1)
+    if not soft.any():
+        return x, target > 0.5, None
+    hard = ~soft
+    xs = np.concatenate([x[hard], x[soft], x[soft]])
+    ys = np.concatenate([target[hard] > 0.5, np.ones(soft.sum(), bool), np.zeros(soft.sum(), bool)])
+    ws = np.concatenate([np.ones(hard.sum()), target[soft], 1.0 - target[soft]])
+    return xs, ys, ws
+
+
+def constant_target(target: np.ndarray) -> float | None:
+    """The logit of a class no cell carries (-9) or every cell fully carries (+9): nothing to fit;
+    None otherwise."""
+    if not (target > 0).any():
+        return -9.0
+    if (target >= 1).all():
+        return 9.0
+    return None
+
+
 def fit_feature_classifier(model: FeatureClassifier, features: np.ndarray, labels: np.ndarray, c: float = 1.0,
                            seed: int = 0) -> FeatureClassifier:
-    """Fit ``model`` in place: standardisation + an L2 logistic regression per class (soft labels
-    above 0.5 count as positive). A class with no positive (or no negative) cell gets a constant."""
+    """Fit ``model`` in place: standardisation + an L2 logistic regression per class. Labels are
+    0/1 or soft targets in [0, 1] (fitted as weighted rows, ``soft_rows``). A class no cell
+    carries (or every cell fully carries) gets a constant."""
     from sklearn.linear_model import LogisticRegression
 
     x = np.asarray(features, np.float64)
     mean, scale = x.mean(0), x.std(0)
     scale[scale < 1e-8] = 1.0
     z = (x - mean) / scale
-    y = np.asarray(labels) > 0.5
+    y = np.asarray(labels, np.float64)
     weight = np.zeros((y.shape[1], x.shape[1]))
     bias = np.zeros(y.shape[1])
     for c_idx in range(y.shape[1]):
-        pos = y[:, c_idx].mean()
-        if pos in (0.0, 1.0):
-            bias[c_idx] = -9.0 if pos == 0 else 9.0
+        constant = constant_target(y[:, c_idx])
+        if constant is not None:
+            bias[c_idx] = constant
             continue
-        clf = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(z, y[:, c_idx])
+        zs, ys, ws = soft_rows(z, y[:, c_idx])
+        clf = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(zs, ys, sample_weight=ws)
         weight[c_idx], bias[c_idx] = clf.coef_[0], clf.intercept_[0]
     with torch.no_grad():
         model.mean.copy_(torch.from_numpy(mean).float())
@@ -226,24 +255,24 @@ def fit_feature_mil(model: FeatureClassifier, features: np.ndarray, bag: np.ndar
 
 def fit_feature_boosting(model: TreeEnsembleClassifier, features: np.ndarray, labels: np.ndarray, *,
                          iters: int = 200, lr: float = 0.05, leaves: int = 15, seed: int = 0) -> TreeEnsembleClassifier:
-    """Fit ``model`` in place: one scikit-learn HistGradientBoostingClassifier per class (soft
-    labels above 0.5 are positive; no early stopping, so a fit does not depend on a random
-    validation split), its trees copied into the model's tensors. A class with no positive (or
-    no negative) cell gets a constant, as ``fit_feature_classifier``."""
+    """Fit ``model`` in place: one scikit-learn HistGradientBoostingClassifier per class (no
+    early stopping, so a fit does not depend on a random validation split), its trees copied into
+    the model's tensors. Labels are 0/1 or soft targets (weighted rows, ``soft_rows``). A class no
+    cell carries (or every cell fully carries) gets a constant, as ``fit_feature_classifier``."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     x = np.asarray(features, np.float64)
-    y = np.asarray(labels) > 0.5
+    y = np.asarray(labels, np.float64)
     baseline = np.zeros(y.shape[1])
     trees: list[tuple[int, np.ndarray]] = []
     for c_idx in range(y.shape[1]):
-        pos = y[:, c_idx].mean() if len(y) else 0.0
-        if pos in (0.0, 1.0):
-            baseline[c_idx] = -9.0 if pos == 0 else 9.0
+        constant = constant_target(y[:, c_idx])
+        if constant is not None:
+            baseline[c_idx] = constant
             continue
         clf = HistGradientBoostingClassifier(max_iter=iters, learning_rate=lr, max_leaf_nodes=leaves,
                                              l2_regularization=1.0, early_stopping=False, random_state=seed)
-        clf.fit(x, y[:, c_idx])
+        clf.fit(*soft_rows(x, y[:, c_idx]))
         baseline[c_idx] = float(np.ravel(clf._baseline_prediction)[0])
         trees += [(c_idx, predictors[0].nodes) for predictors in clf._predictors]
     width = max((len(nodes) for _, nodes in trees), default=1)
