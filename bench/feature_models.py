@@ -15,7 +15,9 @@ Fabricated data (said so): 78 standard-normal features per cell (as many as
   same scoring one image's cells at a time, as predict and refine call it, with the walk's flat
   node tables built once per state (the default) and, side by side, rebuilt on every call (as
   before 2026-12-05);
-- mil: ``fit_feature_mil`` (log-sum-exp pooling over bags of 20 cells, 300 full-batch steps).
+- mil: ``fit_feature_mil`` (log-sum-exp pooling over bags of 20 cells, 300 full-batch steps);
+  ``--mil-scale-cells N`` times its full-batch steps at N cells instead (e.g. 2,000,000: 100k
+  images) and the peak memory they add over the data's.
 Prints one table; scoring figures are microseconds per cell, all threads of the machine.
 """
 
@@ -43,7 +45,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-cells", type=int, default=3000)
     parser.add_argument("--score-cells", type=int, default=8192)
     parser.add_argument("--trees", type=int, default=200, help="boosting iterations per class (the config's default)")
+    parser.add_argument("--mil-scale-cells", type=int, default=0, metavar="N",
+                        help="only time fit_feature_mil's full-batch steps at N cells (and its peak memory)")
+    parser.add_argument("--mil-steps", type=int, default=10, help="steps timed with --mil-scale-cells")
     args = parser.parse_args(argv)
+    if args.mil_scale_cells:
+        return mil_at_scale(args.mil_scale_cells, args.mil_steps)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.train_cells, 78)).astype(np.float32)
     y = (x[:, :NUM_CLASSES] + rng.normal(size=(args.train_cells, NUM_CLASSES)) > 0.5).astype(np.float32)
@@ -94,6 +101,24 @@ def main(argv: list[str] | None = None) -> dict:
     cached = rows["boosted, 20 cells per call, tables rebuilt"][1] / rows["boosted, 20 cells per call"][1]
     print(f"20 cells per call: tables rebuilt each call / built once: {cached:.2f}x")
     return {"rows": rows, "ratio": ratio, "max_difference": agree, "cached_speedup": cached}
+
+
+def mil_at_scale(n: int, steps: int) -> dict:
+    """fit_feature_mil's seconds per full-batch step at n cells and the peak RSS it adds."""
+    import resource
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 78)).astype(np.float32)
+    y = (x[:, :NUM_CLASSES] + rng.normal(size=(n, NUM_CLASSES)).astype(np.float32) > 0.5).astype(np.float32)
+    bag = np.arange(n) // 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    _, seconds = timed(lambda: fit_feature_mil(FeatureClassifier(78), x, bag, y, epochs=steps))
+    added = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    per_step = seconds / steps
+    print(f"fit_feature_mil at {n} cells ({n // 20} bags): {per_step:.2f} s per step ({per_step * 300 / 60:.1f} min "
+          f"for the default 300), peak RSS +{added:.0f} MiB over the data's {before:.0f} MiB, "
+          f"{torch.get_num_threads()} torch threads")
+    return {"cells": n, "seconds_per_step": per_step, "added_mib": added}
 
 
 if __name__ == "__main__":

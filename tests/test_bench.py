@@ -227,3 +227,6 @@ def test_feature_models_bench_prints_its_rows_and_the_trees_agree_with_scikit_le
                                    "mil (lse)"}
     assert result["max_difference"] < 1e-6 and result["cached_speedup"] > 0
     assert "tables rebuilt each call / built once" in out and "300 training cells, 100 scored" in out
+    scale = bench.main(["--mil-scale-cells", "2000", "--mil-steps", "2"])
+    assert scale["cells"] == 2000 and scale["seconds_per_step"] > 0
+    assert "fit_feature_mil at 2000 cells (100 bags)" in capsys.readouterr().out
