@@ -274,7 +274,7 @@ def refine_prepared(run_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
     check_label_set(prepared, name, made_from)
     layouts = [layout] if layout else list(prepared.layouts(source))
     if soft is not None:
-        layouts = [name for name in layouts if name == "multilabel"]
+        layouts = [kind for kind in layouts if kind == "multilabel"]
     if not layouts:
         raise FileNotFoundError(f"no COCO files in {prepared.labels_dir(source)}; build them with "
                                 f"'python dataset.py DATA_DIR {prepared.root}'")
