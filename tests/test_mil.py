@@ -324,3 +324,27 @@ def test_soft_targets_fit_as_weighted_rows_and_hard_labels_fit_as_before():
         hard = fit_feature_classifier(FeatureClassifier(2), features, (labels > 0.5).astype(np.float32), c=100.0)(
             torch.from_numpy(features)).numpy()
     assert hard[group == 0, 0].mean() > 0.95
+
+
+def test_a_cap_on_training_images_never_cuts_a_bag(prepared, tmp_path, caplog):
+    """data.max_train_images counts cells for the per-cell fits and whole images for MIL: a bag cut
+    short could lose the one cell that shows its image's label."""
+    import logging
+
+    from hpa_scc.data.cells import build_store
+    from hpa_scc.data.prepared import PreparedSet
+    from hpa_scc.engine.train import train
+
+    store = build_store(PreparedSet(prepared / "prepared"), "features", 64, progress=False)
+    rows = store.select([0, 1])
+    images = np.asarray(store.cells["image"][rows])
+    two = store.cap(rows, 2, whole_images=True)
+    kept = np.unique(np.asarray(store.cells["image"][two]))
+    assert len(kept) == 2 and len(two) == np.isin(images, kept).sum() > 3  # every cell of both images
+    assert store.cap(rows, 3).tolist() == rows[:3].tolist() and store.cap(rows, None) is rows
+    caplog.set_level(logging.INFO, logger="hpa_scc")
+    cfg = load_config(Path("configs/cell_features_mil.yaml"), [
+        f"data.prepared_dir={prepared / 'prepared'}", f"train.run_dir={tmp_path / 'run'}", "data.val_fold=-1",
+        "data.max_train_images=2", "model.mil_epochs=5"])
+    train(cfg, progress=False)
+    assert f"MIL (lse pooling over 2 images) on {len(two)} cells" in caplog.text

@@ -99,7 +99,7 @@ class DataConfig:
     rot90: bool = True  # random multiples of 90 degrees: fluorescence fields have no up
     workers: int = 6  # loader processes per GPU: ~35 img/s each with masks and augmentation (bench/loader.py)
     crop_size: int = 64  # cell-level models: side of the square cell crops, px (cut once per prepared set)
-    max_train_images: int | None = None  # cap, for smoke tests (cells for the cell-level families)
+    max_train_images: int | None = None  # cap, for smoke tests (cells for the cell-level families; images with model.mil)
     max_val_images: int | None = None
 
 

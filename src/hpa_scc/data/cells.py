@@ -93,6 +93,18 @@ class CellStore:
         """int64 rows of the cells of ``folds``."""
         return np.flatnonzero(np.isin(self.cells["fold"], folds))
 
+    def cap(self, rows: np.ndarray, n: int | None, whole_images: bool = False) -> np.ndarray:
+        """The first ``n`` of ``rows`` (None: all): cells, or with ``whole_images`` every cell of
+        the first ``n`` images among them (MIL's samples are images: a cap must not cut a bag,
+        whose label says that at least one of its cells shows the class)."""
+        if n is None:
+            return rows
+        if not whole_images:
+            return rows[:n]
+        images = np.asarray(self.cells["image"][rows])
+        _, first = np.unique(images, return_index=True)
+        return rows[np.isin(images, images[np.sort(first)][:n])]
+
     def key(self, row: int) -> tuple[str, int]:
         """(image name, cell id) of a row."""
         return self.names[int(self.cells["image"][row])], int(self.cells["cell_id"][row])

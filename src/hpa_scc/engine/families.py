@@ -79,8 +79,9 @@ def build_data(cfg: Config, prepared: PreparedSet, train_folds: list[int], val_f
     crops = {"augment": True, "in_channels": cfg.model.in_channels, "seed": cfg.train.seed} if kind == "crops" else {}
     # MIL (the cell family): the training samples are images, bags of their cells
     bags = kind == "crops" and cfg.model.mil != "none"
-    train_set = (CellBagDataset if bags else CellDataset)(store, store.select(train_folds)[: cfg.data.max_train_images],
-                                                          labels, **crops)
+    # the cap counts cells, or images where the model learns from images (MIL: a bag is never cut)
+    train_rows = store.cap(store.select(train_folds), cfg.data.max_train_images, whole_images=cfg.model.mil != "none")
+    train_set = (CellBagDataset if bags else CellDataset)(store, train_rows, labels, **crops)
     val_set = (CellDataset(store, store.select(val_folds)[: cfg.data.max_val_images], labels,
                            **({"in_channels": cfg.model.in_channels} if kind == "crops" else {}))
                if val_folds else None)
