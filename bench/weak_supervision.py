@@ -54,7 +54,9 @@ features model refined, ``features_r1``):
   mil_r1 (its init: the cell DenseNet121 on mil_r1); ``maskrcnn-distilled`` (distillation): the
   same init, trained to match the MIL features model's cell scores as soft targets
   (``mil_soft``: ``refine --soft relative`` with the model that refines mil_r1; the ablation of
-  soft against hard targets is ``maskrcnn-mil-refined``);
+  soft against hard targets is ``maskrcnn-mil-refined``); ``maskrcnn-distilled-mask`` and
+  ``maskrcnn-oracle-mask``: the same with ``model.label_pooling=mask`` (the label head reads the
+  cell's mask-weighted RoI features, not its whole box);
 - any method with ``+fusion`` also predicts with ``--image-fusion 0.3``.
 
 Writes OUT/results.json (one record per row: method, mAP, within_image_auc, seconds = training,
@@ -140,7 +142,8 @@ CELL_METHODS = (*FEATURE_ROWS, *FEATURE_ENSEMBLES, "cell", "cell-oracle", "cell-
 ORACLE_OF = {"features": "features-oracle", "boosted": "boosted-oracle", "cell": "cell-oracle",
              "ensemble": "ensemble-oracle", "features-mil-ensemble": "features-ensemble-oracle",
              "maskrcnn": "maskrcnn-oracle"}
-DETECTOR_KINDS = ("maskrcnn", "maskrcnn-oracle", "maskrcnn-refined", "maskrcnn-mil-refined", "maskrcnn-distilled")
+DETECTOR_KINDS = ("maskrcnn", "maskrcnn-oracle", "maskrcnn-refined", "maskrcnn-mil-refined", "maskrcnn-distilled",
+                  "maskrcnn-distilled-mask", "maskrcnn-oracle-mask")
 
 
 def method_error(method: str) -> str | None:
@@ -242,14 +245,15 @@ class Protocol:
             f"model.backbone={backbone}", f"data.labels={labels}", f"data.crop_size={crop}", f"data.val_fold={val_fold}",
             f"train.max_epochs={self.p['cell_epochs']}", *batch])
 
-    def maskrcnn(self, backbone: str, labels: str, weights: Path | None = None) -> Path:
-        key = f"maskrcnn-{backbone}-{labels}" + ("-cellinit" if weights else "")
+    def maskrcnn(self, backbone: str, labels: str, weights: Path | None = None, mask_pooling: bool = False) -> Path:
+        key = f"maskrcnn-{backbone}-{labels}" + ("-cellinit" if weights else "") + ("-maskpool" if mask_pooling else "")
         p = self.p
         return self._train(key, f"{backbone}.yaml", [
             f"data.labels={labels}", "data.val_fold=0", f"train.max_epochs={p['det_epochs']}",
             f"train.images_per_gpu={p['det_batch']}", f"optim.lr={p['det_lr']}", f"optim.warmup_iters={p['det_warmup']}",
             f"train.val_every_epochs={p['det_epochs']}", "model.head=multilabel",
-            f"model.weights={weights if weights else 'null'}", *DET_CONFIG[self.profile]])
+            f"model.weights={weights if weights else 'null'}", *DET_CONFIG[self.profile],
+            *(["model.label_pooling=mask"] if mask_pooling else [])])
 
     def run(self, method: str) -> dict:
         """Train what ``method`` needs (resumable) and predict + score the test set."""
@@ -276,6 +280,8 @@ class Protocol:
             options.update(run_dir=self.cell(labels), ensemble=[self.features(labels)])
         elif base.startswith("maskrcnn"):
             kind, _, backbone = base.partition(":")
+            mask_pooling = kind.endswith("-mask")
+            kind = kind.removesuffix("-mask")
             if kind in ("maskrcnn-refined", "maskrcnn-mil-refined", "maskrcnn-distilled"):
                 # the trunk starts from the cell DenseNet121 on the row's hard labels; the head
                 # trains on them, or (distilled) on the MIL model's soft targets
@@ -285,10 +291,10 @@ class Protocol:
                 if backbone.startswith("densenet121"):
                     weights = self.cell(refined, "densenet121", crop_size=48) / "best.pt"
                     trained.append(f"cell-densenet121-48px-{refined}-val0")
-                options["run_dir"] = self.maskrcnn(backbone, targets, weights)
+                options["run_dir"] = self.maskrcnn(backbone, targets, weights, mask_pooling)
             else:
                 labels = {"maskrcnn": "image", "maskrcnn-oracle": "truth"}[kind]
-                options["run_dir"] = self.maskrcnn(backbone, labels)
+                options["run_dir"] = self.maskrcnn(backbone, labels, mask_pooling=mask_pooling)
         else:
             raise SystemExit(method_error(method))
         seconds = sum(v for k, v in self.seconds.items() if options.get("run_dir") and (
@@ -342,7 +348,7 @@ def oracle_of(method: str) -> str | None:
         return None
     kind, colon, backbone = base.partition(":")
     if colon:
-        return f"maskrcnn-oracle:{backbone}"
+        return f"maskrcnn-oracle{'-mask' if kind.endswith('-mask') else ''}:{backbone}"
     for name in sorted(ORACLE_OF, key=len, reverse=True):
         if base == name or base.startswith(name + "-"):
             return ORACLE_OF[name]

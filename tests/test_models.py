@@ -271,3 +271,64 @@ def test_score_boxes_gives_every_given_box_its_19_scores(backbone):
     softmax = build_model(ModelConfig(backbone="densenet121", head="softmax", in_channels=4), image_size=SIZE).eval()
     with pytest.raises(ValueError, match="multilabel head"):
         score_boxes(softmax, images, boxes)
+
+
+def test_mask_pooled_labels_read_the_cell_not_its_box():
+    """model.label_pooling=mask: a cell's label scores depend on the pixels under its mask only, so
+    changing what else its box holds (a neighbour's pixels) leaves them unchanged; the box pooling
+    sees the change. It trains (the label classifier learns through the masked features) and
+    scores its own detections."""
+    from hpa_scc.config import ConfigError, load_config
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="densenet121", in_channels=4, label_pooling="mask"), image_size=SIZE)
+    check_train_and_eval(model, "multilabel", 4)
+    model.eval()
+    box_model = build_model(ModelConfig(backbone="densenet121", in_channels=4), image_size=SIZE).eval()
+    box_model.load_state_dict(model.state_dict())  # the same weights, pooled by the box
+    image = torch.rand(4, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    box = torch.tensor([[16.0, 16.0, 80.0, 80.0]])
+    cell = torch.zeros(1, SIZE, SIZE, dtype=torch.bool)
+    cell[0, 40:56, 40:56] = True  # a small cell in the middle of a big box
+    other = image.clone()
+    other[:, 16:32, 16:80] = 1.0  # the box's edge (outside the cell) changed
+
+    def scores(m, im):
+        with torch.no_grad():
+            return score_boxes(m, [im], [box], [cell])[0]
+
+    # the backbone's receptive field reaches past the mask: the masked features move a little,
+    # far less than the box-pooled ones
+    masked_change = (scores(model, image) - scores(model, other)).abs().max()
+    box_change = (scores(box_model, image) - scores(box_model, other)).abs().max()
+    assert box_change > 0 and masked_change < 0.5 * box_change, (masked_change, box_change)
+    with pytest.raises(ValueError, match="give score_boxes one mask per box"):
+        score_boxes(model, [image], [box])
+    with pytest.raises(ConfigError, match="model.label_pooling=mask is a choice of the Mask R-CNN multilabel head"):
+        load_config(None, ["model.head=softmax", "model.label_pooling=mask"])
+    with pytest.raises(ConfigError, match="model.label_pooling = 'cell'"):
+        load_config(None, ["model.label_pooling=cell"])
+
+
+def test_box_scores_hand_a_mask_pooled_detector_each_segmenter_cells_mask():
+    """The predict/refine path (engine.inference.box_scores): a mask-pooled detector gets each
+    segmenter cell's own mask, so its scores equal score_boxes given those masks (flip TTA too)."""
+    import numpy as np
+
+    from hpa_scc.engine.inference import LoadedModel, box_scores, cell_boxes
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="densenet121", in_channels=4, label_pooling="mask"), image_size=SIZE).eval()
+    loaded = LoadedModel(model, SIZE, 4, "multilabel", torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    image = (rng.random((4, SIZE, SIZE)) * 255).astype(np.uint8)
+    cells = np.zeros((SIZE, SIZE), np.uint16)
+    cells[10:40, 10:35], cells[50:90, 60:100] = 1, 2
+    got = box_scores(loaded, [image], [cells], [2])[0]
+    masks = [torch.from_numpy(np.stack([cells == 1, cells == 2]))]
+    with torch.no_grad():
+        expected = score_boxes(model, [torch.from_numpy(image).float() / 255], [torch.from_numpy(cell_boxes(cells, 2))],
+                               masks)[0].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    flipped = box_scores(loaded, [image], [cells], [2], tta=True)[0]
+    assert flipped.shape == (2, 19) and not np.allclose(flipped, got)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from hpa_scc.constants import FAMILIES, FEATURE_CLASSIFIERS, MIL_POOLING
+from hpa_scc.constants import FAMILIES, FEATURE_CLASSIFIERS, LABEL_POOLING, MIL_POOLING
 from hpa_scc.utils.device import DEVICES, is_device_name
 
 # The repository's configs/ folder (the package is installed editable, in the container too).
@@ -45,6 +45,10 @@ class ModelConfig:
     # softmax: 19 classes + background on the per_label layout, the original implementation's head,
     # kept for fidelity only: a cell's copies share one mask and all train as its first label (models/detector.py).
     head: str = "multilabel"
+    # multilabel head: what a cell's labels are read from. box: the RoI features of its whole box
+    # (neighbours' pixels included where cells crowd); mask: those features weighted by the cell's
+    # own mask (matched cell in training, predicted mask or the segmenter's cell at inference).
+    label_pooling: str = "box"
     # Initial weights, from local files only: null (random init), "imagenet" (torch hub cache),
     # or a path: a torchvision state dict, a project checkpoint, or a detectron2 model-zoo .pkl.
     weights: str | None = None
@@ -347,7 +351,8 @@ def validate(cfg: Config) -> None:
                "optim.name": (cfg.optim.name, ("sgd", "adamw")),
                "optim.schedule": (cfg.optim.schedule, ("cosine", "step")),
                "model.feature_classifier": (cfg.model.feature_classifier, FEATURE_CLASSIFIERS),
-               "model.mil": (cfg.model.mil, ("none", *MIL_POOLING))}
+               "model.mil": (cfg.model.mil, ("none", *MIL_POOLING)),
+               "model.label_pooling": (cfg.model.label_pooling, LABEL_POOLING)}
     if not is_device_name(cfg.train.device):
         raise ConfigError(f"train.device = {cfg.train.device!r}; choose one of {', '.join(DEVICES)}")
     if cfg.model.family not in FAMILIES:
@@ -369,6 +374,9 @@ def validate(cfg: Config) -> None:
         if cfg.model.head != "softmax":
             raise ConfigError("model.engine=detectron2 trains detectron2's own softmax head on the per_label layout: "
                               "set model.head=softmax (detectron_code/main.py --engine detectron2 does)")
+    if cfg.model.label_pooling != "box" and (cfg.model.family != "maskrcnn" or cfg.model.head != "multilabel"):
+        raise ConfigError(f"model.label_pooling={cfg.model.label_pooling} is a choice of the Mask R-CNN multilabel head; "
+                          "set model.label_pooling=box for other heads and families")
     if cfg.model.mil != "none":
         mil_ok = ((cfg.model.family == "features" and cfg.model.feature_classifier == "logistic")
                   or (cfg.model.family == "cell" and cfg.model.mil != "attention"))

@@ -140,5 +140,8 @@ FAMILIES = {f.name: f for f in (
 
 # Multiple-instance learning: how the cells' logits pool into the image's (hpa_scc.weak.mil).
 MIL_POOLING = ("lse", "attention", "max", "mean", "noisy_or")
+# What the detector's multilabel head classifies a cell from (models.detector.MultiLabelRoIHeads):
+# its whole box, or the box's features weighted by the cell's mask.
+LABEL_POOLING = ("box", "mask")
 # The per-cell classifiers of the features family (model.feature_classifier).
 FEATURE_CLASSIFIERS = ("logistic", "boosting")

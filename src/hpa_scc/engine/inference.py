@@ -235,13 +235,18 @@ def box_scores(loaded: LoadedModel, smalls: list[np.ndarray], small_cells: list[
     device = loaded.device
     images = [torch.from_numpy(np.ascontiguousarray(im)).to(device).float().div_(255.0) for im in smalls]
     boxes = [torch.from_numpy(cell_boxes(c, n)).to(device) for c, n in zip(small_cells, n_cells)]
+    masks = None
+    if getattr(loaded.model.roi_heads, "label_pooling", "box") == "mask":  # each cell's own mask, cells 1..K
+        masks = [torch.from_numpy(np.asarray(c, np.int64)).to(device)[None] == torch.arange(1, n + 1, device=device)[:, None, None]
+                 for c, n in zip(small_cells, n_cells)]
     with autocast(device, device.type == "cuda"):
-        scores = [s.float() for s in score_boxes(loaded.model, images, boxes)]
-        if tta:  # the horizontal flip, boxes flipped with it
+        scores = [s.float() for s in score_boxes(loaded.model, images, boxes, masks)]
+        if tta:  # the horizontal flip, boxes (and masks) flipped with it
             width = [im.shape[-1] for im in images]
             flipped = [torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1) for b, w in zip(boxes, width)]
+            flipped_masks = [m.flip(-1) for m in masks] if masks is not None else None
             scores = [(a + b.float()) / 2 for a, b in zip(scores, score_boxes(loaded.model, [im.flip(-1) for im in images],
-                                                                             flipped))]
+                                                                             flipped, flipped_masks))]
     return [s.cpu().numpy() for s in scores]
 
 

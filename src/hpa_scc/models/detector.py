@@ -66,7 +66,8 @@ from torch.nn import functional as F
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference, maskrcnn_loss
+from torchvision.models.detection.roi_heads import (RoIHeads, fastrcnn_loss, maskrcnn_inference, maskrcnn_loss,
+                                                    project_masks_on_boxes)
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
@@ -74,7 +75,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from hpa_scc.config import ModelConfig
-from hpa_scc.constants import NUM_CLASSES
+from hpa_scc.constants import LABEL_POOLING, NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -262,23 +263,49 @@ class MultiLabelRoIHeads(RoIHeads):
     the box-head features of the final boxes (as the mask head runs on them) and each detection
     gets ``label_scores`` = sigmoid(logits), float [N, num_labels]. ``score_boxes``: the same
     scores for boxes given from outside (a segmenter's cells), with no detection step.
+
+    ``label_pooling``: ``box`` classifies the box head's features of the whole box, which hold the
+    neighbours' pixels too where cells crowd; ``mask`` weights the pooled RoI features by the
+    cell's own mask (at the pool's 7x7) before the box head, as a crop model masks its crop: in
+    training the matched cell's mask, at inference the predicted mask, for given boxes their
+    cells' masks. The detection classifier keeps the whole box either way.
     """
 
-    def __init__(self, num_labels: int, representation_size: int, **kwargs):
+    def __init__(self, num_labels: int, representation_size: int, label_pooling: str = "box", **kwargs):
         super().__init__(**kwargs)
+        if label_pooling not in LABEL_POOLING:
+            raise ValueError(f"unknown label pooling {label_pooling!r}; choose one of {list(LABEL_POOLING)}")
+        self.label_pooling = label_pooling
         self.label_predictor = nn.Linear(representation_size, num_labels)
 
     def _box_features(self, features, boxes, image_shapes):
         return self.box_head(self.box_roi_pool(features, boxes, image_shapes))
 
+    def _label_features(self, features, boxes, image_shapes, masks: torch.Tensor | None):
+        """The box head's features for the label classifier; ``masks`` float [N, M, M] in the
+        boxes' frame, M the box pool's size (``label_pooling="mask"`` only)."""
+        if self.label_pooling == "box":
+            return self._box_features(features, boxes, image_shapes)
+        pooled = self.box_roi_pool(features, boxes, image_shapes)
+        return self.box_head(pooled * masks.to(pooled.dtype)[:, None])
+
+    def _pool_size(self) -> int:
+        size = self.box_roi_pool.output_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
     def score_boxes(self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor],
-                    image_shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+                    image_shapes: list[tuple[int, int]], masks: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Sigmoid label scores of given boxes: float [K_i, 4] xyxy in the transformed images' px -> [K_i, num_labels].
 
         The RoI pool, box head and label predictor of inference, on these boxes instead of the
-        detections: every box is scored (no score threshold, NMS or detection cap).
+        detections: every box is scored (no score threshold, NMS or detection cap). ``masks``:
+        each box's cell mask projected on it, float [K_i, M, M] (``box_masks``), needed by
+        ``label_pooling="mask"``.
         """
-        label_logits = self.label_predictor(self._box_features(features, boxes, image_shapes))
+        if self.label_pooling == "mask" and masks is None:
+            raise ValueError("this head pools its label features by the cells' masks: give score_boxes the masks")
+        flat = torch.cat(masks) if self.label_pooling == "mask" else None
+        label_logits = self.label_predictor(self._label_features(features, boxes, image_shapes, flat))
         return list(label_logits.sigmoid().split([len(b) for b in boxes]))
 
     def forward(self, features, proposals, image_shapes, targets=None):
@@ -291,8 +318,14 @@ class MultiLabelRoIHeads(RoIHeads):
             loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
 
             positives = [torch.where(lab > 0)[0] for lab in labels]
-            label_logits = self.label_predictor(box_features).split([len(p) for p in proposals])
-            pos_logits = torch.cat([logit[pos] for logit, pos in zip(label_logits, positives)])
+            if self.label_pooling == "mask":  # the positives again, their features weighted by their cells' masks
+                pos_boxes = [p[pos] for p, pos in zip(proposals, positives)]
+                pos_masks = torch.cat([project_masks_on_boxes(t["masks"], b, m[pos], self._pool_size())
+                                       for t, b, m, pos in zip(targets, pos_boxes, matched_idxs, positives)])
+                pos_logits = self.label_predictor(self._label_features(features, pos_boxes, image_shapes, pos_masks))
+            else:
+                label_logits = self.label_predictor(box_features).split([len(p) for p in proposals])
+                pos_logits = torch.cat([logit[pos] for logit, pos in zip(label_logits, positives)])
             pos_targets = torch.cat([t["label_vectors"][m[pos]] for t, m, pos in zip(targets, matched_idxs, positives)])
             if pos_logits.numel():
                 loss_multilabel = F.binary_cross_entropy_with_logits(pos_logits, pos_targets.to(pos_logits.dtype))
@@ -309,15 +342,28 @@ class MultiLabelRoIHeads(RoIHeads):
         box_features = self._box_features(features, proposals, image_shapes)
         class_logits, box_regression = self.box_predictor(box_features)
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
-        label_scores = self.label_predictor(self._box_features(features, boxes, image_shapes)).sigmoid()
         mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
         masks = maskrcnn_inference(mask_logits, labels)
+        pooled_masks = None
+        if self.label_pooling == "mask":  # the predicted masks (probabilities, in the boxes' frame) at the pool's size
+            flat = torch.cat(masks) if masks else mask_logits.new_zeros((0, 1, 1, 1))
+            pooled_masks = F.adaptive_avg_pool2d(flat, self._pool_size())[:, 0]
+        label_scores = self.label_predictor(self._label_features(features, boxes, image_shapes, pooled_masks)).sigmoid()
         result = [{"boxes": b, "labels": lab, "scores": s, "masks": m, "label_scores": ls}
                   for b, lab, s, m, ls in zip(boxes, labels, scores, masks, label_scores.split([len(b) for b in boxes]))]
         return result, {}
 
 
-def score_boxes(model: nn.Module, images: list[torch.Tensor], boxes: list[torch.Tensor]) -> list[torch.Tensor]:
+def box_masks(cells: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Each cell's mask projected on its box, float [K, size, size]: ``cells`` bool/uint8
+    [K, H, W], one mask per box, in the boxes' px (RoIAlign, as Mask R-CNN's mask targets)."""
+    if not len(boxes):
+        return boxes.new_zeros((0, size, size))
+    return project_masks_on_boxes(cells.float(), boxes.float(), torch.arange(len(boxes), device=boxes.device), size)
+
+
+def score_boxes(model: nn.Module, images: list[torch.Tensor], boxes: list[torch.Tensor],
+                masks: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """19 sigmoid label scores for each given box of each image, from a multilabel-head model.
 
     ``images``: float [C, H, W] in [0, 1], as the model takes them; ``boxes``: float [K_i, 4] xyxy
@@ -325,7 +371,9 @@ def score_boxes(model: nn.Module, images: list[torch.Tensor], boxes: list[torch.
     boxes' order. Runs the model's transform (boxes follow if it resizes), backbone and
     ``MultiLabelRoIHeads.score_boxes``; call it on a model in eval mode under ``torch.no_grad()``.
     A box's scores do not depend on the other boxes. The softmax head has no per-box label
-    scores (its class scores belong to the boxes it regresses): ValueError.
+    scores (its class scores belong to the boxes it regresses): ValueError. ``masks``: each box's
+    cell, bool [K_i, H, W] in the images' px, needed by a head with ``label_pooling="mask"``
+    (ignored by the box pooling).
     """
     if not isinstance(model.roi_heads, MultiLabelRoIHeads):
         raise ValueError("score_boxes needs a model with the multilabel head (model.head=multilabel); "
@@ -335,6 +383,13 @@ def score_boxes(model: nn.Module, images: list[torch.Tensor], boxes: list[torch.
     for b in boxes:
         if b.ndim != 2 or b.shape[1] != 4:
             raise ValueError(f"score_boxes: boxes must be float [K, 4] xyxy, got shape {tuple(b.shape)}")
+    pooled_masks = None
+    if model.roi_heads.label_pooling == "mask":
+        if masks is None or len(masks) != len(boxes):
+            raise ValueError("this detector pools its label features by the cells' masks (model.label_pooling=mask): "
+                             "give score_boxes one mask per box")
+        size = model.roi_heads._pool_size()
+        pooled_masks = [box_masks(m.to(b.device), b, size) for m, b in zip(masks, boxes, strict=True)]
     original_sizes = [tuple(image.shape[-2:]) for image in images]
     image_list, _ = model.transform(images)
     device = image_list.tensors.device
@@ -343,13 +398,14 @@ def score_boxes(model: nn.Module, images: list[torch.Tensor], boxes: list[torch.
     features = model.backbone(image_list.tensors)
     if isinstance(features, torch.Tensor):  # the single-map backbone, as GeneralizedRCNN wraps it
         features = OrderedDict([("0", features)])
-    return model.roi_heads.score_boxes(features, boxes, image_list.image_sizes)
+    return model.roi_heads.score_boxes(features, boxes, image_list.image_sizes,
+                                       [m.to(device) for m in pooled_masks] if pooled_masks is not None else None)
 
 
-def _multilabel_roi_heads(old: RoIHeads, num_labels: int) -> MultiLabelRoIHeads:
+def _multilabel_roi_heads(old: RoIHeads, num_labels: int, label_pooling: str = "box") -> MultiLabelRoIHeads:
     """The same pieces and settings as torchvision built, plus the multi-label classifier."""
     return MultiLabelRoIHeads(
-        num_labels, old.box_predictor.cls_score.in_features,
+        num_labels, old.box_predictor.cls_score.in_features, label_pooling,
         box_roi_pool=old.box_roi_pool, box_head=old.box_head, box_predictor=old.box_predictor,
         fg_iou_thresh=old.proposal_matcher.high_threshold, bg_iou_thresh=old.proposal_matcher.low_threshold,
         batch_size_per_image=old.fg_bg_sampler.batch_size_per_image, positive_fraction=old.fg_bg_sampler.positive_fraction,
@@ -423,7 +479,7 @@ def build_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES, image_size: in
                      rpn_pre_nms_top_n_test=max(cfg.rpn_post_nms_top_n_test, 1000),
                      box_batch_size_per_image=cfg.box_batch_size_per_image)
     if multilabel:
-        model.roi_heads = _multilabel_roi_heads(model.roi_heads, num_classes)
+        model.roi_heads = _multilabel_roi_heads(model.roi_heads, num_classes, cfg.label_pooling)
 
     mean, std = default_pixel_stats(cfg.in_channels)
     if weights is not None and weights[0] == "detectron2":
