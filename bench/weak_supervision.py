@@ -54,9 +54,10 @@ features model refined, ``features_r1``):
   mil_r1 (its init: the cell DenseNet121 on mil_r1); ``maskrcnn-distilled`` (distillation): the
   same init, trained to match the MIL features model's cell scores as soft targets
   (``mil_soft``: ``refine --soft relative`` with the model that refines mil_r1; the ablation of
-  soft against hard targets is ``maskrcnn-mil-refined``); ``maskrcnn-distilled-mask`` and
-  ``maskrcnn-oracle-mask``: the same with ``model.label_pooling=mask`` (the label head reads the
-  cell's mask-weighted RoI features, not its whole box);
+  soft against hard targets is ``maskrcnn-mil-refined``); any detector kind with ``-mask``
+  (``maskrcnn-mil-refined-mask``, ``maskrcnn-oracle-mask``): the same with
+  ``model.label_pooling=mask`` (the label head reads the cell's mask-weighted RoI features, not
+  its whole box);
 - any method with ``+fusion`` also predicts with ``--image-fusion 0.3``.
 
 Writes OUT/results.json (one record per row: method, mAP, within_image_auc, seconds = training,
@@ -142,8 +143,8 @@ CELL_METHODS = (*FEATURE_ROWS, *FEATURE_ENSEMBLES, "cell", "cell-oracle", "cell-
 ORACLE_OF = {"features": "features-oracle", "boosted": "boosted-oracle", "cell": "cell-oracle",
              "ensemble": "ensemble-oracle", "features-mil-ensemble": "features-ensemble-oracle",
              "maskrcnn": "maskrcnn-oracle"}
-DETECTOR_KINDS = ("maskrcnn", "maskrcnn-oracle", "maskrcnn-refined", "maskrcnn-mil-refined", "maskrcnn-distilled",
-                  "maskrcnn-distilled-mask", "maskrcnn-oracle-mask")
+# each also with "-mask": model.label_pooling=mask (e.g. maskrcnn-mil-refined-mask:densenet121_fpn)
+DETECTOR_KINDS = ("maskrcnn", "maskrcnn-oracle", "maskrcnn-refined", "maskrcnn-mil-refined", "maskrcnn-distilled")
 
 
 def method_error(method: str) -> str | None:
@@ -153,14 +154,14 @@ def method_error(method: str) -> str | None:
     if base in BASELINES or base in CELL_METHODS:
         return None
     kind, colon, backbone = base.partition(":")
-    if kind in DETECTOR_KINDS:
+    if kind.removesuffix("-mask") in DETECTOR_KINDS:
         if not colon or not backbone:
             return f"method {method!r}: name the backbone, e.g. {kind}:densenet121_fpn"
         if backbone not in BACKBONE_NAMES:
             return f"method {method!r}: unknown backbone {backbone!r}; choose from {', '.join(BACKBONE_NAMES)}"
         return None
     return (f"unknown method {method!r}; choose from {', '.join(BASELINES + CELL_METHODS)} or "
-            f"{'|'.join(DETECTOR_KINDS)}:BACKBONE, any of them with +fusion")
+            f"{'|'.join(DETECTOR_KINDS)}[-mask]:BACKBONE, any of them with +fusion")
 FUSION = 0.3
 
 

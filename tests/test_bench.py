@@ -124,7 +124,8 @@ def test_weak_supervision_refuses_unknown_methods_before_training(tmp_path, caps
     assert bench.method_error("maskrcnn-mil-refined:densenet121_fpn") is None
     assert bench.oracle_of("maskrcnn-distilled:densenet121_fpn") == "maskrcnn-oracle:densenet121_fpn"
     assert bench.oracle_of("maskrcnn-distilled-mask:densenet121_fpn") == "maskrcnn-oracle-mask:densenet121_fpn"
-    assert bench.method_error("maskrcnn-distilled-mask:densenet121_fpn") is None
+    assert bench.method_error("maskrcnn-mil-refined-mask:densenet121_fpn") is None
+    assert "unknown method" in bench.method_error("maskrcnn-mask-mask:densenet121_fpn")
     assert bench.method_error("ensemble+fusion") is None
     assert "unknown backbone 'resnext101_fpn'" in bench.method_error("maskrcnn-refined:resnext101_fpn")
     assert "name the backbone" in bench.method_error("maskrcnn-oracle")
