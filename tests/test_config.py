@@ -101,3 +101,22 @@ def test_one_registry_of_families_names_what_the_models_build():
     with pytest.raises(ConfigError, match="train.device = 'tpu'; choose one of auto, cpu, cuda, cuda:N"):
         load_config(None, ["train.device=tpu"])
     assert load_config(None, ["train.device=cuda:1"]).train.device == "cuda:1"
+
+
+def test_resume_changes_treat_a_key_added_later_at_its_default_as_no_change():
+    """A run folder started before a config key existed resumes when the key is at its default
+    (that is what the older version did), and is refused when it is not."""
+    from hpa_scc.config import resume_changes, to_dict
+
+    cfg = load_config(None)
+    saved = to_dict(cfg)
+    del saved["model"]["label_pooling"]  # written by a version without the key
+    assert resume_changes(saved, cfg) == ({}, {})
+    changed = load_config(None, ["model.head=multilabel", "model.label_pooling=mask"])
+    saved = to_dict(changed)
+    del saved["model"]["label_pooling"]
+    _, refused = resume_changes(saved, changed)
+    assert refused == {"model.label_pooling": (None, "mask")}
+    saved["optim"]["lr"] = 0.5  # a key the run does hold still counts
+    _, refused = resume_changes(saved, changed)
+    assert set(refused) == {"model.label_pooling", "optim.lr"}

@@ -450,11 +450,17 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def resume_changes(saved: dict, cfg: Config) -> tuple[dict, dict]:
     """(allowed, refused) differences {key: (saved, now)} between a run folder's config.yaml and
-    ``cfg``, split by ``RESUMABLE_CHANGES``. model.weights is allowed: a resumed run loads last.pt."""
+    ``cfg``, split by ``RESUMABLE_CHANGES``. model.weights is allowed: a resumed run loads last.pt. A key
+    the saved config lacks (a run started before the key existed) is no difference at its default."""
     old, new = _flat(saved), _flat(to_dict(cfg))
     for tree in (old, new):  # one folder, however it is written
         if tree.get("data.prepared_dir"):
             tree["data.prepared_dir"] = os.path.realpath(tree["data.prepared_dir"])
+    # a key a later version added, at its default, is what a run started before it did
+    defaults = _flat(to_dict(Config()))
+    for k in set(new) - set(old):
+        if k in defaults and new[k] == defaults[k]:
+            old[k] = new[k]
     diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
     allowed = {k: v for k, v in diff.items() if k in RESUMABLE_CHANGES}
     return allowed, {k: v for k, v in diff.items() if k not in RESUMABLE_CHANGES}
