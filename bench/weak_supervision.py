@@ -58,7 +58,10 @@ features model refined, ``features_r1``):
   (``maskrcnn-mil-refined-mask``, ``maskrcnn-oracle-mask``): the same with
   ``model.label_pooling=mask`` (the label head reads the cell's mask-weighted RoI features, not
   its whole box);
-- any method with ``+fusion`` also predicts with ``--image-fusion 0.3``.
+- any method with ``+fusion`` also predicts with ``--image-fusion 0.3``; a detector or crop-CNN
+  row with ``+boosted`` (e.g. ``maskrcnn-mil-refined:densenet121_fpn+boosted``) predicts as an
+  ensemble with the boosted features model of the same supervision (``boosted-mil-refined``; its
+  oracle: ``boosted-oracle``), each cell the mean of the two models' scores (``predict --ensemble``).
 
 Writes OUT/results.json (one record per row: method, mAP, within_image_auc, seconds = training,
 predict_seconds), OUT/results.md (with each weak row over its own oracle and over the pair's best
@@ -147,10 +150,22 @@ ORACLE_OF = {"features": "features-oracle", "boosted": "boosted-oracle", "cell":
 DETECTOR_KINDS = ("maskrcnn", "maskrcnn-oracle", "maskrcnn-refined", "maskrcnn-mil-refined", "maskrcnn-distilled")
 
 
+def split_method(method: str) -> tuple[str, bool, bool]:
+    """(the row's own model, +fusion, +boosted) of a method name: suffixes in either order."""
+    fusion = boosted = False
+    while method.endswith(("+fusion", "+boosted")):
+        fusion |= method.endswith("+fusion")
+        boosted |= method.endswith("+boosted")
+        method = method.rsplit("+", 1)[0]
+    return method, fusion, boosted
+
+
 def method_error(method: str) -> str | None:
     """Why ``method`` is not a row this protocol can measure (None when it is), checked before
     anything is trained so that a typo in the last method does not surface an hour in."""
-    base = method.removesuffix("+fusion")
+    base, _, boosted = split_method(method)
+    if boosted and not base.startswith(("cell", "maskrcnn")):
+        return f"method {method!r}: +boosted ensembles a crop-CNN or detector row with the boosted features model"
     if base in BASELINES or base in CELL_METHODS:
         return None
     kind, colon, backbone = base.partition(":")
@@ -161,7 +176,7 @@ def method_error(method: str) -> str | None:
             return f"method {method!r}: unknown backbone {backbone!r}; choose from {', '.join(BACKBONE_NAMES)}"
         return None
     return (f"unknown method {method!r}; choose from {', '.join(BASELINES + CELL_METHODS)} or "
-            f"{'|'.join(DETECTOR_KINDS)}[-mask]:BACKBONE, any of them with +fusion")
+            f"{'|'.join(DETECTOR_KINDS)}[-mask]:BACKBONE, any of them with +fusion (CNN rows: +boosted)")
 FUSION = 0.3
 
 
@@ -258,7 +273,7 @@ class Protocol:
 
     def run(self, method: str) -> dict:
         """Train what ``method`` needs (resumable) and predict + score the test set."""
-        base, fusion = method.removesuffix("+fusion"), method.endswith("+fusion")
+        base, fusion, boosted = split_method(method)
         options: dict = {"image_fusion": FUSION if fusion else 0.0}
         trained = []
         if base in BASELINES:
@@ -298,6 +313,10 @@ class Protocol:
                 options["run_dir"] = self.maskrcnn(backbone, labels, mask_pooling=mask_pooling)
         else:
             raise SystemExit(method_error(method))
+        if boosted:  # the row's model and the boosted features model of the same supervision, averaged per cell
+            partner = self.feature_row("boosted-oracle" if "oracle" in base else "boosted-mil-refined")
+            options["ensemble"] = [*options.get("ensemble", []), partner]
+            trained.append(partner.name)
         seconds = sum(v for k, v in self.seconds.items() if options.get("run_dir") and (
             k.replace(":", "-") == Path(options["run_dir"]).name or k in trained))
         out = self.out / "predict" / method.replace(":", "-").replace("+", "-")
@@ -344,7 +363,9 @@ def test_auc(test_set: Path, pred_dir: Path) -> float | None:
 
 def oracle_of(method: str) -> str | None:
     """The row that trains ``method``'s model on the true cell labels (None: a baseline or an oracle)."""
-    base = method.removesuffix("+fusion")
+    base, _, boosted = split_method(method)
+    if boosted:
+        return None if oracle_of(base) is None else f"{oracle_of(base)}+boosted"
     if "oracle" in base or base in BASELINES:
         return None
     kind, colon, backbone = base.partition(":")
@@ -358,7 +379,7 @@ def oracle_of(method: str) -> str | None:
 
 def is_weak(method: str) -> bool:
     """A row trained on image labels alone (no truth): the rows the targets are about."""
-    return method.removesuffix("+fusion") not in BASELINES and "oracle" not in method
+    return split_method(method)[0] not in BASELINES and "oracle" not in method
 
 
 def format_markdown(rows: list[dict], params: dict, refinement: dict | None = None) -> str:

@@ -127,6 +127,12 @@ def test_weak_supervision_refuses_unknown_methods_before_training(tmp_path, caps
     assert bench.method_error("maskrcnn-mil-refined-mask:densenet121_fpn") is None
     assert "unknown method" in bench.method_error("maskrcnn-mask-mask:densenet121_fpn")
     assert bench.method_error("ensemble+fusion") is None
+    # +boosted: a CNN row averaged with the boosted features model of the same supervision
+    assert bench.split_method("maskrcnn-mil-refined:densenet121_fpn+boosted+fusion") == (
+        "maskrcnn-mil-refined:densenet121_fpn", True, True)
+    assert bench.method_error("maskrcnn-mil-refined:densenet121_fpn+boosted") is None
+    assert bench.oracle_of("cell-mil-refined+boosted") == "cell-oracle+boosted"
+    assert "+boosted ensembles a crop-CNN or detector row" in bench.method_error("features+boosted")
     assert "unknown backbone 'resnext101_fpn'" in bench.method_error("maskrcnn-refined:resnext101_fpn")
     assert "name the backbone" in bench.method_error("maskrcnn-oracle")
     with pytest.raises(SystemExit) as exit_info:
