@@ -45,7 +45,9 @@ features model refined, ``features_r1``):
   by the rest: distillation into the features models);
 - ``features-mil-ensemble``: features-mil-refined and boosted-mil-refined averaged per cell (the
   method docs/RESULTS.md names, chosen on seed pairs the report does not use);
-  ``features-ensemble-oracle``: the same two on the true labels;
+  ``features-ensemble-oracle``: the same two on the true labels; ``mil-teacher-student``:
+  features-mil (the MIL model, the teacher that refines mil_r1) and boosted-mil-refined (its
+  student) averaged per cell; its oracle is features-ensemble-oracle;
 - ``maskrcnn:BACKBONE``, ``maskrcnn-oracle:BACKBONE``, ``maskrcnn-refined:BACKBONE``: Mask R-CNN,
   multilabel head, segmenter cells scored through the RoI heads (``--cell-scoring boxes``).
   ``maskrcnn-refined`` trains on features_r1 and, for the DenseNet121 backbones, starts from a
@@ -139,12 +141,16 @@ FEATURE_ROWS = {
 }
 # Per-cell means of two features rows' scores (predict --ensemble)
 FEATURE_ENSEMBLES = {"features-mil-ensemble": ("features-mil-refined", "boosted-mil-refined"),
+                     # the MIL model itself (the teacher) and the boosted trees on the labels it refined
+                     "mil-teacher-student": ("features-mil", "boosted-mil-refined"),
+                     "mil-teacher-students": ("features-mil", "features-mil-refined", "boosted-mil-refined"),
                      "features-ensemble-oracle": ("features-oracle", "boosted-oracle")}
 CELL_METHODS = (*FEATURE_ROWS, *FEATURE_ENSEMBLES, "cell", "cell-oracle", "cell-refined", "cell-mil", "cell-mil-refined",
                 "ensemble", "ensemble-oracle")
 # Each row's twin trained on the true cell labels (the "/ its oracle" column)
 ORACLE_OF = {"features": "features-oracle", "boosted": "boosted-oracle", "cell": "cell-oracle",
              "ensemble": "ensemble-oracle", "features-mil-ensemble": "features-ensemble-oracle",
+             "mil-teacher-student": "features-ensemble-oracle", "mil-teacher-students": "features-ensemble-oracle",
              "maskrcnn": "maskrcnn-oracle"}
 # each also with "-mask": model.label_pooling=mask (e.g. maskrcnn-mil-refined-mask:densenet121_fpn)
 DETECTOR_KINDS = ("maskrcnn", "maskrcnn-oracle", "maskrcnn-refined", "maskrcnn-mil-refined", "maskrcnn-distilled")
@@ -281,9 +287,9 @@ class Protocol:
         elif base in FEATURE_ROWS:
             options["run_dir"] = self.feature_row(base)
         elif base in FEATURE_ENSEMBLES:
-            first, second = FEATURE_ENSEMBLES[base]
-            options.update(run_dir=self.feature_row(first), ensemble=[self.feature_row(second)])
-            trained.append(Path(options["ensemble"][0]).name)
+            first, *others = FEATURE_ENSEMBLES[base]
+            options.update(run_dir=self.feature_row(first), ensemble=[self.feature_row(o) for o in others])
+            trained += [Path(o).name for o in options["ensemble"]]
         elif base in ("cell", "cell-oracle", "cell-refined"):
             labels = {"cell": "image", "cell-oracle": "truth", "cell-refined": None}[base]
             options["run_dir"] = self.cell(labels or self.refined_labels())

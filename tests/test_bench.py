@@ -239,3 +239,30 @@ def test_feature_models_bench_prints_its_rows_and_the_trees_agree_with_scikit_le
     scale = bench.main(["--mil-scale-cells", "2000", "--mil-steps", "2"])
     assert scale["cells"] == 2000 and scale["seconds_per_step"] > 0
     assert "fit_feature_mil at 2000 cells (100 bags)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_weak_supervision_teacher_student_row_is_the_mean_of_its_two_models(tmp_path):
+    """mil-teacher-student: each test cell's scores are the mean of the MIL model's (the teacher)
+    and the boosted trees' trained on the labels that model refined (the student)."""
+    import csv
+
+    import numpy as np
+
+    bench = load("weak_supervision")
+    out = tmp_path / "weak"
+    methods = ["features-mil", "boosted-mil-refined", "mil-teacher-student"]
+    result = bench.main(["--out", str(out), "--train-images", "9", "--test-images", "3", "--size", "192",
+                         "--methods", *methods])
+    assert [r["method"] for r in result["rows"]] == methods
+
+    def scores(method):
+        with open(out / "predict" / method / "cells.csv") as f:
+            return {(r["ID"], r["cell"]): [float(r[f"conf_{c}"]) for c in range(19)] for r in csv.DictReader(f)}
+
+    teacher, student, both = scores("features-mil"), scores("boosted-mil-refined"), scores("mil-teacher-student")
+    assert set(both) == set(teacher) == set(student) and len(both) >= 3
+    for key, row in both.items():
+        np.testing.assert_allclose(row, (np.array(teacher[key]) + np.array(student[key])) / 2, atol=2e-6)
+    assert not np.allclose([teacher[k] for k in both], [student[k] for k in both], atol=1e-3)  # two different models
+    assert (out / "prepared" / "coco_mil_r1" / "refine.json").is_file()
