@@ -47,7 +47,9 @@ features model refined, ``features_r1``):
   method docs/RESULTS.md names, chosen on seed pairs the report does not use);
   ``features-ensemble-oracle``: the same two on the true labels; ``mil-teacher-student``:
   features-mil (the MIL model, the teacher that refines mil_r1) and boosted-mil-refined (its
-  student) averaged per cell; its oracle is features-ensemble-oracle;
+  student) averaged per cell; its oracle is features-ensemble-oracle, its image-label twin
+  ``teacher-student`` (features and boosted-refined: the logistic model on image labels and the
+  boosted trees on the labels it refined); ``mil-teacher-students`` adds features-mil-refined;
 - ``maskrcnn:BACKBONE``, ``maskrcnn-oracle:BACKBONE``, ``maskrcnn-refined:BACKBONE``: Mask R-CNN,
   multilabel head, segmenter cells scored through the RoI heads (``--cell-scoring boxes``).
   ``maskrcnn-refined`` trains on features_r1 and, for the DenseNet121 backbones, starts from a
@@ -144,6 +146,9 @@ FEATURE_ENSEMBLES = {"features-mil-ensemble": ("features-mil-refined", "boosted-
                      # the MIL model itself (the teacher) and the boosted trees on the labels it refined
                      "mil-teacher-student": ("features-mil", "boosted-mil-refined"),
                      "mil-teacher-students": ("features-mil", "features-mil-refined", "boosted-mil-refined"),
+                     # its image-label twin: the logistic model on image labels and the boosted trees on
+                     # the labels it refined (features_r1)
+                     "teacher-student": ("features", "boosted-refined"),
                      "features-ensemble-oracle": ("features-oracle", "boosted-oracle")}
 CELL_METHODS = (*FEATURE_ROWS, *FEATURE_ENSEMBLES, "cell", "cell-oracle", "cell-refined", "cell-mil", "cell-mil-refined",
                 "ensemble", "ensemble-oracle")
@@ -151,6 +156,7 @@ CELL_METHODS = (*FEATURE_ROWS, *FEATURE_ENSEMBLES, "cell", "cell-oracle", "cell-
 ORACLE_OF = {"features": "features-oracle", "boosted": "boosted-oracle", "cell": "cell-oracle",
              "ensemble": "ensemble-oracle", "features-mil-ensemble": "features-ensemble-oracle",
              "mil-teacher-student": "features-ensemble-oracle", "mil-teacher-students": "features-ensemble-oracle",
+             "teacher-student": "features-ensemble-oracle",
              "maskrcnn": "maskrcnn-oracle"}
 # each also with "-mask": model.label_pooling=mask (e.g. maskrcnn-mil-refined-mask:densenet121_fpn)
 DETECTOR_KINDS = ("maskrcnn", "maskrcnn-oracle", "maskrcnn-refined", "maskrcnn-mil-refined", "maskrcnn-distilled")

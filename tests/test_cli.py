@@ -78,14 +78,18 @@ def test_demo_end_to_end(tmp_path):
     log = (out / "demo.log").read_text()
     assert "INFO hpa_scc.apps.predict: 2 images predicted, 0 skipped" in log and "INFO hpa_scc.apps.refine:" in log
     assert "mil_r1: threshold 0.00, relative 0.25" in proc.stdout
-    features_line = next(line for line in proc.stdout.splitlines() if line.startswith("per-cell features, MIL-refined"))
+    features_line = next(line for line in proc.stdout.splitlines() if line.startswith("per-cell features, MIL teacher+student"))
     assert 0.0 < float(features_line.split()[-1]) <= 1.0
-    assert (out / "predict" / "features-refined" / "submission.csv").is_file()
-    # the logistic and boosted refits on the MIL-refined labels, averaged per cell
-    assert load_config(out / "boosted-refined" / "config.yaml").model.feature_classifier == "boosting"
-    assert load_config(out / "features-mil" / "config.yaml").model.mil == "lse"
-    settings = (out / "predict" / "features-refined" / "predict.json").read_text()
-    assert str((out / "boosted-refined").resolve()) in settings and str((out / "features-refined").resolve()) in settings
+    assert (out / "predict" / "mil-teacher-student" / "submission.csv").is_file()
+    # the MIL teacher (every fold's image labels) and the boosted student on the labels the MIL
+    # model of folds 1-2 refined, averaged per cell
+    boosted = load_config(out / "boosted-refined" / "config.yaml")
+    assert boosted.model.feature_classifier == "boosting" and boosted.data.labels == "mil_r1"
+    teacher = load_config(out / "features-mil-all" / "config.yaml")
+    assert teacher.model.mil == "lse" and teacher.data.labels == "image" and teacher.data.val_fold == -1
+    assert load_config(out / "features-mil" / "config.yaml").data.val_fold == 0  # the model that refined mil_r1
+    settings = (out / "predict" / "mil-teacher-student" / "predict.json").read_text()
+    assert str((out / "boosted-refined").resolve()) in settings and str((out / "features-mil-all").resolve()) in settings
     truth_line = next(line for line in proc.stdout.splitlines() if line.startswith("baseline: the truth"))
     assert float(truth_line.split()[-1]) == 1.0  # the truth scores exactly 1
     assert (out / "predict" / "model" / "submission.csv").is_file()

@@ -3,7 +3,8 @@
 Six steps, each a call into the package the other commands make too: a synthetic HPA set;
 the training set built from it (builtin segmentation, cache, COCO per fold); the segmentation
 scored against the synthetic truth; Mask R-CNN trained on image labels; the per-cell features
-model trained by MIL, its labels refined once, a logistic and a boosted model refitted and averaged; a held-out synthetic set predicted by both
+model trained by MIL (the teacher), the labels it refines and boosted trees fitted on them (the
+student), the two averaged per cell; a held-out synthetic set predicted by both
 models and both baselines and scored with the competition metric, with each cell's predicted
 labels drawn beside the truth for the best model (by that score) and for Mask R-CNN, each in its
 own folder (OUT/figures/overlays_<model>/). Everything goes under one
@@ -127,34 +128,36 @@ def train_detector(cfg: Config, progress: bool) -> Path:
 
 
 def train_cell_model(out: Path, prepared: Path) -> tuple[Path, Path]:
-    """Step 5: the per-cell method of docs/RESULTS.md: a features model trained by MIL on the
-    image labels of folds 1-2 narrows every training cell's labels (relative rule, mil_r1); a
-    logistic and a boosted-trees features model are fitted on them (every fold) and averaged
-    per cell at prediction. Returns the two run folders."""
+    """Step 5: the per-cell method of docs/RESULTS.md (``mil-teacher-student``): a features model
+    trained by MIL on the image labels of folds 1-2 narrows every training cell's labels (relative
+    rule, mil_r1); boosted trees are fitted on them (every fold), the student; the teacher is the
+    same MIL model fitted on every fold's image labels. Prediction averages the two per cell.
+    Returns (teacher, student) run folders."""
     from hpa_scc.apps.refine import RELATIVE_RULE, refine_prepared
     from hpa_scc.engine.train import train
 
     common = [f"data.prepared_dir={prepared}"]  # the training size follows the prepared set
-    print("\n[5/6] per-cell features: MIL on image labels, labels refined once, logistic + boosted trees refitted "
-          "(seconds)")
+    print("\n[5/6] per-cell features: MIL on image labels (the teacher), labels refined once, boosted trees "
+          "fitted on them (the student) (seconds)")
     first = out / "features-mil"
     train(load_config(CONFIGS_DIR / "cell_features_mil.yaml", common + [f"train.run_dir={first}"]), progress=False)
     report = refine_prepared(first, prepared, name="mil_r1", held_out_folds=[0], threshold=0.0,
                              relative=RELATIVE_RULE, min_f1=0.0, progress=False)
     print(report.summary())
-    refit = common + ["data.val_fold=-1", "data.labels=mil_r1"]
-    logistic, boosted = out / "features-refined", out / "boosted-refined"
-    train(load_config(CONFIGS_DIR / "cell_features.yaml", refit + [f"train.run_dir={logistic}"]), progress=False)
-    train(load_config(CONFIGS_DIR / "cell_features_boosted.yaml", refit + [f"train.run_dir={boosted}"]),
+    teacher, boosted = out / "features-mil-all", out / "boosted-refined"
+    train(load_config(CONFIGS_DIR / "cell_features_mil.yaml", common + ["data.val_fold=-1", f"train.run_dir={teacher}"]),
           progress=False)
-    return logistic, boosted
+    train(load_config(CONFIGS_DIR / "cell_features_boosted.yaml",
+                      common + ["data.val_fold=-1", "data.labels=mil_r1", f"train.run_dir={boosted}"]), progress=False)
+    return teacher, boosted
 
 
 # The trained models step 6 scores, by their console name: (prediction folder under OUT/predict,
 # overlay folder under OUT/figures). The baselines are scored too but have no overlays.
 MASKRCNN = "Mask R-CNN (segmenter cells)"
-FEATURES = "per-cell features, MIL-refined"
-MODEL_FOLDERS = {MASKRCNN: ("model", "overlays_maskrcnn"), FEATURES: ("features-refined", "overlays_features-refined")}
+FEATURES = "per-cell features, MIL teacher+student"
+MODEL_FOLDERS = {MASKRCNN: ("model", "overlays_maskrcnn"),
+                 FEATURES: ("mil-teacher-student", "overlays_mil-teacher-student")}
 N_OVERLAYS = 4
 
 
