@@ -44,7 +44,7 @@ features model refined, ``features_r1``):
   ``mil_soft``'s soft targets (each cell a positive row weighted by its target and a negative one
   by the rest: distillation into the features models);
 - ``features-mil-ensemble``: features-mil-refined and boosted-mil-refined averaged per cell (the
-  method docs/RESULTS.md names, chosen on seed pairs the report does not use);
+  method before ``mil-teacher-student``; both chosen on seed pairs the report does not use);
   ``features-ensemble-oracle``: the same two on the true labels; ``mil-teacher-student``:
   features-mil (the MIL model, the teacher that refines mil_r1) and boosted-mil-refined (its
   student) averaged per cell; its oracle is features-ensemble-oracle, its image-label twin
