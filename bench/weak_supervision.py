@@ -64,8 +64,9 @@ features model refined, ``features_r1``):
   its whole box);
 - any method with ``+fusion`` also predicts with ``--image-fusion 0.3``; a detector or crop-CNN
   row with ``+boosted`` (e.g. ``maskrcnn-mil-refined:densenet121_fpn+boosted``) predicts as an
-  ensemble with the boosted features model of the same supervision (``boosted-mil-refined``; its
-  oracle: ``boosted-oracle``), each cell the mean of the two models' scores (``predict --ensemble``).
+  ensemble with the boosted student ``boosted-mil-refined`` (an oracle row: with ``boosted-oracle``),
+  whatever labels the row itself trained on; each cell the mean of the two models' scores
+  (``predict --ensemble``).
 
 Writes OUT/results.json (one record per row: method, mAP, within_image_auc, seconds = training,
 predict_seconds), OUT/results.md (with each weak row over its own oracle and over the pair's best
@@ -325,7 +326,7 @@ class Protocol:
                 options["run_dir"] = self.maskrcnn(backbone, labels, mask_pooling=mask_pooling)
         else:
             raise SystemExit(method_error(method))
-        if boosted:  # the row's model and the boosted features model of the same supervision, averaged per cell
+        if boosted:  # the row's model and the boosted student (an oracle row: the boosted oracle), averaged per cell
             partner = self.feature_row("boosted-oracle" if "oracle" in base else "boosted-mil-refined")
             options["ensemble"] = [*options.get("ensemble", []), partner]
             trained.append(partner.name)
