@@ -106,11 +106,11 @@ PROFILES = {
     # 2 CPU cores: every method of DEFAULT_METHODS in about an hour
     "cpu": {"train_images": 48, "test_images": 24, "size": 256, "workers": 2,
             "cell_epochs": 30, "cell_batch": 64, "crop_size": 64,
-            "det_epochs": 40, "det_batch": 2, "det_lr": 0.01, "det_warmup": 50},
+            "det_epochs": 40, "det_batch": 2, "det_lr": 0.01, "det_warmup": 50, "det_cell_init": 1},
     # one GPU: 512 px, the real task's cache size
     "gpu": {"train_images": 600, "test_images": 150, "size": 512, "workers": 8,
             "cell_epochs": 30, "cell_batch": 256, "crop_size": 96,
-            "det_epochs": 24, "det_batch": 8, "det_lr": 0.02, "det_warmup": 100},
+            "det_epochs": 24, "det_batch": 8, "det_lr": 0.02, "det_warmup": 100, "det_cell_init": 1},
 }
 # Detector config differences per profile: heads sized for ~20 cells per image (2.4x faster per
 # CPU step than COCO's defaults at 256 px).
@@ -159,8 +159,20 @@ ORACLE_OF = {"features": "features-oracle", "boosted": "boosted-oracle", "cell":
              "mil-teacher-student": "features-ensemble-oracle", "mil-teacher-students": "features-ensemble-oracle",
              "teacher-student": "features-ensemble-oracle",
              "maskrcnn": "maskrcnn-oracle"}
-# each also with "-mask": model.label_pooling=mask (e.g. maskrcnn-mil-refined-mask:densenet121_fpn)
+# each also with "-mask": model.label_pooling=mask (e.g. maskrcnn-mil-refined-mask:densenet121_fpn), and with
+# "-feat": model.cell_features=true (the label head also reads each cell's hand-made features), or both
 DETECTOR_KINDS = ("maskrcnn", "maskrcnn-oracle", "maskrcnn-refined", "maskrcnn-mil-refined", "maskrcnn-distilled")
+DETECTOR_OPTIONS = {"-mask": "model.label_pooling=mask", "-feat": "model.cell_features=true"}
+
+
+def detector_kind(kind: str) -> tuple[str, list[str]]:
+    """(the detector kind, its option suffixes in a fixed order) of e.g. ``maskrcnn-oracle-feat``."""
+    options = []
+    while kind.endswith(tuple(DETECTOR_OPTIONS)):
+        suffix = next(o for o in DETECTOR_OPTIONS if kind.endswith(o))
+        options.append(suffix)
+        kind = kind.removesuffix(suffix)
+    return kind, sorted(options)
 
 
 def split_method(method: str) -> tuple[str, bool, bool]:
@@ -182,14 +194,14 @@ def method_error(method: str) -> str | None:
     if base in BASELINES or base in CELL_METHODS:
         return None
     kind, colon, backbone = base.partition(":")
-    if kind.removesuffix("-mask") in DETECTOR_KINDS:
+    if detector_kind(kind)[0] in DETECTOR_KINDS:
         if not colon or not backbone:
             return f"method {method!r}: name the backbone, e.g. {kind}:densenet121_fpn"
         if backbone not in BACKBONE_NAMES:
             return f"method {method!r}: unknown backbone {backbone!r}; choose from {', '.join(BACKBONE_NAMES)}"
         return None
     return (f"unknown method {method!r}; choose from {', '.join(BASELINES + CELL_METHODS)} or "
-            f"{'|'.join(DETECTOR_KINDS)}[-mask]:BACKBONE, any of them with +fusion (CNN rows: +boosted)")
+            f"{'|'.join(DETECTOR_KINDS)}[-mask][-feat]:BACKBONE, any of them with +fusion (CNN rows: +boosted)")
 FUSION = 0.3
 
 
@@ -274,15 +286,17 @@ class Protocol:
             f"model.backbone={backbone}", f"data.labels={labels}", f"data.crop_size={crop}", f"data.val_fold={val_fold}",
             f"train.max_epochs={self.p['cell_epochs']}", *batch])
 
-    def maskrcnn(self, backbone: str, labels: str, weights: Path | None = None, mask_pooling: bool = False) -> Path:
-        key = f"maskrcnn-{backbone}-{labels}" + ("-cellinit" if weights else "") + ("-maskpool" if mask_pooling else "")
+    def maskrcnn(self, backbone: str, labels: str, weights: Path | None = None, options: tuple[str, ...] = ()) -> Path:
+        """A detector; ``options``: suffixes of DETECTOR_OPTIONS (-mask, -feat)."""
+        names = {"-mask": "-maskpool", "-feat": "-cellfeat"}
+        key = f"maskrcnn-{backbone}-{labels}" + ("-cellinit" if weights else "") + "".join(names[o] for o in options)
         p = self.p
         return self._train(key, f"{backbone}.yaml", [
             f"data.labels={labels}", "data.val_fold=0", f"train.max_epochs={p['det_epochs']}",
             f"train.images_per_gpu={p['det_batch']}", f"optim.lr={p['det_lr']}", f"optim.warmup_iters={p['det_warmup']}",
             f"train.val_every_epochs={p['det_epochs']}", "model.head=multilabel",
             f"model.weights={weights if weights else 'null'}", *DET_CONFIG[self.profile],
-            *(["model.label_pooling=mask"] if mask_pooling else [])])
+            *[DETECTOR_OPTIONS[o] for o in options]])
 
     def run(self, method: str) -> dict:
         """Train what ``method`` needs (resumable) and predict + score the test set."""
@@ -309,21 +323,20 @@ class Protocol:
             options.update(run_dir=self.cell(labels), ensemble=[self.features(labels)])
         elif base.startswith("maskrcnn"):
             kind, _, backbone = base.partition(":")
-            mask_pooling = kind.endswith("-mask")
-            kind = kind.removesuffix("-mask")
+            kind, det_options = detector_kind(kind)
             if kind in ("maskrcnn-refined", "maskrcnn-mil-refined", "maskrcnn-distilled"):
-                # the trunk starts from the cell DenseNet121 on the row's hard labels; the head
-                # trains on them, or (distilled) on the MIL model's soft targets
+                # the trunk starts from the cell DenseNet121 on the row's hard labels (unless
+                # --set det_cell_init=0); the head trains on them, or (distilled) on the MIL model's soft targets
                 refined = self.refined_labels(REFINED if kind == "maskrcnn-refined" else MIL_REFINED)
                 targets = self.refined_labels(MIL_SOFT) if kind == "maskrcnn-distilled" else refined
                 weights = None
-                if backbone.startswith("densenet121"):
+                if backbone.startswith("densenet121") and self.p["det_cell_init"]:
                     weights = self.cell(refined, "densenet121", crop_size=48) / "best.pt"
                     trained.append(f"cell-densenet121-48px-{refined}-val0")
-                options["run_dir"] = self.maskrcnn(backbone, targets, weights, mask_pooling)
+                options["run_dir"] = self.maskrcnn(backbone, targets, weights, tuple(det_options))
             else:
                 labels = {"maskrcnn": "image", "maskrcnn-oracle": "truth"}[kind]
-                options["run_dir"] = self.maskrcnn(backbone, labels, mask_pooling=mask_pooling)
+                options["run_dir"] = self.maskrcnn(backbone, labels, options=tuple(det_options))
         else:
             raise SystemExit(method_error(method))
         if boosted:  # the row's model and the boosted student (an oracle row: the boosted oracle), averaged per cell
@@ -342,7 +355,7 @@ class Protocol:
         epochs = (self.p["det_epochs"] if base.startswith("maskrcnn") else
                   self.p["cell_epochs"] if base.startswith(("cell", "ensemble")) else None)
         row = {"method": method, "mAP": result.mAP, "within_image_auc": auc, "seconds": round(seconds, 1),
-               "epochs": epochs,
+               "epochs": epochs, "run": Path(options["run_dir"]).name if options.get("run_dir") else None,
                "predict_seconds": round(predict_seconds, 1),
                "per_class": {c: (None if math.isnan(result.per_class_ap[c]) else result.per_class_ap[c])
                              for c in range(NUM_CLASSES)}}
@@ -383,7 +396,7 @@ def oracle_of(method: str) -> str | None:
         return None
     kind, colon, backbone = base.partition(":")
     if colon:
-        return f"maskrcnn-oracle{'-mask' if kind.endswith('-mask') else ''}:{backbone}"
+        return f"maskrcnn-oracle{''.join(detector_kind(kind)[1])}:{backbone}"
     for name in sorted(ORACLE_OF, key=len, reverse=True):
         if base == name or base.startswith(name + "-"):
             return ORACLE_OF[name]
@@ -543,7 +556,7 @@ def run_pair(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     out = args.out
     saved_params = out / "params.json"
     # budgets may differ between invocations (each row records its own); the data may not
-    budget = ("cell_epochs", "det_epochs", "workers")
+    budget = ("cell_epochs", "det_epochs", "workers", "det_cell_init")
     same_data = {k: v for k, v in params.items() if k not in budget}
     if saved_params.is_file() and {k: v for k, v in json.loads(saved_params.read_text()).items()
                                    if k not in budget} != same_data:

@@ -184,3 +184,23 @@ def test_a_damaged_store_is_refused_by_name(prepared, tmp_path):
     cut.write_bytes(b"PK\x03\x04" + b"\0" * 40)
     with pytest.raises(ValueError, match=r"cut.store is not an annotation store"):
         AnnotationStore.open(cut)
+
+
+def test_cell_feature_samples_measure_each_annotated_cell(prepared):
+    """CellInstances(cell_features=True): each cell's hand-made features, row k for mask k, as the
+    features family measures the same cells on the same cached image (flips leave them unchanged)."""
+    from hpa_scc.data.features import FEATURE_NAMES, cell_features
+
+    plain = CellInstances(prepared, [0])[0][1]
+    assert "cell_features" not in plain
+    image, target = CellInstances(prepared, [0], cell_features=True, uint8=True)[0]
+    masks = target["masks"].numpy()
+    assert target["cell_features"].shape == (len(masks), len(FEATURE_NAMES))
+    label_image = np.zeros(masks.shape[1:], np.int32)
+    for k, m in enumerate(masks, start=1):
+        label_image[m > 0] = k
+    expected = cell_features(image.numpy(), label_image, range(1, len(masks) + 1))
+    np.testing.assert_allclose(target["cell_features"].numpy(), expected, rtol=1e-6)
+    assert np.abs(expected).sum(1).min() > 0  # every cell measured
+    _, flipped = CellInstances(prepared, [0], cell_features=True, augment=True, seed=5)[0]
+    np.testing.assert_allclose(flipped["cell_features"].numpy(), expected, rtol=1e-6)

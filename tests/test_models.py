@@ -332,3 +332,96 @@ def test_box_scores_hand_a_mask_pooled_detector_each_segmenter_cells_mask():
     np.testing.assert_allclose(got, expected, atol=1e-6)
     flipped = box_scores(loaded, [image], [cells], [2], tta=True)[0]
     assert flipped.shape == (2, 19) and not np.allclose(flipped, got)
+
+
+def feature_batch(n_images: int = 2):
+    """make_batch's images and cells with each cell's hand-made features in the targets."""
+    import numpy as np
+
+    from hpa_scc.data.features import mask_features
+
+    images, targets = make_batch("multilabel", 4, n_images)
+    for image, target in zip(images, targets):
+        pixels = (image * 255).round().to(torch.uint8).numpy()
+        target["cell_features"] = torch.from_numpy(mask_features(pixels, target["masks"].numpy()))
+        assert np.abs(target["cell_features"].numpy()).sum(1).min() > 0
+    return images, targets
+
+
+def test_feature_head_trains_on_the_cells_features_and_scores_its_detections_under_their_masks():
+    """model.cell_features=true: the label head reads each cell's hand-made features beside its RoI
+    features. Training needs them in the targets and fits their scaler and weights; the model's own
+    detections are scored under their masks, as score_boxes scores the same boxes and masks; the
+    features move the scores where the RoI features do not."""
+    from hpa_scc.config import ConfigError, load_config
+    from hpa_scc.models.detector import CellFeatureMaskRCNN
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="densenet121", in_channels=4, cell_features=True), image_size=SIZE)
+    assert isinstance(model, CellFeatureMaskRCNN) and model.roi_heads.cell_features == 78
+    images, targets = feature_batch()
+    model.train()
+    before = {k: v.detach().clone() for k, v in model.roi_heads.state_dict().items() if k.startswith("feature_")}
+    losses = model(images, targets)
+    assert set(losses) == LOSSES["multilabel"] and all(math.isfinite(v.item()) for v in losses.values())
+    sum(losses.values()).backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    after = model.roi_heads.state_dict()
+    for key in ("feature_predictor.weight", "feature_norm.running_mean", "feature_norm.running_var"):
+        assert not torch.equal(after[key], before[key]), f"{key} did not change"
+    with pytest.raises(ValueError, match="model.cell_features=true"):
+        model(images, [{k: v for k, v in t.items() if k != "cell_features"} for t in targets])
+
+    model.eval()
+    model.roi_heads.score_thresh = 0.0  # an untrained detector: keep what it finds
+    with torch.no_grad():
+        detections = model(images)
+    assert sum(len(d["boxes"]) for d in detections) > 0
+    for image, d in zip(images, detections):
+        assert d["label_scores"].shape == (len(d["boxes"]), 19)
+        if len(d["boxes"]):
+            with torch.no_grad():
+                again = score_boxes(model, [image], [d["boxes"]], [d["masks"][:, 0] > 0.5])[0]
+            torch.testing.assert_close(d["label_scores"], again, rtol=0, atol=1e-5)
+
+    # the same boxes with other features: only the feature term moves the scores
+    boxes = [targets[0]["boxes"]]
+    feats = targets[0]["cell_features"]
+    with torch.no_grad():
+        base = score_boxes(model, images[:1], boxes, cell_features=[feats])[0]
+        moved = score_boxes(model, images[:1], boxes, cell_features=[feats.flip(0)])[0]
+    assert base.shape == moved.shape == (3, 19) and not torch.allclose(base, moved)
+    with pytest.raises(ValueError, match="give score_boxes the cells' features, or one mask per box"):
+        score_boxes(model, images[:1], boxes)
+    with pytest.raises(ConfigError, match="model.cell_features=true is a choice of the torchvision Mask R-CNN"):
+        load_config(None, ["model.cell_features=true", "model.in_channels=3"])
+    with pytest.raises(ConfigError, match="model.cell_features=true"):
+        load_config(None, ["model.cell_features=true", "model.head=softmax"])
+
+
+def test_box_scores_hand_a_feature_head_each_segmenter_cells_features():
+    """The predict/refine path: a feature-head detector's segmenter cells are measured with the
+    features family's own cell_features on the label image; the same as score_boxes measuring
+    them under each cell's mask."""
+    import numpy as np
+
+    from hpa_scc.data.features import cell_features
+    from hpa_scc.engine.inference import LoadedModel, box_scores, cell_boxes
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="densenet121", in_channels=4, cell_features=True), image_size=SIZE).eval()
+    loaded = LoadedModel(model, SIZE, 4, "multilabel", torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    image = (rng.random((4, SIZE, SIZE)) * 255).astype(np.uint8)
+    cells = np.zeros((SIZE, SIZE), np.uint16)
+    cells[10:40, 10:35], cells[50:90, 60:100] = 1, 2
+    got = box_scores(loaded, [image], [cells], [2])[0]
+    tensor = torch.from_numpy(image).float() / 255
+    boxes = [torch.from_numpy(cell_boxes(cells, 2))]
+    with torch.no_grad():
+        by_masks = score_boxes(model, [tensor], boxes, [torch.from_numpy(np.stack([cells == 1, cells == 2]))])[0]
+        given = score_boxes(model, [tensor], boxes,
+                            cell_features=[torch.from_numpy(cell_features(image, cells, [1, 2]))])[0]
+    np.testing.assert_allclose(got, given.numpy(), atol=1e-6)
+    np.testing.assert_allclose(got, by_masks.numpy(), atol=1e-6)
+    assert box_scores(loaded, [image], [cells], [2], tta=True)[0].shape == (2, 19)

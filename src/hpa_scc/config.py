@@ -49,6 +49,11 @@ class ModelConfig:
     # (neighbours' pixels included where cells crowd); mask: those features weighted by the cell's
     # own mask (matched cell in training, predicted mask or the segmenter's cell at inference).
     label_pooling: str = "box"
+    # multilabel head: the label logits also read each cell's hand-made features (hpa_scc.data.features,
+    # measured under the matched cell in training, under the detection or the segmenter's cell at
+    # inference) beside its RoI features: the signal the features family classifies on, in the
+    # detector's own head (docs/RESULTS.md, issue 29). Needs in_channels=4.
+    cell_features: bool = False
     # Initial weights, from local files only: null (random init), "imagenet" (torch hub cache),
     # or a path: a torchvision state dict, a project checkpoint, or a detectron2 model-zoo .pkl.
     weights: str | None = None
@@ -377,6 +382,11 @@ def validate(cfg: Config) -> None:
     if cfg.model.label_pooling != "box" and (cfg.model.family != "maskrcnn" or cfg.model.head != "multilabel"):
         raise ConfigError(f"model.label_pooling={cfg.model.label_pooling} is a choice of the Mask R-CNN multilabel head; "
                           "set model.label_pooling=box for other heads and families")
+    if cfg.model.cell_features and (cfg.model.family != "maskrcnn" or cfg.model.head != "multilabel"
+                                    or cfg.model.engine != "torchvision" or cfg.model.in_channels != 4):
+        raise ConfigError("model.cell_features=true is a choice of the torchvision Mask R-CNN multilabel head on "
+                          "4-channel images (the features read R, G, B and Y); set model.cell_features=false, or "
+                          "model.family=maskrcnn model.head=multilabel model.in_channels=4")
     if cfg.model.mil != "none":
         mil_ok = ((cfg.model.family == "features" and cfg.model.feature_classifier == "logistic")
                   or (cfg.model.family == "cell" and cfg.model.mil != "attention"))

@@ -349,4 +349,19 @@ def cell_features(image: np.ndarray, cells: np.ndarray, cell_ids: Sequence[int])
     return out
 
 
-__all__ = ["FEATURE_NAMES", "GREEN_ABSOLUTE", "cell_features"]
+def mask_features(image: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """float32 [N, len(FEATURE_NAMES)]: ``cell_features`` of one image's N instance masks.
+
+    ``masks`` bool/uint8 [N, H, W] (a detector's cells, or a prepared set's annotations), row k
+    for mask k. The masks become one label image first, so the per-image normalisations see the
+    same cells ``cell_features`` would: where masks overlap, the pixel belongs to the first of
+    them (give detections best first); a mask left without a pixel of its own gets zeros.
+    """
+    masks = np.asarray(masks).astype(bool, copy=False)
+    if not len(masks):
+        return np.zeros((0, len(FEATURE_NAMES)), np.float32)
+    labels = np.where(masks.any(0), masks.argmax(0) + 1, 0).astype(np.int32)
+    return cell_features(image, labels, range(1, len(masks) + 1))
+
+
+__all__ = ["FEATURE_NAMES", "GREEN_ABSOLUTE", "cell_features", "mask_features"]

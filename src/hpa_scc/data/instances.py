@@ -28,6 +28,7 @@ from pycocotools import mask as coco_mask
 from torch.utils.data import Dataset
 
 from hpa_scc.constants import NUM_CLASSES
+from hpa_scc.data.features import mask_features
 from hpa_scc.data.prepared import PreparedSet
 
 
@@ -109,7 +110,7 @@ class CellInstances(Dataset):
     def __init__(self, prepared: PreparedSet | str | os.PathLike, folds: list[int], layout: str = "multilabel", *,
                  labels: str = "image", in_channels: int = 4, augment: bool = False, hflip_prob: float = 0.5,
                  vflip_prob: float = 0.5, rot90: bool = True, max_images: int | None = None, seed: int = 0,
-                 uint8: bool = False):
+                 uint8: bool = False, cell_features: bool = False):
         self.prepared = prepared if isinstance(prepared, PreparedSet) else PreparedSet(prepared)
         self.layout, self.in_channels, self.augment = layout, in_channels, augment
         self.flips = {"hflip_prob": hflip_prob, "vflip_prob": vflip_prob, "rot90": rot90}
@@ -122,6 +123,8 @@ class CellInstances(Dataset):
         self.which, self.rows = self.which[:max_images], self.rows[:max_images]
         self.seed, self.epoch = seed, 0
         self.uint8 = uint8  # uint8 images: engine.to_device scales them on the device
+        # each cell's hand-made features (target "cell_features" float [N, F]) for a head that reads them
+        self.cell_features = cell_features
 
     def set_epoch(self, epoch: int) -> None:
         """Reseeds the augmentation, so every epoch (and every resumed epoch) is reproducible."""
@@ -158,10 +161,13 @@ class CellInstances(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         store, row = self.stores[self.which[index]], int(self.rows[index])
         info = store.image(row)
-        pixels = np.array(self.prepared.read_image(info["image_name"])[: self.in_channels])  # out of the memmap
+        stored = self.prepared.read_image(info["image_name"])
+        pixels = np.array(stored[: self.in_channels])  # out of the memmap
         image = torch.from_numpy(pixels) if self.uint8 else torch.from_numpy(pixels.astype(np.float32) / 255.0)
         masks = torch.from_numpy(store.masks(row))
         target = {"image_id": info["id"], "masks": masks, "boxes": masks_to_boxes(masks)}
+        if self.cell_features:  # before the flips, which leave them unchanged (up to texture filters' rounding)
+            target["cell_features"] = torch.from_numpy(mask_features(np.asarray(stored), store.masks(row)))
         if self.layout == "multilabel":
             target["labels"] = torch.ones(len(masks), dtype=torch.int64)
             target["label_vectors"] = torch.from_numpy(store.label_vectors(row)).reshape(-1, NUM_CLASSES)

@@ -54,7 +54,7 @@ def build_data(cfg: Config, prepared: PreparedSet, train_folds: list[int], val_f
     if cfg.model.family == "maskrcnn":
         # uint8 samples: a quarter of the bytes through workers, pinned memory and the PCIe copy
         common = {"layout": cfg.data.layout, "labels": cfg.data.labels, "in_channels": cfg.model.in_channels,
-                  "seed": cfg.train.seed, "uint8": True}
+                  "seed": cfg.train.seed, "uint8": True, "cell_features": cfg.model.cell_features}
         train_set = CellInstances(prepared, train_folds, augment=True, hflip_prob=cfg.data.hflip_prob,
                                   vflip_prob=cfg.data.vflip_prob, rot90=cfg.data.rot90,
                                   max_images=cfg.data.max_train_images, **common)

@@ -239,14 +239,19 @@ def box_scores(loaded: LoadedModel, smalls: list[np.ndarray], small_cells: list[
     if getattr(loaded.model.roi_heads, "label_pooling", "box") == "mask":  # each cell's own mask, cells 1..K
         masks = [torch.from_numpy(np.asarray(c, np.int64)).to(device)[None] == torch.arange(1, n + 1, device=device)[:, None, None]
                  for c, n in zip(small_cells, n_cells)]
+    features = None
+    if getattr(loaded.model.roi_heads, "cell_features", 0):  # measured on each cell, as the features family does
+        from hpa_scc.data.features import cell_features
+
+        features = [torch.from_numpy(cell_features(im, c, range(1, n + 1))) for im, c, n in zip(smalls, small_cells, n_cells)]
     with autocast(device, device.type == "cuda"):
-        scores = [s.float() for s in score_boxes(loaded.model, images, boxes, masks)]
+        scores = [s.float() for s in score_boxes(loaded.model, images, boxes, masks, features)]
         if tta:  # the horizontal flip, boxes (and masks) flipped with it
             width = [im.shape[-1] for im in images]
             flipped = [torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1) for b, w in zip(boxes, width)]
             flipped_masks = [m.flip(-1) for m in masks] if masks is not None else None
             scores = [(a + b.float()) / 2 for a, b in zip(scores, score_boxes(loaded.model, [im.flip(-1) for im in images],
-                                                                             flipped, flipped_masks))]
+                                                                             flipped, flipped_masks, features))]
     return [s.cpu().numpy() for s in scores]
 
 

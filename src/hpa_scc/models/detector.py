@@ -59,6 +59,7 @@ from collections import OrderedDict
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -269,14 +270,43 @@ class MultiLabelRoIHeads(RoIHeads):
     cell's own mask (at the pool's 7x7) before the box head, as a crop model masks its crop: in
     training the matched cell's mask, at inference the predicted mask, for given boxes their
     cells' masks. The detection classifier keeps the whole box either way.
+
+    ``cell_features`` (F > 0): the label logits also read each cell's F hand-made features
+    (``hpa_scc.data.features``: where in the cell the green is, how grainy, how it colocalises),
+    standardised by running statistics (BatchNorm without affine, as a StandardScaler) and added
+    through their own linear layer. Training takes them from the targets (``cell_features`` float
+    [N, F] per cell, ``CellInstances(cell_features=True)``); inference from ``CellFeatureMaskRCNN``
+    (measured under the detections' masks) or ``score_boxes`` (under the given cells).
     """
 
-    def __init__(self, num_labels: int, representation_size: int, label_pooling: str = "box", **kwargs):
+    def __init__(self, num_labels: int, representation_size: int, label_pooling: str = "box",
+                 cell_features: int = 0, **kwargs):
         super().__init__(**kwargs)
         if label_pooling not in LABEL_POOLING:
             raise ValueError(f"unknown label pooling {label_pooling!r}; choose one of {list(LABEL_POOLING)}")
         self.label_pooling = label_pooling
         self.label_predictor = nn.Linear(representation_size, num_labels)
+        self.cell_features = int(cell_features)
+        if self.cell_features:
+            self.feature_norm = nn.BatchNorm1d(self.cell_features, affine=False)
+            self.feature_predictor = nn.Linear(self.cell_features, num_labels)
+
+    def _label_logits(self, box_features: torch.Tensor, cell_features: torch.Tensor | None) -> torch.Tensor:
+        """[N, num_labels] from the box head's features and (``cell_features`` > 0) the cells' own features."""
+        logits = self.label_predictor(box_features)
+        if not self.cell_features:
+            return logits
+        if cell_features is None or cell_features.shape != (len(box_features), self.cell_features):
+            got = None if cell_features is None else tuple(cell_features.shape)
+            raise ValueError(f"this head reads {self.cell_features} hand-made features per cell "
+                             f"(model.cell_features=true): got {got} for {len(box_features)} boxes")
+        x = torch.nan_to_num(cell_features.to(logits.dtype), nan=0.0, posinf=0.0, neginf=0.0)
+        if len(x) < 2 and self.training:  # batch statistics need two rows: use the running ones
+            x = F.batch_norm(x, self.feature_norm.running_mean, self.feature_norm.running_var, training=False,
+                             eps=self.feature_norm.eps)
+        elif len(x):
+            x = self.feature_norm(x)
+        return logits + self.feature_predictor(x)
 
     def _box_features(self, features, boxes, image_shapes):
         return self.box_head(self.box_roi_pool(features, boxes, image_shapes))
@@ -294,18 +324,21 @@ class MultiLabelRoIHeads(RoIHeads):
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
     def score_boxes(self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor],
-                    image_shapes: list[tuple[int, int]], masks: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                    image_shapes: list[tuple[int, int]], masks: list[torch.Tensor] | None = None,
+                    cell_features: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Sigmoid label scores of given boxes: float [K_i, 4] xyxy in the transformed images' px -> [K_i, num_labels].
 
         The RoI pool, box head and label predictor of inference, on these boxes instead of the
         detections: every box is scored (no score threshold, NMS or detection cap). ``masks``:
         each box's cell mask projected on it, float [K_i, M, M] (``box_masks``), needed by
-        ``label_pooling="mask"``.
+        ``label_pooling="mask"``; ``cell_features``: each box's cell's hand-made features, float
+        [K_i, F], needed by a head with ``cell_features`` > 0.
         """
         if self.label_pooling == "mask" and masks is None:
             raise ValueError("this head pools its label features by the cells' masks: give score_boxes the masks")
         flat = torch.cat(masks) if self.label_pooling == "mask" else None
-        label_logits = self.label_predictor(self._label_features(features, boxes, image_shapes, flat))
+        feats = torch.cat(cell_features) if self.cell_features and cell_features is not None else None
+        label_logits = self._label_logits(self._label_features(features, boxes, image_shapes, flat), feats)
         return list(label_logits.sigmoid().split([len(b) for b in boxes]))
 
     def forward(self, features, proposals, image_shapes, targets=None):
@@ -322,10 +355,18 @@ class MultiLabelRoIHeads(RoIHeads):
                 pos_boxes = [p[pos] for p, pos in zip(proposals, positives)]
                 pos_masks = torch.cat([project_masks_on_boxes(t["masks"], b, m[pos], self._pool_size())
                                        for t, b, m, pos in zip(targets, pos_boxes, matched_idxs, positives)])
-                pos_logits = self.label_predictor(self._label_features(features, pos_boxes, image_shapes, pos_masks))
+                pos_box_features = self._label_features(features, pos_boxes, image_shapes, pos_masks)
             else:
-                label_logits = self.label_predictor(box_features).split([len(p) for p in proposals])
-                pos_logits = torch.cat([logit[pos] for logit, pos in zip(label_logits, positives)])
+                pos_box_features = torch.cat([f[pos] for f, pos in zip(box_features.split([len(p) for p in proposals]),
+                                                                       positives)])
+            pos_cell_features = None
+            if self.cell_features:  # each positive reads the features of the cell it is matched to
+                if any("cell_features" not in t for t in targets):
+                    raise ValueError("this head reads each cell's hand-made features (model.cell_features=true): "
+                                     "train on CellInstances(cell_features=True) targets")
+                pos_cell_features = torch.cat([t["cell_features"][m[pos]]
+                                               for t, m, pos in zip(targets, matched_idxs, positives)])
+            pos_logits = self._label_logits(pos_box_features, pos_cell_features)
             pos_targets = torch.cat([t["label_vectors"][m[pos]] for t, m, pos in zip(targets, matched_idxs, positives)])
             if pos_logits.numel():
                 loss_multilabel = F.binary_cross_entropy_with_logits(pos_logits, pos_targets.to(pos_logits.dtype))
@@ -348,10 +389,54 @@ class MultiLabelRoIHeads(RoIHeads):
         if self.label_pooling == "mask":  # the predicted masks (probabilities, in the boxes' frame) at the pool's size
             flat = torch.cat(masks) if masks else mask_logits.new_zeros((0, 1, 1, 1))
             pooled_masks = F.adaptive_avg_pool2d(flat, self._pool_size())[:, 0]
-        label_scores = self.label_predictor(self._label_features(features, boxes, image_shapes, pooled_masks)).sigmoid()
+        if self.cell_features:  # the cells' features need the detections' masks: CellFeatureMaskRCNN scores them
+            pooled = pooled_masks.split([len(b) for b in boxes]) if pooled_masks is not None else [None] * len(boxes)
+            return [{"boxes": b, "labels": lab, "scores": s, "masks": m, "label_masks": pm}
+                    for b, lab, s, m, pm in zip(boxes, labels, scores, masks, pooled)], {}
+        label_scores = self._label_logits(self._label_features(features, boxes, image_shapes, pooled_masks),
+                                          None).sigmoid()
         result = [{"boxes": b, "labels": lab, "scores": s, "masks": m, "label_scores": ls}
                   for b, lab, s, m, ls in zip(boxes, labels, scores, masks, label_scores.split([len(b) for b in boxes]))]
         return result, {}
+
+
+def _uint8_numpy(image: torch.Tensor) -> np.ndarray:
+    """A model input (float [C, H, W] in [0, 1]) as the uint8 array the hand-made features take."""
+    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+class CellFeatureMaskRCNN(MaskRCNN):
+    """Mask R-CNN whose multilabel head also reads each cell's hand-made features (``model.cell_features``).
+
+    Training is MaskRCNN's: the targets carry each cell's features. Inference finds the cells first
+    (RPN, box and mask heads), measures each detection's features on the input image under its
+    mask (``data.features.mask_features``; where masks overlap the better detection keeps the
+    pixel), then scores the final boxes with the label head on the same backbone maps: one
+    backbone pass, and outputs as ``MaskRCNN`` with ``label_scores``.
+    """
+
+    def forward(self, images, targets=None):
+        if self.training:
+            return super().forward(images, targets)
+        from hpa_scc.data.features import mask_features
+
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        image_list, _ = self.transform(images)
+        features = self.backbone(image_list.tensors)
+        if isinstance(features, torch.Tensor):
+            features = OrderedDict([("0", features)])
+        proposals, _ = self.rpn(image_list, features)
+        detections, _ = self.roi_heads(features, proposals, image_list.image_sizes)
+        boxes = [d["boxes"] for d in detections]  # the transformed images' px, as the RoI heads take them
+        label_masks = [d.pop("label_masks") for d in detections]
+        detections = self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+        cell_features = [torch.from_numpy(mask_features(_uint8_numpy(image), (d["masks"][:, 0] > 0.5).cpu().numpy()))
+                         .to(image.device) for image, d in zip(images, detections)]
+        masks = label_masks if self.roi_heads.label_pooling == "mask" else None
+        scores = self.roi_heads.score_boxes(features, boxes, image_list.image_sizes, masks, cell_features)
+        for d, s in zip(detections, scores):
+            d["label_scores"] = s
+        return detections
 
 
 def box_masks(cells: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
@@ -363,7 +448,8 @@ def box_masks(cells: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tens
 
 
 def score_boxes(model: nn.Module, images: list[torch.Tensor], boxes: list[torch.Tensor],
-                masks: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                masks: list[torch.Tensor] | None = None,
+                cell_features: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """19 sigmoid label scores for each given box of each image, from a multilabel-head model.
 
     ``images``: float [C, H, W] in [0, 1], as the model takes them; ``boxes``: float [K_i, 4] xyxy
@@ -373,7 +459,9 @@ def score_boxes(model: nn.Module, images: list[torch.Tensor], boxes: list[torch.
     A box's scores do not depend on the other boxes. The softmax head has no per-box label
     scores (its class scores belong to the boxes it regresses): ValueError. ``masks``: each box's
     cell, bool [K_i, H, W] in the images' px, needed by a head with ``label_pooling="mask"``
-    (ignored by the box pooling).
+    (ignored by the box pooling). A head with ``cell_features`` (``model.cell_features=true``)
+    reads each box's cell's hand-made features: ``cell_features`` float [K_i, F] per image, or,
+    when not given, measured on the images under ``masks`` (``data.features.mask_features``).
     """
     if not isinstance(model.roi_heads, MultiLabelRoIHeads):
         raise ValueError("score_boxes needs a model with the multilabel head (model.head=multilabel); "
@@ -390,6 +478,13 @@ def score_boxes(model: nn.Module, images: list[torch.Tensor], boxes: list[torch.
                              "give score_boxes one mask per box")
         size = model.roi_heads._pool_size()
         pooled_masks = [box_masks(m.to(b.device), b, size) for m, b in zip(masks, boxes, strict=True)]
+    if model.roi_heads.cell_features and cell_features is None:
+        if masks is None or len(masks) != len(boxes):
+            raise ValueError("this detector reads each cell's hand-made features (model.cell_features=true): "
+                             "give score_boxes the cells' features, or one mask per box to measure them under")
+        from hpa_scc.data.features import mask_features
+        cell_features = [torch.from_numpy(mask_features(_uint8_numpy(image), m.cpu().numpy()))
+                         for image, m in zip(images, masks, strict=True)]
     original_sizes = [tuple(image.shape[-2:]) for image in images]
     image_list, _ = model.transform(images)
     device = image_list.tensors.device
@@ -399,13 +494,15 @@ def score_boxes(model: nn.Module, images: list[torch.Tensor], boxes: list[torch.
     if isinstance(features, torch.Tensor):  # the single-map backbone, as GeneralizedRCNN wraps it
         features = OrderedDict([("0", features)])
     return model.roi_heads.score_boxes(features, boxes, image_list.image_sizes,
-                                       [m.to(device) for m in pooled_masks] if pooled_masks is not None else None)
+                                       [m.to(device) for m in pooled_masks] if pooled_masks is not None else None,
+                                       [f.to(device) for f in cell_features] if cell_features is not None else None)
 
 
-def _multilabel_roi_heads(old: RoIHeads, num_labels: int, label_pooling: str = "box") -> MultiLabelRoIHeads:
+def _multilabel_roi_heads(old: RoIHeads, num_labels: int, label_pooling: str = "box",
+                          cell_features: int = 0) -> MultiLabelRoIHeads:
     """The same pieces and settings as torchvision built, plus the multi-label classifier."""
     return MultiLabelRoIHeads(
-        num_labels, old.box_predictor.cls_score.in_features, label_pooling,
+        num_labels, old.box_predictor.cls_score.in_features, label_pooling, cell_features,
         box_roi_pool=old.box_roi_pool, box_head=old.box_head, box_predictor=old.box_predictor,
         fg_iou_thresh=old.proposal_matcher.high_threshold, bg_iou_thresh=old.proposal_matcher.low_threshold,
         batch_size_per_image=old.fg_bg_sampler.batch_size_per_image, positive_fraction=old.fg_bg_sampler.positive_fraction,
@@ -469,7 +566,9 @@ def build_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES, image_size: in
         box_pool = MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2)
         mask_pool = MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=2)
     multilabel = cfg.head == "multilabel"
-    model = MaskRCNN(backbone, num_classes=2 if multilabel else num_classes + 1,
+    # with the cells' hand-made features the head is scored after the masks are found (inference only differs)
+    model_class = CellFeatureMaskRCNN if multilabel and cfg.cell_features else MaskRCNN
+    model = model_class(backbone, num_classes=2 if multilabel else num_classes + 1,
                      rpn_anchor_generator=anchors, rpn_head=RPNHead(256, anchors.num_anchors_per_location()[0]),
                      box_roi_pool=box_pool, mask_roi_pool=mask_pool,
                      box_detections_per_img=cfg.box_detections_per_img, box_score_thresh=cfg.box_score_thresh,
@@ -479,7 +578,12 @@ def build_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES, image_size: in
                      rpn_pre_nms_top_n_test=max(cfg.rpn_post_nms_top_n_test, 1000),
                      box_batch_size_per_image=cfg.box_batch_size_per_image)
     if multilabel:
-        model.roi_heads = _multilabel_roi_heads(model.roi_heads, num_classes, cfg.label_pooling)
+        n_features = 0
+        if cfg.cell_features:
+            from hpa_scc.data.features import FEATURE_NAMES
+
+            n_features = len(FEATURE_NAMES)
+        model.roi_heads = _multilabel_roi_heads(model.roi_heads, num_classes, cfg.label_pooling, n_features)
 
     mean, std = default_pixel_stats(cfg.in_channels)
     if weights is not None and weights[0] == "detectron2":
@@ -672,5 +776,5 @@ def _set_trainable(model: nn.Module, cfg: ModelConfig, pretrained: bool) -> None
         log.info("backbone: last %d of %d stages train; %.1fM parameters frozen", k, len(stages), frozen / 1e6)
 
 
-__all__ = ["BACKBONES", "MultiLabelRoIHeads", "InputTransform", "build_model", "adapt_stem", "imagenet_path",
+__all__ = ["BACKBONES", "CellFeatureMaskRCNN", "MultiLabelRoIHeads", "InputTransform", "build_model", "adapt_stem", "imagenet_path",
            "default_anchor_sizes", "default_pixel_stats", "place_stride", "score_boxes"]
