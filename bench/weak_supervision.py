@@ -61,7 +61,10 @@ features model refined, ``features_r1``):
   soft against hard targets is ``maskrcnn-mil-refined``); any detector kind with ``-mask``
   (``maskrcnn-mil-refined-mask``, ``maskrcnn-oracle-mask``): the same with
   ``model.label_pooling=mask`` (the label head reads the cell's mask-weighted RoI features, not
-  its whole box);
+  its whole box); with ``-feat`` (``maskrcnn-mil-refined-feat``): ``model.cell_features=true``
+  (the label head also reads each cell's hand-made features); ``--set det_cell_init=0`` trains
+  the refined / distilled kinds' DenseNet121 trunk from random init instead of the cell model
+  (the row records its run folder, whose name says which);
 - any method with ``+fusion`` also predicts with ``--image-fusion 0.3``; a detector or crop-CNN
   row with ``+boosted`` (e.g. ``maskrcnn-mil-refined:densenet121_fpn+boosted``) predicts as an
   ensemble with the boosted student ``boosted-mil-refined`` (an oracle row: with ``boosted-oracle``),
@@ -167,9 +170,11 @@ DETECTOR_OPTIONS = {"-mask": "model.label_pooling=mask", "-feat": "model.cell_fe
 
 def detector_kind(kind: str) -> tuple[str, list[str]]:
     """(the detector kind, its option suffixes in a fixed order) of e.g. ``maskrcnn-oracle-feat``."""
-    options = []
+    options: list[str] = []
     while kind.endswith(tuple(DETECTOR_OPTIONS)):
         suffix = next(o for o in DETECTOR_OPTIONS if kind.endswith(o))
+        if suffix in options:  # each option once: maskrcnn-mask-mask stays unknown
+            break
         options.append(suffix)
         kind = kind.removesuffix(suffix)
     return kind, sorted(options)

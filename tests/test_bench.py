@@ -126,6 +126,12 @@ def test_weak_supervision_refuses_unknown_methods_before_training(tmp_path, caps
     assert bench.oracle_of("maskrcnn-distilled-mask:densenet121_fpn") == "maskrcnn-oracle-mask:densenet121_fpn"
     assert bench.method_error("maskrcnn-mil-refined-mask:densenet121_fpn") is None
     assert "unknown method" in bench.method_error("maskrcnn-mask-mask:densenet121_fpn")
+    # -feat: the label head also reads each cell's hand-made features; with -mask in either order
+    assert bench.detector_kind("maskrcnn-mil-refined-feat") == ("maskrcnn-mil-refined", ["-feat"])
+    assert bench.detector_kind("maskrcnn-oracle-feat-mask") == ("maskrcnn-oracle", ["-feat", "-mask"])
+    assert bench.method_error("maskrcnn-mil-refined-mask-feat:densenet121_fpn") is None
+    assert bench.oracle_of("maskrcnn-mil-refined-feat:densenet121_fpn+boosted") == "maskrcnn-oracle-feat:densenet121_fpn+boosted"
+    assert "unknown method" in bench.method_error("maskrcnn-feat-feat:densenet121_fpn")
     assert bench.method_error("ensemble+fusion") is None
     # +boosted: a CNN row averaged with the boosted features model of the same supervision
     assert bench.split_method("maskrcnn-mil-refined:densenet121_fpn+boosted+fusion") == (
