@@ -1,5 +1,5 @@
 """Loader benchmark: the cached loader against the original-style per-sample PNG loader, and the
-training loader with worker processes.
+training loader with worker processes (with and without the cells' hand-made features).
 
     .venv/bin/python bench/loader.py [--images 16] [--source-size 2048] [--size 512] [--json out.json]
     python bench/loader.py --workers 8 --batch 8       # + the training loader as train() builds it
@@ -45,15 +45,17 @@ def images_per_second(dataset, min_seconds: float, batch_size: int = 8) -> tuple
             return seen / elapsed, seen
 
 
-def training_loader_rate(data: Path, work: Path, size: int, workers: int, batch: int, min_seconds: float) -> float:
-    """Images/s of the training loader (``train.make_loader`` over ``CellInstances``) with ``workers``."""
+def training_loader_rate(data: Path, work: Path, size: int, workers: int, batch: int, min_seconds: float,
+                         cell_features: bool = False) -> float:
+    """Images/s of the training loader (``train.make_loader`` over ``CellInstances``) with ``workers``;
+    ``cell_features``: each cell's hand-made features measured too (``model.cell_features=true``)."""
     from hpa_scc.data.instances import CellInstances
     from hpa_scc.apps.prepare import prepare_dataset
     from hpa_scc.engine.train import make_loader
 
     prepared = work / f"prepared{size}"
     prepare_dataset(data, prepared, size=size, n_folds=1, workers=min(workers, 8) or 1, progress=False)
-    dataset = CellInstances(prepared, [0], augment=True, uint8=True)
+    dataset = CellInstances(prepared, [0], augment=True, uint8=True, cell_features=cell_features)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = make_loader(dataset, batch, workers, device)
     for _ in loader:  # start the workers and fill the page cache: steady state is what training sees
@@ -102,6 +104,13 @@ def main() -> None:
         rate = training_loader_rate(data, args.work, args.size, args.workers, args.batch, args.seconds)
         figures.update({"train_loader_workers": args.workers, "train_loader_images_per_s": round(rate, 1)})
         print(f"training loader ({args.workers} workers, masks + augmentation, batch {args.batch}): {rate:8.1f} images/s")
+        # the same loader measuring each cell's hand-made features (model.cell_features=true), side by side
+        feat = training_loader_rate(data, args.work, args.size, args.workers, args.batch, args.seconds, cell_features=True)
+        per_image_ms = 1000 * max(args.workers, 1) * (1 / feat - 1 / rate)
+        figures.update({"train_loader_cell_features_images_per_s": round(feat, 1),
+                        "cell_features_ms_per_image_per_worker": round(per_image_ms, 1)})
+        print(f"  + cell features (model.cell_features=true):             {feat:8.1f} images/s "
+              f"({per_image_ms:.0f} ms more per image per worker)")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 

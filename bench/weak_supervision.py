@@ -64,7 +64,8 @@ features model refined, ``features_r1``):
   its whole box); with ``-feat`` (``maskrcnn-mil-refined-feat``): ``model.cell_features=true``
   (the label head also reads each cell's hand-made features); ``--set det_cell_init=0`` trains
   the refined / distilled kinds' DenseNet121 trunk from random init instead of the cell model
-  (the row records its run folder, whose name says which);
+  (the row records its run folder, whose name says which); ``--set det_label_loss=sum`` sums the
+  label head's BCE over a cell's classes (``model.label_loss=sum``, folder suffix ``-sumloss``);
 - any method with ``+fusion`` also predicts with ``--image-fusion 0.3``; a detector or crop-CNN
   row with ``+boosted`` (e.g. ``maskrcnn-mil-refined:densenet121_fpn+boosted``) predicts as an
   ensemble with the boosted student ``boosted-mil-refined`` (an oracle row: with ``boosted-oracle``),
@@ -109,11 +110,11 @@ PROFILES = {
     # 2 CPU cores: every method of DEFAULT_METHODS in about an hour
     "cpu": {"train_images": 48, "test_images": 24, "size": 256, "workers": 2,
             "cell_epochs": 30, "cell_batch": 64, "crop_size": 64,
-            "det_epochs": 40, "det_batch": 2, "det_lr": 0.01, "det_warmup": 50, "det_cell_init": 1},
+            "det_epochs": 40, "det_batch": 2, "det_lr": 0.01, "det_warmup": 50, "det_cell_init": 1, "det_label_loss": "mean"},
     # one GPU: 512 px, the real task's cache size
     "gpu": {"train_images": 600, "test_images": 150, "size": 512, "workers": 8,
             "cell_epochs": 30, "cell_batch": 256, "crop_size": 96,
-            "det_epochs": 24, "det_batch": 8, "det_lr": 0.02, "det_warmup": 100, "det_cell_init": 1},
+            "det_epochs": 24, "det_batch": 8, "det_lr": 0.02, "det_warmup": 100, "det_cell_init": 1, "det_label_loss": "mean"},
 }
 # Detector config differences per profile: heads sized for ~20 cells per image (2.4x faster per
 # CPU step than COCO's defaults at 256 px).
@@ -296,11 +297,14 @@ class Protocol:
         names = {"-mask": "-maskpool", "-feat": "-cellfeat"}
         key = f"maskrcnn-{backbone}-{labels}" + ("-cellinit" if weights else "") + "".join(names[o] for o in options)
         p = self.p
+        if p["det_label_loss"] != "mean":
+            key += f"-{p['det_label_loss']}loss"
         return self._train(key, f"{backbone}.yaml", [
             f"data.labels={labels}", "data.val_fold=0", f"train.max_epochs={p['det_epochs']}",
             f"train.images_per_gpu={p['det_batch']}", f"optim.lr={p['det_lr']}", f"optim.warmup_iters={p['det_warmup']}",
             f"train.val_every_epochs={p['det_epochs']}", "model.head=multilabel",
             f"model.weights={weights if weights else 'null'}", *DET_CONFIG[self.profile],
+            *([f"model.label_loss={p['det_label_loss']}"] if p["det_label_loss"] != "mean" else []),
             *[DETECTOR_OPTIONS[o] for o in options]])
 
     def run(self, method: str) -> dict:
@@ -561,7 +565,7 @@ def run_pair(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     out = args.out
     saved_params = out / "params.json"
     # budgets may differ between invocations (each row records its own); the data may not
-    budget = ("cell_epochs", "det_epochs", "workers", "det_cell_init")
+    budget = ("cell_epochs", "det_epochs", "workers", "det_cell_init", "det_label_loss")
     same_data = {k: v for k, v in params.items() if k not in budget}
     if saved_params.is_file() and {k: v for k, v in json.loads(saved_params.read_text()).items()
                                    if k not in budget} != same_data:

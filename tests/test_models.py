@@ -425,3 +425,22 @@ def test_box_scores_hand_a_feature_head_each_segmenter_cells_features():
     np.testing.assert_allclose(got, given.numpy(), atol=1e-6)
     np.testing.assert_allclose(got, by_masks.numpy(), atol=1e-6)
     assert box_scores(loaded, [image], [cells], [2], tta=True)[0].shape == (2, 19)
+
+
+def test_summed_label_loss_is_the_mean_times_the_classes():
+    """model.label_loss=sum: the multilabel BCE summed over a cell's 19 classes (mean over the
+    positives), 19x the default mean over classes on the same weights and batch; the other losses
+    are unchanged."""
+    from hpa_scc.config import ConfigError, load_config
+
+    losses = {}
+    for rule in ("mean", "sum"):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(backbone="densenet121", in_channels=4, label_loss=rule), image_size=SIZE).train()
+        images, targets = make_batch("multilabel", 4)
+        torch.manual_seed(1)  # the same proposals sampled
+        losses[rule] = {k: v.item() for k, v in model(images, targets).items()}
+    assert losses["sum"]["loss_multilabel"] == pytest.approx(19 * losses["mean"]["loss_multilabel"], rel=1e-5)
+    assert losses["sum"]["loss_mask"] == pytest.approx(losses["mean"]["loss_mask"], rel=1e-6)
+    with pytest.raises(ConfigError, match="model.label_loss=sum is a choice of the Mask R-CNN multilabel head"):
+        load_config(None, ["model.label_loss=sum", "model.family=features"])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from hpa_scc.constants import FAMILIES, FEATURE_CLASSIFIERS, LABEL_POOLING, MIL_POOLING
+from hpa_scc.constants import FAMILIES, FEATURE_CLASSIFIERS, LABEL_LOSSES, LABEL_POOLING, MIL_POOLING
 from hpa_scc.utils.device import DEVICES, is_device_name
 
 # The repository's configs/ folder (the package is installed editable, in the container too).
@@ -54,6 +54,9 @@ class ModelConfig:
     # inference) beside its RoI features: the signal the features family classifies on, in the
     # detector's own head (docs/RESULTS.md, issue 29). Needs in_channels=4.
     cell_features: bool = False
+    # multilabel head's BCE over a cell's 19 classes: mean (each class's logit gets 1/19 of the
+    # gradient a softmax head's would) or sum (the full gradient; mean over cells either way).
+    label_loss: str = "mean"
     # Initial weights, from local files only: null (random init), "imagenet" (torch hub cache),
     # or a path: a torchvision state dict, a project checkpoint, or a detectron2 model-zoo .pkl.
     weights: str | None = None
@@ -357,7 +360,8 @@ def validate(cfg: Config) -> None:
                "optim.schedule": (cfg.optim.schedule, ("cosine", "step")),
                "model.feature_classifier": (cfg.model.feature_classifier, FEATURE_CLASSIFIERS),
                "model.mil": (cfg.model.mil, ("none", *MIL_POOLING)),
-               "model.label_pooling": (cfg.model.label_pooling, LABEL_POOLING)}
+               "model.label_pooling": (cfg.model.label_pooling, LABEL_POOLING),
+               "model.label_loss": (cfg.model.label_loss, LABEL_LOSSES)}
     if not is_device_name(cfg.train.device):
         raise ConfigError(f"train.device = {cfg.train.device!r}; choose one of {', '.join(DEVICES)}")
     if cfg.model.family not in FAMILIES:
@@ -379,6 +383,9 @@ def validate(cfg: Config) -> None:
         if cfg.model.head != "softmax":
             raise ConfigError("model.engine=detectron2 trains detectron2's own softmax head on the per_label layout: "
                               "set model.head=softmax (detectron_code/main.py --engine detectron2 does)")
+    if cfg.model.label_loss != "mean" and (cfg.model.family != "maskrcnn" or cfg.model.head != "multilabel"):
+        raise ConfigError(f"model.label_loss={cfg.model.label_loss} is a choice of the Mask R-CNN multilabel head; "
+                          "set model.label_loss=mean for other heads and families")
     if cfg.model.label_pooling != "box" and (cfg.model.family != "maskrcnn" or cfg.model.head != "multilabel"):
         raise ConfigError(f"model.label_pooling={cfg.model.label_pooling} is a choice of the Mask R-CNN multilabel head; "
                           "set model.label_pooling=box for other heads and families")

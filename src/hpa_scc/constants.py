@@ -143,5 +143,6 @@ MIL_POOLING = ("lse", "attention", "max", "mean", "noisy_or")
 # What the detector's multilabel head classifies a cell from (models.detector.MultiLabelRoIHeads):
 # its whole box, or the box's features weighted by the cell's mask.
 LABEL_POOLING = ("box", "mask")
+LABEL_LOSSES = ("mean", "sum")  # the multilabel head's BCE over a cell's classes (models.detector)
 # The per-cell classifiers of the features family (model.feature_classifier).
 FEATURE_CLASSIFIERS = ("logistic", "boosting")

@@ -76,7 +76,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from hpa_scc.config import ModelConfig
-from hpa_scc.constants import LABEL_POOLING, NUM_CLASSES
+from hpa_scc.constants import LABEL_LOSSES, LABEL_POOLING, NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,10 @@ class MultiLabelRoIHeads(RoIHeads):
     training the matched cell's mask, at inference the predicted mask, for given boxes their
     cells' masks. The detection classifier keeps the whole box either way.
 
+    ``label_loss``: ``mean`` averages the BCE over the positives and the classes; ``sum`` sums it
+    over a cell's classes (mean over positives), so each class's logit gets the gradient a softmax
+    head's would, not 1/19 of it: the label head learns at the box classifier's pace.
+
     ``cell_features`` (F > 0): the label logits also read each cell's F hand-made features
     (``hpa_scc.data.features``: where in the cell the green is, how grainy, how it colocalises),
     standardised by running statistics (BatchNorm without affine, as a StandardScaler) and added
@@ -280,8 +284,11 @@ class MultiLabelRoIHeads(RoIHeads):
     """
 
     def __init__(self, num_labels: int, representation_size: int, label_pooling: str = "box",
-                 cell_features: int = 0, **kwargs):
+                 cell_features: int = 0, label_loss: str = "mean", **kwargs):
         super().__init__(**kwargs)
+        if label_loss not in LABEL_LOSSES:
+            raise ValueError(f"unknown label loss {label_loss!r}; choose one of {list(LABEL_LOSSES)}")
+        self.label_loss = label_loss
         if label_pooling not in LABEL_POOLING:
             raise ValueError(f"unknown label pooling {label_pooling!r}; choose one of {list(LABEL_POOLING)}")
         self.label_pooling = label_pooling
@@ -370,6 +377,8 @@ class MultiLabelRoIHeads(RoIHeads):
             pos_targets = torch.cat([t["label_vectors"][m[pos]] for t, m, pos in zip(targets, matched_idxs, positives)])
             if pos_logits.numel():
                 loss_multilabel = F.binary_cross_entropy_with_logits(pos_logits, pos_targets.to(pos_logits.dtype))
+                if self.label_loss == "sum":  # summed over a cell's classes: each class's logit learns at full rate
+                    loss_multilabel = loss_multilabel * pos_logits.shape[1]
             else:
                 loss_multilabel = pos_logits.sum() * 0.0
 
@@ -499,10 +508,10 @@ def score_boxes(model: nn.Module, images: list[torch.Tensor], boxes: list[torch.
 
 
 def _multilabel_roi_heads(old: RoIHeads, num_labels: int, label_pooling: str = "box",
-                          cell_features: int = 0) -> MultiLabelRoIHeads:
+                          cell_features: int = 0, label_loss: str = "mean") -> MultiLabelRoIHeads:
     """The same pieces and settings as torchvision built, plus the multi-label classifier."""
     return MultiLabelRoIHeads(
-        num_labels, old.box_predictor.cls_score.in_features, label_pooling, cell_features,
+        num_labels, old.box_predictor.cls_score.in_features, label_pooling, cell_features, label_loss,
         box_roi_pool=old.box_roi_pool, box_head=old.box_head, box_predictor=old.box_predictor,
         fg_iou_thresh=old.proposal_matcher.high_threshold, bg_iou_thresh=old.proposal_matcher.low_threshold,
         batch_size_per_image=old.fg_bg_sampler.batch_size_per_image, positive_fraction=old.fg_bg_sampler.positive_fraction,
@@ -583,7 +592,8 @@ def build_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES, image_size: in
             from hpa_scc.data.features import FEATURE_NAMES
 
             n_features = len(FEATURE_NAMES)
-        model.roi_heads = _multilabel_roi_heads(model.roi_heads, num_classes, cfg.label_pooling, n_features)
+        model.roi_heads = _multilabel_roi_heads(model.roi_heads, num_classes, cfg.label_pooling, n_features,
+                                                cfg.label_loss)
 
     mean, std = default_pixel_stats(cfg.in_channels)
     if weights is not None and weights[0] == "detectron2":
