@@ -487,7 +487,8 @@ def format_summary(summary: dict) -> str:
     for r in summary["rows"]:
         ratio = "" if r["min_over_best_oracle"] is None else f"{r['min_over_best_oracle']:.3f}"
         auc = "" if r["auc_mean"] is None else f"{r['auc_mean']:.3f}"
-        lines.append(f"| {r['method']} | {r['pairs']} | {r['mean']:.4f} +- {r['sd']:.4f} | {r['min']:.4f} | "
+        spread = f"{r['mean']:.4f} +- {r['sd']:.4f}" if r["pairs"] > 1 else f"{r['mean']:.4f} (one pair, no sd)"
+        lines.append(f"| {r['method']} | {r['pairs']} | {spread} | {r['min']:.4f} | "
                      f"{r['max']:.4f} | {ratio} | {auc} | {r['seconds_mean']:.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -233,6 +233,7 @@ def test_weak_supervision_summary_over_seed_pairs():
     text = bench.format_summary(summary)
     assert "Seed pairs (train/test): 100/5100, 101/5101, 102/5102" in text
     assert "| features-mil-refined | 3 | 0.8933 +- 0.0306 | 0.8600 | 0.9200 | 0.896 | 0.900 | 2 |" in text
+    assert "| boosted-oracle | 1 | 0.9600 (one pair, no sd) | 0.9600 |" in text  # no sd from one value
 
 
 @pytest.mark.slow
