@@ -186,11 +186,13 @@ def test_a_damaged_store_is_refused_by_name(prepared, tmp_path):
         AnnotationStore.open(cut)
 
 
-def test_cell_feature_samples_measure_each_annotated_cell(prepared):
-    """CellInstances(cell_features=True): each cell's hand-made features, row k for mask k, as the
-    features family measures the same cells on the same cached image (flips leave them unchanged)."""
+def test_cell_feature_samples_measure_each_annotated_cell(prepared, shared_data, tmp_path):
+    """CellInstances(cell_features=True): each cell's hand-made features, row k for mask k, read from
+    the prepared set's feature store (built on first use, the features family's table): what
+    cell_features measures on the same cells of the same cached image (flips leave them as they are)."""
     from hpa_scc.data.features import FEATURE_NAMES, cell_features
 
+    prepared = shared_data.copy(prepared, tmp_path / "prepared")  # the store is written into it
     plain = CellInstances(prepared, [0])[0][1]
     assert "cell_features" not in plain
     image, target = CellInstances(prepared, [0], cell_features=True, uint8=True)[0]
@@ -202,5 +204,12 @@ def test_cell_feature_samples_measure_each_annotated_cell(prepared):
     expected = cell_features(image.numpy(), label_image, range(1, len(masks) + 1))
     np.testing.assert_allclose(target["cell_features"].numpy(), expected, rtol=1e-6)
     assert np.abs(expected).sum(1).min() > 0  # every cell measured
+    assert (prepared / "crops" / "features.npy").is_file()
     _, flipped = CellInstances(prepared, [0], cell_features=True, augment=True, seed=5)[0]
     np.testing.assert_allclose(flipped["cell_features"].numpy(), expected, rtol=1e-6)
+    # a cell the store lacks is refused by name, not given zeros
+    dataset = CellInstances(prepared, [0], cell_features=True)
+    dataset.features.cells["cell_id"][:] += 1000
+    del dataset.features._sorted_keys
+    with pytest.raises(KeyError, match="cells are not in the feature store .*features.npy; delete it to rebuild it"):
+        dataset[0]

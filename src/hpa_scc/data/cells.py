@@ -110,6 +110,32 @@ class CellStore:
         return self.names[int(self.cells["image"][row])], int(self.cells["cell_id"][row])
 
     @cached_property
+    def _sorted_keys(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted int64 keys ``image << 32 | cell id``, the rows in that order): ``find``'s index."""
+        keys = (np.asarray(self.cells["image"], np.int64) << 32) | np.asarray(self.cells["cell_id"], np.int64)
+        order = np.argsort(keys, kind="stable")
+        return keys[order], order
+
+    @cached_property
+    def _image_index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+    def index(self) -> None:
+        """Builds ``find``'s arrays now (in the parent process, so forked loader workers share them)."""
+        _ = self._sorted_keys, self._image_index
+
+    def find(self, name: str, cell_ids: np.ndarray) -> np.ndarray:
+        """int64 rows of image ``name``'s cells ``cell_ids`` (-1 for a cell the store lacks):
+        a binary search in sorted int64 keys, no dict per cell (2M cells: 32 MB of keys)."""
+        keys, order = self._sorted_keys
+        image = self._image_index.get(name, -1)
+        wanted = (np.int64(image) << 32) | np.asarray(cell_ids, np.int64)
+        if image < 0 or not len(keys):
+            return np.full(len(wanted), -1, np.int64)
+        at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        return np.where(keys[at] == wanted, order[at], -1).astype(np.int64)
+
+    @cached_property
     def rows(self) -> dict[tuple[str, int], int]:
         """{(image name, cell id): row}, built on first use (a dict per cell: for small sets and tests)."""
         return {self.key(i): i for i in range(len(self))}

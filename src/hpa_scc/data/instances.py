@@ -28,7 +28,6 @@ from pycocotools import mask as coco_mask
 from torch.utils.data import Dataset
 
 from hpa_scc.constants import NUM_CLASSES
-from hpa_scc.data.features import mask_features
 from hpa_scc.data.prepared import PreparedSet
 
 
@@ -123,8 +122,15 @@ class CellInstances(Dataset):
         self.which, self.rows = self.which[:max_images], self.rows[:max_images]
         self.seed, self.epoch = seed, 0
         self.uint8 = uint8  # uint8 images: engine.to_device scales them on the device
-        # each cell's hand-made features (target "cell_features" float [N, F]) for a head that reads them
-        self.cell_features = cell_features
+        # each cell's hand-made features (target "cell_features" float [N, F]) for a head that reads
+        # them: rows of the prepared set's feature store (PREPARED/crops/features.npy, the table the
+        # features family trains on; built once, memory-mapped), not measured again every epoch
+        self.features = None
+        if cell_features:
+            from hpa_scc.data.cells import build_store
+
+            self.features = build_store(self.prepared.root, "features", progress=False)
+            self.features.index()
 
     def set_epoch(self, epoch: int) -> None:
         """Reseeds the augmentation, so every epoch (and every resumed epoch) is reproducible."""
@@ -161,13 +167,16 @@ class CellInstances(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         store, row = self.stores[self.which[index]], int(self.rows[index])
         info = store.image(row)
-        stored = self.prepared.read_image(info["image_name"])
-        pixels = np.array(stored[: self.in_channels])  # out of the memmap
+        pixels = np.array(self.prepared.read_image(info["image_name"])[: self.in_channels])  # out of the memmap
         image = torch.from_numpy(pixels) if self.uint8 else torch.from_numpy(pixels.astype(np.float32) / 255.0)
         masks = torch.from_numpy(store.masks(row))
         target = {"image_id": info["id"], "masks": masks, "boxes": masks_to_boxes(masks)}
-        if self.cell_features:  # before the flips, which leave them unchanged (up to texture filters' rounding)
-            target["cell_features"] = torch.from_numpy(mask_features(np.asarray(stored), store.masks(row)))
+        if self.features is not None:  # measured on the unflipped cells (flips leave them unchanged)
+            found = self.features.find(info["image_name"], store.cell_ids(row))
+            if (found < 0).any():
+                raise KeyError(f"{info['image_name']}: {int((found < 0).sum())} cells are not in the feature store "
+                               f"{self.prepared.root / 'crops' / 'features.npy'}; delete it to rebuild it")
+            target["cell_features"] = torch.from_numpy(np.asarray(self.features.array[found], np.float32))
         if self.layout == "multilabel":
             target["labels"] = torch.ones(len(masks), dtype=torch.int64)
             target["label_vectors"] = torch.from_numpy(store.label_vectors(row)).reshape(-1, NUM_CLASSES)
