@@ -313,7 +313,8 @@ def _add_cell_store(sub) -> None:
     p = sub.add_parser(
         "cell-store", help="the per-cell features or crops of a prepared set, as a job array",
         description="Compute the per-cell table the cell-level families train on: features\n"
-                    "(PREPARED/crops/features.npy, family 'features') or masked crops (PREPARED/crops/<C>px.npy,\n"
+                    "(PREPARED/crops/features.npy, family 'features' and a Mask R-CNN with model.cell_features=true)\n"
+                    "or masked crops (PREPARED/crops/<C>px.npy,\n"
                     "family 'cell'), one row per cell. 'train' builds it itself when it is missing; on a big\n"
                     "set, build it first as a SLURM job array (--shard, one part per task, a finished part is\n"
                     "reused), then --merge (or let 'train' merge the complete parts), e.g.\n"
