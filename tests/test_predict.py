@@ -184,3 +184,26 @@ def test_shards_of_a_job_array_merge_into_what_one_run_writes(run, tmp_path):
     assert main(["predict", "-", str(run / "set"), "--out", str(out), "--merge", "-q"]) == 0
     assert (out / "submission.csv").read_text() == whole.read_text()
     assert (out / "cells.csv").read_text() == (tmp_path / "one" / "cells.csv").read_text()
+
+
+def test_a_feature_head_detector_trains_and_predicts_both_cell_modes(run, shared_data, tmp_path):
+    """model.cell_features=true on the user's path: train (the feature store built into the prepared
+    set on first use), then predict with the segmenter's cells (each measured with cell_features)
+    and with the detector's own cells (measured under its masks): every cell has 19 scores."""
+    from hpa_scc.config import load_config
+    from hpa_scc.engine.train import train
+    from conftest import TINY_RUN_OVERRIDES
+
+    prepared = shared_data.copy(run / "prepared", tmp_path / "prepared")
+    train(load_config(None, [f"data.prepared_dir={prepared}", f"train.run_dir={tmp_path / 'run'}",
+                             "model.cell_features=true", "model.label_loss=sum", *TINY_RUN_OVERRIDES]), progress=False)
+    assert (prepared / "crops" / "features.npy").is_file()
+    for mode in ("segmenter", "model"):
+        out = predict_folder(tmp_path / "run", run / "set", tmp_path / mode, cells=mode, progress=False)
+        rows = read_submission(out)
+        assert len(rows) == 4
+        cells = read_cells(tmp_path / mode / "cells.csv")
+        scores = np.array([[float(c[f"conf_{k}"]) for k in range(19)] for c in cells])
+        assert scores.shape[1] == 19 and ((scores >= 0) & (scores <= 1)).all()
+        if mode == "segmenter":
+            assert len(cells) > 4 and np.isfinite(scores).all()
