@@ -355,6 +355,9 @@ class Protocol:
         seconds = sum(v for k, v in self.seconds.items() if options.get("run_dir") and (
             k.replace(":", "-") == Path(options["run_dir"]).name or k in trained))
         out = self.out / "predict" / method.replace(":", "-").replace("+", "-")
+        if base.startswith("maskrcnn"):  # budget keys that change the detector: their own predictions
+            out = out.with_name(out.name + ("" if self.p["det_cell_init"] else "-scratch")
+                                + ("" if self.p["det_label_loss"] == "mean" else f"-{self.p['det_label_loss']}loss"))
         start = time.perf_counter()
         submission = predict_folder(data_dir=self.test_set, out_dir=out, progress=False, workers=self.p["workers"],
                                     **options)
