@@ -49,10 +49,11 @@ class ModelConfig:
     # (neighbours' pixels included where cells crowd); mask: those features weighted by the cell's
     # own mask (matched cell in training, predicted mask or the segmenter's cell at inference).
     label_pooling: str = "box"
-    # multilabel head: the label logits also read each cell's hand-made features (hpa_scc.data.features,
-    # measured under the matched cell in training, under the detection or the segmenter's cell at
-    # inference) beside its RoI features: the signal the features family classifies on, in the
-    # detector's own head (docs/RESULTS.md, issue 29). Needs in_channels=4.
+    # multilabel head: the label logits also read each cell's hand-made features (hpa_scc.data.features;
+    # in training the matched cell's row of the prepared set's feature store, PREPARED/crops/features.npy;
+    # at inference measured under the detection or the segmenter's cell) beside its RoI features: the
+    # signal the features family classifies on, in the detector's own head (docs/RESULTS.md, issue 29).
+    # Needs in_channels=4.
     cell_features: bool = False
     # multilabel head's BCE over a cell's 19 classes: mean (each class's logit gets 1/19 of the
     # gradient a softmax head's would) or sum (the full gradient; mean over cells either way).
