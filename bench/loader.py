@@ -3,6 +3,7 @@ training loader with worker processes (with and without the cells' hand-made fea
 
     .venv/bin/python bench/loader.py [--images 16] [--source-size 2048] [--size 512] [--json out.json]
     python bench/loader.py --workers 8 --batch 8       # + the training loader as train() builds it
+    python bench/loader.py --store-cells 2000000        # the feature store's lookup at 2M cells
 
 Both read the same synthetic images (generated once under --work, default runs/bench-loader),
 through the same DataLoader settings (batch 8, no worker processes, so the figure is per core).
@@ -67,6 +68,35 @@ def training_loader_rate(data: Path, work: Path, size: int, workers: int, batch:
     return seen / (time.perf_counter() - start)
 
 
+def feature_lookup(cells: int, per_image: int = 20, lookups: int = 20000) -> dict:
+    """The feature store's cell lookup (``CellStore.find``, what ``model.cell_features`` training
+    reads per image) on a fabricated store of ``cells`` cells, ``per_image`` per image (ids 1..K;
+    features not touched): the index's build time and bytes, and microseconds per image looked up."""
+    import numpy as np
+
+    from hpa_scc.data.cells import CELL_DTYPE, CellStore
+
+    n_images = cells // per_image
+    index = np.zeros(n_images * per_image, CELL_DTYPE)
+    index["image"] = np.repeat(np.arange(n_images), per_image)
+    index["cell_id"] = np.tile(np.arange(1, per_image + 1), n_images)
+    store = CellStore(np.zeros((len(index), 0), np.float32), [f"img{i:07d}" for i in range(n_images)], index)
+    start = time.perf_counter()
+    store.index()
+    build = time.perf_counter() - start
+    keys, order = store._sorted_keys
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, n_images, lookups)
+    ids = np.arange(1, per_image + 1)
+    start = time.perf_counter()
+    for i in picks:
+        rows = store.find(store.names[i], ids)
+    per_image_us = 1e6 * (time.perf_counter() - start) / lookups
+    assert (rows >= 0).all()
+    return {"cells": len(index), "images": n_images, "index_build_s": round(build, 2),
+            "index_mb": round((keys.nbytes + order.nbytes) / 2**20, 1), "lookup_us_per_image": round(per_image_us, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=16)
@@ -78,7 +108,18 @@ def main() -> None:
                         help="also time the training loader with this many worker processes")
     parser.add_argument("--batch", type=int, default=8, help="training loader batch (default: 8)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--store-cells", type=int, default=None,
+                        help="only time the feature store's cell lookup on a fabricated store of this many cells "
+                             "(e.g. 2000000: public HPA scale) and exit")
     args = parser.parse_args()
+    if args.store_cells:
+        figures = feature_lookup(args.store_cells)
+        print(f"feature store lookup, fabricated store of {figures['cells']:,} cells in {figures['images']:,} images: "
+              f"index {figures['index_mb']} MB built in {figures['index_build_s']} s, "
+              f"{figures['lookup_us_per_image']} us per image's cells")
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        return
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
 

@@ -276,3 +276,10 @@ def test_weak_supervision_teacher_student_row_is_the_mean_of_its_two_models(tmp_
         np.testing.assert_allclose(row, (np.array(teacher[key]) + np.array(student[key])) / 2, atol=2e-6)
     assert not np.allclose([teacher[k] for k in both], [student[k] for k in both], atol=1e-3)  # two different models
     assert (out / "prepared" / "coco_mil_r1" / "refine.json").is_file()
+
+
+def test_loader_bench_times_the_feature_store_lookup_on_a_fabricated_store():
+    figures = load("loader").feature_lookup(4000, per_image=20, lookups=200)
+    assert figures["cells"] == 4000 and figures["images"] == 200
+    assert figures["index_mb"] == round(2 * 8 * 4000 / 2**20, 1)  # int64 keys + int64 order
+    assert figures["lookup_us_per_image"] > 0 and figures["index_build_s"] >= 0
