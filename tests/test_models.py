@@ -310,20 +310,30 @@ def test_mask_pooled_labels_read_the_cell_not_its_box():
         load_config(None, ["model.label_pooling=cell"])
 
 
+def segmenter_scoring_case(**model_options):
+    """A DenseNet121 multilabel detector (eval, as predict loads it), a random uint8 image and a
+    label image of two cells: what engine.inference.box_scores gets on the predict path."""
+    import numpy as np
+
+    from hpa_scc.engine.inference import LoadedModel
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="densenet121", in_channels=4, **model_options), image_size=SIZE).eval()
+    loaded = LoadedModel(model, SIZE, 4, "multilabel", torch.device("cpu"))
+    image = (np.random.default_rng(0).random((4, SIZE, SIZE)) * 255).astype(np.uint8)
+    cells = np.zeros((SIZE, SIZE), np.uint16)
+    cells[10:40, 10:35], cells[50:90, 60:100] = 1, 2
+    return model, loaded, image, cells
+
+
 def test_box_scores_hand_a_mask_pooled_detector_each_segmenter_cells_mask():
     """The predict/refine path (engine.inference.box_scores): a mask-pooled detector gets each
     segmenter cell's own mask, so its scores equal score_boxes given those masks (flip TTA too)."""
     import numpy as np
 
-    from hpa_scc.engine.inference import LoadedModel, box_scores, cell_boxes
+    from hpa_scc.engine.inference import box_scores, cell_boxes
 
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="densenet121", in_channels=4, label_pooling="mask"), image_size=SIZE).eval()
-    loaded = LoadedModel(model, SIZE, 4, "multilabel", torch.device("cpu"))
-    rng = np.random.default_rng(0)
-    image = (rng.random((4, SIZE, SIZE)) * 255).astype(np.uint8)
-    cells = np.zeros((SIZE, SIZE), np.uint16)
-    cells[10:40, 10:35], cells[50:90, 60:100] = 1, 2
+    model, loaded, image, cells = segmenter_scoring_case(label_pooling="mask")
     got = box_scores(loaded, [image], [cells], [2])[0]
     masks = [torch.from_numpy(np.stack([cells == 1, cells == 2]))]
     with torch.no_grad():
@@ -406,15 +416,9 @@ def test_box_scores_hand_a_feature_head_each_segmenter_cells_features():
     import numpy as np
 
     from hpa_scc.data.features import cell_features
-    from hpa_scc.engine.inference import LoadedModel, box_scores, cell_boxes
+    from hpa_scc.engine.inference import box_scores, cell_boxes
 
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="densenet121", in_channels=4, cell_features=True), image_size=SIZE).eval()
-    loaded = LoadedModel(model, SIZE, 4, "multilabel", torch.device("cpu"))
-    rng = np.random.default_rng(0)
-    image = (rng.random((4, SIZE, SIZE)) * 255).astype(np.uint8)
-    cells = np.zeros((SIZE, SIZE), np.uint16)
-    cells[10:40, 10:35], cells[50:90, 60:100] = 1, 2
+    model, loaded, image, cells = segmenter_scoring_case(cell_features=True)
     got = box_scores(loaded, [image], [cells], [2])[0]
     tensor = torch.from_numpy(image).float() / 255
     boxes = [torch.from_numpy(cell_boxes(cells, 2))]

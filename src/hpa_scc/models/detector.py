@@ -578,14 +578,14 @@ def build_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES, image_size: in
     # with the cells' hand-made features the head is scored after the masks are found (inference only differs)
     model_class = CellFeatureMaskRCNN if multilabel and cfg.cell_features else MaskRCNN
     model = model_class(backbone, num_classes=2 if multilabel else num_classes + 1,
-                     rpn_anchor_generator=anchors, rpn_head=RPNHead(256, anchors.num_anchors_per_location()[0]),
-                     box_roi_pool=box_pool, mask_roi_pool=mask_pool,
-                     box_detections_per_img=cfg.box_detections_per_img, box_score_thresh=cfg.box_score_thresh,
-                     rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
-                     rpn_pre_nms_top_n_train=max(cfg.rpn_post_nms_top_n_train, 1000),
-                     rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
-                     rpn_pre_nms_top_n_test=max(cfg.rpn_post_nms_top_n_test, 1000),
-                     box_batch_size_per_image=cfg.box_batch_size_per_image)
+                        rpn_anchor_generator=anchors, rpn_head=RPNHead(256, anchors.num_anchors_per_location()[0]),
+                        box_roi_pool=box_pool, mask_roi_pool=mask_pool,
+                        box_detections_per_img=cfg.box_detections_per_img, box_score_thresh=cfg.box_score_thresh,
+                        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+                        rpn_pre_nms_top_n_train=max(cfg.rpn_post_nms_top_n_train, 1000),
+                        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+                        rpn_pre_nms_top_n_test=max(cfg.rpn_post_nms_top_n_test, 1000),
+                        box_batch_size_per_image=cfg.box_batch_size_per_image)
     if multilabel:
         n_features = 0
         if cfg.cell_features:
