@@ -409,6 +409,78 @@ def test_feature_head_trains_on_the_cells_features_and_scores_its_detections_und
         load_config(None, ["model.cell_features=true", "model.head=softmax"])
 
 
+def test_feature_head_starts_as_the_features_model_it_is_given(tmp_path):
+    """model.cell_features_init: the head's cell-features layer starts as a fitted features model
+    (its scaler, fixed in training, and its logistic regression) and the RoI label layer at zero, so
+    the untrained detector scores a cell as that model does; training moves the weights, not the
+    scaler; a checkpoint says so to the inference model built without the file; other files are
+    refused by name."""
+    from hpa_scc.config import ConfigError, load_config
+    from hpa_scc.data.features import FEATURE_NAMES
+    from hpa_scc.models.cells import FeatureClassifier
+    from hpa_scc.utils.checkpoint import save_checkpoint
+
+    torch.manual_seed(1)
+    images, targets = feature_batch()
+    feats = targets[0]["cell_features"]
+    teacher = FeatureClassifier(len(FEATURE_NAMES))
+    with torch.no_grad():
+        teacher.mean.copy_(feats.mean(0))
+        spread = feats.std(0)  # scikit-learn's StandardScaler: scale 1 where a feature is constant
+        teacher.scale.copy_(torch.where(spread > 1e-6, spread, torch.ones_like(spread)))
+        teacher.linear.weight.normal_(0, 0.3)
+        teacher.linear.bias.normal_(0, 1)
+    path = tmp_path / "best.pt"
+    assert (teacher.scale < 1e-5 ** 0.5).sum() > 0  # scales below BatchNorm's sqrt(eps): the weights take them
+    save_checkpoint(path, {"model": teacher.state_dict(), "family": "features"})
+    cfg = ModelConfig(backbone="densenet121", in_channels=4, cell_features=True, cell_features_init=str(path))
+    model = build_model(cfg, image_size=SIZE)
+    heads = model.roi_heads
+    assert bool(heads.fixed_feature_scale) and heads.label_predictor.weight.abs().sum() == 0
+    boxes = [targets[0]["boxes"]]
+    model.eval()
+    with torch.no_grad():
+        got = score_boxes(model, images[:1], boxes, cell_features=[feats])[0]
+        want = torch.sigmoid(teacher.logits(feats))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert want.std() > 0.1  # not a constant the zero layer would also give
+
+    model.train()
+    scale = {k: v.clone() for k, v in heads.state_dict().items() if k.startswith("feature_norm.running")}
+    weight = heads.feature_predictor.weight.detach().clone()
+    sum(model(images, targets).values()).backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    for key, value in scale.items():
+        torch.testing.assert_close(heads.state_dict()[key], value, rtol=0, atol=0, msg=f"{key} moved")
+    assert not torch.equal(heads.feature_predictor.weight, weight)
+    assert heads.label_predictor.weight.abs().sum() > 0  # the RoI features learn beside it
+
+    # inference builds the model without the file (engine.inference); the checkpoint carries the scaler's mode
+    plain = build_model(ModelConfig(backbone="densenet121", in_channels=4, cell_features=True), image_size=SIZE)
+    assert not bool(plain.roi_heads.fixed_feature_scale)
+    plain.load_state_dict(model.state_dict())
+    assert bool(plain.roi_heads.fixed_feature_scale)
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("fixed_feature_scale")}
+    plain.load_state_dict(old)  # a checkpoint from before the flag: batch statistics, as it trained
+    assert not bool(plain.roi_heads.fixed_feature_scale)
+
+    boosted = tmp_path / "boosted.pt"
+    save_checkpoint(boosted, {"model": {"feature": torch.zeros(3)}, "family": "features"})
+    with pytest.raises(ValueError, match=f"{boosted}: the head needs a logistic regression of shape"):
+        build_model(ModelConfig(backbone="densenet121", in_channels=4, cell_features=True,
+                                cell_features_init=str(boosted)), image_size=SIZE)
+    cell = tmp_path / "cell.pt"
+    save_checkpoint(cell, {"model": {}, "family": "cell"})
+    with pytest.raises(ValueError, match=f"{cell} holds a cell model, not a features-family one"):
+        build_model(ModelConfig(backbone="densenet121", in_channels=4, cell_features=True,
+                                cell_features_init=str(cell)), image_size=SIZE)
+    with pytest.raises(FileNotFoundError, match=f"model.cell_features_init: {tmp_path / 'gone.pt'} not found"):
+        build_model(ModelConfig(backbone="densenet121", in_channels=4, cell_features=True,
+                                cell_features_init=str(tmp_path / "gone.pt")), image_size=SIZE)
+    with pytest.raises(ConfigError, match="set model.cell_features=true"):
+        load_config(None, [f"model.cell_features_init={path}"])
+
+
 def test_box_scores_hand_a_feature_head_each_segmenter_cells_features():
     """The predict/refine path: a feature-head detector's segmenter cells are measured with the
     features family's own cell_features on the label image; the same as score_boxes measuring

@@ -55,6 +55,10 @@ class ModelConfig:
     # signal the features family classifies on, in the detector's own head (docs/RESULTS.md, issue 29).
     # Needs in_channels=4.
     cell_features: bool = False
+    # with cell_features: a features-family run's checkpoint (its best.pt) whose scaler and logistic
+    # regression start the head's cell-features layer (the scaler then stays fixed) and the RoI label
+    # layer starts at zero: the untrained head scores cells as that model does. null: random init.
+    cell_features_init: str | None = None
     # multilabel head's BCE over a cell's 19 classes: mean (each class's logit gets 1/19 of the
     # gradient a softmax head's would) or sum (the full gradient; mean over cells either way).
     label_loss: str = "mean"
@@ -395,6 +399,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.cell_features=true is a choice of the torchvision Mask R-CNN multilabel head on "
                           "4-channel images (the features read R, G, B and Y); set model.cell_features=false, or "
                           "model.family=maskrcnn model.head=multilabel model.in_channels=4")
+    if cfg.model.cell_features_init and not cfg.model.cell_features:
+        raise ConfigError(f"model.cell_features_init={cfg.model.cell_features_init} starts the head's cell-features "
+                          "layer: set model.cell_features=true, or model.cell_features_init=null")
     if cfg.model.mil != "none":
         mil_ok = ((cfg.model.family == "features" and cfg.model.feature_classifier == "logistic")
                   or (cfg.model.family == "cell" and cfg.model.mil != "attention"))

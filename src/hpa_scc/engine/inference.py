@@ -82,7 +82,7 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best.pt", device: st
             f"no checkpoint {run_dir / checkpoint}{fallback}; "
             + (f"{run_dir} holds {', '.join(there)}: pass one with --checkpoint" if there
                else f"{run_dir} holds no checkpoint yet: train first (python -m hpa_scc train ...)"))
-    cfg = with_values(cfg, model__weights=None)  # the checkpoint below is the whole model
+    cfg = with_values(cfg, model__weights=None, model__cell_features_init=None)  # the checkpoint is the whole model
     model = build_family_model(cfg)
     # a checkpoint of another run copied in: one line naming both, not torch's list of key names
     load_model_state(model, load_checkpoint(path), path, cfg.model.family, cfg.model.backbone,

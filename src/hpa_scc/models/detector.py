@@ -281,6 +281,8 @@ class MultiLabelRoIHeads(RoIHeads):
     through their own linear layer. Training takes them from the targets (``cell_features`` float
     [N, F] per cell, ``CellInstances(cell_features=True)``); inference from ``CellFeatureMaskRCNN``
     (measured under the detections' masks) or ``score_boxes`` (under the given cells).
+    ``init_feature_head`` (``model.cell_features_init``) starts that layer as a fitted features
+    model, whose scaler then stays fixed in training (``fixed_feature_scale``).
     """
 
     def __init__(self, num_labels: int, representation_size: int, label_pooling: str = "box",
@@ -297,6 +299,10 @@ class MultiLabelRoIHeads(RoIHeads):
         if self.cell_features:
             self.feature_norm = nn.BatchNorm1d(self.cell_features, affine=False)
             self.feature_predictor = nn.Linear(self.cell_features, num_labels)
+            # 1: the scaler is a fitted model's (init_feature_head) and stays fixed in training;
+            # 0: batch statistics in training, running ones at inference. A buffer: the checkpoint says which.
+            self.register_buffer("fixed_feature_scale", torch.zeros((), dtype=torch.bool))
+            self._register_load_state_dict_pre_hook(_default_fixed_scale)
 
     def _label_logits(self, box_features: torch.Tensor, cell_features: torch.Tensor | None) -> torch.Tensor:
         """[N, num_labels] from the box head's features and (``cell_features`` > 0) the cells' own features."""
@@ -308,7 +314,7 @@ class MultiLabelRoIHeads(RoIHeads):
             raise ValueError(f"this head reads {self.cell_features} hand-made features per cell "
                              f"(model.cell_features=true): got {got} for {len(box_features)} boxes")
         x = torch.nan_to_num(cell_features.to(logits.dtype), nan=0.0, posinf=0.0, neginf=0.0)
-        if len(x) < 2 and self.training:  # batch statistics need two rows: use the running ones
+        if (len(x) < 2 or self.fixed_feature_scale) and self.training:  # batch statistics need two rows
             x = F.batch_norm(x, self.feature_norm.running_mean, self.feature_norm.running_var, training=False,
                              eps=self.feature_norm.eps)
         elif len(x):
@@ -507,6 +513,56 @@ def score_boxes(model: nn.Module, images: list[torch.Tensor], boxes: list[torch.
                                        [f.to(device) for f in cell_features] if cell_features is not None else None)
 
 
+def _default_fixed_scale(state_dict, prefix, *_args) -> None:
+    """Checkpoints from before ``fixed_feature_scale`` trained with batch statistics: say so."""
+    state_dict.setdefault(prefix + "fixed_feature_scale", torch.zeros((), dtype=torch.bool))
+
+
+def init_feature_head(heads: MultiLabelRoIHeads, path: str | Path) -> None:
+    """Start the head's cell-features layer as the features model at ``path`` (``model.cell_features_init``).
+
+    ``path``: a features-family checkpoint holding one logistic regression per class on the same
+    hand-made features (``configs/cell_features*.yaml``'s best.pt). Its scaler becomes the head's
+    (kept fixed in training: a batch of two images' cells is not the population it was fitted
+    on), its weights the feature layer's, and the RoI label layer starts at zero: the untrained
+    head scores a cell as that model does, and training adds what the RoI features tell on top.
+    Why: 680 SGD steps on 33 images teach a random-init head less than the features model fitted
+    on every training image to convergence (docs/RESULTS.md, issue 29).
+    """
+    from hpa_scc.utils.checkpoint import checkpoint_model, load_checkpoint
+
+    path = Path(path)
+    fix = "give model.cell_features_init a features-family run's best.pt (configs/cell_features*.yaml), or null"
+    if not heads.cell_features:
+        raise ValueError(f"model.cell_features_init={path} initialises the head's cell-features layer: "
+                         "set model.cell_features=true")
+    if not path.is_file():
+        raise FileNotFoundError(f"model.cell_features_init: {path} not found; {fix}")
+    data = load_checkpoint(path)
+    family = checkpoint_model(data)[0] if isinstance(data, dict) else None
+    state = data.get("model") if isinstance(data, dict) else None
+    if family != "features" or not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {family or 'non-project'} model, not a features-family one; {fix}")
+    shape = (heads.feature_predictor.out_features, heads.cell_features)
+    if "linear.weight" not in state or tuple(state["linear.weight"].shape) != shape:
+        got = tuple(state["linear.weight"].shape) if "linear.weight" in state else "no logistic regression"
+        raise ValueError(f"{path}: the head needs a logistic regression of shape {shape} (classes x features), "
+                         f"got {got} (boosted trees have no linear layer); {fix}")
+    with torch.no_grad():
+        norm = heads.feature_norm
+        scale = state["scale"].float()
+        norm.running_mean.copy_(state["mean"])
+        norm.running_var.copy_((scale ** 2 - norm.eps).clamp_min(0))
+        # BatchNorm divides by sqrt(var + eps): where a feature's scale is below sqrt(eps) the
+        # weight takes the difference, so the logits are the model's exactly
+        heads.feature_predictor.weight.copy_(state["linear.weight"] * (norm.running_var + norm.eps).sqrt() / scale)
+        heads.feature_predictor.bias.copy_(state["linear.bias"])
+        heads.label_predictor.weight.zero_()
+        heads.label_predictor.bias.zero_()
+        heads.fixed_feature_scale.fill_(True)
+    log.info("label head's cell-features layer from the features model %s", path)
+
+
 def _multilabel_roi_heads(old: RoIHeads, num_labels: int, label_pooling: str = "box",
                           cell_features: int = 0, label_loss: str = "mean") -> MultiLabelRoIHeads:
     """The same pieces and settings as torchvision built, plus the multi-label classifier."""
@@ -613,6 +669,8 @@ def build_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES, image_size: in
 
     if weights is not None:
         _load_weights(model, cfg, *weights)
+    if cfg.cell_features_init:  # after the weights: this layer is the features model's whatever they held
+        init_feature_head(model.roi_heads, cfg.cell_features_init)
     _set_trainable(model, cfg, pretrained=weights is not None and not from_cells)
     return model
 
