@@ -66,13 +66,18 @@ features model refined, ``features_r1``):
   the refined / distilled kinds' DenseNet121 trunk from random init instead of the cell model
   (the row records its run folder, whose name says which); ``--set det_label_loss=sum`` sums the
   label head's BCE over a cell's classes (``model.label_loss=sum``, folder suffix ``-sumloss``);
+  ``--set det_head_init=1`` starts a ``-feat`` detector's cell-features layer as the logistic
+  features model on the row's hard labels (``model.cell_features_init``: ``features-mil-refined``'s
+  run for ``maskrcnn-mil-refined-feat``; folder suffix ``-featinit``);
 - any method with ``+fusion`` also predicts with ``--image-fusion 0.3``; a detector or crop-CNN
   row with ``+boosted`` (e.g. ``maskrcnn-mil-refined:densenet121_fpn+boosted``) predicts as an
   ensemble with the boosted student ``boosted-mil-refined`` (an oracle row: with ``boosted-oracle``),
   whatever labels the row itself trained on; each cell the mean of the two models' scores
   (``predict --ensemble``).
 
-Writes OUT/results.json (one record per row: method, mAP, within_image_auc, seconds = training,
+Writes OUT/results.json (one record per row: method, variant (a detector's budget keys that changed
+it, e.g. ``scratch-sumloss``: the row is named ``method [variant]`` in the tables and summaries, so
+variants never replace or average with each other), mAP, within_image_auc, seconds = training,
 predict_seconds), OUT/results.md (with each weak row over its own oracle and over the pair's best
 oracle row) and OUT/per_class_ap.png. Every step resumes. ``--seeds K`` runs K pairs (train seed
 + i, test seed + i) into OUT/pair-<train>-<test>/ and writes OUT/summary.json and OUT/summary.md:
@@ -95,6 +100,7 @@ import numpy as np
 from hpa_scc.config import BACKBONE_NAMES, load_config
 from hpa_scc.constants import NUM_CLASSES, SHORT_CLASS_NAMES
 from hpa_scc.utils.fileio import write_text_atomic
+from hpa_scc.utils.provenance import file_digest
 from hpa_scc.evaluation.metric import evaluate_files
 from hpa_scc.apps.predict import predict_folder
 from hpa_scc.apps.prepare import prepare_dataset
@@ -110,11 +116,13 @@ PROFILES = {
     # 2 CPU cores: every method of DEFAULT_METHODS in about an hour
     "cpu": {"train_images": 48, "test_images": 24, "size": 256, "workers": 2,
             "cell_epochs": 30, "cell_batch": 64, "crop_size": 64,
-            "det_epochs": 40, "det_batch": 2, "det_lr": 0.01, "det_warmup": 50, "det_cell_init": 1, "det_label_loss": "mean"},
+            "det_epochs": 40, "det_batch": 2, "det_lr": 0.01, "det_warmup": 50, "det_cell_init": 1, "det_label_loss": "mean",
+            "det_head_init": 0},
     # one GPU: 512 px, the real task's cache size
     "gpu": {"train_images": 600, "test_images": 150, "size": 512, "workers": 8,
             "cell_epochs": 30, "cell_batch": 256, "crop_size": 96,
-            "det_epochs": 24, "det_batch": 8, "det_lr": 0.02, "det_warmup": 100, "det_cell_init": 1, "det_label_loss": "mean"},
+            "det_epochs": 24, "det_batch": 8, "det_lr": 0.02, "det_warmup": 100, "det_cell_init": 1, "det_label_loss": "mean",
+            "det_head_init": 0},
 }
 # Detector config differences per profile: heads sized for ~20 cells per image (2.4x faster per
 # CPU step than COCO's defaults at 256 px).
@@ -226,7 +234,9 @@ class Protocol:
         prepare_dataset(self.train_set, self.prepared, size=p["size"], segmenter="builtin", n_folds=3, seed=self.seed,
                         workers=p["workers"], progress=False)
 
-    def _train(self, key: str, config: str, overrides: list[str]) -> Path:
+    def _train(self, key: str, config: str, overrides: list[str], inputs: tuple[Path, ...] = ()) -> Path:
+        """``inputs``: files the run starts from (a checkpoint it initialises from): their contents,
+        not only their paths, must match for a finished run to be reused."""
         run_dir = self.out / "runs" / key.replace(":", "-")
         cfg = load_config(REPO / "configs" / config, [
             f"data.prepared_dir={self.prepared}", f"train.run_dir={run_dir}",
@@ -235,10 +245,12 @@ class Protocol:
         stamp = run_dir / "bench_seconds.txt"  # the training's own time, kept for resumed invocations
         # what the run was trained with: a finished run is reused only for the same config file and overrides
         settings = {"config": (REPO / "configs" / config).read_text(), "overrides": overrides}
+        if inputs:
+            settings["inputs"] = {str(path): file_digest(path) for path in inputs}
         record = run_dir / "bench_settings.json"
         if stamp.is_file() and record.is_file() and json.loads(record.read_text()) != settings:
-            raise SystemExit(f"{run_dir} was trained with other settings ({record}: configs/{config} or the "
-                             "overrides changed); use a new --out")
+            raise SystemExit(f"{run_dir} was trained with other settings ({record}: configs/{config}, the "
+                             "overrides or the files it starts from changed); use a new --out")
         if not stamp.is_file():
             start = time.perf_counter()
             print(f"  train {key}", flush=True)
@@ -292,26 +304,32 @@ class Protocol:
             f"model.backbone={backbone}", f"data.labels={labels}", f"data.crop_size={crop}", f"data.val_fold={val_fold}",
             f"train.max_epochs={self.p['cell_epochs']}", *batch])
 
-    def maskrcnn(self, backbone: str, labels: str, weights: Path | None = None, options: tuple[str, ...] = ()) -> Path:
-        """A detector; ``options``: suffixes of DETECTOR_OPTIONS (-mask, -feat)."""
+    def maskrcnn(self, backbone: str, labels: str, weights: Path | None = None, options: tuple[str, ...] = (),
+                 head_init: Path | None = None) -> Path:
+        """A detector; ``options``: suffixes of DETECTOR_OPTIONS (-mask, -feat); ``head_init``: a
+        features model's checkpoint that starts the ``-feat`` head's cell-features layer."""
         names = {"-mask": "-maskpool", "-feat": "-cellfeat"}
         key = f"maskrcnn-{backbone}-{labels}" + ("-cellinit" if weights else "") + "".join(names[o] for o in options)
         p = self.p
         if p["det_label_loss"] != "mean":
             key += f"-{p['det_label_loss']}loss"
+        if head_init:
+            key += "-featinit"
         return self._train(key, f"{backbone}.yaml", [
             f"data.labels={labels}", "data.val_fold=0", f"train.max_epochs={p['det_epochs']}",
             f"train.images_per_gpu={p['det_batch']}", f"optim.lr={p['det_lr']}", f"optim.warmup_iters={p['det_warmup']}",
             f"train.val_every_epochs={p['det_epochs']}", "model.head=multilabel",
             f"model.weights={weights if weights else 'null'}", *DET_CONFIG[self.profile],
             *([f"model.label_loss={p['det_label_loss']}"] if p["det_label_loss"] != "mean" else []),
-            *[DETECTOR_OPTIONS[o] for o in options]])
+            *([f"model.cell_features_init={head_init}"] if head_init else []),
+            *[DETECTOR_OPTIONS[o] for o in options]], inputs=(head_init,) if head_init else ())
 
     def run(self, method: str) -> dict:
         """Train what ``method`` needs (resumable) and predict + score the test set."""
         base, fusion, boosted = split_method(method)
         options: dict = {"image_fusion": FUSION if fusion else 0.0}
         trained = []
+        head_init = None
         if base in BASELINES:
             options.update(run_dir=None, baseline=base)
         elif base in FEATURE_ROWS:
@@ -342,7 +360,10 @@ class Protocol:
                 if backbone.startswith("densenet121") and self.p["det_cell_init"]:
                     weights = self.cell(refined, "densenet121", crop_size=48) / "best.pt"
                     trained.append(f"cell-densenet121-48px-{refined}-val0")
-                options["run_dir"] = self.maskrcnn(backbone, targets, weights, tuple(det_options))
+                if self.p["det_head_init"] and "-feat" in det_options:  # the logistic model on the same hard labels
+                    head_init = self.features(refined) / "best.pt"
+                    trained.append(f"cell_features-{refined}")
+                options["run_dir"] = self.maskrcnn(backbone, targets, weights, tuple(det_options), head_init)
             else:
                 labels = {"maskrcnn": "image", "maskrcnn-oracle": "truth"}[kind]
                 options["run_dir"] = self.maskrcnn(backbone, labels, options=tuple(det_options))
@@ -354,10 +375,11 @@ class Protocol:
             trained.append(partner.name)
         seconds = sum(v for k, v in self.seconds.items() if options.get("run_dir") and (
             k.replace(":", "-") == Path(options["run_dir"]).name or k in trained))
-        out = self.out / "predict" / method.replace(":", "-").replace("+", "-")
-        if base.startswith("maskrcnn"):  # budget keys that change the detector: their own predictions
-            out = out.with_name(out.name + ("" if self.p["det_cell_init"] else "-scratch")
-                                + ("" if self.p["det_label_loss"] == "mean" else f"-{self.p['det_label_loss']}loss"))
+        # budget keys that change the detector: their own predictions, and their own row (row_key)
+        variant = "-".join(([] if self.p["det_cell_init"] else ["scratch"])
+                           + ([] if self.p["det_label_loss"] == "mean" else [f"{self.p['det_label_loss']}loss"])
+                           + (["featinit"] if head_init else [])) if base.startswith("maskrcnn") else ""
+        out = self.out / "predict" / (method.replace(":", "-").replace("+", "-") + (f"-{variant}" if variant else ""))
         start = time.perf_counter()
         submission = predict_folder(data_dir=self.test_set, out_dir=out, progress=False, workers=self.p["workers"],
                                     **options)
@@ -366,8 +388,8 @@ class Protocol:
         auc = None if base in ("truth", "image-labels") else test_auc(self.test_set, out)
         epochs = (self.p["det_epochs"] if base.startswith("maskrcnn") else
                   self.p["cell_epochs"] if base.startswith(("cell", "ensemble")) else None)
-        row = {"method": method, "mAP": result.mAP, "within_image_auc": auc, "seconds": round(seconds, 1),
-               "epochs": epochs, "run": Path(options["run_dir"]).name if options.get("run_dir") else None,
+        row = {"method": method, "variant": variant or None, "mAP": result.mAP, "within_image_auc": auc,
+               "seconds": round(seconds, 1), "epochs": epochs, "run": Path(options["run_dir"]).name if options.get("run_dir") else None,
                "predict_seconds": round(predict_seconds, 1),
                "per_class": {c: (None if math.isnan(result.per_class_ap[c]) else result.per_class_ap[c])
                              for c in range(NUM_CLASSES)}}
@@ -415,23 +437,30 @@ def oracle_of(method: str) -> str | None:
     return None
 
 
+def row_key(row: dict) -> str:
+    """A row's name in results.json, the tables and the summary: its method, plus the budget keys
+    that changed its model (a detector's ``variant``, e.g. ``scratch-sumloss``), so rows of other
+    variants stand side by side instead of replacing each other or being averaged together."""
+    return row["method"] + (f" [{row['variant']}]" if row.get("variant") else "")
+
+
 def is_weak(method: str) -> bool:
     """A row trained on image labels alone (no truth): the rows the targets are about."""
     return split_method(method)[0] not in BASELINES and "oracle" not in method
 
 
 def format_markdown(rows: list[dict], params: dict, refinement: dict | None = None) -> str:
-    by_method = {r["method"]: r["mAP"] for r in rows}
+    by_method = {row_key(r): r["mAP"] for r in rows}
     best_oracle = max((r["mAP"] for r in rows if "oracle" in r["method"]), default=None)
     lines = [f"Protocol parameters: {json.dumps(params)}", "",
              "| method | mAP@0.6 | / its oracle | / best oracle | within-image AUC | training s | predict s |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        ref = by_method.get(oracle_of(r["method"]) or "")
+        ref = by_method.get(row_key({"method": oracle_of(r["method"]) or "", "variant": r.get("variant")}))
         ratio = f"{r['mAP'] / ref:.3f}" if ref else ""
         best = f"{r['mAP'] / best_oracle:.3f}" if best_oracle and is_weak(r["method"]) else ""
         auc = "" if r["within_image_auc"] is None else f"{r['within_image_auc']:.3f}"
-        lines.append(f"| {r['method']} | {r['mAP']:.4f} | {ratio} | {best} | {auc} | {r['seconds']:.0f} | "
+        lines.append(f"| {row_key(r)} | {r['mAP']:.4f} | {ratio} | {best} | {auc} | {r['seconds']:.0f} | "
                      f"{r['predict_seconds']:.0f} |")
     if refinement and refinement.get("truth_after"):
         b, a = refinement["truth_before"], refinement["truth_after"]
@@ -449,7 +478,7 @@ def format_markdown(rows: list[dict], params: dict, refinement: dict | None = No
               "| --- |" + " --- |" * len(present)]
     for r in rows:
         cells = ["-" if r["per_class"].get(c) is None else f"{r['per_class'][c]:.2f}" for c in present]
-        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row_key(r)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -457,12 +486,12 @@ def summarise(pairs: list[dict]) -> dict:
     """Every row over the seed pairs that measured it: mean, sd (n-1), min and max of mAP and
     AUC, mean training seconds, and for the weak rows each pair's mAP over that pair's best
     oracle row (its minimum is what "holds at any seed" asks of)."""
-    methods = list(dict.fromkeys(r["method"] for pair in pairs for r in pair["rows"]))
+    methods = list(dict.fromkeys(row_key(r) for pair in pairs for r in pair["rows"]))
     out = []
     for method in methods:
         values, aucs, seconds, ratios = [], [], [], []
         for pair in pairs:
-            rows = {r["method"]: r for r in pair["rows"]}
+            rows = {row_key(r): r for r in pair["rows"]}
             if method not in rows:
                 continue
             values.append(rows[method]["mAP"])
@@ -470,7 +499,7 @@ def summarise(pairs: list[dict]) -> dict:
                 aucs.append(rows[method]["within_image_auc"])
             seconds.append(rows[method]["seconds"])
             oracles = [r["mAP"] for r in pair["rows"] if "oracle" in r["method"]]
-            if oracles and is_weak(method):
+            if oracles and is_weak(rows[method]["method"]):
                 ratios.append(rows[method]["mAP"] / max(oracles))
         v = np.array(values)
         out.append({"method": method, "pairs": len(v), "mean": float(v.mean()),
@@ -569,7 +598,7 @@ def run_pair(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     out = args.out
     saved_params = out / "params.json"
     # budgets may differ between invocations (each row records its own); the data may not
-    budget = ("cell_epochs", "det_epochs", "workers", "det_cell_init", "det_label_loss")
+    budget = ("cell_epochs", "det_epochs", "workers", "det_cell_init", "det_label_loss", "det_head_init")
     same_data = {k: v for k, v in params.items() if k not in budget}
     if saved_params.is_file() and {k: v for k, v in json.loads(saved_params.read_text()).items()
                                    if k not in budget} != same_data:
@@ -581,12 +610,12 @@ def run_pair(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     proto.prepare(args.train_seed, args.test_seed)
     previous = {}
     if (out / "results.json").is_file():
-        previous = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+        previous = {row_key(r): r for r in json.loads((out / "results.json").read_text())["rows"]}
     rows = []
     for method in args.methods:
         row = proto.run(method)
         rows.append(row)
-        previous[method] = row
+        previous[row_key(row)] = row
         results = {"params": params, "rows": list(previous.values()), "date": time.strftime("%Y-%m-%d %H:%M")}
         write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     all_rows = list(previous.values())
@@ -595,7 +624,7 @@ def run_pair(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     write_text_atomic(out / "results.md", table)
     from hpa_scc.apps.visualize import plot_per_class_ap
 
-    plot_per_class_ap({r["method"]: r["per_class"] for r in all_rows if r["method"] != "truth"},
+    plot_per_class_ap({row_key(r): r["per_class"] for r in all_rows if r["method"] != "truth"},
                       title="per-class AP on the synthetic test set", path=out / "per_class_ap.png")
     print("\n" + table + f"\n-> {out / 'results.json'}, {out / 'results.md'}, {out / 'per_class_ap.png'}")
     return {"params": params, "rows": all_rows}

@@ -117,6 +117,80 @@ def test_weak_supervision_protocol_end_to_end_at_a_tiny_size(tmp_path, capsys):
         bench.main(args)
 
 
+def test_weak_supervision_starts_a_feature_head_from_the_features_model_on_its_labels(tmp_path, monkeypatch):
+    """--set det_head_init=1: a -feat detector gets model.cell_features_init = the logistic features
+    model on the row's hard labels, its own run folder and predictions (-featinit), and the features
+    model's seconds in its row; a detector without -feat is untouched by the key."""
+    from types import SimpleNamespace
+
+    bench = load("weak_supervision")
+    trained: dict[str, list[str]] = {}
+    started_from: dict[str, tuple] = {}
+
+    def fake_train(self, key, config, overrides, inputs=()):
+        trained[key] = overrides
+        started_from[key] = inputs
+        self.seconds[key] = {"cell_features-mil_r1": 2.0}.get(key, 100.0)
+        return self.out / "runs" / key
+
+    predicted = []
+    monkeypatch.setattr(bench.Protocol, "_train", fake_train)
+    monkeypatch.setattr(bench.Protocol, "refined_labels", lambda self, name=None: "mil_r1")
+    monkeypatch.setattr(bench, "predict_folder", lambda out_dir, **kw: predicted.append(out_dir) or out_dir / "s.csv")
+    monkeypatch.setattr(bench, "evaluate_files", lambda *a: SimpleNamespace(mAP=0.5, per_class_ap=[0.5] * 19))
+    monkeypatch.setattr(bench, "test_auc", lambda *a: 0.5)
+    p = {**bench.PROFILES["cpu"], "det_cell_init": 0, "det_label_loss": "sum", "det_head_init": 1}
+    proto = bench.Protocol(tmp_path, p, "cpu", 0.25, 100)
+
+    row = proto.run("maskrcnn-mil-refined-feat:densenet121_fpn")
+    key = "maskrcnn-densenet121_fpn-mil_r1-cellfeat-sumloss-featinit"
+    assert row["run"] == key and row["seconds"] == 102.0
+    assert f"model.cell_features_init={tmp_path / 'runs' / 'cell_features-mil_r1' / 'best.pt'}" in trained[key]
+    assert trained["cell_features-mil_r1"] == ["data.labels=mil_r1", "data.val_fold=-1"]
+    assert started_from[key] == (tmp_path / "runs" / "cell_features-mil_r1" / "best.pt",)  # its contents are checked
+    assert predicted[-1].name == "maskrcnn-mil-refined-feat-densenet121_fpn-scratch-sumloss-featinit"
+
+    row = proto.run("maskrcnn-mil-refined:densenet121_fpn")  # no feature head: nothing to start
+    assert row["run"] == "maskrcnn-densenet121_fpn-mil_r1-sumloss"
+    assert not any("cell_features_init" in o for o in trained[row["run"]])
+    assert predicted[-1].name == "maskrcnn-mil-refined-densenet121_fpn-scratch-sumloss"
+
+    # rows of other variants keep their own names: never replaced by, nor averaged with, each other
+    featinit = proto.run("maskrcnn-mil-refined-feat:densenet121_fpn")
+    proto.p = {**p, "det_head_init": 0}
+    plain = proto.run("maskrcnn-mil-refined-feat:densenet121_fpn")
+    assert (featinit["variant"], plain["variant"]) == ("scratch-sumloss-featinit", "scratch-sumloss")
+    assert bench.row_key(plain) == "maskrcnn-mil-refined-feat:densenet121_fpn [scratch-sumloss]"
+    summary = bench.summarise([{"params": {"train_seed": 1, "test_seed": 2}, "rows": [featinit]},
+                               {"params": {"train_seed": 3, "test_seed": 4}, "rows": [plain]}])
+    assert [(r["method"], r["pairs"]) for r in summary["rows"]] == [
+        ("maskrcnn-mil-refined-feat:densenet121_fpn [scratch-sumloss-featinit]", 1),
+        ("maskrcnn-mil-refined-feat:densenet121_fpn [scratch-sumloss]", 1)]
+    assert "| maskrcnn-mil-refined-feat:densenet121_fpn [scratch-sumloss] | 0.5000 |" in bench.format_markdown(
+        [featinit, plain], {})
+
+
+def test_weak_supervision_reuses_a_run_only_while_the_files_it_started_from_are_unchanged(tmp_path, monkeypatch):
+    """A detector started from a features checkpoint is reused while that file's contents are the
+    same, and refused (not silently reused) once the file at the same path holds another model."""
+    bench = load("weak_supervision")
+    started = []
+    monkeypatch.setattr(bench, "train", lambda cfg, progress: started.append(cfg.train.run_dir))
+    proto = bench.Protocol(tmp_path, dict(bench.PROFILES["cpu"]), "cpu", 0.25, 0)
+    teacher = tmp_path / "best.pt"
+    teacher.write_bytes(b"model one")
+    args = ("det", "cell_features.yaml", ["data.labels=image"])
+    proto._train(*args, inputs=(teacher,))
+    proto._train(*args, inputs=(teacher,))
+    assert len(started) == 1  # the second call reused the finished run
+    record = json.loads((tmp_path / "runs" / "det" / "bench_settings.json").read_text())
+    assert list(record["inputs"]) == [str(teacher)]
+    teacher.write_bytes(b"model two")
+    with pytest.raises(SystemExit, match="the files it starts from changed"):
+        proto._train(*args, inputs=(teacher,))
+    assert len(started) == 1
+
+
 def test_weak_supervision_refuses_unknown_methods_before_training(tmp_path, capsys):
     bench = load("weak_supervision")
     assert bench.method_error("maskrcnn-refined:resnext101_32x8d_fpn") is None
