@@ -306,8 +306,9 @@ class Protocol:
 
     def maskrcnn(self, backbone: str, labels: str, weights: Path | None = None, options: tuple[str, ...] = (),
                  head_init: Path | None = None) -> Path:
-        """A detector; ``options``: suffixes of DETECTOR_OPTIONS (-mask, -feat); ``head_init``: a
-        features model's checkpoint that starts the ``-feat`` head's cell-features layer."""
+        """A detector; ``options``: suffixes of DETECTOR_OPTIONS (-mask, -feat); ``weights``: the cell
+        model whose trunk it starts from; ``head_init``: a features model's checkpoint that starts the
+        ``-feat`` head's cell-features layer. A finished run is reused only while both files are unchanged."""
         names = {"-mask": "-maskpool", "-feat": "-cellfeat"}
         key = f"maskrcnn-{backbone}-{labels}" + ("-cellinit" if weights else "") + "".join(names[o] for o in options)
         p = self.p
@@ -322,7 +323,7 @@ class Protocol:
             f"model.weights={weights if weights else 'null'}", *DET_CONFIG[self.profile],
             *([f"model.label_loss={p['det_label_loss']}"] if p["det_label_loss"] != "mean" else []),
             *([f"model.cell_features_init={head_init}"] if head_init else []),
-            *[DETECTOR_OPTIONS[o] for o in options]], inputs=(head_init,) if head_init else ())
+            *[DETECTOR_OPTIONS[o] for o in options]], inputs=tuple(f for f in (weights, head_init) if f))
 
     def run(self, method: str) -> dict:
         """Train what ``method`` needs (resumable) and predict + score the test set."""

@@ -169,6 +169,13 @@ def test_weak_supervision_starts_a_feature_head_from_the_features_model_on_its_l
     assert "| maskrcnn-mil-refined-feat:densenet121_fpn [scratch-sumloss] | 0.5000 |" in bench.format_markdown(
         [featinit, plain], {})
 
+    # a trunk started from the cell model: that checkpoint's contents are checked too
+    proto.p = {**p, "det_cell_init": 1}
+    row = proto.run("maskrcnn-mil-refined-feat:densenet121_fpn")
+    cell = tmp_path / "runs" / "cell-densenet121-48px-mil_r1-val0" / "best.pt"
+    assert f"model.weights={cell}" in trained[row["run"]]
+    assert started_from[row["run"]] == (cell, tmp_path / "runs" / "cell_features-mil_r1" / "best.pt")
+
 
 def test_weak_supervision_reuses_a_run_only_while_the_files_it_started_from_are_unchanged(tmp_path, monkeypatch):
     """A detector started from a features checkpoint is reused while that file's contents are the

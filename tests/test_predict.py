@@ -4,6 +4,7 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 
 from hpa_scc.apps.predict import predict_folder
 from hpa_scc.engine.inference import cells_from_detections, score_cells
@@ -207,3 +208,42 @@ def test_a_feature_head_detector_trains_and_predicts_both_cell_modes(run, shared
         assert scores.shape[1] == 19 and ((scores >= 0) & (scores <= 1)).all()
         if mode == "segmenter":
             assert len(cells) > 4 and np.isfinite(scores).all()
+
+
+def test_a_feature_head_started_from_a_features_model_resumes_after_that_file_moved(run, shared_data, tmp_path):
+    """model.cell_features_init on the user's path: a features run fitted on the prepared set starts
+    the detector's feature head (its scaler, kept fixed); the resumed run reads its head from
+    last.pt, not from the features model's file, which may have moved (nor may the change of path
+    refuse the resume); a fresh start with the file gone names it."""
+    from hpa_scc.config import load_config
+    from hpa_scc.engine.train import train
+    from hpa_scc.utils.checkpoint import load_checkpoint
+    from conftest import TINY_RUN_OVERRIDES
+
+    prepared = shared_data.copy(run / "prepared", tmp_path / "prepared")
+    features = tmp_path / "features"
+    train(load_config("configs/cell_features.yaml", [f"data.prepared_dir={prepared}", f"train.run_dir={features}",
+                                                     "data.val_fold=-1"]), progress=False)
+    teacher = load_checkpoint(features / "best.pt")["model"]
+    init = tmp_path / "init.pt"
+    init.write_bytes((features / "best.pt").read_bytes())
+    detector = tmp_path / "run"
+    overrides = [f"data.prepared_dir={prepared}", f"train.run_dir={detector}", "model.cell_features=true",
+                 "model.label_loss=sum", *TINY_RUN_OVERRIDES]
+    train(load_config(None, [*overrides, f"model.cell_features_init={init}"]), progress=False)
+    first = load_checkpoint(detector / "last.pt")
+    head = "roi_heads.feature_norm."
+    assert bool(first["model"]["roi_heads.fixed_feature_scale"]) and first["epoch"] == 1
+    torch.testing.assert_close(first["model"][head + "running_mean"], teacher["mean"].float())
+
+    moved = tmp_path / "moved.pt"
+    init.rename(moved)  # the old path is gone; the resume neither reads it nor refuses the new one
+    train(load_config(None, [*overrides, "train.max_epochs=2", f"model.cell_features_init={moved}"]), progress=False)
+    second = load_checkpoint(detector / "last.pt")
+    assert second["epoch"] == 2 and bool(second["model"]["roi_heads.fixed_feature_scale"])
+    for key in ("running_mean", "running_var"):  # fixed in training: what the features model fitted
+        torch.testing.assert_close(second["model"][head + key], first["model"][head + key], rtol=0, atol=0)
+
+    with pytest.raises(FileNotFoundError, match=f"model.cell_features_init: {init} not found"):
+        train(load_config(None, [*overrides, f"train.run_dir={tmp_path / 'fresh'}",
+                                 f"model.cell_features_init={init}"]), progress=False)

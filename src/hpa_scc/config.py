@@ -460,7 +460,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 RESUMABLE_CHANGES = ("train.max_epochs", "train.log_every_iters", "train.tensorboard", "train.val_every_epochs",
                      "train.save_every_epochs", "train.device", "train.dist_timeout_min", "train.compile",
                      "train.max_iters_per_epoch", "train.run_dir", "train.resume", "data.workers",
-                     "data.max_val_images", "model.weights")
+                     "data.max_val_images", "model.weights", "model.cell_features_init")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

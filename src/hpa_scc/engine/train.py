@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hpa_scc.config import Config, to_dict
+from hpa_scc.config import Config, to_dict, with_values
 from hpa_scc.constants import FAMILIES
 from hpa_scc.engine.distributed import DistInfo, barrier, gather_objects, mean_across_ranks
 from hpa_scc.utils.device import pick_device
@@ -229,7 +229,10 @@ def fit(run: Run, data: Data, show_progress: bool = True) -> TrainResult:
     if cfg.train.max_iters_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_iters_per_epoch)
 
-    model = build_family_model(cfg).to(device)
+    # a resumed run's feature head comes from last.pt: the features model it started as is not read
+    # again (it may have moved since), nor may a resume change it
+    model = build_family_model(with_values(cfg, model__cell_features_init=None) if resumes(cfg, run.run_dir)
+                               else cfg).to(device)
     use_fast_path(model, device, channels_last=cfg.train.channels_last, tf32=cfg.train.tf32, compile=cfg.train.compile)
     optimizer = build_optimizer(cfg, model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
