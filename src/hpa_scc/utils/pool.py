@@ -27,11 +27,14 @@ def single_threaded_opencv() -> None:
 
 
 _START_ERROR: list[BaseException] = []  # this worker's initializer error, if any
+_STOP: list = []  # this worker's copy of the pool's stop event
 
 
-def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
+def _start_worker(initializer: Callable | None, initargs: tuple, stop=None) -> None:
     # multiprocessing.Pool replaces a worker whose initializer raises, forever: a segmenter that
     # cannot load would hang the step. The error is kept and raised by the first job instead.
+    if stop is not None:
+        _STOP.append(stop)
     try:
         if initializer is not None:
             initializer(*initargs)
@@ -42,6 +45,8 @@ def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
 def _run_job(job: Callable, item):
     if _START_ERROR:
         raise _START_ERROR[0]  # reaches the parent through imap: the step stops with this error
+    if _STOP and _STOP[0].is_set():
+        return None  # the step stopped: the jobs still queued end at once (the parent reads none of them)
     return job(item)
 
 
@@ -59,11 +64,7 @@ def run_pool(job: Callable, items: Sequence, *, workers: int = 1, initializer: C
     bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress or not items)
     try:
         if workers > 1 and len(items) > 1:
-            with mp.get_context("spawn").Pool(min(workers, len(items)), initializer=_start_worker,
-                                              initargs=(initializer, initargs)) as pool:
-                for result in pool.imap_unordered(functools.partial(_run_job, job), items, chunksize=chunksize):
-                    bar.update(1)
-                    yield result
+            yield from _pooled(job, items, min(workers, len(items)), initializer, initargs, chunksize, bar)
         else:
             if initializer is not None:
                 initializer(*initargs)
@@ -73,6 +74,33 @@ def run_pool(job: Callable, items: Sequence, *, workers: int = 1, initializer: C
                 yield result
     finally:
         bar.close()
+
+
+def _pooled(job: Callable, items: Sequence, workers: int, initializer: Callable | None, initargs: tuple,
+            chunksize: int, bar: tqdm) -> Iterator:
+    """``run_pool``'s pool. It ends by close + join, never by ``Pool.terminate``: terminate kills
+    workers that may be writing a result, and one killed holding the result queue's lock hangs the
+    pool's shutdown for good (CPython issues 96995, 78178; seen as a hung test in this project's
+    suite when every job raised at once). On an error (or the caller stopping early) the stop event
+    makes the queued jobs return at once, so the join waits for the jobs in flight only.
+    Ctrl-C (KeyboardInterrupt) still terminates: the user asked to stop now."""
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    pool = ctx.Pool(workers, initializer=_start_worker, initargs=(initializer, initargs, stop))
+    try:
+        for result in pool.imap_unordered(functools.partial(_run_job, job), items, chunksize=chunksize):
+            bar.update(1)
+            yield result
+    except KeyboardInterrupt:
+        pool.terminate()
+        raise
+    except BaseException:  # a job's error, or GeneratorExit when the caller stops iterating
+        stop.set()
+        pool.close()
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
 
 
 def write_failures(path: Path, rows: Iterable[Sequence[str]], header: Sequence[str] = ("ID", "error")) -> None:
