@@ -237,10 +237,13 @@ def test_a_feature_head_started_from_a_features_model_resumes_after_that_file_mo
     torch.testing.assert_close(first["model"][head + "running_mean"], teacher["mean"].float())
 
     moved = tmp_path / "moved.pt"
-    init.rename(moved)  # the old path is gone; the resume neither reads it nor refuses the new one
-    train(load_config(None, [*overrides, "train.max_epochs=2", f"model.cell_features_init={moved}"]), progress=False)
+    init.rename(moved)
+    # the same command after the file moved: the resume does not read it (a read would raise)
+    train(load_config(None, [*overrides, "train.max_epochs=2", f"model.cell_features_init={init}"]), progress=False)
+    # and the command naming its new place is no settings change that refuses the resume
+    train(load_config(None, [*overrides, "train.max_epochs=3", f"model.cell_features_init={moved}"]), progress=False)
     second = load_checkpoint(detector / "last.pt")
-    assert second["epoch"] == 2 and bool(second["model"]["roi_heads.fixed_feature_scale"])
+    assert second["epoch"] == 3 and bool(second["model"]["roi_heads.fixed_feature_scale"])
     for key in ("running_mean", "running_var"):  # fixed in training: what the features model fitted
         torch.testing.assert_close(second["model"][head + key], first["model"][head + key], rtol=0, atol=0)
 
