@@ -52,10 +52,11 @@ features model refined, ``features_r1``):
   boosted trees on the labels it refined); ``mil-teacher-students`` adds features-mil-refined;
 - ``maskrcnn:BACKBONE``, ``maskrcnn-oracle:BACKBONE``, ``maskrcnn-refined:BACKBONE``: Mask R-CNN,
   multilabel head, segmenter cells scored through the RoI heads (``--cell-scoring boxes``).
-  ``maskrcnn-refined`` trains on features_r1 and, for the DenseNet121 backbones, starts from a
-  cell-level DenseNet121 trained on 48 px crops of the same labels (``model.weights`` = its
-  checkpoint): what the detector gets from the cell model; ``maskrcnn-mil-refined`` the same on
-  mil_r1 (its init: the cell DenseNet121 on mil_r1); ``maskrcnn-distilled`` (distillation): the
+  ``maskrcnn-refined`` trains on features_r1 and starts from a cell-level CNN of its own trunk
+  (DenseNet121, ResNet101 or ResNeXt101_32x8d: ``models.detector.CELL_TRUNKS``) trained on 48 px
+  crops of the same labels (``model.weights`` = its checkpoint): what the detector gets from the
+  cell model; ``maskrcnn-mil-refined`` the same on mil_r1 (its init: the cell CNN on mil_r1);
+  ``maskrcnn-distilled`` (distillation): the
   same init, trained to match the MIL features model's cell scores as soft targets
   (``mil_soft``: ``refine --soft relative`` with the model that refines mil_r1; the ablation of
   soft against hard targets is ``maskrcnn-mil-refined``); any detector kind with ``-mask``
@@ -63,7 +64,7 @@ features model refined, ``features_r1``):
   ``model.label_pooling=mask`` (the label head reads the cell's mask-weighted RoI features, not
   its whole box); with ``-feat`` (``maskrcnn-mil-refined-feat``): ``model.cell_features=true``
   (the label head also reads each cell's hand-made features); ``--set det_cell_init=0`` trains
-  the refined / distilled kinds' DenseNet121 trunk from random init instead of the cell model
+  the refined / distilled kinds' trunk from random init instead of the cell model
   (the row records its run folder, whose name says which); ``--set det_label_loss=sum`` sums the
   label head's BCE over a cell's classes (``model.label_loss=sum``, folder suffix ``-sumloss``);
   ``--set det_head_init=1`` starts a ``-feat`` detector's cell-features layer as the logistic
@@ -108,6 +109,7 @@ from hpa_scc.data.synth import read_true_cell_labels
 from hpa_scc.apps.refine import RELATIVE_RULE, refine_prepared
 from hpa_scc.data.images import read_labels, seg_paths
 from hpa_scc.data.synth import write_synth_set
+from hpa_scc.models.detector import CELL_TRUNKS
 from hpa_scc.weak.targets import transfer_labels, within_image_auc
 from hpa_scc.engine.train import train
 
@@ -353,14 +355,15 @@ class Protocol:
             kind, _, backbone = base.partition(":")
             kind, det_options = detector_kind(kind)
             if kind in ("maskrcnn-refined", "maskrcnn-mil-refined", "maskrcnn-distilled"):
-                # the trunk starts from the cell DenseNet121 on the row's hard labels (unless
+                # the trunk starts from the cell CNN of its architecture on the row's hard labels (unless
                 # --set det_cell_init=0); the head trains on them, or (distilled) on the MIL model's soft targets
                 refined = self.refined_labels(REFINED if kind == "maskrcnn-refined" else MIL_REFINED)
                 targets = self.refined_labels(MIL_SOFT) if kind == "maskrcnn-distilled" else refined
                 weights = None
-                if backbone.startswith("densenet121") and self.p["det_cell_init"]:
-                    weights = self.cell(refined, "densenet121", crop_size=48) / "best.pt"
-                    trained.append(f"cell-densenet121-48px-{refined}-val0")
+                trunk = next((b for b, (detectors, _) in CELL_TRUNKS.items() if backbone in detectors), None)
+                if trunk and self.p["det_cell_init"]:  # the cell CNN of the detector's own trunk
+                    weights = self.cell(refined, trunk, crop_size=48) / "best.pt"
+                    trained.append(f"cell-{trunk}-48px-{refined}-val0")
                 if self.p["det_head_init"] and "-feat" in det_options:  # the logistic model on the same hard labels
                     head_init = self.features(refined) / "best.pt"
                     trained.append(f"cell_features-{refined}")

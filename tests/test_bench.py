@@ -175,6 +175,14 @@ def test_weak_supervision_starts_a_feature_head_from_the_features_model_on_its_l
     cell = tmp_path / "runs" / "cell-densenet121-48px-mil_r1-val0" / "best.pt"
     assert f"model.weights={cell}" in trained[row["run"]]
     assert started_from[row["run"]] == (cell, tmp_path / "runs" / "cell_features-mil_r1" / "best.pt")
+    # the ResNet detectors start from the cell CNN of their own trunk (48 px crops, the same labels)
+    for detector, trunk in (("resnet101_fpn", "resnet101"), ("resnext101_32x8d_fpn", "resnext101_32x8d")):
+        row = proto.run(f"maskrcnn-mil-refined-feat:{detector}")
+        cell_run = f"cell-{trunk}-48px-mil_r1-val0"
+        assert f"model.backbone={trunk}" in trained[cell_run] and "data.crop_size=48" in trained[cell_run]
+        assert f"model.weights={tmp_path / 'runs' / cell_run / 'best.pt'}" in trained[row["run"]]
+        assert row["run"] == f"maskrcnn-{detector}-mil_r1-cellinit-cellfeat-sumloss-featinit"
+        assert row["seconds"] == 202.0  # its cell CNN's, the features model's and its own
 
 
 def test_weak_supervision_reuses_a_run_only_while_the_files_it_started_from_are_unchanged(tmp_path, monkeypatch):

@@ -226,8 +226,33 @@ def test_a_cell_densenet_initialises_the_densenet_detectors(tmp_path):
         assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.body.modules())  # BN not frozen
     small = CellClassifier("resnet18")
     torch.save({"model": small.state_dict(), "config": {"model": {"family": "cell", "backbone": "resnet18"}}}, path)
-    with pytest.raises(ValueError, match="resnet18 backbone initialises only the densenet121"):
+    with pytest.raises(ValueError, match="resnet18 backbone does not initialise the densenet121 detector.*"
+                                         "resnet101_fpn: model.backbone=resnet101"):
         build_model(ModelConfig(backbone="densenet121", weights=str(path)), image_size=128)
+
+
+def test_a_cell_resnet101_initialises_the_resnet101_detector_only(tmp_path):
+    """The ResNet101-FPN detector's trunk from a cell ResNet101 (the architecture allows it; ResNeXt101
+    maps the same way): every body tensor is the cell model's, BatchNorm keeps training, fc is dropped."""
+    from hpa_scc.config import ModelConfig
+    from hpa_scc.models.detector import build_model
+
+    cell = CellClassifier("resnet101")
+    with torch.no_grad():
+        cell.net.layer4[2].bn3.running_mean.uniform_()  # a statistic the random init would not reproduce
+    path = tmp_path / "cell.pt"
+    torch.save({"model": cell.state_dict(), "config": {"model": {"family": "cell", "backbone": "resnet101"}}}, path)
+    model = build_model(ModelConfig(backbone="resnet101_fpn", weights=str(path)), image_size=128)
+    body = model.backbone.body.state_dict()
+    cell_net = {k: v for k, v in cell.net.state_dict().items() if not k.startswith("fc.")}
+    assert set(body) - set(cell_net) == {"stride_in_1x1"}  # the detector's own fact: torchvision's stride, as the cell's
+    assert not body["stride_in_1x1"]
+    assert all(torch.equal(body[k], v) for k, v in cell_net.items())
+    assert body["conv1.weight"].shape[1] == 4  # the 4-channel stem as trained
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.body.modules())  # BN not frozen
+    assert all(p.requires_grad for p in model.backbone.body.parameters())
+    with pytest.raises(ValueError, match="resnet101 backbone does not initialise the resnext101_32x8d_fpn detector"):
+        build_model(ModelConfig(backbone="resnext101_32x8d_fpn", weights=str(path)), image_size=128)
 
 
 def test_a_store_built_in_shards_merges_into_the_unsharded_store(prepared, tmp_path, capsys):

@@ -32,7 +32,8 @@ CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 @dataclass
 class ModelConfig:
     # maskrcnn: a detector (backbones below); cell: a classifier of masked single-cell crops
-    # (backbone resnet18 | resnet34 | resnet50 | densenet121 | efficientnet_b0, hpa_scc.models.cells);
+    # (backbone resnet18 | resnet34 | resnet50 | resnet101 | resnext101_32x8d | densenet121 |
+    # efficientnet_b0, hpa_scc.models.cells);
     # features: per-cell intensity/texture features + logistic regressions (the non-deep baseline).
     family: str = "maskrcnn"
     # Which library trains and runs the detector: torchvision (this package's loop) or detectron2

@@ -11,8 +11,9 @@ detail, where a detector's stride-32 features mix it with its neighbours, so it 
 its image's labels a cell shows from many images' worth of weak labels.
 
 Two families (``model.family``):
-* ``cell``: a torchvision classifier (``model.backbone`` in CELL_BACKBONES: resnet18/34/50,
-  densenet121, efficientnet_b0) on masked 4-channel crops of ``data.crop_size`` px;
+* ``cell``: a torchvision classifier (``model.backbone`` in CELL_BACKBONES: resnet18/34/50/101,
+  resnext101_32x8d, densenet121, efficientnet_b0) on masked 4-channel crops of ``data.crop_size`` px;
+  a densenet121, resnet101 or resnext101_32x8d one can start the detector of that trunk;
 * ``features``: the non-deep baseline: per-cell intensity/texture features
   (``hpa_scc.data.features``) and one logistic regression per class, fitted in seconds, saved as a
   torch module so checkpoints, ``predict`` and ``refine`` treat it like the others.
@@ -64,12 +65,17 @@ def _efficientnet_b0(in_channels: int, num_classes: int) -> nn.Module:
     return net
 
 
+# resnet101 / resnext101_32x8d: the trunks of the resnet101_fpn / resnext101_32x8d_fpn detectors,
+# which a cell model of the same name initialises (``models.detector``)
 CELL_BACKBONES = {"resnet18": _resnet("resnet18"), "resnet34": _resnet("resnet34"), "resnet50": _resnet("resnet50"),
+                  "resnet101": _resnet("resnet101"), "resnext101_32x8d": _resnet("resnext101_32x8d"),
                   "densenet121": _densenet121, "efficientnet_b0": _efficientnet_b0}
 # torchvision's ImageNet file and the names of its stem and classifier in that file
 CELL_IMAGENET = {"resnet18": ("ResNet18_Weights", "conv1.weight", "fc."),
                  "resnet34": ("ResNet34_Weights", "conv1.weight", "fc."),
                  "resnet50": ("ResNet50_Weights", "conv1.weight", "fc."),
+                 "resnet101": ("ResNet101_Weights", "conv1.weight", "fc."),
+                 "resnext101_32x8d": ("ResNeXt101_32X8D_Weights", "conv1.weight", "fc."),
                  "densenet121": ("DenseNet121_Weights", "features.conv0.weight", "classifier."),
                  "efficientnet_b0": ("EfficientNet_B0_Weights", "features.0.0.weight", "classifier.")}
 

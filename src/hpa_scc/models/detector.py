@@ -734,15 +734,25 @@ def _read_weights(cfg: ModelConfig) -> tuple[str, dict] | None:
     raise ValueError(f"{path}: neither a project checkpoint (a dict with 'model') nor a state dict")
 
 
+# a cell model's backbone -> (the detectors it initialises, its trunk's prefix in the cell checkpoint);
+# the ResNet bodies keep torchvision's child names (conv1, bn1, layer1-4) under the FPN's layer getter
+CELL_TRUNKS = {"densenet121": (("densenet121", "densenet121_fpn"), "net.features."),
+               "resnet101": (("resnet101_fpn",), "net."),
+               "resnext101_32x8d": (("resnext101_32x8d_fpn",), "net.")}
+
+
 def _cell_backbone_keys(checkpoint: dict, cfg: ModelConfig, path: Path) -> dict:
-    """A cell-level model's DenseNet121 (``hpa_scc.models.cells``, trained on cell crops) as this detector's
-    backbone body: ``net.features.*`` -> ``backbone.body.*``; its classifier is dropped."""
+    """A cell-level model's trunk (``hpa_scc.models.cells``, trained on cell crops) as this detector's
+    backbone body: DenseNet121 ``net.features.*``, ResNet101 / ResNeXt101 ``net.*`` -> ``backbone.body.*``;
+    its classifier is dropped."""
     backbone = checkpoint["config"]["model"]["backbone"]
-    if cfg.backbone not in DENSENETS or backbone != "densenet121":
-        raise ValueError(f"{path}: a cell model with a {backbone} backbone initialises only the densenet121 / "
-                         f"densenet121_fpn detectors (train the cell model with model.backbone=densenet121)")
-    prefix = "net.features."
-    return {"backbone.body." + k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)}
+    detectors, prefix = CELL_TRUNKS.get(backbone, ((), ""))
+    if cfg.backbone not in detectors:
+        fits = "; ".join(f"{'/'.join(d)}: model.backbone={b}" for b, (d, _) in CELL_TRUNKS.items())
+        raise ValueError(f"{path}: a cell model with a {backbone} backbone does not initialise the {cfg.backbone} "
+                         f"detector; the cell models that do ({fits})")
+    return {"backbone.body." + k[len(prefix):]: v for k, v in checkpoint["model"].items()
+            if k.startswith(prefix) and not k.startswith(("net.fc.", "net.classifier."))}
 
 
 def adapt_stem(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
