@@ -133,8 +133,8 @@ class FamilySpec:
 # trainer and predict read their facts here (no parallel name lists).
 FAMILIES = {f.name: f for f in (
     FamilySpec("maskrcnn", None, "images", "segm_AP", True),
-    FamilySpec("cell", ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0"), "cells", "cell_AP",
-               True),
+    FamilySpec("cell", ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d", "densenet121",
+                        "efficientnet_b0"), "cells", "cell_AP", True),
     FamilySpec("features", None, "cells", "cell_AP", False),
 )}
 
