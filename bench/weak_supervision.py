@@ -453,6 +453,15 @@ def is_weak(method: str) -> bool:
     return split_method(method)[0] not in BASELINES and "oracle" not in method
 
 
+def read_results(path: Path) -> dict:
+    """A pair's results.json; its rows' per-class APs keyed by class index again (JSON keeps only
+    string keys: read as written, an earlier run's rows showed no per-class AP beside a new one's)."""
+    results = json.loads(path.read_text())
+    for r in results["rows"]:
+        r["per_class"] = {int(c): ap for c, ap in r["per_class"].items()}
+    return results
+
+
 def format_markdown(rows: list[dict], params: dict, refinement: dict | None = None) -> str:
     by_method = {row_key(r): r["mAP"] for r in rows}
     best_oracle = max((r["mAP"] for r in rows if "oracle" in r["method"]), default=None)
@@ -545,7 +554,7 @@ def main(argv: list[str] | None = None) -> dict:
             saved = pair.out / "results.json"
             if not saved.is_file():
                 parser.error(f"--summary-only: {saved} is missing; run that pair first (without --summary-only)")
-            pairs.append(json.loads(saved.read_text()))
+            pairs.append(read_results(saved))
             continue
         print(f"=== seed pair {i + 1}/{args.seeds}: {pair.train_seed} / {pair.test_seed}", flush=True)
         pairs.append(run_pair(parser, pair))
@@ -614,7 +623,7 @@ def run_pair(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     proto.prepare(args.train_seed, args.test_seed)
     previous = {}
     if (out / "results.json").is_file():
-        previous = {row_key(r): r for r in json.loads((out / "results.json").read_text())["rows"]}
+        previous = {row_key(r): r for r in read_results(out / "results.json")["rows"]}
     rows = []
     for method in args.methods:
         row = proto.run(method)

@@ -91,6 +91,20 @@ def test_weak_supervision_table_reports_ratios_auc_and_label_quality():
     assert "| image-labels | 0.50 |" in text and "Nucleoplasm" not in text.split("Per-class")[0]
 
 
+def test_weak_supervision_rows_read_back_from_results_json_keep_their_per_class_ap(tmp_path):
+    """An earlier invocation's rows, read back from results.json (string keys in JSON), show their
+    per-class AP beside a new row's, not '-'."""
+    bench = load("weak_supervision")
+    old = {"method": "features-mil-refined", "mAP": 0.9, "within_image_auc": 0.9, "seconds": 0, "predict_seconds": 6,
+           "per_class": {0: 0.98, 3: None}}
+    (tmp_path / "results.json").write_text(json.dumps({"params": {}, "rows": [old]}))
+    back = bench.read_results(tmp_path / "results.json")["rows"]
+    assert back[0]["per_class"] == {0: 0.98, 3: None}
+    new = {**old, "method": "boosted-mil-refined", "per_class": {0: 0.91, 3: None}}
+    text = bench.format_markdown([*back, new], {})
+    assert "| features-mil-refined | 0.98 |" in text and "| boosted-mil-refined | 0.91 |" in text
+
+
 @pytest.mark.slow
 def test_weak_supervision_protocol_end_to_end_at_a_tiny_size(tmp_path, capsys):
     bench = load("weak_supervision")
