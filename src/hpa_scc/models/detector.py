@@ -736,7 +736,7 @@ def _read_weights(cfg: ModelConfig) -> tuple[str, dict] | None:
 
 # a cell model's backbone -> (the detectors it initialises, its trunk's prefix in the cell checkpoint);
 # the ResNet bodies keep torchvision's child names (conv1, bn1, layer1-4) under the FPN's layer getter
-CELL_TRUNKS = {"densenet121": (("densenet121", "densenet121_fpn"), "net.features."),
+CELL_TRUNKS = {"densenet121": (DENSENETS, "net.features."),
                "resnet101": (("resnet101_fpn",), "net."),
                "resnext101_32x8d": (("resnext101_32x8d_fpn",), "net.")}
 
